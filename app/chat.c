@@ -1,0 +1,402 @@
+#include "chat.h"
+
+#include <stdio.h>
+#include <string.h>
+#include <strings.h>
+
+#include "conf.h"
+#include "fcgi.h"
+#include "json.h"
+#include "log.h"
+#include "worker.h"
+
+#define REQUEST_DEPTH 16
+#define SESSION_ID_BYTES 16
+
+/* A validated POST /api/chat body; strings point into w->arena. */
+struct chat_turn {
+    char session_id[CHAT_SESSION_ID_MAX + 1];
+    const char *message;
+    size_t message_len;
+    int stream;
+};
+
+int
+chat_session_id_valid(const char *s, size_t n)
+{
+    if (n == 0 || n > CHAT_SESSION_ID_MAX)
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        char c = s[i];
+
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+              (c >= '0' && c <= '9') || c == '_' || c == '-'))
+            return 0;
+    }
+    return 1;
+}
+
+static const char *
+skip_spaces(const char *s)
+{
+    while (*s == ' ' || *s == '\t')
+        s++;
+    return s;
+}
+
+int
+chat_content_type_ok(const char *ct)
+{
+    static const char json[] = "application/json";
+    const char *p = skip_spaces(ct);
+
+    if (strncasecmp(p, json, sizeof(json) - 1) != 0)
+        return 0;
+    p = skip_spaces(p + sizeof(json) - 1);
+    while (*p == ';') {
+        size_t n;
+
+        p = skip_spaces(p + 1);
+        n = strcspn(p, ";");
+        if (strncasecmp(p, "charset=", 8) == 0) {
+            const char *v = p + 8;
+            size_t vn = n - 8;
+
+            while (vn > 0 && (v[vn - 1] == ' ' || v[vn - 1] == '\t'))
+                vn--;
+            if (!((vn == 5 && strncasecmp(v, "utf-8", 5) == 0) ||
+                  (vn == 7 && strncasecmp(v, "\"utf-8\"", 7) == 0)))
+                return 0;
+        }
+        p += n;
+    }
+    return *p == '\0';
+}
+
+/* Read the body within its cap; answers the error itself. */
+static int
+read_body(struct worker *w)
+{
+    struct http_request *r = &w->req;
+
+    if (!chat_content_type_ok(fcgi_param(&w->fcgi, "CONTENT_TYPE"))) {
+        http_send_error(r, 415, "unsupported_media_type",
+                        "the body must be application/json");
+        return -1;
+    }
+    switch (fcgi_read_body(&w->fcgi, &w->body)) {
+    case FCGI_BODY_OK:
+        return 0;
+    case FCGI_BODY_TOO_LARGE:
+        http_send_error(r, 413, "too_large", "the body is over %zu bytes",
+                        w->body.max);
+        return -1;
+    case FCGI_BODY_MISMATCH:
+        http_send_error(r, 400, "bad_request",
+                        "the body does not have the length announced");
+        return -1;
+    case FCGI_BODY_IO_ERROR:
+        break;
+    }
+    http_send_error(r, 400, "bad_request", "the body could not be read");
+    return -1;
+}
+
+/* Check the picked fields against the contract's rules. */
+static int
+check_fields(struct worker *w, const struct json_field *sid,
+             const struct json_field *msg, const struct json_field *stream,
+             struct chat_turn *t)
+{
+    struct http_request *r = &w->req;
+    size_t max = (size_t)w->conf->chat.max_message_bytes;
+
+    if (msg->type != JSON_STRING || msg->len == 0) {
+        http_send_error(r, 400, "bad_request",
+                        "'message' must be a non-empty string");
+        return -1;
+    }
+    if (msg->len > max) {
+        http_send_error(r, 413, "too_large",
+                        "'message' is over %zu bytes", max);
+        return -1;
+    }
+    t->message = json_field_text(msg, &w->arena);
+    t->message_len = msg->len;
+    if (memchr(t->message, '\0', t->message_len) != NULL) {
+        http_send_error(r, 400, "bad_request", "'message' contains NUL");
+        return -1;
+    }
+    t->stream = stream->type == JSON_BOOL && stream->boolean;
+    if (sid->type != JSON_STRING)
+        return http_random_hex(t->session_id, SESSION_ID_BYTES);
+    if (!chat_session_id_valid(json_field_text(sid, &w->arena), sid->len)) {
+        http_send_error(r, 400, "bad_request",
+                        "'session_id' must be 1-128 of A-Z a-z 0-9 _ -");
+        return -1;
+    }
+    memcpy(t->session_id, json_field_text(sid, &w->arena), sid->len + 1);
+    return 0;
+}
+
+/* Step 1: the body, its JSON and its fields. */
+static int
+parse_turn(struct worker *w, struct chat_turn *t)
+{
+    struct json_field f[] = {
+        {.path = "session_id", .accept = JSON_STRING | JSON_NULL},
+        {.path = "message", .accept = JSON_STRING},
+        {.path = "stream", .accept = JSON_BOOL | JSON_NULL},
+    };
+    char err[JSON_ERR_LEN];
+
+    if (read_body(w) == -1)
+        return -1;
+    buf_reset(&w->arena);
+    if (json_pick(w->body.data, w->body.len, f, 3, &w->arena, REQUEST_DEPTH,
+                  JSON_STRICT, err) == -1) {
+        http_send_error(&w->req, 400, "bad_request", "%s", err);
+        return -1;
+    }
+    return check_fields(w, &f[0], &f[1], &f[2], t);
+}
+
+static void
+fail_store(struct worker *w)
+{
+    http_send_error(&w->req, 503, "unavailable",
+                    "the chat history store is unavailable (%s)",
+                    w->store.err);
+}
+
+/* Step 2: the session's history, in one round trip. */
+static int
+load_history(struct worker *w, const char *session_id)
+{
+    double start = http_now_ms();
+    int rc = store_history_load(&w->store, session_id, &w->history);
+
+    w->req.redis_ms += http_now_ms() - start;
+    if (rc == -1)
+        fail_store(w);
+    return rc;
+}
+
+static void
+fail_model(struct worker *w, const struct llm_answer *a)
+{
+    struct http_request *r = &w->req;
+
+    switch (a->status) {
+    case LLM_OK:
+        return;
+    case LLM_CLIENT_GONE:
+        log_info("chat", "%s; upstream call cancelled", a->message);
+        r->status = HTTP_STATUS_CLIENT_GONE;
+        return;
+    case LLM_TIMEOUT:
+        http_send_error(r, 504, "upstream_timeout",
+                        "the model did not answer in time (%s)", a->message);
+        return;
+    case LLM_HTTP_ERROR:
+        http_send_error(r, 502, "upstream_error",
+                        "the model answered %ld: %s", a->http_status,
+                        a->message);
+        return;
+    case LLM_UNREACHABLE:
+        http_send_error(r, 502, "upstream_error",
+                        "the model cannot be reached (%s)", a->message);
+        return;
+    case LLM_BAD_ANSWER:
+    case LLM_FAILED:
+        break;
+    }
+    http_send_error(r, 502, "upstream_error", "the model failed: %s",
+                    a->message);
+}
+
+/* Step 3: history + message to the model. */
+static int
+ask_model(struct worker *w, const struct chat_turn *t)
+{
+    struct llm_call call = {
+        .history = &w->history,
+        .message = t->message,
+        .message_len = t->message_len,
+        .request_id = w->req.id,
+        .watch_fd = w->fcgi.ipcFd,
+    };
+
+    llm_complete(&w->llm, &call, &w->answer);
+    w->req.upstream_ms += w->answer.ms;
+    if (w->answer.status == LLM_OK)
+        return 0;
+    fail_model(w, &w->answer);
+    return -1;
+}
+
+/* One stored history item, {"role","content"}, in w->gen's buffer. */
+static int
+gen_item(yajl_gen g, const char *role, const char *content, size_t len)
+{
+    json_gen_restart(g);
+    return yajl_gen_map_open(g) || json_gen_key_cstr(g, "role", role) ||
+           json_gen_key_str(g, "content", content, len) ||
+           yajl_gen_map_close(g);
+}
+
+/* Step 4: append both turns, trim, refresh the TTL: one round trip. */
+static int
+store_turn(struct worker *w, const struct chat_turn *t)
+{
+    const struct conf *c = w->conf;
+    const struct buf *reply = &w->answer.reply;
+    const unsigned char *json;
+    size_t user_len, len, drop;
+    double start;
+    int rc;
+
+    if (gen_item(w->gen, "user", t->message, t->message_len) != 0)
+        goto bad_reply;
+    yajl_gen_get_buf(w->gen, &json, &user_len);
+    buf_reset(&w->user_item);
+    if (buf_append(&w->user_item, json, user_len) == -1 ||
+        gen_item(w->gen, "assistant", reply->data, reply->len) != 0)
+        goto bad_reply;
+    yajl_gen_get_buf(w->gen, &json, &len);
+    if (history_add(&w->history, HISTORY_USER, t->message, t->message_len) ||
+        history_add(&w->history, HISTORY_ASSISTANT, reply->data, reply->len))
+        goto bad_reply;
+    drop = history_trim_start(&w->history,
+                              (size_t)c->chat.history_max_messages,
+                              (size_t)c->chat.history_max_bytes);
+    start = http_now_ms();
+    rc = store_history_append(&w->store, t->session_id, w->user_item.data,
+                              user_len, (const char *)json, len, drop,
+                              c->chat.history_ttl_seconds);
+    w->req.redis_ms += http_now_ms() - start;
+    if (rc == -1)
+        fail_store(w);
+    return rc;
+bad_reply:
+    http_send_error(&w->req, 502, "upstream_error",
+                    "the model's reply is not valid UTF-8 or too large");
+    return -1;
+}
+
+static int
+gen_usage(yajl_gen g, const struct llm_answer *a)
+{
+    if (json_gen_cstr(g, "usage"))
+        return -1;
+    if (a->prompt_tokens < 0 && a->completion_tokens < 0)
+        return yajl_gen_null(g) ? -1 : 0;
+    if (yajl_gen_map_open(g))
+        return -1;
+    if (a->prompt_tokens >= 0 &&
+        json_gen_key_int(g, "prompt_tokens", a->prompt_tokens))
+        return -1;
+    if (a->completion_tokens >= 0 &&
+        json_gen_key_int(g, "completion_tokens", a->completion_tokens))
+        return -1;
+    return yajl_gen_map_close(g) ? -1 : 0;
+}
+
+/* Step 5: {session_id, reply, model, usage}. */
+static void
+send_answer(struct worker *w, const struct chat_turn *t)
+{
+    const struct llm_answer *a = &w->answer;
+    yajl_gen g = w->gen;
+
+    json_gen_restart(g);
+    if (yajl_gen_map_open(g) ||
+        json_gen_key_cstr(g, "session_id", t->session_id) ||
+        json_gen_key_str(g, "reply", a->reply.data, a->reply.len) ||
+        json_gen_key_cstr(g, "model", a->model) || gen_usage(g, a) ||
+        yajl_gen_map_close(g)) {
+        http_send_error(&w->req, 502, "upstream_error",
+                        "the model's answer cannot be encoded");
+        return;
+    }
+    http_send_json(&w->req, 200);
+}
+
+void
+chat_post(struct worker *w)
+{
+    struct chat_turn t;
+
+    if (parse_turn(w, &t) == -1 || load_history(w, t.session_id) == -1 ||
+        ask_model(w, &t) == -1 || store_turn(w, &t) == -1)
+        return;
+    send_answer(w, &t);
+}
+
+static int
+check_path_id(struct worker *w, const char *session_id)
+{
+    if (chat_session_id_valid(session_id, strlen(session_id)))
+        return 0;
+    http_send_error(&w->req, 400, "bad_request",
+                    "the session id must be 1-128 of A-Z a-z 0-9 _ -");
+    return -1;
+}
+
+static int
+gen_messages(yajl_gen g, const struct history *h)
+{
+    if (json_gen_cstr(g, "messages") || yajl_gen_array_open(g))
+        return -1;
+    for (size_t i = 0; i < h->count; i++) {
+        if (yajl_gen_map_open(g) ||
+            json_gen_key_cstr(g, "role",
+                              history_role_name(h->msgs[i].role)) ||
+            json_gen_key_str(g, "content", history_content(h, i),
+                             h->msgs[i].len) ||
+            yajl_gen_map_close(g))
+            return -1;
+    }
+    return yajl_gen_array_close(g) ? -1 : 0;
+}
+
+void
+chat_get(struct worker *w, const char *session_id)
+{
+    yajl_gen g = w->gen;
+
+    if (check_path_id(w, session_id) == -1 ||
+        load_history(w, session_id) == -1)
+        return;
+    if (w->history.count == 0) {
+        http_send_error(&w->req, 404, "not_found", "no such session");
+        return;
+    }
+    json_gen_restart(g);
+    if (yajl_gen_map_open(g) ||
+        json_gen_key_cstr(g, "session_id", session_id) ||
+        gen_messages(g, &w->history) || yajl_gen_map_close(g)) {
+        http_send_error(&w->req, 500, "internal_error",
+                        "the stored history cannot be encoded");
+        return;
+    }
+    http_send_json(&w->req, 200);
+}
+
+void
+chat_delete(struct worker *w, const char *session_id)
+{
+    double start;
+    int rc;
+
+    if (check_path_id(w, session_id) == -1)
+        return;
+    start = http_now_ms();
+    rc = store_history_delete(&w->store, session_id);
+    w->req.redis_ms += http_now_ms() - start;
+    if (rc == -1) {
+        fail_store(w);
+        return;
+    }
+    http_send_no_content(&w->req);
+}

@@ -1,0 +1,462 @@
+#include "conf.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "log.h"
+
+#define CONF_LINE_MAX 4096
+#define CONF_FILE_MAX (1024 * 1024)
+#define CONF_NAME_MAX 96
+#define ENV_PREFIX "CHATFCGI_"
+
+enum conf_type { CONF_STRING, CONF_INT, CONF_MODE, CONF_LEVEL, CONF_DECIMAL };
+
+struct conf_key {
+    const char *section; /* "" for keys outside any section */
+    const char *name;
+    enum conf_type type;
+    long long min, max; /* for CONF_INT; CONF_DECIMAL uses them too */
+    const char *def;
+    size_t offset;
+    const char *env_alias; /* a second, shorter variable name, or NULL */
+};
+
+#define F(field) offsetof(struct conf, field)
+#define MS_MAX (24LL * 3600 * 1000)
+
+/* Every key, its bounds and default; conf/chatfcgi.conf documents each. */
+static const struct conf_key keys[] = {
+    {"", "listen", CONF_STRING, 0, 0, "/run/chatfcgi/chatfcgi.sock",
+     F(listen), NULL},
+    {"", "listen_owner", CONF_STRING, 0, 0, "", F(listen_owner), NULL},
+    {"", "listen_group", CONF_STRING, 0, 0, "", F(listen_group), NULL},
+    {"", "listen_mode", CONF_MODE, 0, 0777, "0660", F(listen_mode), NULL},
+    {"", "listen_backlog", CONF_INT, 1, 65535, "511", F(listen_backlog),
+     NULL},
+    {"", "workers", CONF_INT, 1, 4096, "8", F(workers), NULL},
+    {"", "user", CONF_STRING, 0, 0, "", F(user), NULL},
+    {"", "group", CONF_STRING, 0, 0, "", F(group), NULL},
+    {"", "log_level", CONF_LEVEL, 0, 0, "info", F(log_level), NULL},
+    {"", "error_log", CONF_STRING, 0, 0, "stderr", F(error_log), NULL},
+    {"", "access_log", CONF_STRING, 0, 0, "stderr", F(access_log), NULL},
+    {"", "pid_file", CONF_STRING, 0, 0, "", F(pid_file), NULL},
+
+    {"redis", "url", CONF_STRING, 0, 0, "redis://127.0.0.1:6379/0",
+     F(redis.url), NULL},
+    {"redis", "connect_timeout_ms", CONF_INT, 1, MS_MAX, "1000",
+     F(redis.connect_timeout_ms), NULL},
+    {"redis", "command_timeout_ms", CONF_INT, 1, MS_MAX, "2000",
+     F(redis.command_timeout_ms), NULL},
+
+    {"upstream", "url", CONF_STRING, 0, 0, "https://api.openai.com/v1",
+     F(upstream.url), NULL},
+    {"upstream", "api_key", CONF_STRING, 0, 0, "", F(upstream.api_key),
+     "CHATFCGI_API_KEY"},
+    {"upstream", "model", CONF_STRING, 0, 0, "gpt-4o-mini",
+     F(upstream.model), "CHATFCGI_MODEL"},
+    {"upstream", "system_prompt", CONF_STRING, 0, 0, "",
+     F(upstream.system_prompt), NULL},
+    {"upstream", "temperature", CONF_DECIMAL, 0, 2, "",
+     F(upstream.temperature), NULL},
+    {"upstream", "max_tokens", CONF_INT, 0, 1000000, "0",
+     F(upstream.max_tokens), NULL},
+    {"upstream", "connect_timeout_ms", CONF_INT, 1, MS_MAX, "5000",
+     F(upstream.connect_timeout_ms), NULL},
+    {"upstream", "timeout_ms", CONF_INT, 1, MS_MAX, "120000",
+     F(upstream.timeout_ms), NULL},
+    {"upstream", "max_response_bytes", CONF_INT, 1024, 64LL << 20, "1048576",
+     F(upstream.max_response_bytes), NULL},
+
+    {"chat", "max_body_bytes", CONF_INT, 64, 16LL << 20, "65536",
+     F(chat.max_body_bytes), NULL},
+    {"chat", "max_message_bytes", CONF_INT, 1, 16LL << 20, "32768",
+     F(chat.max_message_bytes), NULL},
+    {"chat", "history_max_messages", CONF_INT, 2, 10000, "20",
+     F(chat.history_max_messages), NULL},
+    {"chat", "history_max_bytes", CONF_INT, 1, 64LL << 20, "65536",
+     F(chat.history_max_bytes), NULL},
+    {"chat", "history_ttl_seconds", CONF_INT, 1, 365LL * 86400, "86400",
+     F(chat.history_ttl_seconds), NULL},
+};
+
+#define NKEYS (sizeof(keys) / sizeof(*keys))
+
+static const struct conf_key *
+key_find(const char *section, const char *name)
+{
+    for (size_t i = 0; i < NKEYS; i++)
+        if (strcmp(keys[i].section, section) == 0 &&
+            strcmp(keys[i].name, name) == 0)
+            return &keys[i];
+    return NULL;
+}
+
+/* A whole-string integer in [min, max] in the given base. */
+static int
+parse_ll(const char *s, int base, long long min, long long max,
+         long long *out)
+{
+    char *end;
+    long long v;
+
+    if (*s == '\0' || isspace((unsigned char)*s))
+        return -1;
+    errno = 0;
+    v = strtoll(s, &end, base);
+    if (errno != 0 || *end != '\0' || v < min || v > max)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+static int
+parse_decimal(const char *s, const struct conf_key *k, double *out)
+{
+    char *end;
+    double v;
+
+    if (*s == '\0') {
+        *out = -1; /* unset */
+        return 0;
+    }
+    errno = 0;
+    v = strtod(s, &end);
+    if (errno != 0 || *end != '\0' || end == s || !(v >= (double)k->min) ||
+        !(v <= (double)k->max))
+        return -1;
+    *out = v;
+    return 0;
+}
+
+static int
+set_string(char **slot, const char *value)
+{
+    char *copy = strdup(value);
+
+    if (copy == NULL)
+        return -1;
+    free(*slot);
+    *slot = copy;
+    return 0;
+}
+
+/* Parse value for key k into c. Returns 0, or -1 with why in err. */
+static int
+key_set(struct conf *c, const struct conf_key *k, const char *value,
+        char *err, size_t errlen)
+{
+    void *slot = (char *)c + k->offset;
+    enum log_level level;
+
+    switch (k->type) {
+    case CONF_STRING:
+        if (set_string(slot, value) == 0)
+            return 0;
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    case CONF_INT:
+        if (parse_ll(value, 10, k->min, k->max, slot) == 0)
+            return 0;
+        snprintf(err, errlen, "not an integer from %lld to %lld", k->min,
+                 k->max);
+        return -1;
+    case CONF_MODE:
+        if (parse_ll(value, 8, k->min, k->max, slot) == 0)
+            return 0;
+        snprintf(err, errlen, "not an octal file mode such as 0660");
+        return -1;
+    case CONF_LEVEL:
+        if (log_level_parse(value, &level) == 0) {
+            *(long long *)slot = level;
+            return 0;
+        }
+        snprintf(err, errlen, "not one of debug, info, warn, error");
+        return -1;
+    case CONF_DECIMAL:
+        if (parse_decimal(value, k, slot) == 0)
+            return 0;
+        snprintf(err, errlen, "not empty or a number from %lld to %lld",
+                 k->min, k->max);
+        return -1;
+    }
+    return -1;
+}
+
+int
+conf_defaults(struct conf *c, char err[CONF_ERR_LEN])
+{
+    char why[128];
+
+    memset(c, 0, sizeof(*c));
+    for (size_t i = 0; i < NKEYS; i++) {
+        if (key_set(c, &keys[i], keys[i].def, why, sizeof(why)) == -1) {
+            snprintf(err, CONF_ERR_LEN, "default of %s: %s", keys[i].name,
+                     why);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static char *
+trim(char *s)
+{
+    char *end;
+
+    while (isspace((unsigned char)*s))
+        s++;
+    end = s + strlen(s);
+    while (end > s && isspace((unsigned char)end[-1]))
+        *--end = '\0';
+    return s;
+}
+
+/* "[name]" → name in section; returns 0, or -1 if malformed or unknown. */
+static int
+parse_section(char *line, char *section, size_t size)
+{
+    size_t len = strlen(line);
+    char *name;
+
+    if (len < 2 || line[len - 1] != ']')
+        return -1;
+    line[len - 1] = '\0';
+    name = trim(line + 1);
+    for (size_t i = 0; i < NKEYS; i++) {
+        if (keys[i].section[0] != '\0' && strcmp(keys[i].section, name) == 0) {
+            snprintf(section, size, "%s", name);
+            return 0;
+        }
+    }
+    return -1;
+}
+
+/* A value may be wrapped in double quotes to keep outer spaces. */
+static char *
+unquote(char *v)
+{
+    size_t len = strlen(v);
+
+    if (len >= 2 && v[0] == '"' && v[len - 1] == '"') {
+        v[len - 1] = '\0';
+        return v + 1;
+    }
+    return v;
+}
+
+/* Per-key line where the file set it, to refuse duplicates. */
+struct parse_state {
+    char section[CONF_NAME_MAX];
+    int set_on_line[NKEYS];
+};
+
+static int
+parse_assignment(struct conf *c, struct parse_state *st, char *line,
+                 int lineno, char *why, size_t whylen)
+{
+    char *eq = strchr(line, '=');
+    const struct conf_key *k;
+    char *name;
+    size_t idx;
+
+    if (eq == NULL) {
+        snprintf(why, whylen, "expected 'key = value' or '[section]'");
+        return -1;
+    }
+    *eq = '\0';
+    name = trim(line);
+    k = key_find(st->section, name);
+    if (k == NULL) {
+        snprintf(why, whylen, "unknown key '%s'%s%s", name,
+                 st->section[0] ? " in section " : "", st->section);
+        return -1;
+    }
+    idx = (size_t)(k - keys);
+    if (st->set_on_line[idx]) {
+        snprintf(why, whylen, "'%s' was already set on line %d", name,
+                 st->set_on_line[idx]);
+        return -1;
+    }
+    st->set_on_line[idx] = lineno;
+    return key_set(c, k, unquote(trim(eq + 1)), why, whylen);
+}
+
+static int
+parse_line(struct conf *c, struct parse_state *st, char *raw, int lineno,
+           char *why, size_t whylen)
+{
+    char *line = trim(raw);
+
+    if (line[0] == '\0' || line[0] == '#' || line[0] == ';')
+        return 0;
+    if (line[0] == '[') {
+        if (parse_section(line, st->section, sizeof(st->section)) == 0)
+            return 0;
+        snprintf(why, whylen, "unknown or malformed section");
+        return -1;
+    }
+    return parse_assignment(c, st, line, lineno, why, whylen);
+}
+
+int
+conf_parse(struct conf *c, const char *text, const char *name,
+           char err[CONF_ERR_LEN])
+{
+    struct parse_state st = {.section = ""};
+    char line[CONF_LINE_MAX], shown[CONF_LINE_MAX], why[256];
+    const char *p = text;
+    int lineno = 0;
+
+    while (*p != '\0') {
+        size_t len = strcspn(p, "\n");
+
+        lineno++;
+        if (len >= sizeof(line)) {
+            snprintf(err, CONF_ERR_LEN, "%s:%d: line too long", name, lineno);
+            return -1;
+        }
+        memcpy(line, p, len);
+        line[len] = '\0';
+        memcpy(shown, line, len + 1);
+        p += len + (p[len] == '\n');
+        if (parse_line(c, &st, line, lineno, why, sizeof(why)) == -1) {
+            snprintf(err, CONF_ERR_LEN, "%s:%d: %s: %s", name, lineno,
+                     trim(shown), why);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* CHATFCGI_<SECTION>_<KEY> or CHATFCGI_<KEY>, upper case. */
+static void
+env_name(const struct conf_key *k, char *out, size_t size)
+{
+    size_t n;
+
+    snprintf(out, size, ENV_PREFIX "%s%s%s", k->section,
+             k->section[0] ? "_" : "", k->name);
+    for (n = 0; out[n] != '\0'; n++)
+        out[n] = (char)toupper((unsigned char)out[n]);
+}
+
+static const struct conf_key *
+key_for_env(const char *var, size_t len)
+{
+    char name[CONF_NAME_MAX];
+
+    for (size_t i = 0; i < NKEYS; i++) {
+        env_name(&keys[i], name, sizeof(name));
+        if (strlen(name) == len && memcmp(name, var, len) == 0)
+            return &keys[i];
+        if (keys[i].env_alias && strlen(keys[i].env_alias) == len &&
+            memcmp(keys[i].env_alias, var, len) == 0)
+            return &keys[i];
+    }
+    return NULL;
+}
+
+int
+conf_apply_env(struct conf *c, char *const envp[], char err[CONF_ERR_LEN])
+{
+    char why[256];
+
+    for (size_t i = 0; envp && envp[i]; i++) {
+        const char *eq = strchr(envp[i], '=');
+        const struct conf_key *k;
+        size_t len;
+
+        if (strncmp(envp[i], ENV_PREFIX, strlen(ENV_PREFIX)) != 0 || !eq)
+            continue;
+        len = (size_t)(eq - envp[i]);
+        k = key_for_env(envp[i], len);
+        if (k == NULL) {
+            log_warnx("conf", "ignoring unknown variable %.*s", (int)len,
+                      envp[i]);
+            continue;
+        }
+        if (key_set(c, k, eq + 1, why, sizeof(why)) == -1) {
+            snprintf(err, CONF_ERR_LEN, "%.*s: %s", (int)len, envp[i], why);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static char *
+read_file(const char *path, char err[CONF_ERR_LEN])
+{
+    FILE *f = fopen(path, "re");
+    char *text;
+    size_t n;
+
+    if (f == NULL) {
+        snprintf(err, CONF_ERR_LEN, "%s: %s", path, strerror(errno));
+        return NULL;
+    }
+    text = malloc(CONF_FILE_MAX + 1);
+    if (text == NULL) {
+        snprintf(err, CONF_ERR_LEN, "%s: out of memory", path);
+        fclose(f);
+        return NULL;
+    }
+    n = fread(text, 1, CONF_FILE_MAX + 1, f);
+    if (ferror(f) || n > CONF_FILE_MAX || memchr(text, '\0', n)) {
+        snprintf(err, CONF_ERR_LEN, "%s: unreadable, binary or over 1 MiB",
+                 path);
+        free(text);
+        fclose(f);
+        return NULL;
+    }
+    text[n] = '\0';
+    fclose(f);
+    return text;
+}
+
+/* An API key in a file others can read is a leak waiting to happen. */
+static void
+warn_if_key_exposed(const struct conf *c, const char *path)
+{
+    struct stat st;
+
+    if (c->upstream.api_key[0] != '\0' && stat(path, &st) == 0 &&
+        (st.st_mode & S_IROTH))
+        log_warnx("conf", "%s holds an API key and is world-readable: "
+                  "chmod o-r it, or set CHATFCGI_API_KEY instead", path);
+}
+
+int
+conf_load(struct conf *c, const char *path, char *const envp[],
+          char err[CONF_ERR_LEN])
+{
+    char *text;
+    int rc;
+
+    if (conf_defaults(c, err) == -1)
+        return -1;
+    if (path != NULL) {
+        text = read_file(path, err);
+        if (text == NULL)
+            return -1;
+        rc = conf_parse(c, text, path, err);
+        free(text);
+        if (rc == -1)
+            return -1;
+        warn_if_key_exposed(c, path);
+    }
+    return conf_apply_env(c, envp, err);
+}
+
+void
+conf_free(struct conf *c)
+{
+    for (size_t i = 0; i < NKEYS; i++)
+        if (keys[i].type == CONF_STRING)
+            free(*(char **)((char *)c + keys[i].offset));
+    memset(c, 0, sizeof(*c));
+}

@@ -1,0 +1,211 @@
+#include "http.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+
+#include "fcgi.h"
+#include "json.h"
+#include "log.h"
+
+#define HEADERS_LEN 256
+#define ERROR_MESSAGE_LEN 512
+#define REQUEST_ID_BYTES 16
+
+double
+http_now_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1000.0 + (double)ts.tv_nsec / 1e6;
+}
+
+int
+http_random_hex(char *out, size_t n)
+{
+    static const char digits[] = "0123456789abcdef";
+    unsigned char raw[64];
+
+    if (n > sizeof(raw) || getrandom(raw, n, 0) != (ssize_t)n)
+        return -1;
+    for (size_t i = 0; i < n; i++) {
+        out[2 * i] = digits[raw[i] >> 4];
+        out[2 * i + 1] = digits[raw[i] & 15];
+    }
+    out[2 * n] = '\0';
+    return 0;
+}
+
+static int
+id_is_sane(const char *s)
+{
+    size_t n = strspn(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                         "0123456789_-");
+
+    return n > 0 && n < HTTP_ID_LEN && s[n] == '\0';
+}
+
+void
+http_begin(struct http_request *r, FCGX_Request *fcgi, yajl_gen gen)
+{
+    const char *id = fcgi_param(fcgi, "REQUEST_ID");
+
+    memset(r, 0, sizeof(*r));
+    r->fcgi = fcgi;
+    r->gen = gen;
+    r->start_ms = http_now_ms();
+    r->method = fcgi_param(fcgi, "REQUEST_METHOD");
+    if (id_is_sane(id))
+        snprintf(r->id, sizeof(r->id), "%s", id);
+    else if (http_random_hex(r->id, REQUEST_ID_BYTES) == -1)
+        snprintf(r->id, sizeof(r->id), "unknown");
+    log_set_request_id(r->id);
+}
+
+const char *
+http_path(FCGX_Request *fcgi, char *scratch, size_t size)
+{
+    const char *doc = fcgi_param(fcgi, "DOCUMENT_URI");
+    const char *uri;
+
+    if (*doc != '\0')
+        return doc;
+    uri = fcgi_param(fcgi, "REQUEST_URI");
+    snprintf(scratch, size, "%.*s", (int)strcspn(uri, "?"), uri);
+    return scratch;
+}
+
+static void
+extra_headers(const struct http_request *r, char out[HEADERS_LEN],
+              const char *more)
+{
+    snprintf(out, HEADERS_LEN, "X-Request-Id: %s\r\nCache-Control: no-store\r\n%s",
+             r->id, more);
+}
+
+static void
+send_body(struct http_request *r, int status, const char *more,
+          const char *body, size_t len)
+{
+    char headers[HEADERS_LEN];
+    long n;
+
+    extra_headers(r, headers, more);
+    n = fcgi_respond(r->fcgi, status, len ? "application/json" : NULL,
+                     headers, body, len);
+    r->status = status;
+    r->bytes_out = n > 0 ? (size_t)n : 0;
+    if (n < 0)
+        log_info("http", "the client went away before the response");
+}
+
+void
+http_send_json(struct http_request *r, int status)
+{
+    const unsigned char *body;
+    size_t len;
+
+    yajl_gen_get_buf(r->gen, &body, &len);
+    send_body(r, status, "", (const char *)body, len);
+}
+
+/* The error object; messages that are not valid UTF-8 (say, an upstream's)
+ * are replaced rather than breaking the JSON. */
+static int
+gen_error(yajl_gen g, const char *code, const char *message)
+{
+    json_gen_restart(g);
+    if (!json_utf8_valid(message, strlen(message)))
+        message = "(the reason contained invalid UTF-8)";
+    return yajl_gen_map_open(g) || json_gen_cstr(g, "error") ||
+           yajl_gen_map_open(g) || json_gen_key_cstr(g, "code", code) ||
+           json_gen_key_cstr(g, "message", message) ||
+           yajl_gen_map_close(g) || yajl_gen_map_close(g);
+}
+
+static void
+send_error(struct http_request *r, int status, const char *code,
+           const char *more, const char *message)
+{
+    const unsigned char *body;
+    size_t len;
+
+    if (gen_error(r->gen, code, message) != 0)
+        gen_error(r->gen, code, "(no description)");
+    yajl_gen_get_buf(r->gen, &body, &len);
+    if (status >= 500)
+        log_warnx("http", "%d %s: %s", status, code, message);
+    else
+        log_debug("http", "%d %s: %s", status, code, message);
+    send_body(r, status, more, (const char *)body, len);
+}
+
+void
+http_send_error(struct http_request *r, int status, const char *code,
+                const char *fmt, ...)
+{
+    char message[ERROR_MESSAGE_LEN];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(message, sizeof(message), fmt, ap);
+    va_end(ap);
+    send_error(r, status, code,
+               status == 503 || status == 429 ? "Retry-After: 1\r\n" : "",
+               message);
+}
+
+void
+http_send_not_allowed(struct http_request *r, const char *allow)
+{
+    char more[128], message[128];
+
+    snprintf(more, sizeof(more), "Allow: %s\r\n", allow);
+    snprintf(message, sizeof(message), "%s is not allowed here; use %s",
+             r->method, allow);
+    send_error(r, 405, "method_not_allowed", more, message);
+}
+
+void
+http_send_no_content(struct http_request *r)
+{
+    send_body(r, 204, "", "", 0);
+}
+
+int
+http_stream_begin(struct http_request *r)
+{
+    char headers[HEADERS_LEN];
+    long n;
+
+    /* X-Accel-Buffering: nginx must pass each event on at once. */
+    extra_headers(r, headers, "X-Accel-Buffering: no\r\n");
+    n = fcgi_stream_start(r->fcgi, 200, "text/event-stream; charset=utf-8",
+                          headers);
+    r->status = 200;
+    if (n < 0)
+        return -1;
+    r->bytes_out += (size_t)n;
+    return 0;
+}
+
+int
+http_stream_event(struct http_request *r, const char *name)
+{
+    const unsigned char *data;
+    char head[64];
+    size_t len;
+    int n;
+
+    yajl_gen_get_buf(r->gen, &data, &len);
+    n = snprintf(head, sizeof(head), "event: %s\ndata: ", name);
+    if (FCGX_PutStr(head, n, r->fcgi->out) != n ||
+        FCGX_PutStr((const char *)data, (int)len, r->fcgi->out) != (int)len ||
+        fcgi_stream_write(r->fcgi, "\n\n", 2) == -1)
+        return -1;
+    r->bytes_out += (size_t)n + len + 2;
+    return 0;
+}

@@ -1,0 +1,529 @@
+#include "json.h"
+
+#include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <yajl/yajl_parse.h>
+
+#include "buf.h"
+
+#define JSON_DEPTH_LIMIT 64
+#define JSON_KEYS_MAX (16u << 20)
+
+/* An open object or array on the way to the current value. */
+struct frame {
+    int is_array;
+    long index;            /* arrays: index of the current element */
+    size_t key_off, key_len; /* objects: the current key, in pick.keys */
+    uint32_t id;           /* objects: tells duplicate-key scopes apart */
+};
+
+/* Keys seen so far, for strict mode's duplicate check (open addressing). */
+struct key_slot {
+    uint32_t frame, hash;
+    size_t off, len; /* in pick.seen_text */
+    int used;
+};
+
+struct pick {
+    struct json_field *fields;
+    size_t nfields;
+    struct buf *arena;
+    struct frame frames[JSON_DEPTH_LIMIT];
+    unsigned depth, max_depth;
+    uint32_t next_id;
+    int strict;
+    struct buf keys; /* current path's keys, a stack */
+    struct key_slot *seen;
+    size_t seen_size, seen_count;
+    struct buf seen_text;
+    char *err;
+};
+
+static int
+fail(struct pick *p, const char *msg)
+{
+    snprintf(p->err, JSON_ERR_LEN, "%s", msg);
+    return 0; /* yajl: cancel the parse */
+}
+
+/* Does the current position match a dot-separated path? */
+static int
+path_matches(const struct pick *p, const char *path)
+{
+    const char *s = path;
+
+    for (unsigned d = 0; d < p->depth; d++) {
+        const struct frame *f = &p->frames[d];
+        size_t seg = strcspn(s, ".");
+
+        if (f->is_array) {
+            char idx[24];
+            int n = snprintf(idx, sizeof(idx), "%ld", f->index);
+
+            if ((size_t)n != seg || memcmp(idx, s, seg) != 0)
+                return 0;
+        } else if (seg != f->key_len ||
+                   memcmp(p->keys.data + f->key_off, s, seg) != 0) {
+            return 0;
+        }
+        s += seg;
+        if (*s == '.')
+            s++;
+        else if (d + 1 < p->depth)
+            return 0;
+    }
+    return *s == '\0' && (p->depth == 0 || s[-1] != '.');
+}
+
+static int
+store_text(struct pick *p, struct json_field *f, const void *s, size_t n)
+{
+    f->off = p->arena->len;
+    f->len = n;
+    if (buf_append(p->arena, s, n) == -1 || buf_append(p->arena, "", 1) == -1)
+        return fail(p, "JSON value too large");
+    return 1;
+}
+
+/* Called at the start of every value: advance array indexes, then record
+ * the value in every field whose path it is on. */
+static int
+on_value(struct pick *p, enum json_type type, const void *text, size_t n,
+         int boolean)
+{
+    if (p->depth > 0 && p->frames[p->depth - 1].is_array)
+        p->frames[p->depth - 1].index++;
+    if (p->depth == 0 && p->strict && type != JSON_OBJECT)
+        return fail(p, "the body must be a JSON object");
+    for (size_t i = 0; i < p->nfields; i++) {
+        struct json_field *f = &p->fields[i];
+
+        if (!path_matches(p, f->path))
+            continue;
+        if (!(f->accept & type)) {
+            snprintf(p->err, JSON_ERR_LEN, "'%s' has the wrong type",
+                     f->path);
+            return 0;
+        }
+        f->type = type;
+        f->boolean = boolean;
+        if ((type == JSON_STRING || type == JSON_NUMBER) &&
+            !store_text(p, f, text, n))
+            return 0;
+    }
+    return 1;
+}
+
+static int
+push_frame(struct pick *p, int is_array)
+{
+    struct frame *f;
+
+    if (p->depth >= p->max_depth)
+        return fail(p, "JSON nested too deeply");
+    f = &p->frames[p->depth++];
+    f->is_array = is_array;
+    f->index = -1;
+    f->key_off = p->keys.len;
+    f->key_len = 0;
+    f->id = p->next_id++;
+    return 1;
+}
+
+static int
+pop_frame(struct pick *p)
+{
+    p->depth--;
+    p->keys.len = p->frames[p->depth].key_off;
+    return 1;
+}
+
+static uint32_t
+hash_key(uint32_t frame, const unsigned char *s, size_t n)
+{
+    uint32_t h = 2166136261u ^ frame; /* FNV-1a */
+
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ s[i]) * 16777619u;
+    return h;
+}
+
+static void
+seen_place(struct key_slot *table, size_t size, const struct key_slot *k)
+{
+    size_t j = k->hash & (size - 1);
+
+    while (table[j].used)
+        j = (j + 1) & (size - 1);
+    table[j] = *k;
+}
+
+static int
+seen_grow(struct pick *p)
+{
+    size_t size = p->seen_size ? p->seen_size * 2 : 64;
+    struct key_slot *table = calloc(size, sizeof(*table));
+
+    if (table == NULL)
+        return -1;
+    for (size_t i = 0; i < p->seen_size; i++)
+        if (p->seen[i].used)
+            seen_place(table, size, &p->seen[i]);
+    free(p->seen);
+    p->seen = table;
+    p->seen_size = size;
+    return 0;
+}
+
+/* Remember key in the current object. Returns 1 when new, 0 when the
+ * object already has it, -1 when out of memory. */
+static int
+seen_add(struct pick *p, const unsigned char *key, size_t n)
+{
+    uint32_t frame = p->frames[p->depth - 1].id;
+    struct key_slot k = {frame, hash_key(frame, key, n), 0, n, 1};
+    size_t j;
+
+    if ((p->seen_count + 1) * 2 > p->seen_size && seen_grow(p) == -1)
+        return -1;
+    for (j = k.hash & (p->seen_size - 1); p->seen[j].used;
+         j = (j + 1) & (p->seen_size - 1)) {
+        const struct key_slot *s = &p->seen[j];
+
+        if (s->hash == k.hash && s->frame == frame && s->len == n &&
+            memcmp(p->seen_text.data + s->off, key, n) == 0)
+            return 0;
+    }
+    k.off = p->seen_text.len;
+    if (buf_append(&p->seen_text, key, n) == -1)
+        return -1;
+    p->seen[j] = k;
+    p->seen_count++;
+    return 1;
+}
+
+static int
+cb_null(void *ctx)
+{
+    return on_value(ctx, JSON_NULL, NULL, 0, 0);
+}
+
+static int
+cb_boolean(void *ctx, int value)
+{
+    return on_value(ctx, JSON_BOOL, NULL, 0, value);
+}
+
+static int
+cb_number(void *ctx, const char *s, size_t n)
+{
+    return on_value(ctx, JSON_NUMBER, s, n, 0);
+}
+
+static int
+cb_string(void *ctx, const unsigned char *s, size_t n)
+{
+    return on_value(ctx, JSON_STRING, s, n, 0);
+}
+
+static int
+cb_start_map(void *ctx)
+{
+    return on_value(ctx, JSON_OBJECT, NULL, 0, 0) && push_frame(ctx, 0);
+}
+
+static int
+cb_map_key(void *ctx, const unsigned char *key, size_t n)
+{
+    struct pick *p = ctx;
+    struct frame *f = &p->frames[p->depth - 1];
+
+    if (p->strict) {
+        int fresh = seen_add(p, key, n);
+
+        if (fresh == -1)
+            return fail(p, "too many keys");
+        if (fresh == 0) {
+            snprintf(p->err, JSON_ERR_LEN, "duplicate key \"%.*s\"",
+                     n > 40 ? 40 : (int)n, (const char *)key);
+            return 0;
+        }
+    }
+    p->keys.len = f->key_off;
+    if (buf_append(&p->keys, key, n) == -1)
+        return fail(p, "JSON key too long");
+    f->key_len = n;
+    return 1;
+}
+
+static int
+cb_start_array(void *ctx)
+{
+    return on_value(ctx, JSON_ARRAY, NULL, 0, 0) && push_frame(ctx, 1);
+}
+
+static int
+cb_end(void *ctx)
+{
+    return pop_frame(ctx);
+}
+
+static const yajl_callbacks pick_callbacks = {
+    .yajl_null = cb_null,
+    .yajl_boolean = cb_boolean,
+    .yajl_number = cb_number,
+    .yajl_string = cb_string,
+    .yajl_start_map = cb_start_map,
+    .yajl_map_key = cb_map_key,
+    .yajl_end_map = cb_end,
+    .yajl_start_array = cb_start_array,
+    .yajl_end_array = cb_end,
+};
+
+static int
+hex4(const char *s, unsigned *out)
+{
+    unsigned v = 0;
+
+    for (int i = 0; i < 4; i++) {
+        char c = s[i];
+
+        v <<= 4;
+        if (c >= '0' && c <= '9')
+            v |= (unsigned)(c - '0');
+        else if (c >= 'a' && c <= 'f')
+            v |= (unsigned)(c - 'a' + 10);
+        else if (c >= 'A' && c <= 'F')
+            v |= (unsigned)(c - 'A' + 10);
+        else
+            return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+/* yajl turns a lone \ud800 into '?' silently; refuse it instead. Returns
+ * the offset just after a valid \u escape at s[i] (s[i] == 'u'), or 0. */
+static size_t
+unicode_escape_end(const char *s, size_t n, size_t i)
+{
+    unsigned hi, lo;
+
+    if (n - i < 5 || hex4(s + i + 1, &hi) == -1)
+        return 0;
+    if (hi >= 0xDC00 && hi <= 0xDFFF)
+        return 0;
+    if (hi < 0xD800 || hi > 0xDBFF)
+        return i + 5;
+    if (n - i < 11 || s[i + 5] != '\\' || s[i + 6] != 'u' ||
+        hex4(s + i + 7, &lo) == -1 || lo < 0xDC00 || lo > 0xDFFF)
+        return 0;
+    return i + 11;
+}
+
+/* 1 when every \u escape in the strings of doc is a whole code point. */
+static int
+escapes_valid(const char *s, size_t n)
+{
+    int in_string = 0;
+
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] == '"') {
+            in_string = !in_string;
+        } else if (in_string && s[i] == '\\' && i + 1 < n) {
+            i++;
+            if (s[i] == 'u') {
+                size_t end = unicode_escape_end(s, n, i);
+
+                if (end == 0)
+                    return 0;
+                i = end - 1;
+            }
+        }
+    }
+    return 1;
+}
+
+/* yajl's message, first line only: "parse error: ...". */
+static void
+yajl_reason(yajl_handle h, const char *doc, size_t len, char *err)
+{
+    unsigned char *msg = yajl_get_error(h, 0, (const unsigned char *)doc,
+                                        len);
+
+    snprintf(err, JSON_ERR_LEN, "malformed JSON (%.*s)",
+             (int)strcspn((const char *)msg, "\n"), (const char *)msg);
+    yajl_free_error(h, msg);
+}
+
+static int
+run_parser(struct pick *p, const char *doc, size_t len)
+{
+    yajl_handle h = yajl_alloc(&pick_callbacks, NULL, p);
+    yajl_status st;
+
+    if (h == NULL) {
+        fail(p, "out of memory");
+        return -1;
+    }
+    st = yajl_parse(h, (const unsigned char *)doc, len);
+    if (st == yajl_status_ok)
+        st = yajl_complete_parse(h);
+    if (st == yajl_status_error)
+        yajl_reason(h, doc, len, p->err);
+    yajl_free(h);
+    return st == yajl_status_ok ? 0 : -1;
+}
+
+int
+json_pick(const char *doc, size_t len, struct json_field *fields,
+          size_t nfields, struct buf *arena, unsigned max_depth,
+          unsigned flags, char err[JSON_ERR_LEN])
+{
+    struct pick p = {
+        .fields = fields,
+        .nfields = nfields,
+        .arena = arena,
+        .max_depth = max_depth < JSON_DEPTH_LIMIT ? max_depth
+                                                  : JSON_DEPTH_LIMIT,
+        .strict = (flags & JSON_STRICT) != 0,
+        .err = err,
+    };
+    int rc;
+
+    for (size_t i = 0; i < nfields; i++)
+        fields[i].type = 0;
+    if (p.strict && !json_utf8_valid(doc, len)) {
+        snprintf(err, JSON_ERR_LEN, "the body is not valid UTF-8");
+        return -1;
+    }
+    if (p.strict && !escapes_valid(doc, len)) {
+        snprintf(err, JSON_ERR_LEN, "a \\u escape is not a valid code point");
+        return -1;
+    }
+    buf_init(&p.keys, len);
+    buf_init(&p.seen_text, JSON_KEYS_MAX);
+    rc = run_parser(&p, doc, len);
+    buf_cleanup(&p.keys);
+    buf_cleanup(&p.seen_text);
+    free(p.seen);
+    return rc;
+}
+
+const char *
+json_field_text(const struct json_field *f, const struct buf *arena)
+{
+    return arena->data + f->off;
+}
+
+int
+json_field_int(const struct json_field *f, const struct buf *arena,
+               long long min, long long max, long long *out)
+{
+    const char *s = json_field_text(f, arena);
+    char *end;
+    long long v;
+
+    if (f->type != JSON_NUMBER)
+        return -1;
+    errno = 0;
+    v = strtoll(s, &end, 10);
+    if (errno != 0 || *end != '\0' || v < min || v > max)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+int
+json_utf8_valid(const char *str, size_t n)
+{
+    const unsigned char *s = (const unsigned char *)str;
+    size_t i = 0;
+
+    while (i < n) {
+        unsigned c = s[i], need, cp, min;
+
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        if ((c & 0xE0) == 0xC0)
+            need = 1, cp = c & 0x1F, min = 0x80;
+        else if ((c & 0xF0) == 0xE0)
+            need = 2, cp = c & 0x0F, min = 0x800;
+        else if ((c & 0xF8) == 0xF0)
+            need = 3, cp = c & 0x07, min = 0x10000;
+        else
+            return 0;
+        if (n - i - 1 < need)
+            return 0;
+        for (unsigned k = 1; k <= need; k++) {
+            if ((s[i + k] & 0xC0) != 0x80)
+                return 0;
+            cp = (cp << 6) | (s[i + k] & 0x3F);
+        }
+        if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
+            return 0;
+        i += need + 1;
+    }
+    return 1;
+}
+
+yajl_gen
+json_gen_new(void)
+{
+    yajl_gen g = yajl_gen_alloc(NULL);
+
+    if (g != NULL)
+        yajl_gen_config(g, yajl_gen_validate_utf8, 1);
+    return g;
+}
+
+void
+json_gen_restart(yajl_gen g)
+{
+    yajl_gen_clear(g);
+    yajl_gen_reset(g, NULL);
+}
+
+int
+json_gen_str(yajl_gen g, const char *s, size_t n)
+{
+    return yajl_gen_string(g, (const unsigned char *)s, n) ==
+                   yajl_gen_status_ok
+               ? 0
+               : -1;
+}
+
+int
+json_gen_cstr(yajl_gen g, const char *s)
+{
+    return json_gen_str(g, s, strlen(s));
+}
+
+int
+json_gen_int(yajl_gen g, long long v)
+{
+    return yajl_gen_integer(g, v) == yajl_gen_status_ok ? 0 : -1;
+}
+
+int
+json_gen_key_str(yajl_gen g, const char *key, const char *s, size_t n)
+{
+    return json_gen_cstr(g, key) == 0 ? json_gen_str(g, s, n) : -1;
+}
+
+int
+json_gen_key_cstr(yajl_gen g, const char *key, const char *s)
+{
+    return json_gen_key_str(g, key, s, strlen(s));
+}
+
+int
+json_gen_key_int(yajl_gen g, const char *key, long long v)
+{
+    return json_gen_cstr(g, key) == 0 ? json_gen_int(g, v) : -1;
+}

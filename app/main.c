@@ -1,0 +1,105 @@
+/*
+ * chatfcgi: a chatbot web application as a pool of prefork FastCGI workers.
+ * main() reads the command line and the configuration, then hands over to
+ * the master.
+ */
+#include <curl/curl.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "conf.h"
+#include "log.h"
+#include "master.h"
+#include "store.h"
+
+#ifndef CHATFCGI_CONF_PATH
+#define CHATFCGI_CONF_PATH "/etc/chatfcgi/chatfcgi.conf"
+#endif
+#define CHATFCGI_VERSION "0.1.0"
+
+extern char **environ;
+
+static void
+usage(FILE *out)
+{
+    fprintf(out,
+            "usage: chatfcgi [-t] [-c FILE]\n"
+            "  -c FILE  configuration file (default " CHATFCGI_CONF_PATH ")\n"
+            "  -t       check the configuration and exit\n"
+            "  -v       print the version and exit\n"
+            "Every key can also be set as CHATFCGI_<SECTION>_<KEY> in the\n"
+            "environment; see chatfcgi.conf.\n");
+}
+
+/* Checks beyond one key's syntax, shared by -t and a real start. */
+static int
+check_conf(const struct conf *c, char err[CONF_ERR_LEN])
+{
+    struct store_addr addr;
+    char why[STORE_ERR_LEN];
+
+    if (store_addr_parse(c->redis.url, &addr, why) == -1) {
+        snprintf(err, CONF_ERR_LEN, "redis url: %s", why);
+        return -1;
+    }
+    if (strncmp(c->upstream.url, "http://", 7) != 0 &&
+        strncmp(c->upstream.url, "https://", 8) != 0) {
+        snprintf(err, CONF_ERR_LEN, "upstream url must start with http:// "
+                 "or https://, not '%s'", c->upstream.url);
+        return -1;
+    }
+    return 0;
+}
+
+int
+main(int argc, char **argv)
+{
+    const char *path = CHATFCGI_CONF_PATH;
+    char err[CONF_ERR_LEN];
+    struct conf conf;
+    int opt, test_only = 0, rc;
+
+    while ((opt = getopt(argc, argv, "c:thv")) != -1) {
+        switch (opt) {
+        case 'c':
+            path = optarg;
+            break;
+        case 't':
+            test_only = 1;
+            break;
+        case 'v':
+            printf("chatfcgi " CHATFCGI_VERSION "\n");
+            return 0;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            usage(stderr);
+            return 2;
+        }
+    }
+    if (conf_load(&conf, path, environ, err) == -1 ||
+        check_conf(&conf, err) == -1) {
+        fprintf(stderr, "chatfcgi: %s\n", err);
+        return 1;
+    }
+    if (test_only) {
+        printf("chatfcgi: configuration %s is valid\n", path);
+        conf_free(&conf);
+        return 0;
+    }
+    if (log_open(conf.error_log, conf.access_log,
+                 (enum log_level)conf.log_level, err) == -1) {
+        fprintf(stderr, "chatfcgi: %s\n", err);
+        return 1;
+    }
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+        fprintf(stderr, "chatfcgi: cannot initialise libcurl\n");
+        return 1;
+    }
+    rc = master_run(&conf);
+    curl_global_cleanup();
+    conf_free(&conf);
+    return rc;
+}

@@ -1,0 +1,56 @@
+#include "route.h"
+
+#include <string.h>
+
+/* One path pattern and the handler for each method it allows. */
+struct route_entry {
+    const char *path;
+    int is_prefix; /* path is a prefix; the rest is the tail */
+    const char *allow;
+    struct {
+        const char *method;
+        enum route_id id;
+    } methods[3];
+};
+
+static const struct route_entry routes[] = {
+    {"/api/chat", 0, "POST", {{"POST", ROUTE_CHAT_POST}}},
+    {"/api/chat/", 1, "GET, DELETE",
+     {{"GET", ROUTE_SESSION_GET}, {"DELETE", ROUTE_SESSION_DELETE}}},
+    {"/api/healthz", 0, "GET", {{"GET", ROUTE_HEALTHZ}}},
+};
+
+static const char *
+path_tail(const struct route_entry *r, const char *path)
+{
+    size_t n = strlen(r->path);
+
+    if (r->is_prefix)
+        return strncmp(path, r->path, n) == 0 ? path + n : NULL;
+    return strcmp(path, r->path) == 0 ? path + n : NULL;
+}
+
+void
+route_resolve(const char *method, const char *path, struct route_match *m)
+{
+    m->id = ROUTE_NOT_FOUND;
+    m->allow = NULL;
+    m->tail = NULL;
+    for (size_t i = 0; i < sizeof(routes) / sizeof(*routes); i++) {
+        const struct route_entry *r = &routes[i];
+        const char *tail = path_tail(r, path);
+
+        if (tail == NULL)
+            continue;
+        m->tail = tail;
+        m->allow = r->allow;
+        m->id = ROUTE_METHOD_NOT_ALLOWED;
+        for (size_t j = 0; j < 3 && r->methods[j].method; j++) {
+            if (strcmp(method, r->methods[j].method) == 0) {
+                m->id = r->methods[j].id;
+                return;
+            }
+        }
+        return;
+    }
+}

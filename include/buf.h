@@ -1,0 +1,40 @@
+/*
+ * buf: a growable byte buffer with a hard maximum, so that every input we
+ * hold (request body, upstream answer, SSE line) is bounded at init time.
+ * The caller owns the struct; buf_cleanup() releases the memory.
+ */
+#ifndef CHATFCGI_BUF_H
+#define CHATFCGI_BUF_H
+
+#include <stddef.h>
+
+struct buf {
+    char *data;
+    size_t len;
+    size_t cap;
+    size_t max;
+};
+
+/* An empty buffer that will refuse to hold more than max bytes. */
+void buf_init(struct buf *b, size_t max);
+
+/* Forget the content but keep the memory for the next use. */
+void buf_reset(struct buf *b);
+
+void buf_cleanup(struct buf *b);
+
+/* Append n bytes. Returns 0, or -1 when the result would exceed max or
+ * memory runs out; the buffer is unchanged then. */
+int buf_append(struct buf *b, const void *p, size_t n);
+
+/* Append a NUL-terminated string (without its NUL). Same returns. */
+int buf_append_str(struct buf *b, const char *s);
+
+/* Drop the first n bytes, keeping the rest. */
+void buf_consume(struct buf *b, size_t n);
+
+/* Ensure data[len] == '\0' (not counted in len) and return data, or NULL
+ * when that byte does not fit under max. */
+const char *buf_cstr(struct buf *b);
+
+#endif

@@ -1,0 +1,27 @@
+/*
+ * chat: the chat API of the contract. POST /api/chat runs one turn in the
+ * contract's order (validate, load history, ask the model, store the turn,
+ * answer); GET and DELETE /api/chat/{id} read and drop a history. This is
+ * the one place where failures of store and llm become HTTP errors.
+ */
+#ifndef CHATFCGI_CHAT_H
+#define CHATFCGI_CHAT_H
+
+#include <stddef.h>
+
+struct worker;
+
+#define CHAT_SESSION_ID_MAX 128
+
+void chat_post(struct worker *w);
+void chat_get(struct worker *w, const char *session_id);
+void chat_delete(struct worker *w, const char *session_id);
+
+/* 1 when s is 1-128 chars of [A-Za-z0-9_-]. */
+int chat_session_id_valid(const char *s, size_t n);
+
+/* 1 for "application/json", any case, optionally with parameters of which
+ * a charset must be utf-8. */
+int chat_content_type_ok(const char *content_type);
+
+#endif

@@ -1,0 +1,74 @@
+/*
+ * conf: the configuration. One table describes every key (section, name,
+ * type, bounds, default); values come from the defaults, then the INI file,
+ * then CHATFCGI_* environment variables, which win. The struct is filled
+ * once at startup and read-only afterwards; conf_free() releases it.
+ */
+#ifndef CHATFCGI_CONF_H
+#define CHATFCGI_CONF_H
+
+#include <stddef.h>
+
+#define CONF_ERR_LEN 512
+
+struct conf {
+    char *listen; /* unix socket path, or host:port */
+    char *listen_owner;
+    char *listen_group;
+    long long listen_mode;
+    long long listen_backlog;
+    long long workers;
+    char *user;
+    char *group;
+    long long log_level; /* enum log_level */
+    char *error_log;
+    char *access_log;
+    char *pid_file;
+
+    struct {
+        char *url;
+        long long connect_timeout_ms;
+        long long command_timeout_ms;
+    } redis;
+
+    struct {
+        char *url;
+        char *api_key;
+        char *model;
+        char *system_prompt;
+        double temperature; /* < 0: not sent, the model's default applies */
+        long long max_tokens; /* 0: not sent */
+        long long connect_timeout_ms;
+        long long timeout_ms;
+        long long max_response_bytes;
+    } upstream;
+
+    struct {
+        long long max_body_bytes;
+        long long max_message_bytes;
+        long long history_max_messages;
+        long long history_max_bytes;
+        long long history_ttl_seconds;
+    } chat;
+};
+
+/* Fill every key with its default. Returns 0, or -1 when memory runs out. */
+int conf_defaults(struct conf *c, char err[CONF_ERR_LEN]);
+
+/* Apply INI text; name is used in messages ("name:line: ..."). Unknown
+ * keys, duplicates and bad values are errors. Returns 0 or -1. */
+int conf_parse(struct conf *c, const char *text, const char *name,
+               char err[CONF_ERR_LEN]);
+
+/* Apply CHATFCGI_* variables from envp (NULL-terminated). A bad value is an
+ * error naming the variable; unknown CHATFCGI_ names are only warned about,
+ * since launchers share the prefix. Returns 0 or -1. */
+int conf_apply_env(struct conf *c, char *const envp[], char err[CONF_ERR_LEN]);
+
+/* Defaults, then the file at path (NULL: none), then the environment. */
+int conf_load(struct conf *c, const char *path, char *const envp[],
+              char err[CONF_ERR_LEN]);
+
+void conf_free(struct conf *c);
+
+#endif

@@ -1,0 +1,49 @@
+/*
+ * history: one session's messages in memory, oldest first, as loaded from
+ * Redis, plus the pure rules on them: the stored JSON form of a message and
+ * how many of the oldest to drop after a turn. The caller owns the struct.
+ */
+#ifndef CHATFCGI_HISTORY_H
+#define CHATFCGI_HISTORY_H
+
+#include <stddef.h>
+
+#include "buf.h"
+
+enum history_role { HISTORY_USER, HISTORY_ASSISTANT };
+
+struct history_msg {
+    enum history_role role;
+    size_t off, len; /* content in history.text */
+};
+
+struct history {
+    struct history_msg *msgs;
+    size_t count, cap;
+    struct buf text;
+};
+
+void history_init(struct history *h, size_t max_text);
+void history_reset(struct history *h);
+void history_cleanup(struct history *h);
+
+/* Append a message (content copied). Returns 0 or -1 (over the text cap
+ * or out of memory). */
+int history_add(struct history *h, enum history_role role,
+                const char *content, size_t len);
+
+const char *history_content(const struct history *h, size_t i);
+
+const char *history_role_name(enum history_role role);
+
+/* Parse one stored item {"role":"user"|"assistant","content":"..."} and
+ * append it. Returns 0, or -1 when the item is not of that form. */
+int history_add_json(struct history *h, const char *json, size_t len);
+
+/* How many of the oldest messages to drop so that at most max_messages
+ * messages and max_bytes bytes of content remain: whole pairs only, and
+ * never the newest pair, which the turn just added. */
+size_t history_trim_start(const struct history *h, size_t max_messages,
+                          size_t max_bytes);
+
+#endif

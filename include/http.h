@@ -1,0 +1,61 @@
+/*
+ * http: one request as the handlers see it (id, method, path, timings,
+ * what was sent) and the responses of the contract: JSON bodies, the error
+ * object, 204. Every response carries X-Request-Id. The worker owns the
+ * struct and resets it per request.
+ */
+#ifndef CHATFCGI_HTTP_H
+#define CHATFCGI_HTTP_H
+
+#include <fcgiapp.h>
+#include <stddef.h>
+#include <yajl/yajl_gen.h>
+
+#define HTTP_ID_LEN 65
+#define HTTP_STATUS_CLIENT_GONE 499 /* nginx's code, for the access log */
+
+struct http_request {
+    FCGX_Request *fcgi;
+    yajl_gen gen; /* for response bodies; reused */
+    char id[HTTP_ID_LEN];
+    const char *method;
+    const char *path;
+    int status; /* 0 until a response was sent */
+    size_t bytes_out;
+    double start_ms, redis_ms, upstream_ms;
+};
+
+/* Start a request: take the web server's REQUEST_ID when it is sane,
+ * else make a random one. */
+void http_begin(struct http_request *r, FCGX_Request *fcgi, yajl_gen gen);
+
+/* Send the document in r->gen with status. */
+void http_send_json(struct http_request *r, int status);
+
+/* Send {"error":{"code","message"}}; 503 and 429 carry Retry-After. */
+void http_send_error(struct http_request *r, int status, const char *code,
+                     const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+/* 405 with its Allow header. */
+void http_send_not_allowed(struct http_request *r, const char *allow);
+
+void http_send_no_content(struct http_request *r);
+
+/* Start a text/event-stream response (headers flushed). Returns 0 or -1. */
+int http_stream_begin(struct http_request *r);
+
+/* One SSE event "event: NAME\ndata: <r->gen document>\n\n", flushed.
+ * Returns 0, or -1 when the client went away. */
+int http_stream_event(struct http_request *r, const char *name);
+
+/* The path as routed: DOCUMENT_URI when the web server sends it, else
+ * REQUEST_URI without its query string (into scratch). */
+const char *http_path(FCGX_Request *fcgi, char *scratch, size_t size);
+
+double http_now_ms(void);
+
+/* Fill out with 2*n random hex digits from getrandom(). Returns 0 or -1. */
+int http_random_hex(char *out, size_t n);
+
+#endif

@@ -1,0 +1,85 @@
+/*
+ * llm: calls to the OpenAI-compatible model upstream through the worker's
+ * curl multi handle. One easy handle is reused so that connections (and
+ * TLS sessions) stay warm across requests; while the model thinks, the
+ * client's connection is watched too, so an abandoned request cancels its
+ * upstream transfer at once. Results are statuses with a reason; the chat
+ * handler maps them to the HTTP error table.
+ */
+#ifndef CHATFCGI_LLM_H
+#define CHATFCGI_LLM_H
+
+#include <curl/curl.h>
+#include <yajl/yajl_gen.h>
+
+#include "buf.h"
+
+struct conf;
+struct history;
+
+#define LLM_MESSAGE_LEN 256
+#define LLM_MODEL_LEN 128
+
+enum llm_status {
+    LLM_OK,
+    LLM_CLIENT_GONE,  /* the web server dropped the request: cancelled */
+    LLM_TIMEOUT,      /* connect or total timeout */
+    LLM_UNREACHABLE,  /* connection refused, DNS failure, TLS failure */
+    LLM_HTTP_ERROR,   /* a non-2xx status; message is the provider's */
+    LLM_BAD_ANSWER,   /* 2xx that is not a chat completion, or too big */
+    LLM_FAILED,       /* anything else: transfer broke, out of memory */
+};
+
+/* What the model answered. Caller-owned; reused across requests. */
+struct llm_answer {
+    enum llm_status status;
+    long http_status;
+    struct buf reply;
+    char model[LLM_MODEL_LEN];
+    long long prompt_tokens, completion_tokens; /* -1: not reported */
+    char message[LLM_MESSAGE_LEN];
+    double ms;
+};
+
+/* One chat turn to send. */
+struct llm_call {
+    const struct history *history;
+    const char *message;
+    size_t message_len;
+    const char *request_id;
+    int watch_fd; /* the request's connection to the web server, or -1 */
+};
+
+struct llm {
+    const struct conf *conf;
+    CURLM *multi;
+    CURL *easy;
+    yajl_gen gen;
+    char *url;         /* {base}/chat/completions */
+    char *auth_header; /* "Authorization: Bearer ..." or NULL */
+    struct buf response;
+    int response_too_large;
+    char errbuf[CURL_ERROR_SIZE];
+};
+
+/* Set up the multi and easy handles. Returns 0, or -1 with err set. */
+int llm_init(struct llm *l, const struct conf *c, char err[LLM_MESSAGE_LEN]);
+void llm_cleanup(struct llm *l);
+
+void llm_answer_init(struct llm_answer *a, size_t max_reply);
+void llm_answer_cleanup(struct llm_answer *a);
+
+/* Run one non-streaming completion; fills ans (status first). */
+void llm_complete(struct llm *l, const struct llm_call *call,
+                  struct llm_answer *ans);
+
+/* Parse a non-streaming answer body into ans (reply, model, usage).
+ * Returns 0, or -1 with ans->message set. Pure; exposed for tests. */
+int llm_parse_answer(const char *body, size_t len, struct llm_answer *ans);
+
+/* The provider's error message from an error body, whatever its shape
+ * ({"error":{"message"}}, {"error":"..."}, {"message"}, {"detail"}).
+ * Returns 0 and fills out, or -1 when the body has none. */
+int llm_error_message(const char *body, size_t len, char *out, size_t size);
+
+#endif
