@@ -215,6 +215,23 @@ fail_model(struct worker *w, const struct llm_answer *a)
                     a->message);
 }
 
+/* A piece of a streamed reply: the first one starts the event stream, so
+ * that a failure before it still gets its plain JSON status. */
+static int
+send_delta(void *arg, const char *text, size_t len)
+{
+    struct worker *w = arg;
+    yajl_gen g = w->gen;
+
+    if (!w->req.streaming && http_stream_begin(&w->req) == -1)
+        return -1;
+    json_gen_restart(g);
+    if (yajl_gen_map_open(g) || json_gen_key_str(g, "content", text, len) ||
+        yajl_gen_map_close(g))
+        return -1;
+    return http_stream_event(&w->req, "delta");
+}
+
 /* Step 3: history + message to the model. */
 static int
 ask_model(struct worker *w, const struct chat_turn *t)
@@ -225,6 +242,8 @@ ask_model(struct worker *w, const struct chat_turn *t)
         .message_len = t->message_len,
         .request_id = w->req.id,
         .watch_fd = w->fcgi.ipcFd,
+        .on_delta = t->stream ? send_delta : NULL,
+        .delta_arg = w,
     };
 
     llm_complete(&w->llm, &call, &w->answer);
@@ -302,7 +321,8 @@ gen_usage(yajl_gen g, const struct llm_answer *a)
     return yajl_gen_map_close(g) ? -1 : 0;
 }
 
-/* Step 5: {session_id, reply, model, usage}. */
+/* Step 5: {session_id, reply, model, usage}, or for a stream the final
+ * event {session_id, model, usage}. */
 static void
 send_answer(struct worker *w, const struct chat_turn *t)
 {
@@ -312,14 +332,23 @@ send_answer(struct worker *w, const struct chat_turn *t)
     json_gen_restart(g);
     if (yajl_gen_map_open(g) ||
         json_gen_key_cstr(g, "session_id", t->session_id) ||
-        json_gen_key_str(g, "reply", a->reply.data, a->reply.len) ||
+        (!t->stream &&
+         json_gen_key_str(g, "reply", a->reply.data, a->reply.len)) ||
         json_gen_key_cstr(g, "model", a->model) || gen_usage(g, a) ||
         yajl_gen_map_close(g)) {
         http_send_error(&w->req, 502, "upstream_error",
                         "the model's answer cannot be encoded");
         return;
     }
-    http_send_json(&w->req, 200);
+    if (!t->stream) {
+        http_send_json(&w->req, 200);
+        return;
+    }
+    /* An empty reply sent no delta, so the stream may not have begun. */
+    if ((!w->req.streaming && http_stream_begin(&w->req) == -1) ||
+        http_stream_event(&w->req, "done") == -1)
+        log_info("chat", "the client went away before the done event; "
+                 "the turn is stored");
 }
 
 void

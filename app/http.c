@@ -135,11 +135,17 @@ send_error(struct http_request *r, int status, const char *code,
 
     if (gen_error(r->gen, code, message) != 0)
         gen_error(r->gen, code, "(no description)");
-    yajl_gen_get_buf(r->gen, &body, &len);
     if (status >= 500)
-        log_warnx("http", "%d %s: %s", status, code, message);
+        log_warnx("http", "%d %s: %s%s", status, code, message,
+                  r->streaming ? " (after the stream began)" : "");
     else
         log_debug("http", "%d %s: %s", status, code, message);
+    if (r->streaming) {
+        if (http_stream_event(r, "error") == -1)
+            log_info("http", "the client went away before the error event");
+        return;
+    }
+    yajl_gen_get_buf(r->gen, &body, &len);
     send_body(r, status, more, (const char *)body, len);
 }
 
@@ -186,6 +192,7 @@ http_stream_begin(struct http_request *r)
     n = fcgi_stream_start(r->fcgi, 200, "text/event-stream; charset=utf-8",
                           headers);
     r->status = 200;
+    r->streaming = 1;
     if (n < 0)
         return -1;
     r->bytes_out += (size_t)n;

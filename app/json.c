@@ -472,6 +472,25 @@ json_utf8_valid(const char *str, size_t n)
     return 1;
 }
 
+size_t
+json_utf8_complete_len(const char *str, size_t n)
+{
+    const unsigned char *s = (const unsigned char *)str;
+
+    /* Look back at most 3 bytes for the lead byte of the last sequence. */
+    for (size_t back = 1; back <= 3 && back <= n; back++) {
+        unsigned c = s[n - back];
+        size_t need;
+
+        if ((c & 0xC0) == 0x80)
+            continue; /* a continuation byte: keep looking */
+        need = (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3
+             : (c & 0xF8) == 0xF0 ? 4 : 1;
+        return need > back ? n - back : n;
+    }
+    return n;
+}
+
 yajl_gen
 json_gen_new(void)
 {

@@ -3,6 +3,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 
 #include "conf.h"
@@ -14,6 +15,9 @@
 #define ANSWER_DEPTH 32
 #define POLL_MS 1000
 #define HEADER_LEN 160
+#define SSE_LINE_MAX (256 * 1024)
+
+static int on_event(void *arg, const char *data, size_t len);
 
 static double
 now_ms(void)
@@ -50,9 +54,13 @@ completions_url(const char *base)
 int
 llm_init(struct llm *l, const struct conf *c, char err[LLM_MESSAGE_LEN])
 {
+    size_t max = (size_t)c->upstream.max_response_bytes;
+
     memset(l, 0, sizeof(*l));
     l->conf = c;
-    buf_init(&l->response, (size_t)c->upstream.max_response_bytes);
+    buf_init(&l->response, max);
+    buf_init(&l->event_arena, SSE_LINE_MAX);
+    sse_init(&l->sse, SSE_LINE_MAX, SSE_LINE_MAX, on_event, l);
     l->multi = curl_multi_init();
     l->easy = curl_easy_init();
     l->gen = json_gen_new();
@@ -80,6 +88,8 @@ llm_cleanup(struct llm *l)
     free(l->url);
     free(l->auth_header);
     buf_cleanup(&l->response);
+    buf_cleanup(&l->event_arena);
+    sse_cleanup(&l->sse);
     memset(l, 0, sizeof(*l));
 }
 
@@ -156,7 +166,127 @@ gen_request(struct llm *l, const struct llm_call *call)
     if (c->upstream.max_tokens > 0 &&
         json_gen_key_int(g, "max_tokens", c->upstream.max_tokens))
         return -1;
+    if (call->on_delta != NULL &&
+        (json_gen_cstr(g, "stream") || yajl_gen_bool(g, 1) ||
+         json_gen_cstr(g, "stream_options") || yajl_gen_map_open(g) ||
+         json_gen_cstr(g, "include_usage") || yajl_gen_bool(g, 1) ||
+         yajl_gen_map_close(g)))
+        return -1;
     return yajl_gen_map_close(g) ? -1 : 0;
+}
+
+/* Record why a stream broke; the transfer is then cancelled. */
+static int
+stream_fail(struct llm *l, enum llm_status status, const char *why)
+{
+    l->stream_failed = 1;
+    l->ans->status = status;
+    snprintf(l->ans->message, sizeof(l->ans->message), "%s", why);
+    return -1;
+}
+
+/* Pass on the reply's new bytes, up to the last whole character. */
+static int
+emit_new_content(struct llm *l)
+{
+    const struct buf *r = &l->ans->reply;
+    size_t end = l->emitted + json_utf8_complete_len(r->data + l->emitted,
+                                                     r->len - l->emitted);
+
+    if (end == l->emitted)
+        return 0;
+    if (l->call->on_delta(l->call->delta_arg, r->data + l->emitted,
+                          end - l->emitted) == -1) {
+        l->client_gone = 1;
+        return -1;
+    }
+    l->emitted = end;
+    return 0;
+}
+
+static void
+pick_usage(const struct json_field *prompt, const struct json_field *done,
+           const struct buf *arena, struct llm_answer *ans)
+{
+    if (json_field_int(prompt, arena, 0, 1LL << 40, &ans->prompt_tokens))
+        ans->prompt_tokens = -1;
+    if (json_field_int(done, arena, 0, 1LL << 40, &ans->completion_tokens))
+        ans->completion_tokens = -1;
+}
+
+static void
+pick_model(const struct json_field *f, const struct buf *arena,
+           struct llm_answer *ans)
+{
+    if (f->type == JSON_STRING && f->len > 0)
+        snprintf(ans->model, sizeof(ans->model), "%s",
+                 json_field_text(f, arena));
+}
+
+/* One event of an upstream stream: a chunk, [DONE], or an error object. */
+static int
+on_event(void *arg, const char *data, size_t len)
+{
+    enum { CONTENT, FINISH, MODEL, PROMPT, COMPLETION, ERROR };
+    struct json_field f[] = {
+        [CONTENT] = {.path = "choices.0.delta.content", .accept = JSON_ANY},
+        [FINISH] = {.path = "choices.0.finish_reason", .accept = JSON_ANY},
+        [MODEL] = {.path = "model", .accept = JSON_ANY},
+        [PROMPT] = {.path = "usage.prompt_tokens", .accept = JSON_ANY},
+        [COMPLETION] = {.path = "usage.completion_tokens",
+                        .accept = JSON_ANY},
+        [ERROR] = {.path = "error", .accept = JSON_ANY},
+    };
+    struct llm *l = arg;
+    char err[JSON_ERR_LEN];
+    struct llm_answer *ans = l->ans;
+
+    if (len == 6 && memcmp(data, "[DONE]", 6) == 0) {
+        l->stream_complete = 1;
+        return 0;
+    }
+    buf_reset(&l->event_arena);
+    if (json_pick(data, len, f, 6, &l->event_arena, ANSWER_DEPTH, 0, err))
+        return stream_fail(l, LLM_BAD_ANSWER, "the model's stream carries "
+                           "an event that is not JSON");
+    if (f[ERROR].type != 0 && f[ERROR].type != JSON_NULL) {
+        if (llm_error_message(data, len, err, sizeof(err)) == -1)
+            snprintf(err, sizeof(err), "the model's stream reported an "
+                     "error");
+        return stream_fail(l, LLM_HTTP_ERROR, err);
+    }
+    pick_model(&f[MODEL], &l->event_arena, ans);
+    if (f[PROMPT].type == JSON_NUMBER || f[COMPLETION].type == JSON_NUMBER)
+        pick_usage(&f[PROMPT], &f[COMPLETION], &l->event_arena, ans);
+    if (f[FINISH].type == JSON_STRING)
+        l->stream_complete = 1;
+    if (f[CONTENT].type != JSON_STRING || f[CONTENT].len == 0)
+        return 0;
+    if (buf_append(&ans->reply, json_field_text(&f[CONTENT], &l->event_arena),
+                   f[CONTENT].len) == -1)
+        return stream_fail(l, LLM_BAD_ANSWER, "the model's reply is larger "
+                           "than max_response_bytes");
+    return emit_new_content(l);
+}
+
+/* Decide, at the first bytes of the body, whether it is an event stream
+ * (a 2xx text/event-stream to a streaming call) or a whole body (a plain
+ * answer, or an error, read whole and parsed at the end). */
+static enum llm_body
+body_mode(struct llm *l)
+{
+    const char *type = NULL;
+    long status = 0;
+
+    if (l->body_mode != LLM_BODY_UNKNOWN)
+        return l->body_mode;
+    curl_easy_getinfo(l->easy, CURLINFO_RESPONSE_CODE, &status);
+    curl_easy_getinfo(l->easy, CURLINFO_CONTENT_TYPE, &type);
+    l->body_mode = LLM_BODY_WHOLE;
+    if (l->call->on_delta != NULL && status >= 200 && status < 300 &&
+        type != NULL && strncasecmp(type, "text/event-stream", 17) == 0)
+        l->body_mode = LLM_BODY_EVENTS;
+    return l->body_mode;
 }
 
 static size_t
@@ -164,6 +294,8 @@ on_body(char *data, size_t size, size_t n, void *arg)
 {
     struct llm *l = arg;
 
+    if (body_mode(l) == LLM_BODY_EVENTS)
+        return sse_feed(&l->sse, data, size * n) == 0 ? size * n : 0;
     if (buf_append(&l->response, data, size * n) == -1) {
         l->response_too_large = 1;
         return 0; /* makes curl stop with CURLE_WRITE_ERROR */
@@ -287,16 +419,48 @@ classify_curl_error(struct llm *l, int rc, struct llm_answer *ans)
     snprintf(ans->message, sizeof(ans->message), "%s", why);
 }
 
+/* A whole 2xx body: a plain answer (also to a streaming call, from an
+ * upstream that does not stream; it then arrives as one delta). */
+static void
+classify_whole_answer(struct llm *l, struct llm_answer *ans)
+{
+    const struct buf *r = &l->response;
+
+    if (llm_parse_answer(r->data, r->len, ans) == -1) {
+        ans->status = LLM_BAD_ANSWER;
+        return;
+    }
+    ans->status = LLM_OK;
+    if (l->call->on_delta != NULL && emit_new_content(l) == -1) {
+        ans->status = LLM_CLIENT_GONE;
+        snprintf(ans->message, sizeof(ans->message), "the client went away");
+    }
+}
+
+static void
+classify_stream_end(struct llm *l, struct llm_answer *ans)
+{
+    if (!l->stream_complete) {
+        ans->status = LLM_FAILED;
+        snprintf(ans->message, sizeof(ans->message),
+                 "the model's stream ended before it was complete");
+        return;
+    }
+    ans->status = LLM_OK;
+}
+
 static void
 classify_http_answer(struct llm *l, struct llm_answer *ans)
 {
     const struct buf *r = &l->response;
 
     curl_easy_getinfo(l->easy, CURLINFO_RESPONSE_CODE, &ans->http_status);
+    if (l->body_mode == LLM_BODY_EVENTS) {
+        classify_stream_end(l, ans);
+        return;
+    }
     if (ans->http_status >= 200 && ans->http_status < 300) {
-        ans->status = llm_parse_answer(r->data, r->len, ans) == 0
-                          ? LLM_OK
-                          : LLM_BAD_ANSWER;
+        classify_whole_answer(l, ans);
         return;
     }
     ans->status = LLM_HTTP_ERROR;
@@ -304,6 +468,23 @@ classify_http_answer(struct llm *l, struct llm_answer *ans)
                           sizeof(ans->message)) == -1)
         snprintf(ans->message, sizeof(ans->message),
                  "the model answered HTTP %ld", ans->http_status);
+}
+
+static void
+start_call(struct llm *l, const struct llm_call *call,
+           struct llm_answer *ans)
+{
+    l->call = call;
+    l->ans = ans;
+    l->body_mode = LLM_BODY_UNKNOWN;
+    buf_reset(&l->response);
+    l->response_too_large = 0;
+    sse_reset(&l->sse);
+    l->emitted = 0;
+    l->stream_complete = 0;
+    l->client_gone = 0;
+    l->stream_failed = 0;
+    l->errbuf[0] = '\0';
 }
 
 void
@@ -315,9 +496,7 @@ llm_complete(struct llm *l, const struct llm_call *call,
     int rc;
 
     answer_reset(ans, l->conf->upstream.model);
-    buf_reset(&l->response);
-    l->response_too_large = 0;
-    l->errbuf[0] = '\0';
+    start_call(l, call, ans);
     headers = request_headers(l, call->request_id);
     if (headers == NULL || gen_request(l, call) == -1) {
         snprintf(ans->message, sizeof(ans->message),
@@ -331,25 +510,17 @@ llm_complete(struct llm *l, const struct llm_call *call,
     curl_multi_remove_handle(l->multi, l->easy);
     curl_slist_free_all(headers);
     ans->ms = now_ms() - start;
-    if (rc == -1) {
+    if (rc == -1 || l->client_gone) {
         ans->status = LLM_CLIENT_GONE;
         snprintf(ans->message, sizeof(ans->message),
                  "the client went away while the model was answering");
+    } else if (l->stream_failed) {
+        return; /* on_event has set status and message */
     } else if (rc != CURLE_OK) {
         classify_curl_error(l, rc, ans);
     } else {
         classify_http_answer(l, ans);
     }
-}
-
-static void
-pick_usage(const struct json_field *prompt, const struct json_field *done,
-           const struct buf *arena, struct llm_answer *ans)
-{
-    if (json_field_int(prompt, arena, 0, 1LL << 40, &ans->prompt_tokens))
-        ans->prompt_tokens = -1;
-    if (json_field_int(done, arena, 0, 1LL << 40, &ans->completion_tokens))
-        ans->completion_tokens = -1;
 }
 
 int
@@ -380,9 +551,7 @@ llm_parse_answer(const char *body, size_t len, struct llm_answer *ans)
         snprintf(ans->message, sizeof(ans->message),
                  "the model's reply is too long");
     } else {
-        if (f[MODEL].type == JSON_STRING && f[MODEL].len > 0)
-            snprintf(ans->model, sizeof(ans->model), "%s",
-                     json_field_text(&f[MODEL], &arena));
+        pick_model(&f[MODEL], &arena, ans);
         pick_usage(&f[PROMPT], &f[COMPLETION], &arena, ans);
         rc = 0;
     }

@@ -20,7 +20,8 @@ struct http_request {
     char id[HTTP_ID_LEN];
     const char *method;
     const char *path;
-    int status; /* 0 until a response was sent */
+    int status;    /* 0 until a response was sent */
+    int streaming; /* an event stream has begun: errors become events */
     size_t bytes_out;
     double start_ms, redis_ms, upstream_ms;
 };
@@ -32,7 +33,8 @@ void http_begin(struct http_request *r, FCGX_Request *fcgi, yajl_gen gen);
 /* Send the document in r->gen with status. */
 void http_send_json(struct http_request *r, int status);
 
-/* Send {"error":{"code","message"}}; 503 and 429 carry Retry-After. */
+/* Send {"error":{"code","message"}}; 503 and 429 carry Retry-After. Once
+ * an event stream has begun, it is sent as one "event: error" instead. */
 void http_send_error(struct http_request *r, int status, const char *code,
                      const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));

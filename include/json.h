@@ -60,6 +60,10 @@ int json_field_int(const struct json_field *f, const struct buf *arena,
  * above U+10FFFF (NUL is allowed here). */
 int json_utf8_valid(const char *s, size_t n);
 
+/* The length of the longest prefix of s that does not end inside a
+ * multi-byte sequence: what can be sent now when more bytes may follow. */
+size_t json_utf8_complete_len(const char *s, size_t n);
+
 /* A generator that validates UTF-8 and writes compact JSON; NULL if out of
  * memory. Free with yajl_gen_free(). */
 yajl_gen json_gen_new(void);

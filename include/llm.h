@@ -13,6 +13,7 @@
 #include <yajl/yajl_gen.h>
 
 #include "buf.h"
+#include "sse.h"
 
 struct conf;
 struct history;
@@ -41,6 +42,10 @@ struct llm_answer {
     double ms;
 };
 
+/* Receives a piece of streamed content (whole UTF-8 characters only);
+ * returns -1 when the client went away, which cancels the transfer. */
+typedef int (*llm_delta_fn)(void *arg, const char *text, size_t len);
+
 /* One chat turn to send. */
 struct llm_call {
     const struct history *history;
@@ -48,7 +53,12 @@ struct llm_call {
     size_t message_len;
     const char *request_id;
     int watch_fd; /* the request's connection to the web server, or -1 */
+    llm_delta_fn on_delta; /* non-NULL: ask the upstream to stream */
+    void *delta_arg;
 };
+
+/* How the body of the current upstream answer is read. */
+enum llm_body { LLM_BODY_UNKNOWN, LLM_BODY_WHOLE, LLM_BODY_EVENTS };
 
 struct llm {
     const struct conf *conf;
@@ -57,9 +67,20 @@ struct llm {
     yajl_gen gen;
     char *url;         /* {base}/chat/completions */
     char *auth_header; /* "Authorization: Bearer ..." or NULL */
-    struct buf response;
-    int response_too_large;
     char errbuf[CURL_ERROR_SIZE];
+
+    /* State of the call in progress: */
+    const struct llm_call *call;
+    struct llm_answer *ans;
+    enum llm_body body_mode;
+    struct buf response; /* a whole (non-streamed) body */
+    int response_too_large;
+    struct sse_parser sse;
+    struct buf event_arena; /* strings picked from one event */
+    size_t emitted;         /* bytes of ans->reply passed to on_delta */
+    int stream_complete;    /* [DONE] or a finish_reason was seen */
+    int client_gone;
+    int stream_failed;      /* the stream broke; ans has the reason */
 };
 
 /* Set up the multi and easy handles. Returns 0, or -1 with err set. */
@@ -69,7 +90,8 @@ void llm_cleanup(struct llm *l);
 void llm_answer_init(struct llm_answer *a, size_t max_reply);
 void llm_answer_cleanup(struct llm_answer *a);
 
-/* Run one non-streaming completion; fills ans (status first). */
+/* Run one completion, streamed when call->on_delta is set; fills ans
+ * (status first). */
 void llm_complete(struct llm *l, const struct llm_call *call,
                   struct llm_answer *ans);
 
