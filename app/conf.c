@@ -261,7 +261,7 @@ parse_assignment(struct conf *c, struct parse_state *st, char *line,
 {
     char *eq = strchr(line, '=');
     const struct conf_key *k;
-    char *name;
+    char *name, detail[160];
     size_t idx;
 
     if (eq == NULL) {
@@ -283,7 +283,11 @@ parse_assignment(struct conf *c, struct parse_state *st, char *line,
         return -1;
     }
     st->set_on_line[idx] = lineno;
-    return key_set(c, k, unquote(trim(eq + 1)), why, whylen);
+    if (key_set(c, k, unquote(trim(eq + 1)), detail, sizeof(detail)) == 0)
+        return 0;
+    /* Name the key, not the value: it may be a secret. */
+    snprintf(why, whylen, "'%s': %s", name, detail);
+    return -1;
 }
 
 static int
@@ -308,7 +312,7 @@ conf_parse(struct conf *c, const char *text, const char *name,
            char err[CONF_ERR_LEN])
 {
     struct parse_state st = {.section = ""};
-    char line[CONF_LINE_MAX], shown[CONF_LINE_MAX], why[256];
+    char line[CONF_LINE_MAX], why[256];
     const char *p = text;
     int lineno = 0;
 
@@ -322,11 +326,9 @@ conf_parse(struct conf *c, const char *text, const char *name,
         }
         memcpy(line, p, len);
         line[len] = '\0';
-        memcpy(shown, line, len + 1);
         p += len + (p[len] == '\n');
         if (parse_line(c, &st, line, lineno, why, sizeof(why)) == -1) {
-            snprintf(err, CONF_ERR_LEN, "%s:%d: %s: %s", name, lineno,
-                     trim(shown), why);
+            snprintf(err, CONF_ERR_LEN, "%s:%d: %s", name, lineno, why);
             return -1;
         }
     }

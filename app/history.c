@@ -91,9 +91,9 @@ history_add_json(struct history *h, const char *json, size_t len)
         f[0].type == 0 || f[1].type == 0)
         goto out;
     name = json_field_text(&f[0], &arena);
-    if (strcmp(name, "user") == 0)
+    if (f[0].len == 4 && memcmp(name, "user", 4) == 0)
         role = HISTORY_USER;
-    else if (strcmp(name, "assistant") == 0)
+    else if (f[0].len == 9 && memcmp(name, "assistant", 9) == 0)
         role = HISTORY_ASSISTANT;
     else
         goto out;

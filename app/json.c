@@ -55,6 +55,8 @@ path_matches(const struct pick *p, const char *path)
 {
     const char *s = path;
 
+    if (p->depth == 0 || *path == '\0')
+        return p->depth == 0 && *path == '\0';
     for (unsigned d = 0; d < p->depth; d++) {
         const struct frame *f = &p->frames[d];
         size_t seg = strcspn(s, ".");
@@ -75,7 +77,7 @@ path_matches(const struct pick *p, const char *path)
         else if (d + 1 < p->depth)
             return 0;
     }
-    return *s == '\0' && (p->depth == 0 || s[-1] != '.');
+    return *s == '\0' && s[-1] != '.'; /* s > path: a segment was read */
 }
 
 static int
@@ -511,6 +513,9 @@ json_gen_restart(yajl_gen g)
 int
 json_gen_str(yajl_gen g, const char *s, size_t n)
 {
+    /* yajl's own check lets overlongs and surrogates through. */
+    if (!json_utf8_valid(s, n))
+        return -1;
     return yajl_gen_string(g, (const unsigned char *)s, n) ==
                    yajl_gen_status_ok
                ? 0

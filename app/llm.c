@@ -195,6 +195,9 @@ emit_new_content(struct llm *l)
 
     if (end == l->emitted)
         return 0;
+    if (!json_utf8_valid(r->data + l->emitted, end - l->emitted))
+        return stream_fail(l, LLM_BAD_ANSWER,
+                           "the model's reply is not valid UTF-8");
     if (l->call->on_delta(l->call->delta_arg, r->data + l->emitted,
                           end - l->emitted) == -1) {
         l->client_gone = 1;
@@ -546,6 +549,10 @@ llm_parse_answer(const char *body, size_t len, struct llm_answer *ans)
     } else if (f[CONTENT].type != JSON_STRING) {
         snprintf(ans->message, sizeof(ans->message),
                  "the model's answer has no choices[0].message.content");
+    } else if (!json_utf8_valid(json_field_text(&f[CONTENT], &arena),
+                                f[CONTENT].len)) {
+        snprintf(ans->message, sizeof(ans->message),
+                 "the model's reply is not valid UTF-8");
     } else if (buf_append(&ans->reply, json_field_text(&f[CONTENT], &arena),
                           f[CONTENT].len) == -1) {
         snprintf(ans->message, sizeof(ans->message),

@@ -62,7 +62,7 @@ copy_decoded(char *out, size_t size, const char *s, size_t n)
 }
 
 static int
-parse_number(const char *s, size_t n, int max, int *out)
+parse_number(const char *s, size_t n, int min, int max, int *out)
 {
     int v = 0;
 
@@ -73,20 +73,21 @@ parse_number(const char *s, size_t n, int max, int *out)
             return -1;
         v = v * 10 + (s[i] - '0');
     }
-    if (v > max)
+    if (v < min || v > max)
         return -1;
     *out = v;
     return 0;
 }
 
-/* "user:password@" in front of the host, both optional. */
+/* "[user][:password]@" in front of the host (the IANA redis URI scheme:
+ * without a colon it is a user name). */
 static int
 parse_userinfo(const char *s, size_t n, struct store_addr *a)
 {
     const char *colon = memchr(s, ':', n);
 
     if (colon == NULL)
-        return copy_decoded(a->password, sizeof(a->password), s, n);
+        return copy_decoded(a->user, sizeof(a->user), s, n);
     if (copy_decoded(a->user, sizeof(a->user), s, (size_t)(colon - s)) == -1)
         return -1;
     return copy_decoded(a->password, sizeof(a->password), colon + 1,
@@ -126,7 +127,8 @@ parse_hostport(const char *s, size_t n, struct store_addr *a)
     a->host[hostlen] = '\0';
     a->port = DEFAULT_PORT;
     if (port != NULL)
-        return parse_number(port, (size_t)(s + n - port), 65535, &a->port);
+        return parse_number(port, (size_t)(s + n - port), 1, 65535,
+                            &a->port);
     return 0;
 }
 
@@ -145,7 +147,8 @@ parse_tcp_url(const char *rest, struct store_addr *a)
     if (parse_hostport(rest, (size_t)(end - rest), a) == -1)
         return -1;
     if (slash != NULL && slash[1] != '\0')
-        return parse_number(slash + 1, strlen(slash + 1), 1000000, &a->db);
+        return parse_number(slash + 1, strlen(slash + 1), 0, 1000000,
+                            &a->db);
     return 0;
 }
 
@@ -163,7 +166,7 @@ parse_unix_url(const char *rest, struct store_addr *a)
         return 0;
     if (strncmp(query, "?db=", 4) != 0)
         return -1;
-    return parse_number(query + 4, strlen(query + 4), 1000000, &a->db);
+    return parse_number(query + 4, strlen(query + 4), 0, 1000000, &a->db);
 }
 
 int
@@ -177,12 +180,12 @@ store_addr_parse(const char *url, struct store_addr *a,
         rc = parse_tcp_url(url + 8, a);
     else if (strncmp(url, "unix://", 7) == 0)
         rc = parse_unix_url(url + 7, a);
+    /* The URL is not repeated: it may hold a password. */
     if (rc == -1)
         snprintf(err, STORE_ERR_LEN,
-                 "bad Redis URL '%s': expected "
-                 "redis://[user[:password]@]host[:port][/db] or "
-                 "unix:///path[?db=N]",
-                 url);
+                 "bad Redis URL: expected "
+                 "redis://[user][:password]@host[:port][/db] or "
+                 "unix:///path[?db=N]");
     return rc;
 }
 

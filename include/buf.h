@@ -34,7 +34,7 @@ int buf_append_str(struct buf *b, const char *s);
 void buf_consume(struct buf *b, size_t n);
 
 /* Ensure data[len] == '\0' (not counted in len) and return data, or NULL
- * when that byte does not fit under max. */
+ * when out of memory (room for the NUL is kept beyond max). */
 const char *buf_cstr(struct buf *b);
 
 #endif

@@ -17,7 +17,7 @@ struct redisContext;
 
 #define STORE_ERR_LEN 160
 
-/* Where Redis is, from redis://[user[:password]@]host[:port][/db] or
+/* Where Redis is, from redis://[[user][:password]@]host[:port][/db] or
  * unix:///path/to/socket[?db=N]. */
 struct store_addr {
     char host[256];
