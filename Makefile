@@ -27,7 +27,7 @@ OBJDIR := build/$(VARIANT)
 WARNINGS := -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes \
 	-Wmissing-prototypes -Wformat=2 -Wno-format-truncation -fno-common
 # Recursive (=) so that pkg-config runs only once `deps` has installed it.
-CFLAGS = -std=gnu11 -g $(OPTFLAGS) $(WARNINGS) -Iinclude -MMD -MP \
+CFLAGS = -std=gnu11 -D_GNU_SOURCE -g $(OPTFLAGS) $(WARNINGS) -Iinclude -MMD -MP \
 	$(shell pkg-config --cflags $(PKGS))
 LDLIBS = $(shell pkg-config --libs $(PKGS))
 LDFLAGS = $(filter -fsanitize=%,$(OPTFLAGS))

@@ -8,6 +8,7 @@
 #include "fcgi.h"
 #include "json.h"
 #include "log.h"
+#include "scoreboard.h"
 #include "worker.h"
 
 #define REQUEST_DEPTH 16
@@ -79,12 +80,12 @@ read_body(struct worker *w)
 {
     struct http_request *r = &w->req;
 
-    if (!chat_content_type_ok(fcgi_param(&w->fcgi, "CONTENT_TYPE"))) {
+    if (!chat_content_type_ok(fcgi_param(w->req.fcgi, "CONTENT_TYPE"))) {
         http_send_error(r, 415, "unsupported_media_type",
                         "the body must be application/json");
         return -1;
     }
-    switch (fcgi_read_body(&w->fcgi, &w->body)) {
+    switch (fcgi_read_body(w->req.fcgi, &w->body)) {
     case FCGI_BODY_OK:
         return 0;
     case FCGI_BODY_TOO_LARGE:
@@ -174,8 +175,10 @@ static int
 load_history(struct worker *w, const char *session_id)
 {
     double start = http_now_ms();
-    int rc = store_history_load(&w->store, session_id, &w->history);
+    int rc;
 
+    worker_phase(w, SB_REDIS);
+    rc = store_history_load(&w->store, session_id, &w->history);
     w->req.redis_ms += http_now_ms() - start;
     if (rc == -1)
         fail_store(w);
@@ -223,13 +226,37 @@ send_delta(void *arg, const char *text, size_t len)
     struct worker *w = arg;
     yajl_gen g = w->gen;
 
-    if (!w->req.streaming && http_stream_begin(&w->req) == -1)
-        return -1;
+    if (!w->req.streaming) {
+        worker_phase(w, SB_STREAMING);
+        if (http_stream_begin(&w->req) == -1)
+            return -1;
+    }
     json_gen_restart(g);
     if (yajl_gen_map_open(g) || json_gen_key_str(g, "content", text, len) ||
         yajl_gen_map_close(g))
         return -1;
     return http_stream_event(&w->req, "delta");
+}
+
+static enum sb_upstream_error
+upstream_error_kind(enum llm_status status)
+{
+    switch (status) {
+    case LLM_TIMEOUT:
+        return SB_UP_TIMEOUT;
+    case LLM_UNREACHABLE:
+        return SB_UP_UNREACHABLE;
+    case LLM_HTTP_ERROR:
+        return SB_UP_HTTP_ERROR;
+    case LLM_BAD_ANSWER:
+        return SB_UP_BAD_ANSWER;
+    case LLM_CLIENT_GONE:
+        return SB_UP_CLIENT_GONE;
+    case LLM_OK:
+    case LLM_FAILED:
+        break;
+    }
+    return SB_UP_FAILED;
 }
 
 /* Step 3: history + message to the model. */
@@ -241,15 +268,20 @@ ask_model(struct worker *w, const struct chat_turn *t)
         .message = t->message,
         .message_len = t->message_len,
         .request_id = w->req.id,
-        .watch_fd = w->fcgi.ipcFd,
+        .watch_fd = w->req.fcgi->ipcFd,
+        .deadline_ms = w->req.start_ms +
+                       (double)w->conf->request_timeout_s * 1000.0,
         .on_delta = t->stream ? send_delta : NULL,
         .delta_arg = w,
     };
 
+    worker_phase(w, SB_UPSTREAM);
     llm_complete(&w->llm, &call, &w->answer);
     w->req.upstream_ms += w->answer.ms;
     if (w->answer.status == LLM_OK)
         return 0;
+    scoreboard_count_upstream_error(w->pool, upstream_error_kind(
+                                                 w->answer.status));
     fail_model(w, &w->answer);
     return -1;
 }
@@ -289,6 +321,7 @@ store_turn(struct worker *w, const struct chat_turn *t)
     drop = history_trim_start(&w->history,
                               (size_t)c->chat.history_max_messages,
                               (size_t)c->chat.history_max_bytes);
+    worker_phase(w, SB_REDIS);
     start = http_now_ms();
     rc = store_history_append(&w->store, t->session_id, w->user_item.data,
                               user_len, (const char *)json, len, drop,
@@ -329,6 +362,7 @@ send_answer(struct worker *w, const struct chat_turn *t)
     const struct llm_answer *a = &w->answer;
     yajl_gen g = w->gen;
 
+    worker_phase(w, SB_WRITING);
     json_gen_restart(g);
     if (yajl_gen_map_open(g) ||
         json_gen_key_cstr(g, "session_id", t->session_id) ||
@@ -420,6 +454,7 @@ chat_delete(struct worker *w, const char *session_id)
 
     if (check_path_id(w, session_id) == -1)
         return;
+    worker_phase(w, SB_REDIS);
     start = http_now_ms();
     rc = store_history_delete(&w->store, session_id);
     w->req.redis_ms += http_now_ms() - start;

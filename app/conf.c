@@ -8,13 +8,14 @@
 #include <sys/stat.h>
 
 #include "log.h"
+#include "store.h"
 
 #define CONF_LINE_MAX 4096
 #define CONF_FILE_MAX (1024 * 1024)
 #define CONF_NAME_MAX 96
 #define ENV_PREFIX "CHATFCGI_"
 
-enum conf_type { CONF_STRING, CONF_INT, CONF_MODE, CONF_LEVEL, CONF_DECIMAL };
+enum conf_type { CONF_STRING, CONF_INT, CONF_MODE, CONF_CHOICE, CONF_DECIMAL };
 
 struct conf_key {
     const char *section; /* "" for keys outside any section */
@@ -24,64 +25,82 @@ struct conf_key {
     const char *def;
     size_t offset;
     const char *env_alias; /* a second, shorter variable name, or NULL */
+    const char *const *choices; /* CONF_CHOICE: the words, index = value */
 };
+
+/* In the order of enum log_level and enum conf_pool. */
+static const char *const level_words[] = {"debug", "info", "warn", "error",
+                                          NULL};
+static const char *const pool_words[] = {"static", "dynamic", "single",
+                                         NULL};
 
 #define F(field) offsetof(struct conf, field)
 #define MS_MAX (24LL * 3600 * 1000)
+#define STR(sec, name, def, field)                                             \
+    {sec, name, CONF_STRING, 0, 0, def, F(field), NULL, NULL}
+#define INT(sec, name, min, max, def, field)                                   \
+    {sec, name, CONF_INT, min, max, def, F(field), NULL, NULL}
+#define CHOICE(sec, name, words, def, field)                                   \
+    {sec, name, CONF_CHOICE, 0, 0, def, F(field), NULL, words}
 
 /* Every key, its bounds and default; conf/chatfcgi.conf documents each. */
 static const struct conf_key keys[] = {
-    {"", "listen", CONF_STRING, 0, 0, "/run/chatfcgi/chatfcgi.sock",
-     F(listen), NULL},
-    {"", "listen_owner", CONF_STRING, 0, 0, "", F(listen_owner), NULL},
-    {"", "listen_group", CONF_STRING, 0, 0, "", F(listen_group), NULL},
-    {"", "listen_mode", CONF_MODE, 0, 0777, "0660", F(listen_mode), NULL},
-    {"", "listen_backlog", CONF_INT, 1, 65535, "511", F(listen_backlog),
+    STR("", "listen", "/run/chatfcgi/chatfcgi.sock", listen),
+    STR("", "listen_owner", "", listen_owner),
+    STR("", "listen_group", "", listen_group),
+    {"", "listen_mode", CONF_MODE, 0, 0777, "0660", F(listen_mode), NULL,
      NULL},
-    {"", "workers", CONF_INT, 1, 4096, "8", F(workers), NULL},
-    {"", "user", CONF_STRING, 0, 0, "", F(user), NULL},
-    {"", "group", CONF_STRING, 0, 0, "", F(group), NULL},
-    {"", "log_level", CONF_LEVEL, 0, 0, "info", F(log_level), NULL},
-    {"", "error_log", CONF_STRING, 0, 0, "stderr", F(error_log), NULL},
-    {"", "access_log", CONF_STRING, 0, 0, "stderr", F(access_log), NULL},
-    {"", "pid_file", CONF_STRING, 0, 0, "", F(pid_file), NULL},
+    INT("", "listen_backlog", 1, 65535, "511", listen_backlog),
+    CHOICE("", "pm", pool_words, "static", pm),
+    INT("", "workers", 1, 4096, "8", workers),
+    INT("", "start_workers", 1, 4096, "2", start_workers),
+    INT("", "min_spare_workers", 1, 4096, "1", min_spare_workers),
+    INT("", "max_spare_workers", 1, 4096, "3", max_spare_workers),
+    INT("", "max_requests", 0, 1LL << 40, "0", max_requests),
+    INT("", "request_timeout_s", 1, 86400, "150", request_timeout_s),
+    INT("", "graceful_timeout_s", 0, 86400, "180", graceful_timeout_s),
+    INT("", "slowlog_ms", 0, MS_MAX, "30000", slowlog_ms),
+    INT("", "queue_timeout_ms", 0, MS_MAX, "5000", queue_timeout_ms),
+    STR("", "status_listen", "/run/chatfcgi/status.sock", status_listen),
+    STR("", "status_allow", "127.0.0.1, ::1", status_allow),
+    STR("", "user", "", user),
+    STR("", "group", "", group),
+    CHOICE("", "log_level", level_words, "info", log_level),
+    STR("", "error_log", "stderr", error_log),
+    STR("", "access_log", "stderr", access_log),
+    STR("", "pid_file", "", pid_file),
 
-    {"redis", "url", CONF_STRING, 0, 0, "redis://127.0.0.1:6379/0",
-     F(redis.url), NULL},
-    {"redis", "connect_timeout_ms", CONF_INT, 1, MS_MAX, "1000",
-     F(redis.connect_timeout_ms), NULL},
-    {"redis", "command_timeout_ms", CONF_INT, 1, MS_MAX, "2000",
-     F(redis.command_timeout_ms), NULL},
+    STR("redis", "url", "redis://127.0.0.1:6379/0", redis.url),
+    INT("redis", "connect_timeout_ms", 1, MS_MAX, "1000",
+        redis.connect_timeout_ms),
+    INT("redis", "command_timeout_ms", 1, MS_MAX, "2000",
+        redis.command_timeout_ms),
 
-    {"upstream", "url", CONF_STRING, 0, 0, "https://api.openai.com/v1",
-     F(upstream.url), NULL},
+    STR("upstream", "url", "https://api.openai.com/v1", upstream.url),
     {"upstream", "api_key", CONF_STRING, 0, 0, "", F(upstream.api_key),
-     "CHATFCGI_API_KEY"},
+     "CHATFCGI_API_KEY", NULL},
     {"upstream", "model", CONF_STRING, 0, 0, "gpt-4o-mini",
-     F(upstream.model), "CHATFCGI_MODEL"},
-    {"upstream", "system_prompt", CONF_STRING, 0, 0, "",
-     F(upstream.system_prompt), NULL},
+     F(upstream.model), "CHATFCGI_MODEL", NULL},
+    STR("upstream", "system_prompt", "", upstream.system_prompt),
     {"upstream", "temperature", CONF_DECIMAL, 0, 2, "",
-     F(upstream.temperature), NULL},
-    {"upstream", "max_tokens", CONF_INT, 0, 1000000, "0",
-     F(upstream.max_tokens), NULL},
-    {"upstream", "connect_timeout_ms", CONF_INT, 1, MS_MAX, "5000",
-     F(upstream.connect_timeout_ms), NULL},
-    {"upstream", "timeout_ms", CONF_INT, 1, MS_MAX, "120000",
-     F(upstream.timeout_ms), NULL},
-    {"upstream", "max_response_bytes", CONF_INT, 1024, 64LL << 20, "1048576",
-     F(upstream.max_response_bytes), NULL},
+     F(upstream.temperature), NULL, NULL},
+    INT("upstream", "max_tokens", 0, 1000000, "0", upstream.max_tokens),
+    INT("upstream", "connect_timeout_ms", 1, MS_MAX, "5000",
+        upstream.connect_timeout_ms),
+    INT("upstream", "timeout_ms", 1, MS_MAX, "120000", upstream.timeout_ms),
+    INT("upstream", "max_response_bytes", 1024, 64LL << 20, "1048576",
+        upstream.max_response_bytes),
 
-    {"chat", "max_body_bytes", CONF_INT, 64, 16LL << 20, "65536",
-     F(chat.max_body_bytes), NULL},
-    {"chat", "max_message_bytes", CONF_INT, 1, 16LL << 20, "32768",
-     F(chat.max_message_bytes), NULL},
-    {"chat", "history_max_messages", CONF_INT, 2, 10000, "20",
-     F(chat.history_max_messages), NULL},
-    {"chat", "history_max_bytes", CONF_INT, 1, 64LL << 20, "65536",
-     F(chat.history_max_bytes), NULL},
-    {"chat", "history_ttl_seconds", CONF_INT, 1, 365LL * 86400, "86400",
-     F(chat.history_ttl_seconds), NULL},
+    INT("chat", "max_body_bytes", 64, 16LL << 20, "65536",
+        chat.max_body_bytes),
+    INT("chat", "max_message_bytes", 1, 16LL << 20, "32768",
+        chat.max_message_bytes),
+    INT("chat", "history_max_messages", 2, 10000, "20",
+        chat.history_max_messages),
+    INT("chat", "history_max_bytes", 1, 64LL << 20, "65536",
+        chat.history_max_bytes),
+    INT("chat", "history_ttl_seconds", 1, 365LL * 86400, "86400",
+        chat.history_ttl_seconds),
 };
 
 #define NKEYS (sizeof(keys) / sizeof(*keys))
@@ -134,6 +153,25 @@ parse_decimal(const char *s, const struct conf_key *k, double *out)
 }
 
 static int
+parse_choice(const char *value, const char *const *words, long long *out,
+             char *err, size_t errlen)
+{
+    size_t n;
+
+    for (size_t i = 0; words[i] != NULL; i++) {
+        if (strcmp(value, words[i]) == 0) {
+            *out = (long long)i;
+            return 0;
+        }
+    }
+    n = (size_t)snprintf(err, errlen, "not one of");
+    for (size_t i = 0; words[i] != NULL && n < errlen; i++)
+        n += (size_t)snprintf(err + n, errlen - n, "%s %s", i ? "," : "",
+                              words[i]);
+    return -1;
+}
+
+static int
 set_string(char **slot, const char *value)
 {
     char *copy = strdup(value);
@@ -151,7 +189,6 @@ key_set(struct conf *c, const struct conf_key *k, const char *value,
         char *err, size_t errlen)
 {
     void *slot = (char *)c + k->offset;
-    enum log_level level;
 
     switch (k->type) {
     case CONF_STRING:
@@ -170,13 +207,8 @@ key_set(struct conf *c, const struct conf_key *k, const char *value,
             return 0;
         snprintf(err, errlen, "not an octal file mode such as 0660");
         return -1;
-    case CONF_LEVEL:
-        if (log_level_parse(value, &level) == 0) {
-            *(long long *)slot = level;
-            return 0;
-        }
-        snprintf(err, errlen, "not one of debug, info, warn, error");
-        return -1;
+    case CONF_CHOICE:
+        return parse_choice(value, k->choices, slot, err, errlen);
     case CONF_DECIMAL:
         if (parse_decimal(value, k, slot) == 0)
             return 0;
@@ -432,6 +464,35 @@ warn_if_key_exposed(const struct conf *c, const char *path)
                   "chmod o-r it, or set CHATFCGI_API_KEY instead", path);
 }
 
+/* Rules across keys, and values with a syntax of their own. */
+static int
+conf_check(const struct conf *c, char err[CONF_ERR_LEN])
+{
+    struct store_addr addr;
+    char why[STORE_ERR_LEN];
+
+    if (store_addr_parse(c->redis.url, &addr, why) == -1) {
+        snprintf(err, CONF_ERR_LEN, "redis url: %s", why);
+        return -1;
+    }
+    if (strncmp(c->upstream.url, "http://", 7) != 0 &&
+        strncmp(c->upstream.url, "https://", 8) != 0) {
+        snprintf(err, CONF_ERR_LEN, "upstream url must start with http:// "
+                 "or https://");
+        return -1;
+    }
+    if (c->pm == CONF_POOL_DYNAMIC &&
+        (c->min_spare_workers > c->max_spare_workers ||
+         c->start_workers > c->workers ||
+         c->min_spare_workers > c->workers)) {
+        snprintf(err, CONF_ERR_LEN, "pm dynamic needs min_spare_workers <= "
+                 "max_spare_workers and start_workers, min_spare_workers "
+                 "<= workers");
+        return -1;
+    }
+    return 0;
+}
+
 int
 conf_load(struct conf *c, const char *path, char *const envp[],
           char err[CONF_ERR_LEN])
@@ -451,7 +512,9 @@ conf_load(struct conf *c, const char *path, char *const envp[],
             return -1;
         warn_if_key_exposed(c, path);
     }
-    return conf_apply_env(c, envp, err);
+    if (conf_apply_env(c, envp, err) == -1)
+        return -1;
+    return conf_check(c, err);
 }
 
 void

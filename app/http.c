@@ -88,14 +88,14 @@ extra_headers(const struct http_request *r, char out[HEADERS_LEN],
 
 static void
 send_body(struct http_request *r, int status, const char *more,
-          const char *body, size_t len)
+          const char *content_type, const char *body, size_t len)
 {
     char headers[HEADERS_LEN];
     long n;
 
     extra_headers(r, headers, more);
-    n = fcgi_respond(r->fcgi, status, len ? "application/json" : NULL,
-                     headers, body, len);
+    n = fcgi_respond(r->fcgi, status, len ? content_type : NULL, headers,
+                     body, len);
     r->status = status;
     r->bytes_out = n > 0 ? (size_t)n : 0;
     if (n < 0)
@@ -109,7 +109,14 @@ http_send_json(struct http_request *r, int status)
     size_t len;
 
     yajl_gen_get_buf(r->gen, &body, &len);
-    send_body(r, status, "", (const char *)body, len);
+    send_body(r, status, "", "application/json", (const char *)body, len);
+}
+
+void
+http_send_text(struct http_request *r, int status, const char *content_type,
+               const char *body, size_t len)
+{
+    send_body(r, status, "", content_type, body, len);
 }
 
 /* The error object; messages that are not valid UTF-8 (say, an upstream's)
@@ -146,7 +153,7 @@ send_error(struct http_request *r, int status, const char *code,
         return;
     }
     yajl_gen_get_buf(r->gen, &body, &len);
-    send_body(r, status, more, (const char *)body, len);
+    send_body(r, status, more, "application/json", (const char *)body, len);
 }
 
 void
@@ -178,7 +185,7 @@ http_send_not_allowed(struct http_request *r, const char *allow)
 void
 http_send_no_content(struct http_request *r)
 {
-    send_body(r, 204, "", "", 0);
+    send_body(r, 204, "", NULL, "", 0);
 }
 
 int

@@ -332,6 +332,18 @@ request_headers(const struct llm *l, const char *request_id)
     return h;
 }
 
+/* The upstream's timeout, cut short by the request's own deadline. */
+static long
+timeout_ms(const struct llm *l)
+{
+    double left = l->call->deadline_ms - now_ms();
+    double limit = (double)l->conf->upstream.timeout_ms;
+
+    if (l->call->deadline_ms > 0 && left < limit)
+        limit = left < 1 ? 1 : left;
+    return (long)limit;
+}
+
 static void
 set_options(struct llm *l, struct curl_slist *headers)
 {
@@ -356,7 +368,7 @@ set_options(struct llm *l, struct curl_slist *headers)
     curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
     curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS,
                      (long)c->upstream.connect_timeout_ms);
-    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)c->upstream.timeout_ms);
+    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, timeout_ms(l));
 }
 
 /* Drive the transfer until it ends or the client goes away. Returns the

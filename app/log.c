@@ -32,6 +32,7 @@ static struct {
     .role = "M",
 };
 
+/* As the config spells them, in the order of enum log_level. */
 static const char *const level_names[] = {"debug", "info", "warn", "error"};
 
 static int
@@ -112,18 +113,6 @@ log_chown(unsigned uid, unsigned gid)
         if (sinks[i]->path[0] != '\0' && fchown(sinks[i]->fd, uid, gid) == -1)
             return -1;
     return 0;
-}
-
-int
-log_level_parse(const char *s, enum log_level *level)
-{
-    for (size_t i = 0; i < sizeof(level_names) / sizeof(*level_names); i++) {
-        if (strcmp(s, level_names[i]) == 0) {
-            *level = (enum log_level)i;
-            return 0;
-        }
-    }
-    return -1;
 }
 
 void

@@ -11,7 +11,6 @@
 #include "conf.h"
 #include "log.h"
 #include "master.h"
-#include "store.h"
 
 #ifndef CHATFCGI_CONF_PATH
 #define CHATFCGI_CONF_PATH "/etc/chatfcgi/chatfcgi.conf"
@@ -24,32 +23,14 @@ static void
 usage(FILE *out)
 {
     fprintf(out,
-            "usage: chatfcgi [-t] [-c FILE]\n"
+            "usage: chatfcgi [-t] [-S] [-c FILE]\n"
             "  -c FILE  configuration file (default " CHATFCGI_CONF_PATH ")\n"
             "  -t       check the configuration and exit\n"
+            "  -S       serve in this one process (pm = single), for hosts\n"
+            "           that spawn and route to processes themselves\n"
             "  -v       print the version and exit\n"
             "Every key can also be set as CHATFCGI_<SECTION>_<KEY> in the\n"
             "environment; see chatfcgi.conf.\n");
-}
-
-/* Checks beyond one key's syntax, shared by -t and a real start. */
-static int
-check_conf(const struct conf *c, char err[CONF_ERR_LEN])
-{
-    struct store_addr addr;
-    char why[STORE_ERR_LEN];
-
-    if (store_addr_parse(c->redis.url, &addr, why) == -1) {
-        snprintf(err, CONF_ERR_LEN, "redis url: %s", why);
-        return -1;
-    }
-    if (strncmp(c->upstream.url, "http://", 7) != 0 &&
-        strncmp(c->upstream.url, "https://", 8) != 0) {
-        snprintf(err, CONF_ERR_LEN, "upstream url must start with http:// "
-                 "or https://, not '%s'", c->upstream.url);
-        return -1;
-    }
-    return 0;
 }
 
 int
@@ -58,15 +39,18 @@ main(int argc, char **argv)
     const char *path = CHATFCGI_CONF_PATH;
     char err[CONF_ERR_LEN];
     struct conf conf;
-    int opt, test_only = 0, rc;
+    int opt, test_only = 0, single = 0, rc;
 
-    while ((opt = getopt(argc, argv, "c:thv")) != -1) {
+    while ((opt = getopt(argc, argv, "c:tShv")) != -1) {
         switch (opt) {
         case 'c':
             path = optarg;
             break;
         case 't':
             test_only = 1;
+            break;
+        case 'S':
+            single = 1;
             break;
         case 'v':
             printf("chatfcgi " CHATFCGI_VERSION "\n");
@@ -79,8 +63,7 @@ main(int argc, char **argv)
             return 2;
         }
     }
-    if (conf_load(&conf, path, environ, err) == -1 ||
-        check_conf(&conf, err) == -1) {
+    if (conf_load(&conf, path, environ, err) == -1) {
         fprintf(stderr, "chatfcgi: %s\n", err);
         return 1;
     }
@@ -98,7 +81,10 @@ main(int argc, char **argv)
         fprintf(stderr, "chatfcgi: cannot initialise libcurl\n");
         return 1;
     }
-    rc = master_run(&conf);
+    if (single || conf.pm == CONF_POOL_SINGLE)
+        rc = master_run_single(&conf);
+    else
+        rc = master_run(&conf, path, argv);
     curl_global_cleanup();
     conf_free(&conf);
     return rc;

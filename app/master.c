@@ -3,39 +3,42 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
-#include <netdb.h>
 #include <pwd.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <sys/stat.h>
-#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "conf.h"
 #include "http.h"
+#include "listener.h"
 #include "log.h"
+#include "scoreboard.h"
 #include "worker.h"
 
-#define CRASH_WINDOW_MS 1000.0 /* a death sooner than this after start */
-#define CRASH_BACKOFF_MS 1000.0
-#define GRACEFUL_TIMEOUT_MS 120000.0
-#define FAST_TIMEOUT_MS 5000.0
-#define IDLE_WAIT_MS 1000.0
+#define TICK_MS 1000.0
+#define FAST_STOP_MS 5000.0
+#define WATCHDOG_GRACE_MS 10000.0 /* after request_timeout_s */
+#define CRASH_DEATHS 5            /* this many failures ... */
+#define CRASH_WINDOW_MS 10000.0   /* ... within this window: a crash loop */
+#define CRASH_BACKOFF_FIRST_MS 1000.0
+#define CRASH_BACKOFF_MAX_MS 30000.0
+#define SPAWN_RATE_MAX 32 /* dynamic: forks per tick, doubling up to this */
+
+extern char **environ;
 
 enum stop_mode { RUNNING, STOP_GRACEFUL, STOP_FAST };
 
-struct slot {
-    pid_t pid;           /* 0 when not running */
+/* The master's own view of a slot (the scoreboard has the shared part). */
+struct child {
+    unsigned generation;
+    int retiring; /* told to stop by the master: not to be replaced */
     double started_ms;
-    double respawn_at_ms; /* when pid is 0: the time to fork again */
 };
 
-/* The identity workers run as and the socket's owner. */
 struct identity {
     int switch_user;
     uid_t uid;
@@ -45,12 +48,25 @@ struct identity {
 
 struct master {
     const struct conf *conf;
-    int listen_fd;
+    const char *conf_path;
+    char *const *argv;
+    char exe[1024];
+    struct listeners ls;
     struct identity worker_id;
-    struct slot *slots;
-    size_t nslots;
+    struct sb_pool *pool;
+    int sb_fd;
+    struct child *children; /* pool->nslots of them */
+    unsigned generation;
+    unsigned chat_target;   /* chat workers wanted now */
+    unsigned spawn_rate;    /* dynamic: forks allowed in the next tick */
     enum stop_mode stop;
     double stop_deadline_ms;
+    double deaths[CRASH_DEATHS]; /* times of the latest failures, a ring */
+    size_t ndeaths;
+    double backoff_ms;      /* current crash-loop delay, 0 when none */
+    double spawn_after_ms;  /* no fork before this (crash-loop backoff) */
+    double next_tick_ms;
+    int at_max_children;
 };
 
 static int
@@ -82,151 +98,56 @@ lookup_identity(const char *user, const char *group, struct identity *id)
     return 0;
 }
 
-/* Owner and group of the unix socket: listen_owner/listen_group, else the
- * workers' identity; -1 leaves a part unchanged. */
+/* Owner of our unix sockets: listen_owner/listen_group, else the workers'
+ * identity, so that a web server running as that user can connect. */
 static int
-socket_owner(const struct master *m, uid_t *uid, gid_t *gid)
+socket_owner(const struct master *m, struct listener_owner *o)
 {
     const struct conf *c = m->conf;
-    struct identity owner;
+    struct identity id;
 
-    *uid = m->worker_id.switch_user ? m->worker_id.uid : (uid_t)-1;
-    *gid = m->worker_id.switch_user ? m->worker_id.gid : (gid_t)-1;
+    o->uid = m->worker_id.switch_user ? m->worker_id.uid : (uid_t)-1;
+    o->gid = m->worker_id.switch_user ? m->worker_id.gid : (gid_t)-1;
+    o->mode = (mode_t)c->listen_mode;
+    o->backlog = (int)c->listen_backlog;
     if (c->listen_owner[0] == '\0' && c->listen_group[0] == '\0')
         return 0;
     if (lookup_identity(c->listen_owner[0] ? c->listen_owner : "root",
-                        c->listen_group, &owner) == -1)
+                        c->listen_group, &id) == -1)
         return -1;
     if (c->listen_owner[0] != '\0')
-        *uid = owner.uid;
+        o->uid = id.uid;
     if (c->listen_group[0] != '\0')
-        *gid = owner.gid;
+        o->gid = id.gid;
     return 0;
 }
 
-/* A socket file left by a crashed run is removed; a live one is not. */
 static int
-clear_stale_socket(const struct sockaddr_un *sa)
+status_enabled(const struct conf *c)
 {
-    struct stat st;
-    int fd, live;
-
-    if (lstat(sa->sun_path, &st) == -1)
-        return errno == ENOENT ? 0 : -1;
-    if (!S_ISSOCK(st.st_mode)) {
-        errno = EEXIST;
-        return -1;
-    }
-    fd = socket(AF_UNIX, SOCK_STREAM, 0);
-    if (fd == -1)
-        return -1;
-    live = connect(fd, (const struct sockaddr *)sa, sizeof(*sa)) == 0;
-    close(fd);
-    if (live) {
-        errno = EADDRINUSE;
-        return -1;
-    }
-    return unlink(sa->sun_path);
+    return strcmp(c->status_listen, "off") != 0 && c->status_listen[0];
 }
 
+/* The sockets: handed over, or opened from the configuration. */
 static int
-listen_unix(struct master *m, const char *path)
+acquire_listeners(struct master *m, int inherited, int with_status)
 {
-    struct sockaddr_un sa = {.sun_family = AF_UNIX};
-    uid_t uid;
-    gid_t gid;
-    int fd;
+    struct listener_owner owner;
 
-    if (strlen(path) >= sizeof(sa.sun_path)) {
-        log_error("master", "socket path too long: %s", path);
+    if (inherited)
+        return 0;
+    if (socket_owner(m, &owner) == -1)
         return -1;
-    }
-    memcpy(sa.sun_path, path, strlen(path) + 1);
-    if (socket_owner(m, &uid, &gid) == -1)
+    m->ls.origin = m->conf->listen;
+    m->ls.chat_fd = listener_open(m->conf->listen, &owner);
+    m->ls.unlink_chat = strchr(m->conf->listen, '/') != NULL;
+    if (m->ls.chat_fd == -1)
         return -1;
-    if (clear_stale_socket(&sa) == -1) {
-        log_warn("master", "cannot use %s", path);
-        return -1;
-    }
-    fd = socket(AF_UNIX, SOCK_STREAM, 0);
-    if (fd == -1 || bind(fd, (struct sockaddr *)&sa, sizeof(sa)) == -1 ||
-        chmod(path, (mode_t)m->conf->listen_mode) == -1 ||
-        ((uid != (uid_t)-1 || gid != (gid_t)-1) &&
-         chown(path, uid, gid) == -1) ||
-        listen(fd, (int)m->conf->listen_backlog) == -1) {
-        log_warn("master", "cannot listen on %s", path);
-        if (fd != -1)
-            close(fd);
-        return -1;
-    }
-    return fd;
-}
-
-static int
-bind_tcp(const struct addrinfo *ai, int backlog)
-{
-    int one = 1;
-    int fd = socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
-
-    if (fd == -1)
-        return -1;
-    if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) == -1 ||
-        bind(fd, ai->ai_addr, ai->ai_addrlen) == -1 ||
-        listen(fd, backlog) == -1) {
-        close(fd);
-        return -1;
-    }
-    return fd;
-}
-
-static int
-listen_tcp(struct master *m, const char *spec)
-{
-    const char *colon = strrchr(spec, ':');
-    struct addrinfo hints = {.ai_socktype = SOCK_STREAM,
-                             .ai_flags = AI_PASSIVE};
-    struct addrinfo *res, *ai;
-    char host[256];
-    int fd = -1, rc;
-
-    if (colon == NULL || (size_t)(colon - spec) >= sizeof(host)) {
-        log_error("master", "listen must be a socket path or host:port, "
-                  "not '%s'", spec);
-        return -1;
-    }
-    /* "[::1]:9000" → "::1" */
-    snprintf(host, sizeof(host), "%.*s", (int)(colon - spec), spec);
-    if (host[0] == '[' && host[strlen(host) - 1] == ']') {
-        memmove(host, host + 1, strlen(host));
-        host[strlen(host) - 1] = '\0';
-    }
-    rc = getaddrinfo(host[0] ? host : NULL, colon + 1, &hints, &res);
-    if (rc != 0) {
-        log_error("master", "cannot resolve %s: %s", spec, gai_strerror(rc));
-        return -1;
-    }
-    for (ai = res; ai != NULL && fd == -1; ai = ai->ai_next)
-        fd = bind_tcp(ai, (int)m->conf->listen_backlog);
-    freeaddrinfo(res);
-    if (fd == -1)
-        log_warn("master", "cannot listen on %s", spec);
-    return fd;
-}
-
-static int
-open_listener(struct master *m)
-{
-    const char *spec = m->conf->listen;
-
-    return strchr(spec, '/') ? listen_unix(m, spec) : listen_tcp(m, spec);
-}
-
-static void
-remove_listener(const struct master *m)
-{
-    if (strchr(m->conf->listen, '/') != NULL)
-        unlink(m->conf->listen);
-    close(m->listen_fd);
+    if (!with_status || !status_enabled(m->conf))
+        return 0;
+    m->ls.status_fd = listener_open(m->conf->status_listen, &owner);
+    m->ls.unlink_status = strchr(m->conf->status_listen, '/') != NULL;
+    return m->ls.status_fd == -1 ? -1 : 0;
 }
 
 static int
@@ -265,135 +186,370 @@ drop_privileges(const struct identity *id)
 }
 
 static void
-spawn(struct master *m, size_t i)
+run_child(struct master *m, int slot, enum worker_role role)
 {
-    pid_t pid = fork();
+    struct worker_setup ws = {
+        .conf = m->conf,
+        .pool = m->pool,
+        .slot = slot,
+        .role = role,
+        .chat_fd = m->ls.chat_fd,
+        .status_fd = role == WORKER_CONTROL ? m->ls.status_fd : -1,
+        .master_pid = getppid(),
+    };
 
-    if (pid == -1) {
-        log_warn("master", "cannot fork worker %zu", i);
-        m->slots[i].respawn_at_ms = http_now_ms() + CRASH_BACKOFF_MS;
-        return;
-    }
-    if (pid == 0) {
-        drop_privileges(&m->worker_id);
-        worker_main(m->conf, m->listen_fd, (int)i);
-    }
-    m->slots[i].pid = pid;
-    m->slots[i].started_ms = http_now_ms();
-    log_debug("master", "worker %zu started as pid %ld", i, (long)pid);
+    drop_privileges(&m->worker_id);
+    worker_main(&ws);
 }
 
-static struct slot *
-slot_of(struct master *m, pid_t pid)
+static int
+spawn(struct master *m, enum worker_role role)
 {
-    for (size_t i = 0; i < m->nslots; i++)
-        if (m->slots[i].pid == pid)
-            return &m->slots[i];
-    return NULL;
+    int slot = scoreboard_free_slot(m->pool);
+    struct sb_slot *s;
+    pid_t pid;
+
+    if (slot == -1)
+        return -1;
+    s = &m->pool->slots[slot];
+    memset(s, 0, sizeof(*s));
+    s->role = (int)role;
+    s->generation = m->generation;
+    s->started_at_ms = scoreboard_now_ms();
+    pid = fork();
+    if (pid == -1) {
+        log_warn("master", "cannot fork a worker");
+        return -1;
+    }
+    if (pid == 0)
+        run_child(m, slot, role);
+    s->pid = pid;
+    m->children[slot] = (struct child){.generation = m->generation,
+                                       .started_ms = http_now_ms()};
+    log_debug("master", "worker %d started as pid %ld", slot, (long)pid);
+    return 0;
+}
+
+/* Live workers of the current generation with a role, and how many of
+ * them are idle (or starting, which will be idle in a moment). */
+static unsigned
+count_workers(const struct master *m, enum worker_role role, unsigned *idle)
+{
+    unsigned n = 0, free_now = 0;
+
+    for (uint32_t i = 0; i < m->pool->nslots; i++) {
+        const struct sb_slot *s = &m->pool->slots[i];
+
+        if (s->pid == 0 || s->role != (int)role ||
+            m->children[i].generation != m->generation ||
+            m->children[i].retiring)
+            continue;
+        n++;
+        free_now += s->state == SB_IDLE || s->state == SB_STARTING;
+    }
+    if (idle != NULL)
+        *idle = free_now;
+    return n;
+}
+
+/* Many failures in a short window: wait longer and longer before forking
+ * again, instead of spinning, and say so loudly. */
+static void
+note_failure(struct master *m, double now)
+{
+    double oldest;
+
+    m->deaths[m->ndeaths++ % CRASH_DEATHS] = now;
+    if (m->ndeaths < CRASH_DEATHS)
+        return;
+    oldest = m->deaths[m->ndeaths % CRASH_DEATHS];
+    if (now - oldest > CRASH_WINDOW_MS)
+        return;
+    m->backoff_ms = m->backoff_ms == 0 ? CRASH_BACKOFF_FIRST_MS
+                                       : m->backoff_ms * 2;
+    if (m->backoff_ms > CRASH_BACKOFF_MAX_MS)
+        m->backoff_ms = CRASH_BACKOFF_MAX_MS;
+    m->spawn_after_ms = now + m->backoff_ms;
+    log_error("master", "crash loop: %d workers failed within %.0f s; "
+              "waiting %.0f s before forking again (see the errors above)",
+              CRASH_DEATHS, (now - oldest) / 1000, m->backoff_ms / 1000);
 }
 
 static void
-log_exit(size_t i, pid_t pid, int status)
+log_exit(int slot, pid_t pid, int status)
 {
     if (WIFSIGNALED(status))
-        log_error("master", "worker %zu (pid %ld) killed by signal %d", i,
-                  (long)pid, WTERMSIG(status));
+        log_error("master", "worker %d (pid %ld) was killed by signal %d",
+                  slot, (long)pid, WTERMSIG(status));
     else if (WEXITSTATUS(status) != 0)
-        log_error("master", "worker %zu (pid %ld) exited with status %d", i,
-                  (long)pid, WEXITSTATUS(status));
+        log_error("master", "worker %d (pid %ld) exited with status %d",
+                  slot, (long)pid, WEXITSTATUS(status));
     else
-        log_debug("master", "worker %zu (pid %ld) exited", i, (long)pid);
+        log_debug("master", "worker %d (pid %ld) exited", slot, (long)pid);
 }
 
-/* Reap every exited worker; schedule replacements while the pool runs. A
- * worker that fails right after starting waits before its replacement, so
- * a broken setup logs once a second instead of spinning. */
+static int
+slot_of(const struct master *m, pid_t pid)
+{
+    for (uint32_t i = 0; i < m->pool->nslots; i++)
+        if (m->pool->slots[i].pid == pid)
+            return (int)i;
+    return -1;
+}
+
+/* Reap every exited worker and free its slot; the next spawn_due() puts a
+ * replacement in (unless the master retired it). */
 static void
 reap(struct master *m)
 {
     double now = http_now_ms();
-    int status;
+    int status, slot;
     pid_t pid;
 
     while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
-        struct slot *s = slot_of(m, pid);
-        int failed = WIFSIGNALED(status) || WEXITSTATUS(status) != 0;
-
-        if (s == NULL)
+        slot = slot_of(m, pid);
+        if (slot == -1)
             continue;
-        log_exit((size_t)(s - m->slots), pid, status);
-        s->pid = 0;
-        s->respawn_at_ms = now;
-        if (failed && now - s->started_ms < CRASH_WINDOW_MS) {
-            s->respawn_at_ms = now + CRASH_BACKOFF_MS;
-            log_error("master", "worker %zu died %.0f ms after it started; "
-                      "waiting %.0f ms before the next one",
-                      (size_t)(s - m->slots), now - s->started_ms,
-                      CRASH_BACKOFF_MS);
+        log_exit(slot, pid, status);
+        if (WIFSIGNALED(status) || WEXITSTATUS(status) != 0) {
+            scoreboard_add(&m->pool->worker_deaths, 1);
+            if (m->stop == RUNNING)
+                note_failure(m, now);
+        } else {
+            scoreboard_add(&m->pool->worker_recycles, 1);
         }
+        memset(&m->pool->slots[slot], 0, sizeof(m->pool->slots[slot]));
+    }
+    if (m->backoff_ms > 0 && m->ndeaths > 0 &&
+        now - m->deaths[(m->ndeaths - 1) % CRASH_DEATHS] >
+            3 * CRASH_WINDOW_MS) {
+        log_info("master", "no failures for a while: crash-loop backoff "
+                 "cleared");
+        m->backoff_ms = 0;
+    }
+}
+
+/* Fork what is missing: the control worker, and chat workers up to the
+ * target. */
+static void
+spawn_due(struct master *m)
+{
+    unsigned have;
+
+    if (m->stop != RUNNING || http_now_ms() < m->spawn_after_ms)
+        return;
+    if (m->ls.status_fd >= 0 && count_workers(m, WORKER_CONTROL, NULL) == 0)
+        spawn(m, WORKER_CONTROL);
+    for (have = count_workers(m, WORKER_CHAT, NULL); have < m->chat_target;
+         have++)
+        if (spawn(m, WORKER_CHAT) == -1)
+            break;
+}
+
+static void
+retire(struct master *m, int slot)
+{
+    m->children[slot].retiring = 1;
+    kill(m->pool->slots[slot].pid, SIGTERM);
+}
+
+/* One idle chat worker of the current generation, or -1. */
+static int
+idle_chat_slot(const struct master *m)
+{
+    for (uint32_t i = 0; i < m->pool->nslots; i++) {
+        const struct sb_slot *s = &m->pool->slots[i];
+
+        if (s->pid != 0 && s->role == WORKER_CHAT && s->state == SB_IDLE &&
+            m->children[i].generation == m->generation &&
+            !m->children[i].retiring)
+            return (int)i;
+    }
+    return -1;
+}
+
+/* pm = dynamic: keep between min and max spare idle workers, never more
+ * than `workers` in all; fork faster while the shortage lasts, as
+ * PHP-FPM does. */
+static void
+size_dynamic_pool(struct master *m)
+{
+    const struct conf *c = m->conf;
+    unsigned idle, total = count_workers(m, WORKER_CHAT, &idle);
+
+    if (idle < (unsigned)c->min_spare_workers) {
+        unsigned want = (unsigned)c->min_spare_workers - idle;
+
+        if (want > m->spawn_rate)
+            want = m->spawn_rate;
+        m->chat_target = total + want;
+        if (m->chat_target >= (unsigned)c->workers) {
+            m->chat_target = (unsigned)c->workers;
+            if (idle == 0 && !m->at_max_children) {
+                log_warnx("master", "all %lld workers are busy "
+                          "(workers reached): raise 'workers'", c->workers);
+                scoreboard_add(&m->pool->max_children_reached, 1);
+            }
+            m->at_max_children = idle == 0;
+        }
+        if (m->spawn_rate < SPAWN_RATE_MAX)
+            m->spawn_rate *= 2;
+        return;
+    }
+    m->spawn_rate = 1;
+    m->at_max_children = 0;
+    m->chat_target = total;
+    for (; idle > (unsigned)c->max_spare_workers; idle--) {
+        int slot = idle_chat_slot(m);
+
+        if (slot == -1)
+            break;
+        retire(m, slot);
+        m->chat_target--;
+    }
+}
+
+/* The master behind each worker's own deadline: a worker still inside one
+ * request a grace period after request_timeout_s is stuck; end it. */
+static void
+watchdog(struct master *m)
+{
+    int64_t now = scoreboard_now_ms();
+    double limit = (double)m->conf->request_timeout_s * 1000.0 +
+                   WATCHDOG_GRACE_MS;
+
+    for (uint32_t i = 0; i < m->pool->nslots; i++) {
+        struct sb_slot *s = &m->pool->slots[i];
+        int64_t began = s->request_at_ms;
+
+        if (s->pid == 0 || began == 0 || (double)(now - began) < limit)
+            continue;
+        log_error("master", "worker %u (pid %ld) has been in one request for "
+                  "%lld ms (%s): killing it", i, (long)s->pid,
+                  (long long)(now - began), s->request);
+        kill(s->pid, SIGKILL);
+        scoreboard_add(&m->pool->watchdog_kills, 1);
+        s->request_at_ms = 0;
     }
 }
 
 static void
-spawn_due(struct master *m)
+tick(struct master *m)
 {
     double now = http_now_ms();
 
-    for (size_t i = 0; i < m->nslots; i++)
-        if (m->slots[i].pid == 0 && m->slots[i].respawn_at_ms <= now)
-            spawn(m, i);
-}
-
-static size_t
-live_workers(const struct master *m)
-{
-    size_t n = 0;
-
-    for (size_t i = 0; i < m->nslots; i++)
-        n += m->slots[i].pid != 0;
-    return n;
+    if (now < m->next_tick_ms)
+        return;
+    m->next_tick_ms = now + TICK_MS;
+    watchdog(m);
+    if (m->stop == RUNNING && m->conf->pm == CONF_POOL_DYNAMIC)
+        size_dynamic_pool(m);
 }
 
 static void
 signal_workers(const struct master *m, int sig)
 {
-    for (size_t i = 0; i < m->nslots; i++)
-        if (m->slots[i].pid != 0)
-            kill(m->slots[i].pid, sig);
+    for (uint32_t i = 0; i < m->pool->nslots; i++)
+        if (m->pool->slots[i].pid != 0)
+            kill(m->pool->slots[i].pid, sig);
+}
+
+static unsigned
+live_workers(const struct master *m)
+{
+    unsigned n = 0;
+
+    for (uint32_t i = 0; i < m->pool->nslots; i++)
+        n += m->pool->slots[i].pid != 0;
+    return n;
+}
+
+/* Stop taking requests at once: the listening socket is shut down for
+ * every process that shares it (waiting connections are refused, and the
+ * web server answers 503), while accepted requests go on. */
+static void
+stop_listening(struct master *m)
+{
+    if (shutdown(m->ls.chat_fd, SHUT_RDWR) == -1)
+        log_warn("master", "cannot shut the listening socket down");
+    if (m->ls.unlink_chat)
+        unlink(m->conf->listen);
+    m->ls.unlink_chat = 0;
 }
 
 static void
 begin_stop(struct master *m, enum stop_mode mode)
 {
+    double budget = mode == STOP_GRACEFUL
+                        ? (double)m->conf->graceful_timeout_s * 1000.0
+                        : FAST_STOP_MS;
+
     if (m->stop >= mode)
         return;
     m->stop = mode;
-    m->stop_deadline_ms = http_now_ms() + (mode == STOP_GRACEFUL
-                                               ? GRACEFUL_TIMEOUT_MS
-                                               : FAST_TIMEOUT_MS);
-    log_info("master", "%s stop: %zu workers to end",
-             mode == STOP_GRACEFUL ? "graceful" : "fast", live_workers(m));
+    m->stop_deadline_ms = http_now_ms() + budget;
+    listener_notify("STOPPING=1");
+    log_info("master", "%s stop: %u workers to end within %.0f s",
+             mode == STOP_GRACEFUL ? "graceful" : "fast", live_workers(m),
+             budget / 1000);
+    stop_listening(m);
     signal_workers(m, mode == STOP_GRACEFUL ? SIGTERM : SIGINT);
 }
 
-/* How long to wait for the next signal: until the next respawn or the
- * stop deadline, at most a second. */
-static struct timespec
-next_wait(const struct master *m)
+static int
+set_inheritable(int fd, int on)
 {
-    double now = http_now_ms(), wait = IDLE_WAIT_MS;
-    struct timespec ts;
+    return fd < 0 ? 0 : fcntl(fd, F_SETFD, on ? 0 : FD_CLOEXEC);
+}
 
-    for (size_t i = 0; i < m->nslots && m->stop == RUNNING; i++)
-        if (m->slots[i].pid == 0 && m->slots[i].respawn_at_ms - now < wait)
-            wait = m->slots[i].respawn_at_ms - now;
-    if (m->stop != RUNNING && m->stop_deadline_ms - now < wait)
-        wait = m->stop_deadline_ms - now;
-    if (wait < 1)
-        wait = 1;
-    ts.tv_sec = (time_t)(wait / 1000);
-    ts.tv_nsec = (long)((wait - (double)ts.tv_sec * 1000) * 1e6);
-    return ts;
+/* A copy of environ with the hand-over variable added. */
+static char **
+reexec_environ(const struct master *m, char *handover, size_t size)
+{
+    size_t n = 0;
+    char **env;
+
+    listener_reexec_env(&m->ls, m->sb_fd, m->generation, handover, size);
+    while (environ[n] != NULL)
+        n++;
+    env = calloc(n + 2, sizeof(*env));
+    if (env == NULL)
+        return NULL;
+    memcpy(env, environ, n * sizeof(*env));
+    env[n] = handover;
+    return env;
+}
+
+/* SIGHUP: check the new configuration, then exec the binary (which may be
+ * new too) with the sockets and the scoreboard handed over. The socket
+ * never closes, so no request is refused; the new master starts its
+ * workers and lets the old ones finish what they hold. */
+static void
+reload(struct master *m)
+{
+    char err[CONF_ERR_LEN], handover[128];
+    struct conf fresh;
+    char **env;
+
+    if (conf_load(&fresh, m->conf_path, environ, err) == -1) {
+        log_error("master", "reload refused, keeping the running "
+                  "configuration: %s", err);
+        return;
+    }
+    conf_free(&fresh);
+    env = reexec_environ(m, handover, sizeof(handover));
+    if (env == NULL)
+        return;
+    log_info("master", "reloading: exec %s", m->exe);
+    listener_notify("RELOADING=1");
+    set_inheritable(m->ls.chat_fd, 1);
+    set_inheritable(m->ls.status_fd, 1);
+    execve(m->exe, m->argv, env);
+    log_warn("master", "reload failed: cannot exec %s", m->exe);
+    set_inheritable(m->ls.chat_fd, 0);
+    set_inheritable(m->ls.status_fd, 0);
+    free(env);
+    listener_notify("READY=1");
 }
 
 static void
@@ -416,13 +572,45 @@ handle_signal(struct master *m, int sig)
         signal_workers(m, SIGUSR1);
         break;
     case SIGHUP:
-        log_warnx("master", "SIGHUP: reload is not supported yet; ignored");
+        if (m->stop == RUNNING)
+            reload(m);
         break;
     }
 }
 
+/* How long to wait for the next signal: until the next tick, backoff end
+ * or stop deadline. */
+static struct timespec
+next_wait(const struct master *m)
+{
+    double now = http_now_ms(), wait = m->next_tick_ms - now;
+    struct timespec ts;
+
+    if (m->spawn_after_ms > now && m->spawn_after_ms - now < wait)
+        wait = m->spawn_after_ms - now;
+    if (m->stop != RUNNING && m->stop_deadline_ms - now < wait)
+        wait = m->stop_deadline_ms - now;
+    if (wait < 1)
+        wait = 1;
+    ts.tv_sec = (time_t)(wait / 1000);
+    ts.tv_nsec = (long)((wait - (double)ts.tv_sec * 1000) * 1e6);
+    return ts;
+}
+
+static void
+enforce_stop_deadline(struct master *m)
+{
+    if (m->stop == RUNNING || http_now_ms() < m->stop_deadline_ms ||
+        live_workers(m) == 0)
+        return;
+    log_error("master", "%u workers still busy at the stop deadline; "
+              "ending them", live_workers(m));
+    signal_workers(m, SIGKILL);
+    m->stop_deadline_ms = http_now_ms() + FAST_STOP_MS;
+}
+
 /* Signals are taken synchronously with sigtimedwait: no handler code runs
- * in the master, and timers for respawns need no extra machinery. */
+ * in the master, and its timers need no extra machinery. */
 static void
 supervise(struct master *m, const sigset_t *set)
 {
@@ -433,13 +621,23 @@ supervise(struct master *m, const sigset_t *set)
         if (sig > 0)
             handle_signal(m, sig);
         reap(m);
-        if (m->stop == RUNNING)
-            spawn_due(m);
-        else if (http_now_ms() >= m->stop_deadline_ms && live_workers(m)) {
-            log_error("master", "%zu workers still busy at the stop "
-                      "deadline; killing them", live_workers(m));
-            signal_workers(m, SIGKILL);
-            m->stop_deadline_ms = http_now_ms() + FAST_TIMEOUT_MS;
+        tick(m);
+        spawn_due(m);
+        enforce_stop_deadline(m);
+    }
+}
+
+/* After a reload's exec: the workers of the previous generation are still
+ * our children. Start the new ones first, then let the old ones finish. */
+static void
+retire_older_generations(struct master *m)
+{
+    for (uint32_t i = 0; i < m->pool->nslots; i++) {
+        struct sb_slot *s = &m->pool->slots[i];
+
+        if (s->pid != 0 && s->generation != m->generation) {
+            m->children[i].generation = s->generation;
+            retire(m, (int)i);
         }
     }
 }
@@ -454,39 +652,112 @@ refuse_root(const struct master *m)
     return -1;
 }
 
-int
-master_run(const struct conf *c)
+static void
+block_signals(sigset_t *set)
 {
-    struct master m = {.conf = c, .nslots = (size_t)c->workers};
+    static const int sigs[] = {SIGCHLD, SIGTERM, SIGQUIT, SIGINT, SIGHUP,
+                               SIGUSR1};
+
+    sigemptyset(set);
+    for (size_t i = 0; i < sizeof(sigs) / sizeof(*sigs); i++)
+        sigaddset(set, sigs[i]);
+    sigprocmask(SIG_BLOCK, set, NULL);
+    signal(SIGPIPE, SIG_IGN);
+}
+
+static int
+open_scoreboard(struct master *m, int inherited_fd)
+{
+    /* Room for a whole old generation beside the new one during reload. */
+    uint32_t nslots = 2 * ((uint32_t)m->conf->workers + 1);
+
+    m->pool = scoreboard_open(inherited_fd, nslots, &m->sb_fd);
+    if (m->pool == NULL) {
+        log_warn("master", "cannot set up the scoreboard");
+        return -1;
+    }
+    m->children = calloc(m->pool->nslots, sizeof(*m->children));
+    return m->children ? 0 : -1;
+}
+
+static int
+start(struct master *m)
+{
+    int sb_fd, inherited;
+
+    if (lookup_identity(m->conf->user, m->conf->group, &m->worker_id) ==
+            -1 ||
+        refuse_root(m) == -1)
+        return -1;
+    if (m->worker_id.switch_user &&
+        log_chown(m->worker_id.uid, m->worker_id.gid) == -1)
+        log_warn("master", "cannot give the log files to %s",
+                 m->worker_id.user);
+    inherited = listener_inherit(&m->ls, &sb_fd, &m->generation);
+    if (inherited == -1 || acquire_listeners(m, inherited, 1) == -1 ||
+        open_scoreboard(m, sb_fd) == -1 ||
+        write_pid_file(m->conf->pid_file) == -1)
+        return -1;
+    /* Workers wait in epoll and must never block in accept(). */
+    fcntl(m->ls.chat_fd, F_SETFL, fcntl(m->ls.chat_fd, F_GETFL) | O_NONBLOCK);
+    m->generation++;
+    m->pool->generation = m->generation;
+    return 0;
+}
+
+int
+master_run(const struct conf *c, const char *conf_path, char *const argv[])
+{
+    struct master m = {.conf = c, .conf_path = conf_path, .argv = argv,
+                       .spawn_rate = 1};
     sigset_t set;
+    ssize_t n;
+
+    block_signals(&set);
+    n = readlink("/proc/self/exe", m.exe, sizeof(m.exe) - 1);
+    m.exe[n > 0 ? n : 0] = '\0';
+    if (start(&m) == -1)
+        return 1;
+    m.chat_target = (unsigned)(c->pm == CONF_POOL_DYNAMIC ? c->start_workers
+                                                           : c->workers);
+    log_info("master", "listening on %s%s, pm %s, %u workers",
+             m.ls.origin, m.ls.status_fd >= 0 ? " and a status socket" : "",
+             c->pm == CONF_POOL_DYNAMIC ? "dynamic" : "static", m.chat_target);
+    spawn_due(&m);
+    retire_older_generations(&m);
+    listener_notify("READY=1");
+    supervise(&m, &set);
+    listener_close(&m.ls, c->listen, c->status_listen);
+    if (c->pid_file[0] != '\0')
+        unlink(c->pid_file);
+    free(m.children);
+    log_info("master", "stopped");
+    return 0;
+}
+
+/* pm = single: no master and no fork, for hosts that spawn and route to
+ * processes themselves (Apache mod_fcgid, lighttpd bin-path). */
+int
+master_run_single(const struct conf *c)
+{
+    struct master m = {.conf = c};
+    struct worker_setup ws = {.conf = c, .status_fd = -1};
+    int sb_fd, inherited;
 
     if (lookup_identity(c->user, c->group, &m.worker_id) == -1 ||
         refuse_root(&m) == -1)
         return 1;
-    if (m.worker_id.switch_user &&
-        log_chown(m.worker_id.uid, m.worker_id.gid) == -1)
-        log_warn("master", "cannot give the log files to %s",
-                 m.worker_id.user);
-    sigemptyset(&set);
-    for (int sig = 1; sig < 32; sig++)
-        if (sig == SIGCHLD || sig == SIGTERM || sig == SIGQUIT ||
-            sig == SIGINT || sig == SIGHUP || sig == SIGUSR1)
-            sigaddset(&set, sig);
-    sigprocmask(SIG_BLOCK, &set, NULL);
-    signal(SIGPIPE, SIG_IGN);
-    m.listen_fd = open_listener(&m);
-    m.slots = calloc(m.nslots, sizeof(*m.slots));
-    if (m.listen_fd == -1 || m.slots == NULL ||
-        write_pid_file(c->pid_file) == -1)
+    inherited = listener_inherit(&m.ls, &sb_fd, &m.generation);
+    if (inherited == -1 || (!inherited && acquire_listeners(&m, 0, 0) == -1))
         return 1;
-    log_info("master", "listening on %s with %zu workers", c->listen,
-             m.nslots);
-    spawn_due(&m);
-    supervise(&m, &set);
-    remove_listener(&m);
-    if (c->pid_file[0] != '\0')
-        unlink(c->pid_file);
-    free(m.slots);
-    log_info("master", "stopped");
-    return 0;
+    fcntl(m.ls.chat_fd, F_SETFL, fcntl(m.ls.chat_fd, F_GETFL) | O_NONBLOCK);
+    ws.pool = scoreboard_open(-1, 1, &sb_fd);
+    if (m.ls.chat_fd == -1 || ws.pool == NULL)
+        return 1;
+    ws.chat_fd = m.ls.chat_fd;
+    ws.pool->slots[0].pid = getpid();
+    log_info("master", "pm single: serving on %s in this process",
+             m.ls.origin);
+    drop_privileges(&m.worker_id);
+    worker_main(&ws);
 }

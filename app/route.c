@@ -18,6 +18,8 @@ static const struct route_entry routes[] = {
     {"/api/chat/", 1, "GET, DELETE",
      {{"GET", ROUTE_SESSION_GET}, {"DELETE", ROUTE_SESSION_DELETE}}},
     {"/api/healthz", 0, "GET", {{"GET", ROUTE_HEALTHZ}}},
+    {"/api/status", 0, "GET", {{"GET", ROUTE_STATUS}}},
+    {"/api/metrics", 0, "GET", {{"GET", ROUTE_METRICS}}},
 };
 
 static const char *

@@ -1,20 +1,29 @@
 #include "worker.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
+#include <unistd.h>
 
 #include "chat.h"
 #include "conf.h"
+#include "fcgi.h"
 #include "json.h"
 #include "log.h"
+#include "metrics.h"
 #include "route.h"
+#include "scoreboard.h"
 
 #define PATH_SCRATCH 2048
 #define ITEM_OVERHEAD 64
 #define JSON_ESCAPE_GROWTH 6 /* a byte may become \u00XX */
+#define IDLE_WAKE_MS 1000    /* look at signals and the master this often */
+#define CONTROL_TICK_MS 50   /* how often the control worker checks the queue */
+#define METRICS_TEXT_MAX (1024 * 1024)
 
 static volatile sig_atomic_t stop_requested;
 static volatile sig_atomic_t reopen_requested;
@@ -34,8 +43,7 @@ on_reopen(int sig)
 }
 
 /* SIGTERM/SIGQUIT: finish the request in hand, then exit. SIGINT keeps its
- * default (fast stop: die now). No SA_RESTART, so that a worker waiting in
- * accept() notices at once. */
+ * default (fast stop: die now). No SA_RESTART, so that waits end at once. */
 static void
 install_signals(void)
 {
@@ -59,18 +67,22 @@ install_signals(void)
 }
 
 static void
-worker_setup(struct worker *w, const struct conf *c, int listen_fd,
-             int index)
+worker_setup(struct worker *w, const struct worker_setup *ws)
 {
+    const struct conf *c = ws->conf;
     size_t max_msg = (size_t)c->chat.max_message_bytes;
     size_t max_reply = (size_t)c->upstream.max_response_bytes;
+    int fd = ws->role == WORKER_CONTROL ? ws->status_fd : ws->chat_fd;
     char err[LLM_MESSAGE_LEN];
 
     memset(w, 0, sizeof(*w));
     w->conf = c;
-    w->index = index;
+    w->setup = ws;
+    w->pool = ws->pool;
+    w->slot = &ws->pool->slots[ws->slot];
     if (FCGX_Init() != 0 ||
-        FCGX_InitRequest(&w->fcgi, listen_fd, FCGI_FAIL_ACCEPT_ON_INTR) != 0)
+        FCGX_InitRequest(&w->fcgi, fd, FCGI_FAIL_ACCEPT_ON_INTR) != 0 ||
+        FCGX_InitRequest(&w->spill, ws->chat_fd, 0) != 0)
         fatal("worker", "cannot initialise libfcgi");
     w->gen = json_gen_new();
     if (w->gen == NULL)
@@ -82,9 +94,11 @@ worker_setup(struct worker *w, const struct conf *c, int listen_fd,
     buf_init(&w->body, (size_t)c->chat.max_body_bytes);
     buf_init(&w->arena, (size_t)c->chat.max_body_bytes + ITEM_OVERHEAD);
     buf_init(&w->user_item, max_msg * JSON_ESCAPE_GROWTH + ITEM_OVERHEAD);
+    buf_init(&w->text, METRICS_TEXT_MAX);
     history_init(&w->history, (size_t)c->chat.history_max_bytes + max_msg +
                                   max_reply + ITEM_OVERHEAD);
     llm_answer_init(&w->answer, max_reply);
+    w->epoll_fd = -1;
 }
 
 static void
@@ -92,6 +106,7 @@ worker_cleanup(struct worker *w)
 {
     llm_answer_cleanup(&w->answer);
     history_cleanup(&w->history);
+    buf_cleanup(&w->text);
     buf_cleanup(&w->user_item);
     buf_cleanup(&w->arena);
     buf_cleanup(&w->body);
@@ -99,6 +114,15 @@ worker_cleanup(struct worker *w)
     store_cleanup(&w->store);
     yajl_gen_free(w->gen);
     FCGX_Free(&w->fcgi, 1);
+    FCGX_Free(&w->spill, 1);
+    if (w->epoll_fd >= 0)
+        close(w->epoll_fd);
+}
+
+void
+worker_phase(struct worker *w, int sb_state)
+{
+    scoreboard_set_state(w->slot, (enum sb_state)sb_state);
 }
 
 static void
@@ -118,82 +142,247 @@ serve_healthz(struct worker *w)
     http_send_json(&w->req, up ? 200 : 503);
 }
 
+/* The routes every worker serves; the control worker serves no others. */
+static int
+dispatch_common(struct worker *w, const struct route_match *m)
+{
+    switch (m->id) {
+    case ROUTE_HEALTHZ:
+        serve_healthz(w);
+        return 1;
+    case ROUTE_STATUS:
+        metrics_serve_status(w);
+        return 1;
+    case ROUTE_METRICS:
+        metrics_serve_prometheus(w);
+        return 1;
+    case ROUTE_METHOD_NOT_ALLOWED:
+        http_send_not_allowed(&w->req, m->allow);
+        return 1;
+    default:
+        return 0;
+    }
+}
+
 static void
 dispatch(struct worker *w)
 {
     struct route_match m;
 
     route_resolve(w->req.method, w->req.path, &m);
-    switch (m.id) {
-    case ROUTE_CHAT_POST:
+    if (dispatch_common(w, &m))
+        return;
+    if (w->setup->role == WORKER_CHAT && m.id == ROUTE_CHAT_POST)
         chat_post(w);
-        break;
-    case ROUTE_SESSION_GET:
+    else if (w->setup->role == WORKER_CHAT && m.id == ROUTE_SESSION_GET)
         chat_get(w, m.tail);
-        break;
-    case ROUTE_SESSION_DELETE:
+    else if (w->setup->role == WORKER_CHAT && m.id == ROUTE_SESSION_DELETE)
         chat_delete(w, m.tail);
-        break;
-    case ROUTE_HEALTHZ:
-        serve_healthz(w);
-        break;
-    case ROUTE_METHOD_NOT_ALLOWED:
-        http_send_not_allowed(&w->req, m.allow);
-        break;
-    case ROUTE_NOT_FOUND:
+    else
         http_send_error(&w->req, 404, "not_found", "no such path");
-        break;
-    }
+}
+
+/* The web server's REQUEST_START (nginx: $msec) tells how long a request
+ * waited for a worker; past queue_timeout_ms the client is better served
+ * by a quick 503 than by an answer it may have given up on. */
+static int
+waited_too_long(struct worker *w)
+{
+    const char *start = fcgi_param(w->req.fcgi, "REQUEST_START");
+    double queued_ms, limit = (double)w->conf->queue_timeout_ms;
+    char *end;
+
+    if (limit <= 0 || *start == '\0')
+        return 0;
+    queued_ms = (double)scoreboard_now_ms() - strtod(start, &end) * 1000.0;
+    if (*end != '\0' || queued_ms <= limit)
+        return 0;
+    scoreboard_add(&w->pool->queue_timeouts, 1);
+    http_send_error(&w->req, 503, "unavailable", "no worker became free "
+                    "within %lld ms", w->conf->queue_timeout_ms);
+    return 1;
 }
 
 static void
-serve_one(struct worker *w)
+log_slow(struct worker *w, double total_ms)
+{
+    const struct http_request *r = &w->req;
+
+    if (w->conf->slowlog_ms <= 0 || total_ms < (double)w->conf->slowlog_ms)
+        return;
+    scoreboard_add(&w->pool->slow_requests, 1);
+    log_warnx("slowlog", "%s %s took %.0f ms (status %d): redis %.0f ms, "
+              "upstream %.0f ms, other %.0f ms", r->method, r->path,
+              total_ms, r->status, r->redis_ms, r->upstream_ms,
+              total_ms - r->redis_ms - r->upstream_ms);
+}
+
+typedef void (*serve_fn)(struct worker *w);
+
+/* One request from accept to access log, whatever serves it. */
+static void
+serve_one(struct worker *w, FCGX_Request *fr, serve_fn serve)
 {
     char scratch[PATH_SCRATCH];
     struct http_request *r = &w->req;
     struct log_access entry;
+    double total_ms;
 
-    http_begin(r, &w->fcgi, w->gen);
-    r->path = http_path(&w->fcgi, scratch, sizeof(scratch));
-    dispatch(w);
+    http_begin(r, fr, w->gen);
+    r->path = http_path(fr, scratch, sizeof(scratch));
+    scoreboard_request_begin(w->pool, w->slot, r->method, r->path, r->id);
+    serve(w);
+    total_ms = http_now_ms() - r->start_ms;
+    scoreboard_request_end(w->pool, w->slot, r->status, total_ms,
+                           r->redis_ms, r->upstream_ms);
     entry = (struct log_access){
         .method = r->method,
         .path = r->path,
         .status = r->status,
         .bytes = r->bytes_out,
-        .total_ms = http_now_ms() - r->start_ms,
+        .total_ms = total_ms,
         .redis_ms = r->redis_ms,
         .upstream_ms = r->upstream_ms,
     };
     log_access_line(&entry);
+    log_slow(w, total_ms);
     log_set_request_id(NULL);
 }
 
+static void
+serve_routed(struct worker *w)
+{
+    if (!waited_too_long(w))
+        dispatch(w);
+}
+
+static void
+serve_shed(struct worker *w)
+{
+    scoreboard_add(&w->pool->queue_timeouts, 1);
+    http_send_error(&w->req, 503, "unavailable", "every worker is busy; no "
+                    "worker became free within %lld ms",
+                    w->conf->queue_timeout_ms);
+}
+
+/* Wait until a connection may be waiting. EPOLLEXCLUSIVE wakes one idle
+ * worker per connection instead of all of them. Returns 1 when one may be
+ * there, 0 after a timeout or a signal. */
+static int
+wait_for_connection(struct worker *w)
+{
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLEXCLUSIVE};
+
+    if (w->epoll_fd == -1) {
+        w->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+        if (w->epoll_fd == -1 ||
+            epoll_ctl(w->epoll_fd, EPOLL_CTL_ADD, w->setup->chat_fd, &ev))
+            fatal("worker", "cannot watch the listening socket: %s",
+                  strerror(errno));
+    }
+    return epoll_wait(w->epoll_fd, &ev, 1, IDLE_WAKE_MS) == 1;
+}
+
+/* Housekeeping between requests: logs to reopen, an orphaned worker. */
+static void
+between_requests(struct worker *w)
+{
+    if (reopen_requested) {
+        reopen_requested = 0;
+        log_reopen();
+    }
+    if (w->setup->master_pid != 0 && getppid() != w->setup->master_pid) {
+        log_error("worker", "the master is gone; exiting");
+        stop_requested = 1;
+    }
+}
+
+static int
+recycle_due(const struct worker *w)
+{
+    long long max = w->conf->max_requests;
+
+    if (max == 0 || w->slot->requests < (uint64_t)max)
+        return 0;
+    log_info("worker", "recycling after %llu requests",
+             (unsigned long long)w->slot->requests);
+    return 1;
+}
+
+static void
+chat_loop(struct worker *w)
+{
+    while (!stop_requested) {
+        between_requests(w);
+        /* The socket is non-blocking: a lost race is EAGAIN, not a wait. */
+        if (!wait_for_connection(w) || FCGX_Accept_r(&w->fcgi) < 0)
+            continue;
+        serve_one(w, &w->fcgi, serve_routed);
+        FCGX_Finish_r(&w->fcgi);
+        if (recycle_due(w))
+            break;
+    }
+}
+
+/* With every chat worker busy for queue_timeout_ms while connections wait,
+ * take the oldest waiting one and answer 503 now rather than when the web
+ * server's own timeout fires. */
+static void
+shed_waiting_requests(struct worker *w)
+{
+    struct pollfd queue = {.fd = w->setup->chat_fd, .events = POLLIN};
+    double now = http_now_ms();
+    unsigned n[SB_STATES];
+
+    scoreboard_count_states(w->pool, WORKER_CHAT, n);
+    if (w->conf->queue_timeout_ms <= 0 || n[SB_IDLE] + n[SB_STARTING] > 0 ||
+        poll(&queue, 1, 0) != 1) {
+        w->queue_since_ms = 0;
+        return;
+    }
+    if (w->queue_since_ms == 0)
+        w->queue_since_ms = now;
+    if (now - w->queue_since_ms < (double)w->conf->queue_timeout_ms ||
+        FCGX_Accept_r(&w->spill) < 0)
+        return;
+    serve_one(w, &w->spill, serve_shed);
+    FCGX_Finish_r(&w->spill);
+}
+
+static void
+control_loop(struct worker *w)
+{
+    struct pollfd own = {.fd = w->setup->status_fd, .events = POLLIN};
+
+    scoreboard_set_state(w->slot, SB_IDLE);
+    while (!stop_requested) {
+        between_requests(w);
+        if (poll(&own, 1, CONTROL_TICK_MS) == 1 &&
+            FCGX_Accept_r(&w->fcgi) >= 0) {
+            serve_one(w, &w->fcgi, dispatch);
+            FCGX_Finish_r(&w->fcgi);
+        }
+        shed_waiting_requests(w);
+    }
+}
+
 void
-worker_main(const struct conf *c, int listen_fd, int index)
+worker_main(const struct worker_setup *ws)
 {
     struct worker w;
     char role[16];
 
-    snprintf(role, sizeof(role), "W%d", index);
+    snprintf(role, sizeof(role), "%s%d",
+             ws->role == WORKER_CONTROL ? "C" : "W", ws->slot);
     log_set_role(role);
     install_signals();
-    worker_setup(&w, c, listen_fd, index);
-    log_debug("worker", "ready");
-    while (!stop_requested) {
-        if (reopen_requested) {
-            reopen_requested = 0;
-            log_reopen();
-        }
-        if (FCGX_Accept_r(&w.fcgi) < 0) {
-            if (errno == EINTR || stop_requested)
-                continue;
-            log_warn("worker", "accept failed");
-            break;
-        }
-        serve_one(&w);
-        FCGX_Finish_r(&w.fcgi);
-    }
+    worker_setup(&w, ws);
+    w.slot->pid = getpid();
+    scoreboard_set_state(w.slot, SB_IDLE);
+    if (ws->role == WORKER_CONTROL)
+        control_loop(&w);
+    else
+        chat_loop(&w);
     worker_cleanup(&w);
-    exit(stop_requested ? 0 : 1);
+    exit(0);
 }

@@ -30,6 +30,10 @@ int buf_append(struct buf *b, const void *p, size_t n);
 /* Append a NUL-terminated string (without its NUL). Same returns. */
 int buf_append_str(struct buf *b, const char *s);
 
+/* Append printf-formatted text. Same returns. */
+int buf_printf(struct buf *b, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
 /* Drop the first n bytes, keeping the rest. */
 void buf_consume(struct buf *b, size_t n);
 

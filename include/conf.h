@@ -11,13 +11,26 @@
 
 #define CONF_ERR_LEN 512
 
+enum conf_pool { CONF_POOL_STATIC, CONF_POOL_DYNAMIC, CONF_POOL_SINGLE };
+
 struct conf {
     char *listen; /* unix socket path, or host:port */
     char *listen_owner;
     char *listen_group;
     long long listen_mode;
     long long listen_backlog;
-    long long workers;
+    long long pm; /* enum conf_pool */
+    long long workers; /* static: the pool; dynamic: the most at once */
+    long long start_workers;
+    long long min_spare_workers;
+    long long max_spare_workers;
+    long long max_requests; /* 0: never recycle */
+    long long request_timeout_s;
+    long long graceful_timeout_s;
+    long long slowlog_ms; /* 0: off */
+    long long queue_timeout_ms;
+    char *status_listen; /* "off": none */
+    char *status_allow;  /* client addresses for status and metrics */
     char *user;
     char *group;
     long long log_level; /* enum log_level */
@@ -65,7 +78,8 @@ int conf_parse(struct conf *c, const char *text, const char *name,
  * since launchers share the prefix. Returns 0 or -1. */
 int conf_apply_env(struct conf *c, char *const envp[], char err[CONF_ERR_LEN]);
 
-/* Defaults, then the file at path (NULL: none), then the environment. */
+/* Defaults, then the file at path (NULL: none), then the environment;
+ * then the rules across keys. */
 int conf_load(struct conf *c, const char *path, char *const envp[],
               char err[CONF_ERR_LEN]);
 

@@ -33,6 +33,10 @@ void http_begin(struct http_request *r, FCGX_Request *fcgi, yajl_gen gen);
 /* Send the document in r->gen with status. */
 void http_send_json(struct http_request *r, int status);
 
+/* Send a body of another type (metrics text). */
+void http_send_text(struct http_request *r, int status,
+                    const char *content_type, const char *body, size_t len);
+
 /* Send {"error":{"code","message"}}; 503 and 429 carry Retry-After. Once
  * an event stream has begun, it is sent as one "event: error" instead. */
 void http_send_error(struct http_request *r, int status, const char *code,

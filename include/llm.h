@@ -53,6 +53,7 @@ struct llm_call {
     size_t message_len;
     const char *request_id;
     int watch_fd; /* the request's connection to the web server, or -1 */
+    double deadline_ms; /* the request's own deadline (monotonic ms) */
     llm_delta_fn on_delta; /* non-NULL: ask the upstream to stream */
     void *delta_arg;
 };

@@ -36,9 +36,6 @@ void log_reopen(void);
  * reopen them after dropping privileges. Returns 0 or -1 (errno set). */
 int log_chown(unsigned uid, unsigned gid);
 
-/* Parse "debug", "info", "warn" or "error". Returns 0 or -1. */
-int log_level_parse(const char *s, enum log_level *level);
-
 void log_set_role(const char *role);
 
 /* The request id that following lines carry; NULL when between requests. */

@@ -13,6 +13,8 @@ enum route_id {
     ROUTE_SESSION_GET,
     ROUTE_SESSION_DELETE,
     ROUTE_HEALTHZ,
+    ROUTE_STATUS,
+    ROUTE_METRICS,
 };
 
 struct route_match {

@@ -1,7 +1,10 @@
 /*
- * worker: one process of the pool. Its loop accepts a FastCGI request,
- * routes it, serves it and logs it; all its long-lived state (the Redis
- * connection, the curl multi handle, reusable buffers) lives in one
+ * worker: one process of the pool. A chat worker's loop accepts a FastCGI
+ * request, routes it, serves it and logs it; the control worker serves
+ * only healthz, status and metrics on its own socket, so they answer when
+ * every chat worker is busy, and turns away requests that waited too long
+ * for a chat worker. All long-lived state (the Redis connection, the curl
+ * multi handle, reusable buffers, the scoreboard slot) lives in one
  * struct worker, set up after fork.
  */
 #ifndef CHATFCGI_WORKER_H
@@ -17,26 +20,50 @@
 #include "store.h"
 
 struct conf;
+struct sb_pool;
+struct sb_slot;
+
+enum worker_role { WORKER_CHAT, WORKER_CONTROL };
+
+/* What the master hands to a new worker. */
+struct worker_setup {
+    const struct conf *conf;
+    struct sb_pool *pool;
+    int slot;
+    enum worker_role role;
+    int chat_fd;      /* the listening socket of chat requests */
+    int status_fd;    /* the control worker's own socket, or -1 */
+    pid_t master_pid; /* exit when it goes away; 0 in single mode */
+};
 
 struct worker {
     const struct conf *conf;
-    int index;
-    FCGX_Request fcgi;
+    const struct worker_setup *setup;
+    struct sb_pool *pool;
+    struct sb_slot *slot;
+    FCGX_Request fcgi;  /* on the worker's own listening socket */
+    FCGX_Request spill; /* control: on the chat socket, to turn requests
+                           away */
+    int epoll_fd;       /* chat: waits for the listening socket */
     struct http_request req;
     yajl_gen gen;
     struct store store;
     struct llm llm;
-    struct buf body;  /* the request body, capped at max_body_bytes */
-    struct buf arena; /* strings picked from the body */
-    struct buf user_item; /* the user turn as stored, while the second
-                             item is generated */
+    struct buf body;      /* the request body, capped at max_body_bytes */
+    struct buf arena;     /* strings picked from the body */
+    struct buf user_item; /* the user turn as stored, while the second item
+                             is generated */
     struct history history;
     struct llm_answer answer;
+    struct buf text;      /* metrics exposition */
+    double queue_since_ms; /* control: since when requests wait unserved */
 };
 
-/* Serve requests on listen_fd until told to stop; never returns. Runs in
- * the child after fork (or in the only process in single mode). */
-void worker_main(const struct conf *c, int listen_fd, int index)
-    __attribute__((noreturn));
+/* Serve requests until told to stop, then exit; never returns. Runs in the
+ * child after fork (or in the only process in single mode). */
+void worker_main(const struct worker_setup *ws) __attribute__((noreturn));
+
+/* Mark the phase of the request in hand, for the status page. */
+void worker_phase(struct worker *w, int sb_state);
 
 #endif

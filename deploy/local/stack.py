@@ -396,6 +396,12 @@ class Stack:
     def socket_path(self):
         return self.run_dir / "chatfcgi.sock"
 
+    @property
+    def status_socket_path(self):
+        """The control worker's socket: healthz, status and metrics answer
+        there even when every chat worker is busy."""
+        return self.run_dir / "status.sock"
+
     def log_path(self, name):
         return self.run_dir / LOG_NAME[name]
 
@@ -513,6 +519,7 @@ class Stack:
         env = {k: v for k, v in self.child_env.items()
                if k not in LAUNCHER_ONLY}
         env["CHATFCGI_LISTEN"] = str(self.socket_path)
+        env["CHATFCGI_STATUS_LISTEN"] = str(self.status_socket_path)
         env["CHATFCGI_PID_FILE"] = str(self.pid_path("chatfcgi"))
         env["CHATFCGI_REDIS_URL"] = (self.redis_url or
                                      f"redis://127.0.0.1:{self._redis_port}/0")
@@ -596,7 +603,8 @@ class Stack:
             "USER_LINE": user_line, "PORT": str(self.port),
             "NGINX_DIR": str(run / "nginx"),
             "ERROR_LOG": str(self.log_path("nginx")),
-            "SOCKET": str(self.socket_path)}))
+            "SOCKET": str(self.socket_path),
+            "STATUS_SOCKET": str(self.status_socket_path)}))
         _write_atomic(run / "redis.conf", _render(REDIS_TEMPLATE, {
             "REDIS_PORT": str(self._redis_port),
             "REDIS_DIR": str(run / "redis"),

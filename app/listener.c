@@ -1,0 +1,289 @@
+#include "listener.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "log.h"
+
+#define REEXEC_VAR "_CHATFCGI_REEXEC"
+#define SD_LISTEN_FDS_START 3
+
+/* A socket that is listening: what we may accept() on. */
+static int
+is_listening_socket(int fd)
+{
+    int on = 0;
+    socklen_t len = sizeof(on);
+
+    return getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &on, &len) == 0 && on;
+}
+
+static int
+parse_fd_list(const char *s, int *out, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        char *end;
+        long v = strtol(s, &end, 10);
+
+        if (end == s || v < -1 || v > 65535 || (*end != ',' && *end != '\0'))
+            return -1;
+        out[i] = (int)v;
+        s = *end == ',' ? end + 1 : end;
+    }
+    return 0;
+}
+
+static int
+inherit_reexec(const char *spec, struct listeners *ls, int *sb_fd,
+               unsigned *generation)
+{
+    int v[4];
+
+    if (parse_fd_list(spec, v, 4) == -1 || v[0] < 0 || v[3] < 0) {
+        log_error("listener", "malformed %s=%s", REEXEC_VAR, spec);
+        return -1;
+    }
+    ls->chat_fd = v[0];
+    ls->status_fd = v[1];
+    *sb_fd = v[2];
+    *generation = (unsigned)v[3];
+    ls->origin = "the previous master (reload)";
+    return 1;
+}
+
+/* The n-th name of LISTEN_FDNAMES (colon-separated), or "". */
+static void
+fd_name(const char *names, int n, char *out, size_t size)
+{
+    const char *p = names ? names : "";
+
+    while (n-- > 0 && p != NULL) {
+        p = strchr(p, ':');
+        if (p != NULL)
+            p++;
+    }
+    snprintf(out, size, "%.*s", p ? (int)strcspn(p, ":") : 0, p ? p : "");
+}
+
+static int
+inherit_systemd(struct listeners *ls)
+{
+    const char *pid = getenv("LISTEN_PID"), *fds = getenv("LISTEN_FDS");
+    const char *names = getenv("LISTEN_FDNAMES");
+    long n = fds ? strtol(fds, NULL, 10) : 0;
+    char name[64];
+
+    if (pid == NULL || strtol(pid, NULL, 10) != (long)getpid() || n <= 0 ||
+        n > 64)
+        return 0;
+    for (int i = 0; i < (int)n; i++) {
+        int fd = SD_LISTEN_FDS_START + i;
+
+        fcntl(fd, F_SETFD, FD_CLOEXEC);
+        fd_name(names, i, name, sizeof(name));
+        if (strcmp(name, "status") == 0)
+            ls->status_fd = fd;
+        else if (ls->chat_fd == -1)
+            ls->chat_fd = fd;
+    }
+    /* Not for our children, nor for a later exec of ours. */
+    unsetenv("LISTEN_PID");
+    unsetenv("LISTEN_FDS");
+    unsetenv("LISTEN_FDNAMES");
+    ls->origin = "systemd socket activation";
+    return ls->chat_fd == -1 ? -1 : 1;
+}
+
+int
+listener_inherit(struct listeners *ls, int *scoreboard_fd,
+                 unsigned *generation)
+{
+    const char *reexec = getenv(REEXEC_VAR);
+    int rc;
+
+    ls->chat_fd = ls->status_fd = -1;
+    ls->unlink_chat = ls->unlink_status = 0;
+    *scoreboard_fd = -1;
+    *generation = 0;
+    if (reexec != NULL) {
+        rc = inherit_reexec(reexec, ls, scoreboard_fd, generation);
+        unsetenv(REEXEC_VAR);
+        return rc;
+    }
+    rc = inherit_systemd(ls);
+    if (rc != 0)
+        return rc;
+    if (is_listening_socket(STDIN_FILENO)) {
+        ls->chat_fd = STDIN_FILENO;
+        ls->origin = "fd 0 (spawned by a web server or spawn-fcgi)";
+        return 1;
+    }
+    return 0;
+}
+
+/* A socket file left by a crashed run is removed; a live one is not. */
+static int
+clear_stale_socket(const struct sockaddr_un *sa)
+{
+    struct stat st;
+    int fd, live;
+
+    if (lstat(sa->sun_path, &st) == -1)
+        return errno == ENOENT ? 0 : -1;
+    if (!S_ISSOCK(st.st_mode)) {
+        errno = EEXIST;
+        return -1;
+    }
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd == -1)
+        return -1;
+    live = connect(fd, (const struct sockaddr *)sa, sizeof(*sa)) == 0;
+    close(fd);
+    if (live) {
+        errno = EADDRINUSE;
+        return -1;
+    }
+    return unlink(sa->sun_path);
+}
+
+static int
+open_unix(const char *path, const struct listener_owner *o)
+{
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    int fd;
+
+    if (strlen(path) >= sizeof(sa.sun_path)) {
+        log_error("listener", "socket path too long: %s", path);
+        return -1;
+    }
+    memcpy(sa.sun_path, path, strlen(path) + 1);
+    if (clear_stale_socket(&sa) == -1) {
+        log_warn("listener", "cannot use %s", path);
+        return -1;
+    }
+    /* Close-on-exec: a reload hands it over explicitly. */
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd == -1 || bind(fd, (struct sockaddr *)&sa, sizeof(sa)) == -1 ||
+        chmod(path, o->mode) == -1 ||
+        ((o->uid != (uid_t)-1 || o->gid != (gid_t)-1) &&
+         chown(path, o->uid, o->gid) == -1) ||
+        listen(fd, o->backlog) == -1) {
+        log_warn("listener", "cannot listen on %s", path);
+        if (fd != -1)
+            close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+static int
+bind_tcp(const struct addrinfo *ai, int backlog)
+{
+    int one = 1;
+    int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC,
+                    ai->ai_protocol);
+
+    if (fd == -1)
+        return -1;
+    if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) == -1 ||
+        bind(fd, ai->ai_addr, ai->ai_addrlen) == -1 ||
+        listen(fd, backlog) == -1) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+static int
+open_tcp(const char *spec, int backlog)
+{
+    const char *colon = strrchr(spec, ':');
+    struct addrinfo hints = {.ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_PASSIVE};
+    struct addrinfo *res, *ai;
+    char host[256];
+    int fd = -1, rc;
+
+    if (colon == NULL || (size_t)(colon - spec) >= sizeof(host)) {
+        log_error("listener", "'%s' is neither a socket path nor host:port",
+                  spec);
+        return -1;
+    }
+    snprintf(host, sizeof(host), "%.*s", (int)(colon - spec), spec);
+    if (host[0] == '[' && host[strlen(host) - 1] == ']') { /* [::1]:9000 */
+        memmove(host, host + 1, strlen(host));
+        host[strlen(host) - 1] = '\0';
+    }
+    rc = getaddrinfo(host[0] ? host : NULL, colon + 1, &hints, &res);
+    if (rc != 0) {
+        log_error("listener", "cannot resolve %s: %s", spec,
+                  gai_strerror(rc));
+        return -1;
+    }
+    for (ai = res; ai != NULL && fd == -1; ai = ai->ai_next)
+        fd = bind_tcp(ai, backlog);
+    freeaddrinfo(res);
+    if (fd == -1)
+        log_warn("listener", "cannot listen on %s", spec);
+    return fd;
+}
+
+int
+listener_open(const char *spec, const struct listener_owner *owner)
+{
+    return strchr(spec, '/') ? open_unix(spec, owner)
+                             : open_tcp(spec, owner->backlog);
+}
+
+void
+listener_reexec_env(const struct listeners *ls, int scoreboard_fd,
+                    unsigned generation, char *out, size_t size)
+{
+    snprintf(out, size, REEXEC_VAR "=%d,%d,%d,%u", ls->chat_fd,
+             ls->status_fd, scoreboard_fd, generation);
+}
+
+void
+listener_close(const struct listeners *ls, const char *chat_path,
+               const char *status_path)
+{
+    if (ls->unlink_chat)
+        unlink(chat_path);
+    if (ls->unlink_status)
+        unlink(status_path);
+    if (ls->chat_fd >= 0)
+        close(ls->chat_fd);
+    if (ls->status_fd >= 0)
+        close(ls->status_fd);
+}
+
+void
+listener_notify(const char *state)
+{
+    const char *path = getenv("NOTIFY_SOCKET");
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    socklen_t len;
+    int fd;
+
+    if (path == NULL || path[0] == '\0' ||
+        strlen(path) >= sizeof(sa.sun_path))
+        return;
+    memcpy(sa.sun_path, path, strlen(path));
+    if (sa.sun_path[0] == '@')
+        sa.sun_path[0] = '\0'; /* the abstract namespace */
+    len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + strlen(path));
+    fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd == -1)
+        return;
+    if (sendto(fd, state, strlen(state), 0, (struct sockaddr *)&sa, len) < 0)
+        log_warn("listener", "sd_notify(%s) failed", state);
+    close(fd);
+}

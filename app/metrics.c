@@ -1,0 +1,285 @@
+#include "metrics.h"
+
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#include "conf.h"
+#include "fcgi.h"
+#include "json.h"
+#include "scoreboard.h"
+#include "worker.h"
+
+static const char *const upstream_error_names[SB_UP_KINDS] = {
+    "timeout", "unreachable", "http_error", "bad_answer", "failed",
+    "client_gone",
+};
+
+int
+metrics_client_allowed(const char *allow, const char *addr)
+{
+    size_t n = strlen(addr);
+
+    while (*allow != '\0') {
+        size_t len;
+
+        allow += strspn(allow, " ,");
+        len = strcspn(allow, " ,");
+        if ((len == 1 && allow[0] == '*') ||
+            (len == n && n > 0 && memcmp(allow, addr, n) == 0))
+            return 1;
+        allow += len;
+    }
+    return 0;
+}
+
+static int
+check_client(struct worker *w)
+{
+    const char *addr = fcgi_param(w->req.fcgi, "REMOTE_ADDR");
+
+    if (metrics_client_allowed(w->conf->status_allow, addr))
+        return 0;
+    http_send_error(&w->req, 403, "forbidden", "status and metrics are only "
+                    "for the addresses in status_allow");
+    return -1;
+}
+
+/* Connections waiting in a TCP listen queue; -1 where the OS does not tell
+ * (unix sockets). */
+static long
+listen_queue(int fd)
+{
+    struct tcp_info info;
+    socklen_t len = sizeof(info);
+
+    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) == -1)
+        return -1;
+    return (long)info.tcpi_unacked;
+}
+
+static const char *
+pm_name(const struct conf *c)
+{
+    static const char *const names[] = {"static", "dynamic", "single"};
+
+    return names[c->pm];
+}
+
+static int
+gen_counter(yajl_gen g, const char *key, const uint64_t *counter)
+{
+    return json_gen_key_int(g, key, (long long)scoreboard_read(counter));
+}
+
+static int
+gen_process(yajl_gen g, const struct sb_slot *s, int64_t now)
+{
+    int64_t began = s->request_at_ms;
+
+    return yajl_gen_map_open(g) || json_gen_key_int(g, "pid", s->pid) ||
+           json_gen_key_cstr(g, "role", s->role == WORKER_CONTROL
+                                            ? "control"
+                                            : "chat") ||
+           json_gen_key_cstr(g, "state", scoreboard_state_name(s->state)) ||
+           json_gen_key_int(g, "start_time", s->started_at_ms / 1000) ||
+           json_gen_key_int(g, "requests", (long long)s->requests) ||
+           json_gen_key_int(g, "request_duration_ms",
+                            began ? now - began : 0) ||
+           json_gen_key_cstr(g, "request", began ? s->request : "") ||
+           yajl_gen_map_close(g);
+}
+
+static int
+gen_processes(yajl_gen g, const struct sb_pool *p)
+{
+    int64_t now = scoreboard_now_ms();
+
+    if (json_gen_cstr(g, "processes") || yajl_gen_array_open(g))
+        return -1;
+    for (uint32_t i = 0; i < p->nslots; i++)
+        if (p->slots[i].pid != 0 && gen_process(g, &p->slots[i], now))
+            return -1;
+    return yajl_gen_array_close(g) ? -1 : 0;
+}
+
+static int
+gen_listen_queue(yajl_gen g, int fd)
+{
+    long queue = listen_queue(fd);
+
+    if (json_gen_cstr(g, "listen_queue"))
+        return -1;
+    return (queue < 0 ? yajl_gen_null(g) : yajl_gen_integer(g, queue)) ? -1
+                                                                       : 0;
+}
+
+static int
+gen_status(yajl_gen g, const struct worker *w)
+{
+    struct sb_pool *p = w->pool;
+    unsigned n[SB_STATES], active = 0;
+
+    scoreboard_count_states(p, WORKER_CHAT, n);
+    for (int i = SB_READING; i < SB_STATES; i++)
+        active += n[i];
+    return yajl_gen_map_open(g) || json_gen_key_cstr(g, "pool", "chatfcgi") ||
+           json_gen_key_cstr(g, "process_manager", pm_name(w->conf)) ||
+           json_gen_key_int(g, "start_time", p->started_at_ms / 1000) ||
+           json_gen_key_int(g, "start_since",
+                            (scoreboard_now_ms() - p->started_at_ms) / 1000) ||
+           gen_counter(g, "accepted_conn", &p->accepted) ||
+           gen_listen_queue(g, w->setup->chat_fd) ||
+           json_gen_key_int(g, "idle_processes", n[SB_IDLE]) ||
+           json_gen_key_int(g, "active_processes", active) ||
+           json_gen_key_int(g, "total_processes",
+                            active + n[SB_IDLE] + n[SB_STARTING]) ||
+           gen_counter(g, "max_active_processes", &p->max_active) ||
+           gen_counter(g, "max_children_reached", &p->max_children_reached) ||
+           gen_counter(g, "slow_requests", &p->slow_requests) ||
+           gen_counter(g, "queue_timeouts", &p->queue_timeouts) ||
+           gen_counter(g, "worker_deaths", &p->worker_deaths) ||
+           gen_counter(g, "worker_recycles", &p->worker_recycles) ||
+           gen_counter(g, "watchdog_kills", &p->watchdog_kills) ||
+           gen_processes(g, p) || yajl_gen_map_close(g);
+}
+
+void
+metrics_serve_status(struct worker *w)
+{
+    if (check_client(w) == -1)
+        return;
+    json_gen_restart(w->gen);
+    if (gen_status(w->gen, w) != 0) {
+        http_send_error(&w->req, 500, "internal_error",
+                        "the status cannot be encoded");
+        return;
+    }
+    http_send_json(&w->req, 200);
+}
+
+static int
+put_histogram(struct buf *b, const char *name, const char *help,
+              const struct sb_histogram *h)
+{
+    uint64_t cumulative = 0;
+    int rc = buf_printf(b, "# HELP %s %s\n# TYPE %s histogram\n", name, help,
+                        name);
+
+    for (size_t i = 0; i < SB_BUCKETS && rc == 0; i++) {
+        unsigned bound = scoreboard_bucket_bound_ms(i);
+
+        cumulative += scoreboard_read(&h->buckets[i]);
+        if (i < SB_BUCKETS - 1)
+            rc = buf_printf(b, "%s_bucket{le=\"%g\"} %llu\n", name,
+                            bound / 1000.0, (unsigned long long)cumulative);
+        else
+            rc = buf_printf(b, "%s_bucket{le=\"+Inf\"} %llu\n", name,
+                            (unsigned long long)cumulative);
+    }
+    return rc || buf_printf(b, "%s_sum %.6f\n%s_count %llu\n", name,
+                            (double)scoreboard_read(&h->sum_us) / 1e6, name,
+                            (unsigned long long)scoreboard_read(&h->count));
+}
+
+static int
+put_counter(struct buf *b, const char *name, const char *help,
+            const uint64_t *counter)
+{
+    return buf_printf(b, "# HELP %s %s\n# TYPE %s counter\n%s %llu\n", name,
+                      help, name, name,
+                      (unsigned long long)scoreboard_read(counter));
+}
+
+static int
+put_requests(struct buf *b, const struct sb_pool *p)
+{
+    static const char name[] = "chatfcgi_requests_total";
+    int rc = buf_printf(b, "# HELP %s Requests answered, by HTTP status "
+                        "(499: the client went away).\n# TYPE %s counter\n",
+                        name, name);
+
+    for (int i = 0; i < SB_STATUS_OTHER && rc == 0; i++)
+        rc = buf_printf(b, "%s{status=\"%d\"} %llu\n", name,
+                        scoreboard_status_code(i),
+                        (unsigned long long)scoreboard_read(
+                            &p->by_status[i]));
+    return rc || buf_printf(b, "%s{status=\"other\"} %llu\n", name,
+                            (unsigned long long)scoreboard_read(
+                                &p->by_status[SB_STATUS_OTHER]));
+}
+
+static int
+put_upstream_errors(struct buf *b, const struct sb_pool *p)
+{
+    static const char name[] = "chatfcgi_upstream_errors_total";
+    int rc = buf_printf(b, "# HELP %s Failed model calls, by kind.\n"
+                        "# TYPE %s counter\n", name, name);
+
+    for (int i = 0; i < SB_UP_KINDS && rc == 0; i++)
+        rc = buf_printf(b, "%s{kind=\"%s\"} %llu\n", name,
+                        upstream_error_names[i],
+                        (unsigned long long)scoreboard_read(
+                            &p->upstream_errors[i]));
+    return rc;
+}
+
+static int
+put_workers(struct buf *b, const struct sb_pool *p)
+{
+    static const char name[] = "chatfcgi_workers";
+    unsigned n[SB_STATES];
+    int rc = buf_printf(b, "# HELP %s Chat workers, by state.\n"
+                        "# TYPE %s gauge\n", name, name);
+
+    scoreboard_count_states(p, WORKER_CHAT, n);
+    for (int i = 0; i < SB_STATES && rc == 0; i++)
+        rc = buf_printf(b, "%s{state=\"%s\"} %u\n", name,
+                        scoreboard_state_name(i), n[i]);
+    return rc;
+}
+
+static int
+put_all(struct buf *b, const struct sb_pool *p)
+{
+    return put_requests(b, p) ||
+           put_histogram(b, "chatfcgi_request_duration_seconds",
+                         "Time from accept to the last byte.", &p->total) ||
+           put_histogram(b, "chatfcgi_redis_duration_seconds",
+                         "Time in Redis per request.", &p->redis) ||
+           put_histogram(b, "chatfcgi_upstream_duration_seconds",
+                         "Time in model calls per request.", &p->upstream) ||
+           put_upstream_errors(b, p) || put_workers(b, p) ||
+           put_counter(b, "chatfcgi_worker_deaths_total",
+                       "Workers that died (signal or failure status).",
+                       &p->worker_deaths) ||
+           put_counter(b, "chatfcgi_worker_recycles_total",
+                       "Workers that exited cleanly and were replaced.",
+                       &p->worker_recycles) ||
+           put_counter(b, "chatfcgi_watchdog_kills_total",
+                       "Workers ended by the watchdog.", &p->watchdog_kills) ||
+           put_counter(b, "chatfcgi_slow_requests_total",
+                       "Requests slower than slowlog_ms.", &p->slow_requests) ||
+           put_counter(b, "chatfcgi_queue_timeouts_total",
+                       "Requests turned away after queue_timeout_ms.",
+                       &p->queue_timeouts) ||
+           put_counter(b, "chatfcgi_max_children_reached_total",
+                       "Times the dynamic pool hit its maximum.",
+                       &p->max_children_reached);
+}
+
+void
+metrics_serve_prometheus(struct worker *w)
+{
+    if (check_client(w) == -1)
+        return;
+    buf_reset(&w->text);
+    if (put_all(&w->text, w->pool) != 0) {
+        http_send_error(&w->req, 500, "internal_error",
+                        "the metrics do not fit");
+        return;
+    }
+    http_send_text(&w->req, 200, "text/plain; version=0.0.4", w->text.data,
+                   w->text.len);
+}

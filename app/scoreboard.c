@@ -1,0 +1,241 @@
+#include "scoreboard.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#define SB_MAGIC 0x63686174736230ULL /* "chatsb0" */
+
+static const unsigned bucket_bounds_ms[SB_BUCKETS - 1] = SB_BUCKET_BOUNDS_MS;
+
+static const char *const state_names[SB_STATES] = {
+    "starting", "idle", "reading", "redis", "upstream", "streaming",
+    "writing",
+};
+
+int64_t
+scoreboard_now_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static size_t
+pool_size(uint32_t nslots)
+{
+    return sizeof(struct sb_pool) + (size_t)nslots * sizeof(struct sb_slot);
+}
+
+static struct sb_pool *
+map_pool(int fd, size_t size)
+{
+    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+
+    return p == MAP_FAILED ? NULL : p;
+}
+
+/* An inherited scoreboard: check it, and grow it for more slots. */
+static struct sb_pool *
+adopt(int fd, uint32_t nslots)
+{
+    struct stat st;
+    struct sb_pool *p;
+    uint32_t have;
+
+    if (fstat(fd, &st) == -1 || (size_t)st.st_size < sizeof(*p))
+        return NULL;
+    p = map_pool(fd, (size_t)st.st_size);
+    if (p == NULL)
+        return NULL;
+    if (p->magic != SB_MAGIC) {
+        munmap(p, (size_t)st.st_size);
+        errno = EINVAL;
+        return NULL;
+    }
+    have = p->nslots;
+    if (nslots <= have)
+        return p;
+    munmap(p, (size_t)st.st_size);
+    if (ftruncate(fd, (off_t)pool_size(nslots)) == -1)
+        return NULL;
+    p = map_pool(fd, pool_size(nslots));
+    if (p != NULL)
+        p->nslots = nslots;
+    return p;
+}
+
+static struct sb_pool *
+create(uint32_t nslots, int *out_fd)
+{
+    /* No MFD_CLOEXEC: a reload execs the master, which adopts it. */
+    int fd = memfd_create("chatfcgi-scoreboard", 0);
+    struct sb_pool *p;
+
+    if (fd == -1)
+        return NULL;
+    if (ftruncate(fd, (off_t)pool_size(nslots)) == -1 ||
+        (p = map_pool(fd, pool_size(nslots))) == NULL) {
+        close(fd);
+        return NULL;
+    }
+    p->magic = SB_MAGIC;
+    p->nslots = nslots;
+    p->started_at_ms = scoreboard_now_ms();
+    *out_fd = fd;
+    return p;
+}
+
+struct sb_pool *
+scoreboard_open(int fd, uint32_t nslots, int *out_fd)
+{
+    if (fd < 0)
+        return create(nslots, out_fd);
+    *out_fd = fd;
+    return adopt(fd, nslots);
+}
+
+int
+scoreboard_free_slot(const struct sb_pool *p)
+{
+    for (uint32_t i = 0; i < p->nslots; i++)
+        if (p->slots[i].pid == 0)
+            return (int)i;
+    return -1;
+}
+
+void
+scoreboard_count_states(const struct sb_pool *p, int role,
+                        unsigned n[SB_STATES])
+{
+    memset(n, 0, SB_STATES * sizeof(*n));
+    for (uint32_t i = 0; i < p->nslots; i++) {
+        const struct sb_slot *s = &p->slots[i];
+        int state = __atomic_load_n(&s->state, __ATOMIC_RELAXED);
+
+        if (s->pid != 0 && s->role == role && state >= 0 && state < SB_STATES)
+            n[state]++;
+    }
+}
+
+void
+scoreboard_add(uint64_t *counter, uint64_t n)
+{
+    __atomic_fetch_add(counter, n, __ATOMIC_RELAXED);
+}
+
+uint64_t
+scoreboard_read(const uint64_t *counter)
+{
+    return __atomic_load_n(counter, __ATOMIC_RELAXED);
+}
+
+void
+scoreboard_set_state(struct sb_slot *s, enum sb_state state)
+{
+    __atomic_store_n(&s->state, (int)state, __ATOMIC_RELAXED);
+}
+
+static void
+raise_max_active(struct sb_pool *p)
+{
+    unsigned n[SB_STATES];
+    uint64_t active = 0, seen;
+
+    scoreboard_count_states(p, 0 /* chat */, n);
+    for (int i = SB_READING; i < SB_STATES; i++)
+        active += n[i];
+    seen = scoreboard_read(&p->max_active);
+    while (active > seen &&
+           !__atomic_compare_exchange_n(&p->max_active, &seen, active, 1,
+                                        __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+        ;
+}
+
+void
+scoreboard_request_begin(struct sb_pool *p, struct sb_slot *s,
+                         const char *method, const char *path,
+                         const char *request_id)
+{
+    snprintf(s->request, sizeof(s->request), "%s %.40s req=%s", method, path,
+             request_id);
+    s->request_at_ms = scoreboard_now_ms();
+    scoreboard_set_state(s, SB_READING);
+    scoreboard_add(&p->accepted, 1);
+    raise_max_active(p);
+}
+
+static void
+observe(struct sb_histogram *h, double ms)
+{
+    size_t b = 0;
+
+    while (b < SB_BUCKETS - 1 && ms > bucket_bounds_ms[b])
+        b++;
+    scoreboard_add(&h->buckets[b], 1);
+    scoreboard_add(&h->count, 1);
+    scoreboard_add(&h->sum_us, ms > 0 ? (uint64_t)(ms * 1000.0) : 0);
+}
+
+void
+scoreboard_request_end(struct sb_pool *p, struct sb_slot *s, int status,
+                       double total_ms, double redis_ms, double upstream_ms)
+{
+    scoreboard_add(&p->by_status[scoreboard_status_index(status)], 1);
+    observe(&p->total, total_ms);
+    if (redis_ms > 0)
+        observe(&p->redis, redis_ms);
+    if (upstream_ms > 0)
+        observe(&p->upstream, upstream_ms);
+    s->requests++;
+    s->request_at_ms = 0;
+    scoreboard_set_state(s, SB_IDLE);
+}
+
+void
+scoreboard_count_upstream_error(struct sb_pool *p, enum sb_upstream_error k)
+{
+    scoreboard_add(&p->upstream_errors[k], 1);
+}
+
+enum sb_status_index
+scoreboard_status_index(int status)
+{
+    switch (status) {
+#define X(code)                                                                \
+    case code:                                                                 \
+        return SB_STATUS_##code;
+        SB_STATUS_CODES
+#undef X
+    }
+    return SB_STATUS_OTHER;
+}
+
+int
+scoreboard_status_code(enum sb_status_index i)
+{
+    static const int codes[] = {
+#define X(code) code,
+        SB_STATUS_CODES
+#undef X
+    };
+
+    return i < SB_STATUS_OTHER ? codes[i] : 0;
+}
+
+const char *
+scoreboard_state_name(enum sb_state state)
+{
+    return state < SB_STATES ? state_names[state] : "unknown";
+}
+
+unsigned
+scoreboard_bucket_bound_ms(size_t i)
+{
+    return i < SB_BUCKETS - 1 ? bucket_bounds_ms[i] : 0;
+}

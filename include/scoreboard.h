@@ -1,0 +1,132 @@
+/*
+ * scoreboard: the pool's shared memory. One slot per worker (pid, state,
+ * requests served, the request in hand) written only by that worker, and
+ * pool-wide counters and latency histograms updated with atomic adds, so
+ * totals never go backwards when a worker dies. It lives in a memfd that
+ * survives an exec of the master (reload), so the totals survive that too.
+ */
+#ifndef CHATFCGI_SCOREBOARD_H
+#define CHATFCGI_SCOREBOARD_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+enum sb_state {
+    SB_STARTING, /* forked, not yet accepting */
+    SB_IDLE,
+    SB_READING,
+    SB_REDIS,
+    SB_UPSTREAM,
+    SB_STREAMING,
+    SB_WRITING,
+    SB_STATES
+};
+
+/* Statuses counted one by one; anything else is counted as "other". */
+#define SB_STATUS_CODES                                                        \
+    X(200) X(204) X(400) X(401) X(404) X(405) X(409) X(413) X(415) X(429)     \
+    X(499) X(500) X(502) X(503) X(504)
+enum sb_status_index {
+#define X(code) SB_STATUS_##code,
+    SB_STATUS_CODES
+#undef X
+    SB_STATUS_OTHER,
+    SB_STATUS_SLOTS
+};
+
+/* Kinds of upstream failure, as llm reports them. */
+enum sb_upstream_error {
+    SB_UP_TIMEOUT,
+    SB_UP_UNREACHABLE,
+    SB_UP_HTTP_ERROR,
+    SB_UP_BAD_ANSWER,
+    SB_UP_FAILED,
+    SB_UP_CLIENT_GONE,
+    SB_UP_KINDS
+};
+
+/* Histogram bucket bounds in milliseconds; one more bucket is +Inf. */
+#define SB_BUCKET_BOUNDS_MS                                                    \
+    {5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000}
+#define SB_BUCKETS 14
+
+struct sb_histogram {
+    uint64_t buckets[SB_BUCKETS]; /* non-cumulative counts */
+    uint64_t count;
+    uint64_t sum_us;
+};
+
+#define SB_REQUEST_LEN 72
+
+struct sb_slot {
+    pid_t pid; /* 0: no worker */
+    int state; /* enum sb_state */
+    int role;  /* enum worker_role */
+    uint32_t generation; /* of the master that forked it (reloads) */
+    uint64_t requests;   /* served by this process */
+    int64_t started_at_ms;  /* when the process started (wall clock) */
+    int64_t request_at_ms;  /* when the request in hand began; 0: none */
+    char request[SB_REQUEST_LEN]; /* "POST /api/chat req=…" */
+};
+
+struct sb_pool {
+    uint64_t magic;
+    int64_t started_at_ms;
+    uint32_t nslots;
+    uint32_t generation;
+    uint64_t accepted;
+    uint64_t by_status[SB_STATUS_SLOTS];
+    uint64_t upstream_errors[SB_UP_KINDS];
+    uint64_t slow_requests;
+    uint64_t queue_timeouts;     /* 503s because no worker came in time */
+    uint64_t worker_deaths;      /* exits by signal or failure status */
+    uint64_t worker_recycles;    /* clean exits (max_requests, retirement) */
+    uint64_t watchdog_kills;
+    uint64_t max_active;
+    uint64_t max_children_reached;
+    struct sb_histogram total, redis, upstream;
+    struct sb_slot slots[];
+};
+
+/* Create the shared memory for nslots workers, or adopt the one inherited
+ * on fd (after a reload's exec; -1: none), growing it when nslots is
+ * larger. Returns the mapping or NULL (errno set). */
+struct sb_pool *scoreboard_open(int fd, uint32_t nslots, int *out_fd);
+
+/* A free slot's index, or -1 when all are taken. */
+int scoreboard_free_slot(const struct sb_pool *p);
+
+/* Counts of the slots of workers with a role, by state, into
+ * n[SB_STATES]. */
+void scoreboard_count_states(const struct sb_pool *p, int role,
+                             unsigned n[SB_STATES]);
+
+/* Worker side: the slot's state and the request in hand. */
+void scoreboard_set_state(struct sb_slot *s, enum sb_state state);
+void scoreboard_request_begin(struct sb_pool *p, struct sb_slot *s,
+                              const char *method, const char *path,
+                              const char *request_id);
+void scoreboard_request_end(struct sb_pool *p, struct sb_slot *s, int status,
+                            double total_ms, double redis_ms,
+                            double upstream_ms);
+
+void scoreboard_count_upstream_error(struct sb_pool *p,
+                                     enum sb_upstream_error kind);
+
+/* Atomic add to one pool counter. */
+void scoreboard_add(uint64_t *counter, uint64_t n);
+uint64_t scoreboard_read(const uint64_t *counter);
+
+/* Index into by_status for an HTTP status. */
+enum sb_status_index scoreboard_status_index(int status);
+int scoreboard_status_code(enum sb_status_index i);
+
+const char *scoreboard_state_name(enum sb_state state);
+
+/* Upper bound of histogram bucket i in ms (0 for the last, +Inf). */
+unsigned scoreboard_bucket_bound_ms(size_t i);
+
+int64_t scoreboard_now_ms(void);
+
+#endif
