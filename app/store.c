@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <stdarg.h>
 #include <hiredis/hiredis.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -280,14 +281,28 @@ connect_now(struct store *s)
     return -1;
 }
 
-/* Connect when there is no connection, unless the last attempt failed so
- * recently that another would only add latency to a request. */
+/* An idle connection has nothing to read: if it is readable, the server
+ * closed it (a Redis restart) and the next command would fail on it. */
+static int
+connection_closed(const struct store *s)
+{
+    struct pollfd p = {.fd = s->ctx->fd, .events = POLLIN};
+
+    return poll(&p, 1, 0) != 0;
+}
+
+/* Connect when there is no connection (or only a closed one), unless the
+ * last attempt failed so recently that another would only add latency. */
 static int
 ensure_connected(struct store *s)
 {
     double now;
     unsigned shift;
 
+    if (s->ctx != NULL && connection_closed(s)) {
+        log_info("store", "Redis closed the connection; reconnecting");
+        drop_connection(s);
+    }
     if (s->ctx != NULL)
         return 0;
     now = now_ms();
