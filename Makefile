@@ -3,11 +3,12 @@
 
 PREFIX ?= /usr/local
 PYTHON := /usr/bin/python3
-PKGS := fcgi hiredis libcurl yajl
+PKGS := fcgi hiredis libcurl yajl libcrypto
 
 # Debian packages for building, testing and running the local stack.
 DEB_PACKAGES := build-essential pkg-config libfcgi-dev libfcgi-bin \
-	libhiredis-dev libcurl4-openssl-dev libyajl-dev libcmocka-dev \
+	libhiredis-dev libcurl4-openssl-dev libyajl-dev libssl-dev \
+	libcmocka-dev \
 	ca-certificates curl procps nginx redis-server redis-tools \
 	python3 python3-pytest python3-requests
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

@@ -7,19 +7,23 @@
 #include "conf.h"
 #include "fcgi.h"
 #include "json.h"
+#include "guard.h"
 #include "log.h"
 #include "scoreboard.h"
+#include "turn.h"
 #include "worker.h"
 
 #define REQUEST_DEPTH 16
 #define SESSION_ID_BYTES 16
 
-/* A validated POST /api/chat body; strings point into w->arena. */
+/* A validated POST /api/chat request; strings point into w->arena or the
+ * request's parameters. */
 struct chat_turn {
     char session_id[CHAT_SESSION_ID_MAX + 1];
     const char *message;
     size_t message_len;
     int stream;
+    struct turn turn; /* its bookkeeping in Redis */
 };
 
 int
@@ -129,6 +133,7 @@ check_fields(struct worker *w, const struct json_field *sid,
         return -1;
     }
     t->stream = stream->type == JSON_BOOL && stream->boolean;
+    t->turn.idempotency_by_client = sid->type != JSON_STRING;
     if (sid->type != JSON_STRING)
         return http_random_hex(t->session_id, SESSION_ID_BYTES);
     if (!chat_session_id_valid(json_field_text(sid, &w->arena), sid->len)) {
@@ -137,6 +142,32 @@ check_fields(struct worker *w, const struct json_field *sid,
         return -1;
     }
     memcpy(t->session_id, json_field_text(sid, &w->arena), sid->len + 1);
+    return 0;
+}
+
+/* The turn's bookkeeping: lock, idempotency and rate-limit scopes. */
+static int
+prepare_turn(struct worker *w, struct chat_turn *t)
+{
+    const char *key = fcgi_param(w->req.fcgi, "HTTP_IDEMPOTENCY_KEY");
+    struct turn *turn = &t->turn;
+
+    turn->session_id = t->session_id;
+    turn->client = w->client;
+    turn->token = w->req.id;
+    turn->lock_ms = w->conf->request_timeout_s * 1000;
+    turn->rpm = w->conf->rate_limit.rpm;
+    turn->tpm = w->conf->rate_limit.tpm;
+    turn->idempotency_key = NULL;
+    if (*key == '\0')
+        return 0;
+    if (!guard_idempotency_key_valid(key)) {
+        http_send_error(&w->req, 400, "bad_request", "Idempotency-Key must "
+                        "be 1-%d printable ASCII characters",
+                        GUARD_IDEMPOTENCY_MAX);
+        return -1;
+    }
+    turn->idempotency_key = key;
     return 0;
 }
 
@@ -159,7 +190,9 @@ parse_turn(struct worker *w, struct chat_turn *t)
         http_send_error(&w->req, 400, "bad_request", "%s", err);
         return -1;
     }
-    return check_fields(w, &f[0], &f[1], &f[2], t);
+    if (check_fields(w, &f[0], &f[1], &f[2], t) == -1)
+        return -1;
+    return prepare_turn(w, t);
 }
 
 static void
@@ -183,6 +216,55 @@ load_history(struct worker *w, const char *session_id)
     if (rc == -1)
         fail_store(w);
     return rc;
+}
+
+static void replay_answer(struct worker *w, struct chat_turn *t);
+
+/* Step 2, in one round trip: an idempotent replay, rate limits, the
+ * session's turn lock, and its history. Answers the request itself unless
+ * the turn may go on. */
+static int
+begin_turn(struct worker *w, struct chat_turn *t)
+{
+    double start = http_now_ms();
+    long long retry = 1;
+    int rc;
+
+    worker_phase(w, SB_REDIS);
+    rc = turn_begin(&w->store, &t->turn, &w->history, &w->replay, &retry);
+    w->req.redis_ms += http_now_ms() - start;
+    switch (rc) {
+    case TURN_GO:
+        return 0;
+    case TURN_RATE_LIMITED:
+        w->req.retry_after_s = (int)retry;
+        http_send_error(&w->req, 429, "rate_limited", "this client is over "
+                        "its rate limit; retry in %lld s", retry);
+        return -1;
+    case TURN_BUSY:
+        http_send_error(&w->req, 409, "conflict", "another turn of this "
+                        "session is still in progress");
+        return -1;
+    case TURN_RUNNING:
+        http_send_error(&w->req, 409, "conflict", "a request with this "
+                        "Idempotency-Key is still in progress");
+        return -1;
+    case TURN_REPLAY:
+        replay_answer(w, t);
+        return -1;
+    }
+    fail_store(w);
+    return -1;
+}
+
+/* After a failure: release the session's lock (and a pending idempotency
+ * record) so that a retry may run at once. */
+static void
+abort_turn(struct worker *w, const struct chat_turn *t)
+{
+    if (turn_abort(&w->store, &t->turn) == -1)
+        log_warnx("chat", "cannot release the turn lock (%s); it expires "
+                  "in %lld s", w->store.err, w->conf->request_timeout_s);
 }
 
 static void
@@ -296,44 +378,16 @@ gen_item(yajl_gen g, const char *role, const char *content, size_t len)
            yajl_gen_map_close(g);
 }
 
-/* Step 4: append both turns, trim, refresh the TTL: one round trip. */
+/* Copy the JSON document in g into b. */
 static int
-store_turn(struct worker *w, const struct chat_turn *t)
+take_json(yajl_gen g, struct buf *b)
 {
-    const struct conf *c = w->conf;
-    const struct buf *reply = &w->answer.reply;
     const unsigned char *json;
-    size_t user_len, len, drop;
-    double start;
-    int rc;
+    size_t len;
 
-    if (gen_item(w->gen, "user", t->message, t->message_len) != 0)
-        goto bad_reply;
-    yajl_gen_get_buf(w->gen, &json, &user_len);
-    buf_reset(&w->user_item);
-    if (buf_append(&w->user_item, json, user_len) == -1 ||
-        gen_item(w->gen, "assistant", reply->data, reply->len) != 0)
-        goto bad_reply;
-    yajl_gen_get_buf(w->gen, &json, &len);
-    if (history_add(&w->history, HISTORY_USER, t->message, t->message_len) ||
-        history_add(&w->history, HISTORY_ASSISTANT, reply->data, reply->len))
-        goto bad_reply;
-    drop = history_trim_start(&w->history,
-                              (size_t)c->chat.history_max_messages,
-                              (size_t)c->chat.history_max_bytes);
-    worker_phase(w, SB_REDIS);
-    start = http_now_ms();
-    rc = store_history_append(&w->store, t->session_id, w->user_item.data,
-                              user_len, (const char *)json, len, drop,
-                              c->chat.history_ttl_seconds);
-    w->req.redis_ms += http_now_ms() - start;
-    if (rc == -1)
-        fail_store(w);
-    return rc;
-bad_reply:
-    http_send_error(&w->req, 502, "upstream_error",
-                    "the model's reply is not valid UTF-8 or too large");
-    return -1;
+    yajl_gen_get_buf(g, &json, &len);
+    buf_reset(b);
+    return buf_append(b, json, len);
 }
 
 static int
@@ -354,28 +408,91 @@ gen_usage(yajl_gen g, const struct llm_answer *a)
     return yajl_gen_map_close(g) ? -1 : 0;
 }
 
-/* Step 5: {session_id, reply, model, usage}, or for a stream the final
- * event {session_id, model, usage}. */
-static void
-send_answer(struct worker *w, const struct chat_turn *t)
+/* {session_id, [reply,] model, usage}: the answer, or a stream's done. */
+static int
+gen_answer(yajl_gen g, const char *session_id, const struct llm_answer *a,
+           int with_reply)
 {
-    const struct llm_answer *a = &w->answer;
-    yajl_gen g = w->gen;
-
-    worker_phase(w, SB_WRITING);
     json_gen_restart(g);
-    if (yajl_gen_map_open(g) ||
-        json_gen_key_cstr(g, "session_id", t->session_id) ||
-        (!t->stream &&
-         json_gen_key_str(g, "reply", a->reply.data, a->reply.len)) ||
-        json_gen_key_cstr(g, "model", a->model) || gen_usage(g, a) ||
-        yajl_gen_map_close(g)) {
-        http_send_error(&w->req, 502, "upstream_error",
-                        "the model's answer cannot be encoded");
-        return;
+    return yajl_gen_map_open(g) ||
+           json_gen_key_cstr(g, "session_id", session_id) ||
+           (with_reply &&
+            json_gen_key_str(g, "reply", a->reply.data, a->reply.len)) ||
+           json_gen_key_cstr(g, "model", a->model) || gen_usage(g, a) ||
+           yajl_gen_map_close(g);
+}
+
+/* The history items and the answer, serialised before anything is stored,
+ * so that a turn whose answer cannot be sent is never kept. The answer
+ * stays in w->gen: the response body and the idempotency record. */
+static int
+serialise_turn(struct worker *w, const struct chat_turn *t)
+{
+    const struct buf *reply = &w->answer.reply;
+
+    return gen_item(w->gen, "user", t->message, t->message_len) ||
+           take_json(w->gen, &w->user_item) ||
+           gen_item(w->gen, "assistant", reply->data, reply->len) ||
+           take_json(w->gen, &w->assistant_item) ||
+           gen_answer(w->gen, t->session_id, &w->answer, 1);
+}
+
+/* Model tokens of the turn, for the per-minute token limit: the usage the
+ * upstream reports, else an estimate of 4 bytes a token. */
+static long long
+turn_tokens(const struct chat_turn *t, const struct llm_answer *a)
+{
+    if (a->prompt_tokens >= 0 && a->completion_tokens >= 0)
+        return a->prompt_tokens + a->completion_tokens;
+    return (long long)((t->message_len + a->reply.len) / 4 + 1);
+}
+
+/* Step 4, in one round trip: append both turns, trim, refresh the TTL,
+ * release the lock, keep the answer for an idempotent retry. */
+static int
+store_turn(struct worker *w, const struct chat_turn *t)
+{
+    const struct conf *c = w->conf;
+    const struct buf *reply = &w->answer.reply;
+    struct turn_result res = {.ttl_s = c->chat.history_ttl_seconds,
+                              .idempotency_ttl_s = c->idempotency_ttl_s};
+    const unsigned char *answer;
+    double start;
+    int rc;
+
+    if (serialise_turn(w, t) != 0 ||
+        history_add(&w->history, HISTORY_USER, t->message, t->message_len) ||
+        history_add(&w->history, HISTORY_ASSISTANT, reply->data, reply->len)) {
+        http_send_error(&w->req, 502, "upstream_error", "the model's answer "
+                        "cannot be encoded or is too large");
+        return -1;
     }
-    if (!t->stream) {
-        http_send_json(&w->req, 200);
+    yajl_gen_get_buf(w->gen, &answer, &res.answer_len);
+    res.answer = (const char *)answer;
+    res.user_item = w->user_item.data;
+    res.user_len = w->user_item.len;
+    res.assistant_item = w->assistant_item.data;
+    res.assistant_len = w->assistant_item.len;
+    res.trim_start = history_trim_start(&w->history,
+                                        (size_t)c->chat.history_max_messages,
+                                        (size_t)c->chat.history_max_bytes);
+    res.tokens = turn_tokens(t, &w->answer);
+    worker_phase(w, SB_REDIS);
+    start = http_now_ms();
+    rc = turn_commit(&w->store, &t->turn, &res);
+    w->req.redis_ms += http_now_ms() - start;
+    if (rc == -1)
+        fail_store(w);
+    return rc;
+}
+
+/* The end of a stream: {session_id, model, usage} as `event: done`. */
+static void
+send_done(struct worker *w, const struct chat_turn *t)
+{
+    if (gen_answer(w->gen, t->session_id, &w->answer, 0) != 0) {
+        http_send_error(&w->req, 500, "internal_error",
+                        "the answer cannot be encoded");
         return;
     }
     /* An empty reply sent no delta, so the stream may not have begun. */
@@ -385,14 +502,91 @@ send_answer(struct worker *w, const struct chat_turn *t)
                  "the turn is stored");
 }
 
+/* Step 5: the answer store_turn serialised, or a stream's last event. */
+static void
+send_answer(struct worker *w, const struct chat_turn *t)
+{
+    worker_phase(w, SB_WRITING);
+    if (t->stream)
+        send_done(w, t);
+    else
+        http_send_json(&w->req, 200);
+}
+
+/* A stored answer {session_id, reply, model, usage} back into w->answer
+ * and t->session_id (the arena's message is no longer needed). */
+static int
+load_answer(struct worker *w, struct chat_turn *t)
+{
+    enum { SID, REPLY, MODEL, PROMPT, COMPLETION };
+    struct json_field f[] = {
+        [SID] = {.path = "session_id", .accept = JSON_STRING},
+        [REPLY] = {.path = "reply", .accept = JSON_STRING},
+        [MODEL] = {.path = "model", .accept = JSON_STRING},
+        [PROMPT] = {.path = "usage.prompt_tokens", .accept = JSON_ANY},
+        [COMPLETION] = {.path = "usage.completion_tokens", .accept = JSON_ANY},
+    };
+    struct llm_answer *a = &w->answer;
+    char err[JSON_ERR_LEN];
+
+    buf_reset(&w->arena);
+    if (json_pick(w->replay.data, w->replay.len, f, 5, &w->arena,
+                  REQUEST_DEPTH, 0, err) == -1 ||
+        f[SID].type == 0 || f[REPLY].type == 0 || f[MODEL].type == 0 ||
+        !chat_session_id_valid(json_field_text(&f[SID], &w->arena),
+                               f[SID].len))
+        return -1;
+    memcpy(t->session_id, json_field_text(&f[SID], &w->arena), f[SID].len + 1);
+    buf_reset(&a->reply);
+    if (buf_append(&a->reply, json_field_text(&f[REPLY], &w->arena),
+                   f[REPLY].len) == -1 ||
+        json_utf8_copy(a->model, sizeof(a->model),
+                       json_field_text(&f[MODEL], &w->arena),
+                       f[MODEL].len) == -1)
+        return -1;
+    if (json_field_int(&f[PROMPT], &w->arena, 0, 1LL << 40,
+                       &a->prompt_tokens))
+        a->prompt_tokens = -1;
+    if (json_field_int(&f[COMPLETION], &w->arena, 0, 1LL << 40,
+                       &a->completion_tokens))
+        a->completion_tokens = -1;
+    return 0;
+}
+
+/* A retry with a known Idempotency-Key: the first answer again, without
+ * the model. A streamed retry gets it as one delta and done. */
+static void
+replay_answer(struct worker *w, struct chat_turn *t)
+{
+    log_info("chat", "replaying the answer of an earlier request with the "
+             "same Idempotency-Key");
+    if (!t->stream) {
+        http_send_text(&w->req, 200, "application/json", w->replay.data,
+                       w->replay.len);
+        return;
+    }
+    if (load_answer(w, t) == -1) {
+        http_send_error(&w->req, 500, "internal_error",
+                        "the stored answer cannot be read");
+        return;
+    }
+    if (w->answer.reply.len > 0 &&
+        send_delta(w, w->answer.reply.data, w->answer.reply.len) == -1)
+        return;
+    send_done(w, t);
+}
+
 void
 chat_post(struct worker *w)
 {
     struct chat_turn t;
 
-    if (parse_turn(w, &t) == -1 || load_history(w, t.session_id) == -1 ||
-        ask_model(w, &t) == -1 || store_turn(w, &t) == -1)
+    if (parse_turn(w, &t) == -1 || begin_turn(w, &t) == -1)
         return;
+    if (ask_model(w, &t) == -1 || store_turn(w, &t) == -1) {
+        abort_turn(w, &t);
+        return;
+    }
     send_answer(w, &t);
 }
 

@@ -7,6 +7,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "guard.h"
 #include "log.h"
 #include "store.h"
 
@@ -63,6 +64,10 @@ static const struct conf_key keys[] = {
     INT("", "queue_timeout_ms", 0, MS_MAX, "5000", queue_timeout_ms),
     STR("", "status_listen", "/run/chatfcgi/status.sock", status_listen),
     STR("", "status_allow", "127.0.0.1, ::1", status_allow),
+    STR("", "client_keys", "", client_keys),
+    STR("", "trusted_proxies", "", trusted_proxies),
+    STR("", "cors_origins", "", cors_origins),
+    INT("", "idempotency_ttl_s", 1, 30LL * 86400, "86400", idempotency_ttl_s),
     STR("", "user", "", user),
     STR("", "group", "", group),
     CHOICE("", "log_level", level_words, "info", log_level),
@@ -101,6 +106,9 @@ static const struct conf_key keys[] = {
         chat.history_max_bytes),
     INT("chat", "history_ttl_seconds", 1, 365LL * 86400, "86400",
         chat.history_ttl_seconds),
+
+    INT("rate_limit", "rpm", 0, 1LL << 40, "0", rate_limit.rpm),
+    INT("rate_limit", "tpm", 0, 1LL << 40, "0", rate_limit.tpm),
 };
 
 #define NKEYS (sizeof(keys) / sizeof(*keys))
@@ -471,6 +479,15 @@ conf_check(const struct conf *c, char err[CONF_ERR_LEN])
     struct store_addr addr;
     char why[STORE_ERR_LEN];
 
+    unsigned char (*digests)[GUARD_DIGEST_LEN];
+    size_t ndigests;
+
+    if (guard_parse_digests(c->client_keys, &digests, &ndigests) == -1) {
+        snprintf(err, CONF_ERR_LEN, "client_keys must be SHA-256 digests, "
+                 "64 hex digits each, separated by commas");
+        return -1;
+    }
+    free(digests);
     if (store_addr_parse(c->redis.url, &addr, why) == -1) {
         snprintf(err, CONF_ERR_LEN, "redis url: %s", why);
         return -1;

@@ -13,6 +13,7 @@ history_init(struct history *h, size_t max_text)
     h->msgs = NULL;
     h->count = 0;
     h->cap = 0;
+    h->skipped = 0;
     buf_init(&h->text, max_text);
 }
 
@@ -20,6 +21,7 @@ void
 history_reset(struct history *h)
 {
     h->count = 0;
+    h->skipped = 0;
     buf_reset(&h->text);
 }
 
@@ -65,6 +67,26 @@ const char *
 history_content(const struct history *h, size_t i)
 {
     return h->text.data + h->msgs[i].off;
+}
+
+void
+history_drop_last(struct history *h)
+{
+    if (h->count == 0)
+        return;
+    h->count--;
+    h->text.len = h->msgs[h->count].off;
+}
+
+void
+history_reverse(struct history *h)
+{
+    for (size_t i = 0, j = h->count; i + 1 < j; i++, j--) {
+        struct history_msg m = h->msgs[i];
+
+        h->msgs[i] = h->msgs[j - 1];
+        h->msgs[j - 1] = m;
+    }
 }
 
 const char *
@@ -116,5 +138,5 @@ history_trim_start(const struct history *h, size_t max_messages,
         bytes -= h->msgs[drop].len + h->msgs[drop + 1].len;
         drop += 2;
     }
-    return drop;
+    return h->skipped + drop;
 }

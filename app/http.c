@@ -10,7 +10,7 @@
 #include "json.h"
 #include "log.h"
 
-#define HEADERS_LEN 256
+#define HEADERS_LEN 1024
 #define ERROR_MESSAGE_LEN 512
 #define REQUEST_ID_BYTES 16
 
@@ -82,8 +82,9 @@ static void
 extra_headers(const struct http_request *r, char out[HEADERS_LEN],
               const char *more)
 {
-    snprintf(out, HEADERS_LEN, "X-Request-Id: %s\r\nCache-Control: no-store\r\n%s",
-             r->id, more);
+    snprintf(out, HEADERS_LEN,
+             "X-Request-Id: %s\r\nCache-Control: no-store\r\n%s%s", r->id,
+             r->cors, more);
 }
 
 static void
@@ -163,12 +164,17 @@ http_send_error(struct http_request *r, int status, const char *code,
     char message[ERROR_MESSAGE_LEN];
     va_list ap;
 
+    char more[64] = "";
+
     va_start(ap, fmt);
     vsnprintf(message, sizeof(message), fmt, ap);
     va_end(ap);
-    send_error(r, status, code,
-               status == 503 || status == 429 ? "Retry-After: 1\r\n" : "",
-               message);
+    if (status == 503 || status == 429)
+        snprintf(more, sizeof(more), "Retry-After: %d\r\n",
+                 r->retry_after_s > 0 ? r->retry_after_s : 1);
+    else if (status == 401)
+        snprintf(more, sizeof(more), "WWW-Authenticate: Bearer\r\n");
+    send_error(r, status, code, more, message);
 }
 
 void

@@ -493,6 +493,20 @@ json_utf8_complete_len(const char *str, size_t n)
     return n;
 }
 
+int
+json_utf8_copy(char *out, size_t size, const char *src, size_t n)
+{
+    size_t keep = n < size ? n : size - 1;
+
+    out[0] = '\0';
+    if (!json_utf8_valid(src, n))
+        return -1;
+    keep = json_utf8_complete_len(src, keep);
+    memcpy(out, src, keep);
+    out[keep] = '\0';
+    return 0;
+}
+
 yajl_gen
 json_gen_new(void)
 {

@@ -217,13 +217,19 @@ pick_usage(const struct json_field *prompt, const struct json_field *done,
         ans->completion_tokens = -1;
 }
 
+/* The model the upstream reports, when it is a sane string; otherwise the
+ * configured one stays. */
 static void
 pick_model(const struct json_field *f, const struct buf *arena,
            struct llm_answer *ans)
 {
-    if (f->type == JSON_STRING && f->len > 0)
-        snprintf(ans->model, sizeof(ans->model), "%s",
-                 json_field_text(f, arena));
+    char name[LLM_MODEL_LEN];
+
+    if (f->type == JSON_STRING && f->len > 0 &&
+        memchr(json_field_text(f, arena), '\0', f->len) == NULL &&
+        json_utf8_copy(name, sizeof(name), json_field_text(f, arena),
+                       f->len) == 0)
+        memcpy(ans->model, name, sizeof(name));
 }
 
 /* One event of an upstream stream: a chunk, [DONE], or an error object. */
@@ -595,12 +601,11 @@ llm_error_message(const char *body, size_t len, char *out, size_t size)
     buf_init(&arena, len + 8);
     if (len > 0 &&
         json_pick(body, len, f, 4, &arena, ANSWER_DEPTH, 0, err) == 0) {
-        for (size_t i = 0; i < 4 && rc == -1; i++) {
-            if (f[i].type == JSON_STRING && f[i].len > 0) {
-                snprintf(out, size, "%s", json_field_text(&f[i], &arena));
+        for (size_t i = 0; i < 4 && rc == -1; i++)
+            if (f[i].type == JSON_STRING && f[i].len > 0 &&
+                json_utf8_copy(out, size, json_field_text(&f[i], &arena),
+                               f[i].len) == 0)
                 rc = 0;
-            }
-        }
     }
     buf_cleanup(&arena);
     return rc;

@@ -6,6 +6,7 @@
 struct route_entry {
     const char *path;
     int is_prefix; /* path is a prefix; the rest is the tail */
+    int guarded;
     const char *allow;
     struct {
         const char *method;
@@ -14,12 +15,12 @@ struct route_entry {
 };
 
 static const struct route_entry routes[] = {
-    {"/api/chat", 0, "POST", {{"POST", ROUTE_CHAT_POST}}},
-    {"/api/chat/", 1, "GET, DELETE",
+    {"/api/chat", 0, 1, "POST", {{"POST", ROUTE_CHAT_POST}}},
+    {"/api/chat/", 1, 1, "GET, DELETE",
      {{"GET", ROUTE_SESSION_GET}, {"DELETE", ROUTE_SESSION_DELETE}}},
-    {"/api/healthz", 0, "GET", {{"GET", ROUTE_HEALTHZ}}},
-    {"/api/status", 0, "GET", {{"GET", ROUTE_STATUS}}},
-    {"/api/metrics", 0, "GET", {{"GET", ROUTE_METRICS}}},
+    {"/api/healthz", 0, 0, "GET", {{"GET", ROUTE_HEALTHZ}}},
+    {"/api/status", 0, 0, "GET", {{"GET", ROUTE_STATUS}}},
+    {"/api/metrics", 0, 0, "GET", {{"GET", ROUTE_METRICS}}},
 };
 
 static const char *
@@ -38,6 +39,7 @@ route_resolve(const char *method, const char *path, struct route_match *m)
     m->id = ROUTE_NOT_FOUND;
     m->allow = NULL;
     m->tail = NULL;
+    m->guarded = 0;
     for (size_t i = 0; i < sizeof(routes) / sizeof(*routes); i++) {
         const struct route_entry *r = &routes[i];
         const char *tail = path_tail(r, path);
@@ -46,6 +48,7 @@ route_resolve(const char *method, const char *path, struct route_match *m)
             continue;
         m->tail = tail;
         m->allow = r->allow;
+        m->guarded = r->guarded;
         m->id = ROUTE_METHOD_NOT_ALLOWED;
         for (size_t j = 0; j < 3 && r->methods[j].method; j++) {
             if (strcmp(method, r->methods[j].method) == 0) {

@@ -13,7 +13,6 @@
 #include "history.h"
 #include "log.h"
 
-#define KEY_MAX 160
 #define BACKOFF_FIRST_MS 50
 #define BACKOFF_MAX_MS 1000
 #define DEFAULT_PORT 6379
@@ -376,39 +375,46 @@ store_ping(struct store *s)
     return rc;
 }
 
-/* chat:{id}:history; the braces are a Redis Cluster hash tag. */
-static size_t
-history_key(char key[KEY_MAX], const char *session_id)
+size_t
+store_history_key(char key[STORE_KEY_MAX], const char *session_id)
 {
-    int n = snprintf(key, KEY_MAX, "chat:{%s}:history", session_id);
+    int n = snprintf(key, STORE_KEY_MAX, "chat:{%s}:history", session_id);
 
-    return n < KEY_MAX ? (size_t)n : KEY_MAX - 1;
+    return n < STORE_KEY_MAX ? (size_t)n : STORE_KEY_MAX - 1;
 }
 
-/* Index of the first item to load so that the raw items fit the history's
- * text cap (a lowered limit must not make old sessions unreadable): whole
- * pairs from the newest end. */
-static size_t
-first_item_that_fits(const redisReply *r, size_t cap)
+void
+store_fill_history(const redisReply *r, size_t from, struct history *h)
 {
-    size_t bytes = 0, i = r->elements;
+    size_t i = r->elements;
 
-    while (i >= 2) {
-        size_t pair = r->element[i - 1]->len + r->element[i - 2]->len + 2;
+    history_reset(h);
+    /* Newest first, for as long as items are readable and fit the cap: a
+     * lowered limit must not make an old session unreadable. */
+    for (; i > from; i--) {
+        const redisReply *item = r->element[i - 1];
 
-        if (bytes + pair > cap)
+        if (item->type != REDIS_REPLY_STRING ||
+            history_add_json(h, item->str, item->len) == -1)
             break;
-        bytes += pair;
-        i -= 2;
     }
-    return i < 2 ? 0 : i;
+    /* Whole pairs only: a reply whose question did not make it goes too. */
+    if (h->count % 2 == 1 && i > from) {
+        history_drop_last(h);
+        i++;
+    }
+    h->skipped = i - from;
+    if (h->skipped > 0)
+        log_warnx("store", "%zu older history items are over the cap or "
+                  "unreadable; the next turn trims them", h->skipped);
+    history_reverse(h);
 }
 
 int
 store_history_load(struct store *s, const char *session_id, struct history *h)
 {
-    char key[KEY_MAX];
-    size_t klen = history_key(key, session_id), first;
+    char key[STORE_KEY_MAX];
+    size_t klen = store_history_key(key, session_id);
     redisReply *r;
 
     history_reset(h);
@@ -419,75 +425,31 @@ store_history_load(struct store *s, const char *session_id, struct history *h)
         freeReplyObject(r);
         return -1;
     }
-    first = first_item_that_fits(r, h->text.max);
-    for (size_t i = first; i < r->elements; i++) {
-        const redisReply *item = r->element[i];
-
-        if (item->type != REDIS_REPLY_STRING ||
-            history_add_json(h, item->str, item->len) == -1)
-            log_warnx("store", "skipping unreadable item %zu of %s", i, key);
-    }
+    store_fill_history(r, 0, h);
     freeReplyObject(r);
     return 0;
 }
 
-/* Read n queued replies; every one must arrive and none be an error. */
-static int
-read_replies(struct store *s, redisReply **replies, size_t n)
+struct redisReply *
+store_command_argv(struct store *s, int argc, const char **argv,
+                   const size_t *lens, const char *what)
 {
-    int rc = 0;
-
-    for (size_t i = 0; i < n; i++) {
-        void *r = NULL;
-
-        replies[i] = NULL;
-        if (rc == 0 && redisGetReply(s->ctx, &r) != REDIS_OK) {
-            reply_failed(s, NULL, "MULTI/EXEC");
-            rc = -1;
-        }
-        replies[i] = r;
-        if (rc == 0 && reply_failed(s, r, "MULTI/EXEC") == -1)
-            rc = -1;
-    }
-    return rc;
-}
-
-int
-store_history_append(struct store *s, const char *session_id,
-                     const char *user_json, size_t user_len,
-                     const char *assistant_json, size_t assistant_len,
-                     size_t trim_start, long long ttl_seconds)
-{
-    char key[KEY_MAX];
-    size_t klen = history_key(key, session_id);
-    redisReply *replies[5];
-    int rc;
+    redisReply *r;
 
     if (ensure_connected(s) == -1)
-        return -1;
-    /* Pipelined: one write, one read of five replies. */
-    redisAppendCommand(s->ctx, "MULTI");
-    redisAppendCommand(s->ctx, "RPUSH %b %b %b", key, klen, user_json,
-                       user_len, assistant_json, assistant_len);
-    redisAppendCommand(s->ctx, "LTRIM %b %lld -1", key, klen,
-                       (long long)trim_start);
-    redisAppendCommand(s->ctx, "EXPIRE %b %lld", key, klen, ttl_seconds);
-    redisAppendCommand(s->ctx, "EXEC");
-    rc = read_replies(s, replies, 5);
-    if (rc == 0 && replies[4]->type != REDIS_REPLY_ARRAY) {
-        snprintf(s->err, STORE_ERR_LEN, "Redis EXEC was aborted");
-        rc = -1;
-    }
-    for (size_t i = 0; i < 5; i++)
-        freeReplyObject(replies[i]);
-    return rc;
+        return NULL;
+    r = redisCommandArgv(s->ctx, argc, argv, lens);
+    if (reply_failed(s, r, what) == 0)
+        return r;
+    freeReplyObject(r);
+    return NULL;
 }
 
 int
 store_history_delete(struct store *s, const char *session_id)
 {
-    char key[KEY_MAX];
-    size_t klen = history_key(key, session_id);
+    char key[STORE_KEY_MAX];
+    size_t klen = store_history_key(key, session_id);
     redisReply *r;
     int rc = command(s, &r, "DEL", "DEL %b", key, klen);
 

@@ -94,6 +94,11 @@ worker_setup(struct worker *w, const struct worker_setup *ws)
     buf_init(&w->body, (size_t)c->chat.max_body_bytes);
     buf_init(&w->arena, (size_t)c->chat.max_body_bytes + ITEM_OVERHEAD);
     buf_init(&w->user_item, max_msg * JSON_ESCAPE_GROWTH + ITEM_OVERHEAD);
+    buf_init(&w->assistant_item, max_reply * JSON_ESCAPE_GROWTH +
+                                     ITEM_OVERHEAD);
+    buf_init(&w->replay, max_reply * JSON_ESCAPE_GROWTH + ITEM_OVERHEAD);
+    if (guard_init(&w->guard, c->client_keys) == -1)
+        fatal("worker", "client_keys: not a list of SHA-256 hex digests");
     buf_init(&w->text, METRICS_TEXT_MAX);
     history_init(&w->history, (size_t)c->chat.history_max_bytes + max_msg +
                                   max_reply + ITEM_OVERHEAD);
@@ -108,6 +113,9 @@ worker_cleanup(struct worker *w)
     history_cleanup(&w->history);
     buf_cleanup(&w->text);
     buf_cleanup(&w->user_item);
+    buf_cleanup(&w->assistant_item);
+    buf_cleanup(&w->replay);
+    guard_cleanup(&w->guard);
     buf_cleanup(&w->arena);
     buf_cleanup(&w->body);
     llm_cleanup(&w->llm);
@@ -164,20 +172,37 @@ dispatch_common(struct worker *w, const struct route_match *m)
     }
 }
 
+/* The chat API, behind the guard (CORS, client keys, client identity). */
+static void
+dispatch_chat(struct worker *w, const struct route_match *m)
+{
+    if (guard_request(w, m->allow) == -1)
+        return;
+    switch (m->id) {
+    case ROUTE_CHAT_POST:
+        chat_post(w);
+        break;
+    case ROUTE_SESSION_GET:
+        chat_get(w, m->tail);
+        break;
+    case ROUTE_SESSION_DELETE:
+        chat_delete(w, m->tail);
+        break;
+    default:
+        http_send_not_allowed(&w->req, m->allow);
+    }
+}
+
 static void
 dispatch(struct worker *w)
 {
     struct route_match m;
 
     route_resolve(w->req.method, w->req.path, &m);
-    if (dispatch_common(w, &m))
+    if (m.guarded && w->setup->role == WORKER_CHAT)
+        dispatch_chat(w, &m);
+    else if (!m.guarded && dispatch_common(w, &m))
         return;
-    if (w->setup->role == WORKER_CHAT && m.id == ROUTE_CHAT_POST)
-        chat_post(w);
-    else if (w->setup->role == WORKER_CHAT && m.id == ROUTE_SESSION_GET)
-        chat_get(w, m.tail);
-    else if (w->setup->role == WORKER_CHAT && m.id == ROUTE_SESSION_DELETE)
-        chat_delete(w, m.tail);
     else
         http_send_error(&w->req, 404, "not_found", "no such path");
 }

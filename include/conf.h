@@ -31,6 +31,10 @@ struct conf {
     long long queue_timeout_ms;
     char *status_listen; /* "off": none */
     char *status_allow;  /* client addresses for status and metrics */
+    char *client_keys;     /* SHA-256 hex digests of client API keys */
+    char *trusted_proxies; /* addresses whose X-Forwarded-For is believed */
+    char *cors_origins;    /* origins allowed by CORS; "" for none */
+    long long idempotency_ttl_s;
     char *user;
     char *group;
     long long log_level; /* enum log_level */
@@ -63,6 +67,11 @@ struct conf {
         long long history_max_bytes;
         long long history_ttl_seconds;
     } chat;
+
+    struct {
+        long long rpm; /* turns per minute per client; 0: off */
+        long long tpm; /* model tokens per minute per client; 0: off */
+    } rate_limit;
 };
 
 /* Fill every key with its default. Returns 0, or -1 when memory runs out. */

@@ -21,6 +21,7 @@ struct history {
     struct history_msg *msgs;
     size_t count, cap;
     struct buf text;
+    size_t skipped; /* stored items before msgs[0] that were not loaded */
 };
 
 void history_init(struct history *h, size_t max_text);
@@ -34,15 +35,22 @@ int history_add(struct history *h, enum history_role role,
 
 const char *history_content(const struct history *h, size_t i);
 
+/* Remove the message added last. */
+void history_drop_last(struct history *h);
+
+/* Reverse the order of the messages (a history read newest first). */
+void history_reverse(struct history *h);
+
 const char *history_role_name(enum history_role role);
 
 /* Parse one stored item {"role":"user"|"assistant","content":"..."} and
  * append it. Returns 0, or -1 when the item is not of that form. */
 int history_add_json(struct history *h, const char *json, size_t len);
 
-/* How many of the oldest messages to drop so that at most max_messages
- * messages and max_bytes bytes of content remain: whole pairs only, and
- * never the newest pair, which the turn just added. */
+/* How many of the oldest stored messages to drop so that at most
+ * max_messages messages and max_bytes bytes of content remain: whole
+ * pairs only, never the newest pair, which the turn just added, and all
+ * of those that were too old to be loaded (h->skipped). */
 size_t history_trim_start(const struct history *h, size_t max_messages,
                           size_t max_bytes);
 

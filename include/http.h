@@ -13,6 +13,7 @@
 
 #define HTTP_ID_LEN 65
 #define HTTP_STATUS_CLIENT_GONE 499 /* nginx's code, for the access log */
+#define HTTP_CORS_LEN 512
 
 struct http_request {
     FCGX_Request *fcgi;
@@ -21,6 +22,8 @@ struct http_request {
     const char *method;
     const char *path;
     int status;    /* 0 until a response was sent */
+    int retry_after_s; /* for a 429 or 503; 0: one second */
+    char cors[HTTP_CORS_LEN]; /* CORS header lines for an allowed origin */
     int streaming; /* an event stream has begun: errors become events */
     size_t bytes_out;
     double start_ms, redis_ms, upstream_ms;

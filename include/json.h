@@ -64,6 +64,11 @@ int json_utf8_valid(const char *s, size_t n);
  * multi-byte sequence: what can be sent now when more bytes may follow. */
 size_t json_utf8_complete_len(const char *s, size_t n);
 
+/* Copy src (n bytes) into out as a C string of at most size - 1 bytes,
+ * cut at a character boundary so that a cut never leaves half a UTF-8
+ * sequence. Returns 0, or -1 (out is "") when src is not valid UTF-8. */
+int json_utf8_copy(char *out, size_t size, const char *src, size_t n);
+
 /* A generator that validates UTF-8 and writes compact JSON; NULL if out of
  * memory. Free with yajl_gen_free(). */
 yajl_gen json_gen_new(void);

@@ -22,6 +22,7 @@ struct route_match {
     const char *allow; /* for ROUTE_METHOD_NOT_ALLOWED: "GET, DELETE" */
     const char *tail;  /* for session routes: the path after the prefix,
                           pointing into the path given (not validated) */
+    int guarded;       /* the chat API: client keys, CORS and limits apply */
 };
 
 /* Resolve method and path (without query string). Never fails. */

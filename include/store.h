@@ -14,8 +14,10 @@
 struct conf;
 struct history;
 struct redisContext;
+struct redisReply;
 
 #define STORE_ERR_LEN 160
+#define STORE_KEY_MAX 320
 
 /* Where Redis is, from redis://[[user][:password]@]host[:port][/db] or
  * unix:///path/to/socket[?db=N]. */
@@ -52,13 +54,22 @@ int store_ping(struct store *s);
 int store_history_load(struct store *s, const char *session_id,
                        struct history *h);
 
-/* Append the user and assistant items (JSON), drop the trim_start oldest
- * messages and refresh the TTL, atomically and in one round trip. */
-int store_history_append(struct store *s, const char *session_id,
-                         const char *user_json, size_t user_len,
-                         const char *assistant_json, size_t assistant_len,
-                         size_t trim_start, long long ttl_seconds);
-
 int store_history_delete(struct store *s, const char *session_id);
+
+/* chat:{id}:history; the braces are a Redis Cluster hash tag, so that
+ * every key of a session lives in one slot. Returns the length. */
+size_t store_history_key(char key[STORE_KEY_MAX], const char *session_id);
+
+/* Run one command given as argv (binary-safe). Returns the reply, which
+ * the caller frees with freeReplyObject(), or NULL with s->err set (an
+ * error reply counts as a failure). */
+struct redisReply *store_command_argv(struct store *s, int argc,
+                                      const char **argv, const size_t *lens,
+                                      const char *what);
+
+/* Replace h with the history items r->element[from..], skipping what
+ * cannot be read and the oldest pairs that do not fit h's cap. */
+void store_fill_history(const struct redisReply *r, size_t from,
+                        struct history *h);
 
 #endif

@@ -14,6 +14,7 @@
 #include <yajl/yajl_gen.h>
 
 #include "buf.h"
+#include "guard.h"
 #include "history.h"
 #include "http.h"
 #include "llm.h"
@@ -51,8 +52,11 @@ struct worker {
     struct llm llm;
     struct buf body;      /* the request body, capped at max_body_bytes */
     struct buf arena;     /* strings picked from the body */
-    struct buf user_item; /* the user turn as stored, while the second item
-                             is generated */
+    struct buf user_item;      /* the history items as stored */
+    struct buf assistant_item;
+    struct buf replay;         /* an answer stored for Idempotency-Key */
+    struct guard guard;
+    char client[GUARD_CLIENT_LEN]; /* who the request is from */
     struct history history;
     struct llm_answer answer;
     struct buf text;      /* metrics exposition */
