@@ -11,6 +11,10 @@ DEB_PACKAGES := build-essential pkg-config libfcgi-dev libfcgi-bin \
 	libcmocka-dev \
 	ca-certificates curl procps nginx redis-server redis-tools \
 	python3 python3-pytest python3-requests
+# Installed only when the command is missing, whoever provides it: a
+# NodeSource nodejs brings its own npm, which Debian's npm would conflict
+# with. Node runs the OpenAI SDK test.
+DEB_COMMANDS := node:nodejs npm:npm
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 VARIANT ?= release
@@ -59,6 +63,9 @@ deps:
 	@missing=""; for p in $(DEB_PACKAGES); do \
 		dpkg-query -W -f='$${db:Status-Status}' $$p 2>/dev/null \
 			| grep -qx installed || missing="$$missing $$p"; \
+	done; \
+	for cp in $(DEB_COMMANDS); do \
+		command -v $${cp%%:*} >/dev/null || missing="$$missing $${cp#*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 		echo "deps: installing$$missing"; \

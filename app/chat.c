@@ -78,9 +78,8 @@ chat_content_type_ok(const char *ct)
     return *p == '\0';
 }
 
-/* Read the body within its cap; answers the error itself. */
-static int
-read_body(struct worker *w)
+int
+chat_read_body(struct worker *w)
 {
     struct http_request *r = &w->req;
 
@@ -182,7 +181,7 @@ parse_turn(struct worker *w, struct chat_turn *t)
     };
     char err[JSON_ERR_LEN];
 
-    if (read_body(w) == -1)
+    if (chat_read_body(w) == -1)
         return -1;
     buf_reset(&w->arena);
     if (json_pick(w->body.data, w->body.len, f, 3, &w->arena, REQUEST_DEPTH,
@@ -341,14 +340,31 @@ upstream_error_kind(enum llm_status status)
     return SB_UP_FAILED;
 }
 
+int
+chat_ask_model(struct worker *w, const struct llm_call *call)
+{
+    worker_phase(w, SB_UPSTREAM);
+    llm_complete(&w->llm, call, &w->answer);
+    w->req.upstream_ms += w->answer.ms;
+    if (w->answer.status == LLM_OK)
+        return 0;
+    scoreboard_count_upstream_error(w->pool, upstream_error_kind(
+                                                 w->answer.status));
+    fail_model(w, &w->answer);
+    return -1;
+}
+
 /* Step 3: history + message to the model. */
 static int
 ask_model(struct worker *w, const struct chat_turn *t)
 {
     struct llm_call call = {
+        .system_prompt = w->conf->upstream.system_prompt,
         .history = &w->history,
         .message = t->message,
         .message_len = t->message_len,
+        .temperature = w->conf->upstream.temperature,
+        .max_tokens = w->conf->upstream.max_tokens,
         .request_id = w->req.id,
         .watch_fd = w->req.fcgi->ipcFd,
         .deadline_ms = w->req.start_ms +
@@ -357,15 +373,7 @@ ask_model(struct worker *w, const struct chat_turn *t)
         .delta_arg = w,
     };
 
-    worker_phase(w, SB_UPSTREAM);
-    llm_complete(&w->llm, &call, &w->answer);
-    w->req.upstream_ms += w->answer.ms;
-    if (w->answer.status == LLM_OK)
-        return 0;
-    scoreboard_count_upstream_error(w->pool, upstream_error_kind(
-                                                 w->answer.status));
-    fail_model(w, &w->answer);
-    return -1;
+    return chat_ask_model(w, &call);
 }
 
 /* One stored history item, {"role","content"}, in w->gen's buffer. */
@@ -437,14 +445,12 @@ serialise_turn(struct worker *w, const struct chat_turn *t)
            gen_answer(w->gen, t->session_id, &w->answer, 1);
 }
 
-/* Model tokens of the turn, for the per-minute token limit: the usage the
- * upstream reports, else an estimate of 4 bytes a token. */
-static long long
-turn_tokens(const struct chat_turn *t, const struct llm_answer *a)
+long long
+chat_answer_tokens(size_t message_len, const struct llm_answer *a)
 {
     if (a->prompt_tokens >= 0 && a->completion_tokens >= 0)
         return a->prompt_tokens + a->completion_tokens;
-    return (long long)((t->message_len + a->reply.len) / 4 + 1);
+    return (long long)((message_len + a->reply.len) / 4 + 1);
 }
 
 /* Step 4, in one round trip: append both turns, trim, refresh the TTL,
@@ -476,7 +482,7 @@ store_turn(struct worker *w, const struct chat_turn *t)
     res.trim_start = history_trim_start(&w->history,
                                         (size_t)c->chat.history_max_messages,
                                         (size_t)c->chat.history_max_bytes);
-    res.tokens = turn_tokens(t, &w->answer);
+    res.tokens = chat_answer_tokens(t->message_len, &w->answer);
     worker_phase(w, SB_REDIS);
     start = http_now_ms();
     rc = turn_commit(&w->store, &t->turn, &res);

@@ -92,7 +92,9 @@ history_reverse(struct history *h)
 const char *
 history_role_name(enum history_role role)
 {
-    return role == HISTORY_USER ? "user" : "assistant";
+    static const char *const names[] = {"user", "assistant", "system"};
+
+    return names[role];
 }
 
 int

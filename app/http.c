@@ -120,18 +120,37 @@ http_send_text(struct http_request *r, int status, const char *content_type,
     send_body(r, status, "", content_type, body, len);
 }
 
-/* The error object; messages that are not valid UTF-8 (say, an upstream's)
- * are replaced rather than breaking the JSON. */
-static int
-gen_error(yajl_gen g, const char *code, const char *message)
+/* OpenAI's error type for a status, for the /v1 face. */
+static const char *
+openai_error_type(int status)
 {
+    if (status == 401)
+        return "authentication_error";
+    if (status == 429)
+        return "rate_limit_error";
+    return status >= 500 ? "api_error" : "invalid_request_error";
+}
+
+/* The error object: the contract's {code, message}, or OpenAI's {message,
+ * type, param, code} on /v1. Messages that are not valid UTF-8 (say, an
+ * upstream's) are replaced rather than breaking the JSON. */
+static int
+gen_error(const struct http_request *r, int status, const char *code,
+          const char *message)
+{
+    yajl_gen g = r->gen;
+
     json_gen_restart(g);
     if (!json_utf8_valid(message, strlen(message)))
         message = "(the reason contained invalid UTF-8)";
-    return yajl_gen_map_open(g) || json_gen_cstr(g, "error") ||
-           yajl_gen_map_open(g) || json_gen_key_cstr(g, "code", code) ||
-           json_gen_key_cstr(g, "message", message) ||
-           yajl_gen_map_close(g) || yajl_gen_map_close(g);
+    if (yajl_gen_map_open(g) || json_gen_cstr(g, "error") ||
+        yajl_gen_map_open(g) || json_gen_key_cstr(g, "message", message))
+        return -1;
+    if (r->openai && (json_gen_key_cstr(g, "type", openai_error_type(status)) ||
+                      json_gen_cstr(g, "param") || yajl_gen_null(g)))
+        return -1;
+    return json_gen_key_cstr(g, "code", code) || yajl_gen_map_close(g) ||
+           yajl_gen_map_close(g);
 }
 
 static void
@@ -141,15 +160,15 @@ send_error(struct http_request *r, int status, const char *code,
     const unsigned char *body;
     size_t len;
 
-    if (gen_error(r->gen, code, message) != 0)
-        gen_error(r->gen, code, "(no description)");
+    if (gen_error(r, status, code, message) != 0)
+        gen_error(r, status, code, "(no description)");
     if (status >= 500)
         log_warnx("http", "%d %s: %s%s", status, code, message,
                   r->streaming ? " (after the stream began)" : "");
     else
         log_debug("http", "%d %s: %s", status, code, message);
     if (r->streaming) {
-        if (http_stream_event(r, "error") == -1)
+        if (http_stream_event(r, r->openai ? NULL : "error") == -1)
             log_info("http", "the client went away before the error event");
         return;
     }
@@ -213,6 +232,17 @@ http_stream_begin(struct http_request *r)
 }
 
 int
+http_stream_write(struct http_request *r, const char *text)
+{
+    size_t len = strlen(text);
+
+    if (fcgi_stream_write(r->fcgi, text, len) == -1)
+        return -1;
+    r->bytes_out += len;
+    return 0;
+}
+
+int
 http_stream_event(struct http_request *r, const char *name)
 {
     const unsigned char *data;
@@ -221,7 +251,8 @@ http_stream_event(struct http_request *r, const char *name)
     int n;
 
     yajl_gen_get_buf(r->gen, &data, &len);
-    n = snprintf(head, sizeof(head), "event: %s\ndata: ", name);
+    n = snprintf(head, sizeof(head), "%s%s%sdata: ", name ? "event: " : "",
+                 name ? name : "", name ? "\n" : "");
     if (FCGX_PutStr(head, n, r->fcgi->out) != n ||
         FCGX_PutStr((const char *)data, (int)len, r->fcgi->out) != (int)len ||
         fcgi_stream_write(r->fcgi, "\n\n", 2) == -1)

@@ -126,23 +126,24 @@ gen_message(yajl_gen g, const char *role, const char *content, size_t len)
            yajl_gen_map_close(g);
 }
 
-/* [system prompt] + history + the new user message. */
+/* [system prompt] + history + [the new user message]. */
 static int
-gen_messages(yajl_gen g, const struct conf *c, const struct llm_call *call)
+gen_messages(yajl_gen g, const struct llm_call *call)
 {
     const struct history *h = call->history;
+    const char *system = call->system_prompt;
 
     if (json_gen_cstr(g, "messages") || yajl_gen_array_open(g))
         return -1;
-    if (c->upstream.system_prompt[0] != '\0' &&
-        gen_message(g, "system", c->upstream.system_prompt,
-                    strlen(c->upstream.system_prompt)))
+    if (system != NULL && system[0] != '\0' &&
+        gen_message(g, "system", system, strlen(system)))
         return -1;
     for (size_t i = 0; i < h->count; i++)
         if (gen_message(g, history_role_name(h->msgs[i].role),
                         history_content(h, i), h->msgs[i].len))
             return -1;
-    if (gen_message(g, "user", call->message, call->message_len))
+    if (call->message != NULL &&
+        gen_message(g, "user", call->message, call->message_len))
         return -1;
     return yajl_gen_array_close(g) ? -1 : 0;
 }
@@ -157,14 +158,14 @@ gen_request(struct llm *l, const struct llm_call *call)
     json_gen_restart(g);
     if (yajl_gen_map_open(g) ||
         json_gen_key_cstr(g, "model", c->upstream.model) ||
-        gen_messages(g, c, call))
+        gen_messages(g, call))
         return -1;
-    if (c->upstream.temperature >= 0 &&
+    if (call->temperature >= 0 &&
         (json_gen_cstr(g, "temperature") ||
-         yajl_gen_double(g, c->upstream.temperature)))
+         yajl_gen_double(g, call->temperature)))
         return -1;
-    if (c->upstream.max_tokens > 0 &&
-        json_gen_key_int(g, "max_tokens", c->upstream.max_tokens))
+    if (call->max_tokens > 0 &&
+        json_gen_key_int(g, "max_tokens", call->max_tokens))
         return -1;
     if (call->on_delta != NULL &&
         (json_gen_cstr(g, "stream") || yajl_gen_bool(g, 1) ||
@@ -604,7 +605,8 @@ llm_error_message(const char *body, size_t len, char *out, size_t size)
         for (size_t i = 0; i < 4 && rc == -1; i++)
             if (f[i].type == JSON_STRING && f[i].len > 0 &&
                 json_utf8_copy(out, size, json_field_text(&f[i], &arena),
-                               f[i].len) == 0)
+                               f[i].len) == 0 &&
+                out[0] != '\0')
                 rc = 0;
     }
     buf_cleanup(&arena);

@@ -21,6 +21,9 @@ static const struct route_entry routes[] = {
     {"/api/healthz", 0, 0, "GET", {{"GET", ROUTE_HEALTHZ}}},
     {"/api/status", 0, 0, "GET", {{"GET", ROUTE_STATUS}}},
     {"/api/metrics", 0, 0, "GET", {{"GET", ROUTE_METRICS}}},
+    {"/v1/models", 0, 1, "GET", {{"GET", ROUTE_V1_MODELS}}},
+    {"/v1/chat/completions", 0, 1, "POST",
+     {{"POST", ROUTE_V1_COMPLETIONS}}},
 };
 
 static const char *

@@ -87,7 +87,9 @@ sse_feed(struct sse_parser *p, const char *bytes, size_t n)
 {
     size_t i = 0;
 
-    if (n > 0 && p->after_cr && bytes[0] == '\n')
+    if (n == 0)
+        return 0; /* nothing, and a pending CR stays pending */
+    if (p->after_cr && bytes[0] == '\n')
         i = 1;
     p->after_cr = 0;
     while (i < n) {

@@ -85,6 +85,26 @@ static const char abort_lua[] =
     "end\n"
     "return 1\n";
 
+/* Rate limits without a session (the /v1 face).
+ * KEYS: rpm counter, tpm counter. ARGV: rpm, tpm, retry-after. */
+static const char rate_lua[] =
+    "local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])\n"
+    "if (tpm > 0 and tonumber(redis.call('GET', KEYS[2]) or '0') >= tpm) or\n"
+    "   (rpm > 0 and tonumber(redis.call('GET', KEYS[1]) or '0') >= rpm) then\n"
+    "  return ARGV[3]\n"
+    "end\n"
+    "if rpm > 0 then\n"
+    "  redis.call('INCR', KEYS[1])\n"
+    "  redis.call('EXPIRE', KEYS[1], " COUNTER_TTL ")\n"
+    "end\n"
+    "return 0\n";
+
+/* KEYS: tpm counter. ARGV: tokens. */
+static const char tokens_lua[] =
+    "redis.call('INCRBY', KEYS[1], ARGV[1])\n"
+    "redis.call('EXPIRE', KEYS[1], " COUNTER_TTL ")\n"
+    "return 1\n";
+
 /* The keys of one turn, as C strings. */
 struct turn_keys {
     char history[STORE_KEY_MAX];
@@ -94,9 +114,18 @@ struct turn_keys {
     char tpm[STORE_KEY_MAX];
 };
 
+/* The client's rate-limit counters of the current minute. */
+static void
+client_keys(const struct turn *t, struct turn_keys *k, long long window)
+{
+    snprintf(k->rpm, sizeof(k->rpm), "rl:{%s}:rpm:%lld", t->client, window);
+    snprintf(k->tpm, sizeof(k->tpm), "rl:{%s}:tpm:%lld", t->client, window);
+}
+
 static void
 make_keys(const struct turn *t, struct turn_keys *k, long long window)
 {
+    client_keys(t, k, window);
     store_history_key(k->history, t->session_id);
     snprintf(k->lock, sizeof(k->lock), "chat:{%s}:lock", t->session_id);
     if (t->idempotency_key == NULL)
@@ -108,8 +137,6 @@ make_keys(const struct turn *t, struct turn_keys *k, long long window)
     else
         snprintf(k->record, sizeof(k->record), "chat:{%s}:idem:%s",
                  t->session_id, t->idempotency_key);
-    snprintf(k->rpm, sizeof(k->rpm), "rl:{%s}:rpm:%lld", t->client, window);
-    snprintf(k->tpm, sizeof(k->tpm), "rl:{%s}:tpm:%lld", t->client, window);
 }
 
 /* Arguments of one EVALSHA, built up one by one. */
@@ -325,6 +352,51 @@ turn_abort(struct store *s, const struct turn *t)
     arg_str(&c, t->token);
     arg_str(&c, t->idempotency_key ? "1" : "0");
     r = run_script(s, abort_lua, &c, "turn abort");
+    if (r == NULL)
+        return -1;
+    freeReplyObject(r);
+    return 0;
+}
+
+int
+turn_rate_check(struct store *s, const struct turn *t, long long *retry_s)
+{
+    long long now = (long long)time(NULL);
+    struct turn_keys k;
+    struct call c;
+    redisReply *r;
+    int rc = TURN_GO;
+
+    client_keys(t, &k, now / WINDOW_S);
+    begin_call(&c, 2);
+    arg_str(&c, k.rpm);
+    arg_str(&c, k.tpm);
+    arg_int(&c, t->rpm);
+    arg_int(&c, t->tpm);
+    arg_int(&c, WINDOW_S - now % WINDOW_S);
+    r = run_script(s, rate_lua, &c, "rate check");
+    if (r == NULL)
+        return -1;
+    if (r->type == REDIS_REPLY_STRING) {
+        *retry_s = strtoll(r->str, NULL, 10);
+        rc = TURN_RATE_LIMITED;
+    }
+    freeReplyObject(r);
+    return rc;
+}
+
+int
+turn_count_tokens(struct store *s, const struct turn *t, long long tokens)
+{
+    struct turn_keys k;
+    struct call c;
+    redisReply *r;
+
+    client_keys(t, &k, (long long)time(NULL) / WINDOW_S);
+    begin_call(&c, 1);
+    arg_str(&c, k.tpm);
+    arg_int(&c, tokens);
+    r = run_script(s, tokens_lua, &c, "token count");
     if (r == NULL)
         return -1;
     freeReplyObject(r);

@@ -15,6 +15,7 @@
 #include "json.h"
 #include "log.h"
 #include "metrics.h"
+#include "openai.h"
 #include "route.h"
 #include "scoreboard.h"
 
@@ -188,6 +189,12 @@ dispatch_chat(struct worker *w, const struct route_match *m)
     case ROUTE_SESSION_DELETE:
         chat_delete(w, m->tail);
         break;
+    case ROUTE_V1_MODELS:
+        openai_models(w);
+        break;
+    case ROUTE_V1_COMPLETIONS:
+        openai_completions(w);
+        break;
     default:
         http_send_not_allowed(&w->req, m->allow);
     }
@@ -199,6 +206,8 @@ dispatch(struct worker *w)
     struct route_match m;
 
     route_resolve(w->req.method, w->req.path, &m);
+    /* The /v1 face answers errors, even this early, as OpenAI does. */
+    w->req.openai = strncmp(w->req.path, "/v1/", 4) == 0;
     if (m.guarded && w->setup->role == WORKER_CHAT)
         dispatch_chat(w, &m);
     else if (!m.guarded && dispatch_common(w, &m))

@@ -9,11 +9,27 @@
 
 #include <stddef.h>
 
+struct llm_answer;
+struct llm_call;
 struct worker;
 
 #define CHAT_SESSION_ID_MAX 128
 
 void chat_post(struct worker *w);
+
+/* Shared with the /v1 face. Each answers the error itself and returns -1,
+ * or returns 0. */
+
+/* Read the JSON body within its cap (415, 413, 400). */
+int chat_read_body(struct worker *w);
+
+/* Run call through the worker's llm into w->answer (502, 504; nothing
+ * when the client went away), counting failures in the metrics. */
+int chat_ask_model(struct worker *w, const struct llm_call *call);
+
+/* Model tokens of an answer, for the per-minute token limit: the usage the
+ * upstream reports, else about 4 bytes a token. */
+long long chat_answer_tokens(size_t message_len, const struct llm_answer *a);
 void chat_get(struct worker *w, const char *session_id);
 void chat_delete(struct worker *w, const char *session_id);
 

@@ -10,7 +10,9 @@
 
 #include "buf.h"
 
-enum history_role { HISTORY_USER, HISTORY_ASSISTANT };
+/* Stored histories hold user and assistant messages; system messages come
+ * only from a /v1 request. */
+enum history_role { HISTORY_USER, HISTORY_ASSISTANT, HISTORY_SYSTEM };
 
 struct history_msg {
     enum history_role role;

@@ -25,6 +25,7 @@ struct http_request {
     int retry_after_s; /* for a 429 or 503; 0: one second */
     char cors[HTTP_CORS_LEN]; /* CORS header lines for an allowed origin */
     int streaming; /* an event stream has begun: errors become events */
+    int openai;    /* the /v1 face: OpenAI's error objects */
     size_t bytes_out;
     double start_ms, redis_ms, upstream_ms;
 };
@@ -54,9 +55,14 @@ void http_send_no_content(struct http_request *r);
 /* Start a text/event-stream response (headers flushed). Returns 0 or -1. */
 int http_stream_begin(struct http_request *r);
 
-/* One SSE event "event: NAME\ndata: <r->gen document>\n\n", flushed.
- * Returns 0, or -1 when the client went away. */
+/* One SSE event "event: NAME\ndata: <r->gen document>\n\n", flushed
+ * (NULL name: a bare "data:" event, as OpenAI streams them). Returns 0, or
+ * -1 when the client went away. */
 int http_stream_event(struct http_request *r, const char *name);
+
+/* Write and flush raw text into a begun stream ("data: [DONE]\n\n").
+ * Returns 0 or -1. */
+int http_stream_write(struct http_request *r, const char *text);
 
 /* The path as routed: DOCUMENT_URI when the web server sends it, else
  * REQUEST_URI without its query string (into scratch). */

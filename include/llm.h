@@ -46,11 +46,14 @@ struct llm_answer {
  * returns -1 when the client went away, which cancels the transfer. */
 typedef int (*llm_delta_fn)(void *arg, const char *text, size_t len);
 
-/* One chat turn to send. */
+/* One chat completion to ask for: [system prompt] + history + [message]. */
 struct llm_call {
+    const char *system_prompt; /* NULL or "": none */
     const struct history *history;
-    const char *message;
+    const char *message;       /* the new user message; NULL: none */
     size_t message_len;
+    double temperature;        /* < 0: the model's default */
+    long long max_tokens;      /* 0: the model's default */
     const char *request_id;
     int watch_fd; /* the request's connection to the web server, or -1 */
     double deadline_ms; /* the request's own deadline (monotonic ms) */

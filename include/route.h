@@ -15,6 +15,8 @@ enum route_id {
     ROUTE_HEALTHZ,
     ROUTE_STATUS,
     ROUTE_METRICS,
+    ROUTE_V1_MODELS,
+    ROUTE_V1_COMPLETIONS,
 };
 
 struct route_match {

@@ -58,6 +58,16 @@ struct turn_result {
 int turn_commit(struct store *s, const struct turn *t,
                 const struct turn_result *r);
 
+/* Rate limits alone, for requests without a session (the /v1 face; only
+ * t->client, rpm and tpm are used): TURN_GO (and the turn is counted),
+ * TURN_RATE_LIMITED, or -1. */
+int turn_rate_check(struct store *s, const struct turn *t,
+                    long long *retry_after_s);
+
+/* Add a finished request's tokens to the client's per-minute count. */
+int turn_count_tokens(struct store *s, const struct turn *t,
+                      long long tokens);
+
 /* Release the lock and a pending idempotency record after a failure.
  * Returns 0 or -1 (the lock then expires on its own). */
 int turn_abort(struct store *s, const struct turn *t);

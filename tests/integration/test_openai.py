@@ -1,0 +1,137 @@
+"""The OpenAI-compatible face, /v1, through nginx: the official openai npm
+package as a client (plain, streamed, an error, models), then the shapes
+an OpenAI client relies on: error objects, limits and keys, upstream
+failures before and after a stream began."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SDK_DIR = REPO / "tests" / "sdk"
+KEY = "sk-v1-client"
+
+
+def completions(http, st, body, headers=None, timeout=15):
+    return http.post(f"{st.url}/v1/chat/completions", json=body,
+                     headers=headers or {}, timeout=timeout)
+
+
+def user(text="I feel tired today"):
+    return {"messages": [{"role": "user", "content": text}]}
+
+
+def openai_error(r, status, error_type):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert err["type"] == error_type, err
+    assert err["message"]
+    return err
+
+
+def test_official_sdk(stack):
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.fail("node and npm are needed (make deps installs them)")
+    if not (SDK_DIR / "node_modules" / "openai").is_dir():
+        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=SDK_DIR,
+                       check=True, timeout=300)
+    env = dict(os.environ, CHATFCGI_BASE_URL=f"{stack.url}/v1")
+    run = subprocess.run([node, str(SDK_DIR / "openai.test.mjs")], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "passed" in run.stdout
+
+
+def test_models(http, stack):
+    r = http.get(f"{stack.url}/v1/models", timeout=5)
+    assert r.status_code == 200
+    assert r.json()["data"][0]["id"] == "local-eliza"
+
+
+def test_history_is_not_kept_and_system_prompt_is_the_clients(http, stack,
+                                                             model):
+    r = completions(http, stack, {"messages": [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "I need "},
+                                     {"type": "text", "text": "sleep"}]}]})
+    assert r.status_code == 200, r.text
+    sent = model.stats()["recent"][-1]["body"]["messages"]
+    assert sent == [{"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "I need sleep"}]
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "role"),
+    ({"messages": [{"role": "user"}]}, "content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     "content"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": -1},
+     "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"},
+     "stream"),
+])
+def test_bad_requests_get_openai_errors(http, stack, body, fragment):
+    err = openai_error(completions(http, stack, body), 400,
+                       "invalid_request_error")
+    assert fragment in err["message"]
+
+
+def test_malformed_json_and_wrong_method(http, stack):
+    r = http.post(f"{stack.url}/v1/chat/completions", data=b"{nope",
+                  headers={"Content-Type": "application/json"}, timeout=5)
+    openai_error(r, 400, "invalid_request_error")
+    r = http.get(f"{stack.url}/v1/chat/completions", timeout=5)
+    openai_error(r, 405, "invalid_request_error")
+    assert r.headers["Allow"] == "POST"
+
+
+def test_upstream_failure_is_502_api_error(http, stack, model):
+    model.set(mode="fail", status=500)
+    err = openai_error(completions(http, stack, user()), 502, "api_error")
+    assert err["code"] == "upstream_error"
+
+
+def test_error_after_stream_began_is_an_error_chunk(http, stack, model):
+    model.set(mode="drop", drop_after=2)
+    r = completions(http, stack, dict(user(), stream=True))
+    assert r.status_code == 200
+    events = [e[len("data: "):] for e in r.text.strip().split("\n\n")]
+    assert json.loads(events[0])["choices"][0]["delta"]["content"]
+    last = json.loads(events[-1])
+    assert last["error"]["type"] == "api_error", events
+    assert "[DONE]" not in events
+
+
+def test_client_keys_and_limits_apply(http, stack_factory):
+    st = stack_factory({
+        "CHATFCGI_CLIENT_KEYS": hashlib.sha256(KEY.encode()).hexdigest(),
+        "CHATFCGI_RATE_LIMIT_RPM": "2"})
+    openai_error(completions(http, st, user()), 401, "authentication_error")
+    auth = {"Authorization": f"Bearer {KEY}"}
+    assert completions(http, st, user(), auth).status_code == 200
+    assert completions(http, st, user(), auth).status_code == 200
+    r = completions(http, st, user(), auth)
+    openai_error(r, 429, "rate_limit_error")
+    assert int(r.headers["Retry-After"]) >= 1
+
+
+def test_requests_are_counted_in_metrics(http, stack):
+    before = http.get(f"{stack.url}/api/metrics", timeout=5).text
+    completions(http, stack, user())
+    after = http.get(f"{stack.url}/api/metrics", timeout=5).text
+
+    def ok(text):
+        line = next(l for l in text.splitlines()
+                    if l.startswith('chatfcgi_requests_total{status="200"}'))
+        return int(line.split()[-1])
+
+    assert ok(after) > ok(before)

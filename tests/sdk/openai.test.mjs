@@ -1,0 +1,73 @@
+// The official openai npm package against chatfcgi's /v1 face: a plain
+// completion, a streamed one, and an error. Run by tests/integration/
+// test_openai.py with CHATFCGI_BASE_URL=http://127.0.0.1:PORT/v1.
+import assert from "node:assert/strict";
+import OpenAI from "openai";
+
+const client = new OpenAI({
+  baseURL: process.env.CHATFCGI_BASE_URL,
+  apiKey: process.env.CHATFCGI_CLIENT_KEY || "unused",
+  maxRetries: 0,
+  timeout: 15000,
+});
+
+async function plain() {
+  const r = await client.chat.completions.create({
+    model: "any",
+    messages: [
+      { role: "system", content: "You are a test." },
+      { role: "user", content: "I feel tired today" },
+    ],
+  });
+  assert.equal(r.object, "chat.completion");
+  assert.equal(r.choices[0].message.role, "assistant");
+  assert.ok(r.choices[0].message.content.length > 0);
+  assert.ok(r.usage.total_tokens > 0);
+  return r.choices[0].message.content;
+}
+
+async function streamed(expected) {
+  const stream = await client.chat.completions.create({
+    model: "any",
+    stream: true,
+    stream_options: { include_usage: true },
+    messages: [
+      { role: "system", content: "You are a test." },
+      { role: "user", content: "I feel tired today" },
+    ],
+  });
+  let text = "";
+  let chunks = 0;
+  let usage = null;
+  for await (const chunk of stream) {
+    if (chunk.usage) usage = chunk.usage;
+    for (const choice of chunk.choices) text += choice.delta.content ?? "";
+    chunks++;
+  }
+  assert.equal(text, expected, "streamed text equals the plain answer");
+  assert.ok(chunks > 2, `several chunks (${chunks})`);
+  assert.ok(usage && usage.completion_tokens > 0, "a usage chunk");
+}
+
+async function error() {
+  await assert.rejects(
+    client.chat.completions.create({ model: "any", messages: [] }),
+    (e) => {
+      assert.ok(e instanceof OpenAI.BadRequestError, String(e));
+      assert.equal(e.status, 400);
+      assert.equal(e.error.type, "invalid_request_error");
+      return true;
+    },
+  );
+}
+
+async function models() {
+  const list = await client.models.list();
+  assert.ok(list.data.length === 1 && list.data[0].id, "one model");
+}
+
+const reply = await plain();
+await streamed(reply);
+await error();
+await models();
+console.log("openai sdk: plain, stream, error and models passed");
