@@ -10,7 +10,7 @@ DEB_PACKAGES := build-essential pkg-config libfcgi-dev libfcgi-bin \
 	libhiredis-dev libcurl4-openssl-dev libyajl-dev libssl-dev \
 	libcmocka-dev \
 	ca-certificates curl procps nginx redis-server redis-tools \
-	python3 python3-pytest python3-requests
+	python3 python3-pytest python3-requests clang libclang-rt-14-dev
 # Installed only when the command is missing, whoever provides it: a
 # NodeSource nodejs brings its own npm, which Debian's npm would conflict
 # with. Node runs the OpenAI SDK test.
@@ -43,7 +43,7 @@ LIB_OBJS := $(filter-out $(OBJDIR)/app/main.o,$(OBJS))
 UNIT_SRCS := $(wildcard tests/unit/test_*.c)
 UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=$(OBJDIR)/tests/%)
 
-.PHONY: all deps run start stop test check unit integration asan clean
+.PHONY: all deps run start stop test check unit integration asan clean fuzz
 
 all: $(BIN)
 
@@ -106,3 +106,76 @@ clean:
 	rm -rf build bin
 
 -include $(OBJS:.o=.d) $(UNIT_BINS:=.d)
+
+# Fuzzing with libFuzzer (clang), see tests/fuzz/README.md. `make fuzz` runs
+# each target for FUZZ_SECONDS on a scratch copy of its seed corpus (new
+# inputs stay in build/fuzz/run/, never in tests/fuzz/corpus) and fails if
+# any target crashes, naming the input that did it.
+FUZZ_CC := clang
+FUZZ_SECONDS ?= 60
+FUZZ_MAX_LEN ?= 65536
+# A slow input is a finding too (a quadratic parser is a DoS).
+FUZZ_TIMEOUT ?= 10
+FUZZ_TARGETS := request answer sse conf route
+FUZZ_DIR := build/fuzz
+# Not CFLAGS: those carry gcc-only switches and _FORTIFY_SOURCE.
+FUZZ_CFLAGS = -std=gnu11 -D_GNU_SOURCE -g -O1 -fno-omit-frame-pointer \
+	-fsanitize=fuzzer-no-link,address,undefined -fno-sanitize-recover=all \
+	-Wall -Wextra -Iinclude -MMD -MP $(shell pkg-config --cflags $(PKGS))
+FUZZ_LDFLAGS := -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
+FUZZ_BINS := $(FUZZ_TARGETS:%=$(FUZZ_DIR)/fuzz_%)
+# The first line of a report in a libFuzzer log (a sed regex): a sanitizer
+# error, a crash, leak, timeout or out-of-memory, or a UBSan runtime error.
+FUZZ_REPORT := ^==[0-9]*== *ERROR\|runtime error\|^ALARM
+FUZZ_ALL_OBJS := $(LIB_OBJS:$(OBJDIR)/%=$(FUZZ_DIR)/%)
+# The app objects each target links: what its calls need. Whatever calls
+# chat_session_id_valid() takes all of them, as chat.o reaches every module.
+fuzz_objs = $(patsubst %,$(FUZZ_DIR)/app/%.o,$(1))
+FUZZ_OBJS_request := $(FUZZ_ALL_OBJS)
+FUZZ_OBJS_answer := $(call fuzz_objs,llm json sse fcgi history buf)
+FUZZ_OBJS_sse := $(call fuzz_objs,sse buf)
+FUZZ_OBJS_conf := $(call fuzz_objs,conf log store history json buf)
+FUZZ_OBJS_route := $(FUZZ_ALL_OBJS)
+
+$(FUZZ_DIR)/app/%.o: app/%.c
+	@mkdir -p $(@D)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -c -o $@ $<
+
+$(FUZZ_DIR)/tests/fuzz_%.o: tests/fuzz/fuzz_%.c
+	@mkdir -p $(@D)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -c -o $@ $<
+
+# Keep the objects make would otherwise delete as intermediates.
+.SECONDARY: $(FUZZ_ALL_OBJS) $(FUZZ_TARGETS:%=$(FUZZ_DIR)/tests/fuzz_%.o)
+.SECONDEXPANSION:
+$(FUZZ_DIR)/fuzz_%: $(FUZZ_DIR)/tests/fuzz_%.o $$(FUZZ_OBJS_$$*)
+	$(FUZZ_CC) $(FUZZ_LDFLAGS) -o $@ $^ $(LDLIBS)
+
+fuzz: deps
+	@$(MAKE) --no-print-directory $(FUZZ_BINS)
+	@failed=""; for t in $(FUZZ_TARGETS); do \
+		run=$(FUZZ_DIR)/run/$$t; \
+		rm -rf $$run && mkdir -p $$run/corpus $$run/artifacts || exit 1; \
+		cp tests/fuzz/corpus/$$t/* $$run/corpus/ || exit 1; \
+		echo "== fuzz_$$t: $(FUZZ_SECONDS) s, log in $$run/log"; \
+		if $(FUZZ_DIR)/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) \
+			-max_len=$(FUZZ_MAX_LEN) -timeout=$(FUZZ_TIMEOUT) \
+			-print_final_stats=1 -artifact_prefix=$$run/artifacts/ \
+			$$run/corpus >$$run/log 2>&1; then \
+			grep -E '^#[0-9]+[[:space:]]+DONE' $$run/log | tail -n 1; \
+			grep -E '^stat::(number_of_executed_units|average_exec_per_sec):' \
+				$$run/log; \
+		else \
+			failed="$$failed $$t"; \
+			sed -n '/$(FUZZ_REPORT)/,/^Base64:/p' $$run/log | head -n 80; \
+			grep -E '^#[0-9]+[[:space:]]' $$run/log | tail -n 1; \
+			grep -E '^stat::number_of_executed_units:' $$run/log; \
+			for f in $$run/artifacts/*; do \
+				[ -e "$$f" ] && echo "fuzz_$$t: CRASH input $$f"; \
+			done; \
+		fi; \
+	done; \
+	if [ -n "$$failed" ]; then echo "fuzz: FAILED:$$failed"; exit 1; fi; \
+	echo "fuzz: no crash in $(FUZZ_SECONDS) s per target"
+
+-include $(FUZZ_ALL_OBJS:.o=.d) $(FUZZ_TARGETS:%=$(FUZZ_DIR)/tests/fuzz_%.d)
