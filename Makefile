@@ -127,15 +127,9 @@ FUZZ_BINS := $(FUZZ_TARGETS:%=$(FUZZ_DIR)/fuzz_%)
 # The first line of a report in a libFuzzer log (a sed regex): a sanitizer
 # error, a crash, leak, timeout or out-of-memory, or a UBSan runtime error.
 FUZZ_REPORT := ^==[0-9]*== *ERROR\|runtime error\|^ALARM
+# Every target links all app objects: a list per target would break each
+# time a module gains a dependency.
 FUZZ_ALL_OBJS := $(LIB_OBJS:$(OBJDIR)/%=$(FUZZ_DIR)/%)
-# The app objects each target links: what its calls need. Whatever calls
-# chat_session_id_valid() takes all of them, as chat.o reaches every module.
-fuzz_objs = $(patsubst %,$(FUZZ_DIR)/app/%.o,$(1))
-FUZZ_OBJS_request := $(FUZZ_ALL_OBJS)
-FUZZ_OBJS_answer := $(call fuzz_objs,llm json sse fcgi history buf)
-FUZZ_OBJS_sse := $(call fuzz_objs,sse buf)
-FUZZ_OBJS_conf := $(call fuzz_objs,conf log store history json buf)
-FUZZ_OBJS_route := $(FUZZ_ALL_OBJS)
 
 $(FUZZ_DIR)/app/%.o: app/%.c
 	@mkdir -p $(@D)
@@ -147,8 +141,7 @@ $(FUZZ_DIR)/tests/fuzz_%.o: tests/fuzz/fuzz_%.c
 
 # Keep the objects make would otherwise delete as intermediates.
 .SECONDARY: $(FUZZ_ALL_OBJS) $(FUZZ_TARGETS:%=$(FUZZ_DIR)/tests/fuzz_%.o)
-.SECONDEXPANSION:
-$(FUZZ_DIR)/fuzz_%: $(FUZZ_DIR)/tests/fuzz_%.o $$(FUZZ_OBJS_$$*)
+$(FUZZ_DIR)/fuzz_%: $(FUZZ_DIR)/tests/fuzz_%.o $(FUZZ_ALL_OBJS)
 	$(FUZZ_CC) $(FUZZ_LDFLAGS) -o $@ $^ $(LDLIBS)
 
 fuzz: deps

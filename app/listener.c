@@ -56,6 +56,7 @@ inherit_reexec(const char *spec, struct listeners *ls, int *sb_fd,
     *sb_fd = v[2];
     *generation = (unsigned)v[3];
     ls->origin = "the previous master (reload)";
+    ls->from_reload = 1;
     return 1;
 }
 
@@ -110,7 +111,7 @@ listener_inherit(struct listeners *ls, int *scoreboard_fd,
     int rc;
 
     ls->chat_fd = ls->status_fd = -1;
-    ls->unlink_chat = ls->unlink_status = 0;
+    ls->unlink_chat = ls->unlink_status = ls->from_reload = 0;
     *scoreboard_fd = -1;
     *generation = 0;
     if (reexec != NULL) {

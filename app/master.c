@@ -8,6 +8,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -129,13 +131,34 @@ status_enabled(const struct conf *c)
 }
 
 /* The sockets: handed over, or opened from the configuration. */
+/* After a reload the sockets are handed over, but their files are still
+ * ours to remove at the end: when the path is the one the socket we hold
+ * is bound to. */
+static int
+is_socket_file_of(int fd, const char *path)
+{
+    struct sockaddr_un sa;
+    socklen_t len = sizeof(sa);
+
+    return fd >= 0 && strchr(path, '/') != NULL &&
+           getsockname(fd, (struct sockaddr *)&sa, &len) == 0 &&
+           sa.sun_family == AF_UNIX &&
+           strncmp(sa.sun_path, path, sizeof(sa.sun_path)) == 0;
+}
+
 static int
 acquire_listeners(struct master *m, int inherited, int with_status)
 {
     struct listener_owner owner;
 
-    if (inherited)
+    if (inherited && !m->ls.from_reload)
+        return 0; /* systemd's or the spawner's: not ours to remove */
+    if (inherited) {
+        m->ls.unlink_chat = is_socket_file_of(m->ls.chat_fd, m->conf->listen);
+        m->ls.unlink_status = is_socket_file_of(m->ls.status_fd,
+                                                m->conf->status_listen);
         return 0;
+    }
     if (socket_owner(m, &owner) == -1)
         return -1;
     m->ls.origin = m->conf->listen;
@@ -464,14 +487,19 @@ live_workers(const struct master *m)
     return n;
 }
 
-/* Stop taking requests at once: the listening socket is shut down for
- * every process that shares it (waiting connections are refused, and the
- * web server answers 503), while accepted requests go on. */
+/* Stop taking requests at once, while accepted ones go on: the listening
+ * socket is shut down for every process that shares it (new connections
+ * are refused and the web server answers 503) and closed here; workers
+ * close their copies as soon as they are told to stop, so that the
+ * connections already waiting are refused too, not left waiting for the
+ * longest stream to end. */
 static void
 stop_listening(struct master *m)
 {
     if (shutdown(m->ls.chat_fd, SHUT_RDWR) == -1)
         log_warn("master", "cannot shut the listening socket down");
+    close(m->ls.chat_fd);
+    m->ls.chat_fd = -1;
     if (m->ls.unlink_chat)
         unlink(m->conf->listen);
     m->ls.unlink_chat = 0;
@@ -524,19 +552,65 @@ reexec_environ(const struct master *m, char *handover, size_t size)
  * new too) with the sockets and the scoreboard handed over. The socket
  * never closes, so no request is refused; the new master starts its
  * workers and lets the old ones finish what they hold. */
+/* A file the new master must be able to open for writing. */
+static int
+writable(const char *path)
+{
+    int fd;
+
+    if (path[0] == '\0' || strcmp(path, "stderr") == 0 ||
+        strcmp(path, "off") == 0)
+        return 1;
+    fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
+    if (fd == -1)
+        return 0;
+    close(fd);
+    return 1;
+}
+
+/* What the new master would fail on after the exec, when there is nothing
+ * left to fall back to: checked while the old one still runs. */
+static int
+usable(const struct conf *c, char err[CONF_ERR_LEN])
+{
+    struct identity id;
+    const char *files[] = {c->pid_file, c->error_log, c->access_log};
+
+    if (lookup_identity(c->user, c->group, &id) == -1) {
+        snprintf(err, CONF_ERR_LEN, "user '%s' or group '%s' does not exist",
+                 c->user, c->group);
+        return 0;
+    }
+    for (size_t i = 0; i < sizeof(files) / sizeof(*files); i++) {
+        if (!writable(files[i])) {
+            snprintf(err, CONF_ERR_LEN, "cannot write %s: %s", files[i],
+                     strerror(errno));
+            return 0;
+        }
+    }
+    return 1;
+}
+
 static void
 reload(struct master *m)
 {
     char err[CONF_ERR_LEN], handover[128];
     struct conf fresh;
     char **env;
+    int ok;
 
     if (conf_load(&fresh, m->conf_path, environ, err) == -1) {
         log_error("master", "reload refused, keeping the running "
                   "configuration: %s", err);
         return;
     }
+    ok = usable(&fresh, err);
     conf_free(&fresh);
+    if (!ok) {
+        log_error("master", "reload refused, keeping the running "
+                  "configuration: %s", err);
+        return;
+    }
     env = reexec_environ(m, handover, sizeof(handover));
     if (env == NULL)
         return;

@@ -28,12 +28,20 @@
 
 static volatile sig_atomic_t stop_requested;
 static volatile sig_atomic_t reopen_requested;
+/* Closed as soon as a stop is asked for (close() is async-signal-safe):
+ * the shared listening socket must not outlive the master's own copy in
+ * a worker busy with a long stream, or waiting connections stay queued. */
+static volatile sig_atomic_t listen_fd_to_close = -1;
 
 static void
 on_stop(int sig)
 {
     (void)sig;
     stop_requested = 1;
+    if (listen_fd_to_close >= 0) {
+        close(listen_fd_to_close);
+        listen_fd_to_close = -1;
+    }
 }
 
 static void
@@ -346,8 +354,10 @@ recycle_due(const struct worker *w)
 static void
 chat_loop(struct worker *w)
 {
-    while (!stop_requested) {
+    for (;;) {
         between_requests(w);
+        if (stop_requested)
+            break;
         /* The socket is non-blocking: a lost race is EAGAIN, not a wait. */
         if (!wait_for_connection(w) || FCGX_Accept_r(&w->fcgi) < 0)
             continue;
@@ -389,8 +399,10 @@ control_loop(struct worker *w)
     struct pollfd own = {.fd = w->setup->status_fd, .events = POLLIN};
 
     scoreboard_set_state(w->slot, SB_IDLE);
-    while (!stop_requested) {
+    for (;;) {
         between_requests(w);
+        if (stop_requested)
+            break;
         if (poll(&own, 1, CONTROL_TICK_MS) == 1 &&
             FCGX_Accept_r(&w->fcgi) >= 0) {
             serve_one(w, &w->fcgi, dispatch);
@@ -409,6 +421,8 @@ worker_main(const struct worker_setup *ws)
     snprintf(role, sizeof(role), "%s%d",
              ws->role == WORKER_CONTROL ? "C" : "W", ws->slot);
     log_set_role(role);
+    /* Single mode has no master to stop listening for it: keep it. */
+    listen_fd_to_close = ws->master_pid != 0 ? ws->chat_fd : -1;
     install_signals();
     worker_setup(&w, ws);
     w.slot->pid = getpid();

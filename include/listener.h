@@ -16,6 +16,7 @@ struct listeners {
     int status_fd;     /* healthz, status, metrics; -1 when none */
     int unlink_chat;   /* we created the socket file: remove it at exit */
     int unlink_status;
+    int from_reload;    /* handed over by our own previous master */
     const char *origin; /* how the chat socket was obtained, for the log */
 };
 

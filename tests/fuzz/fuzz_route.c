@@ -59,7 +59,12 @@ check_match(const char *method, const char *path, const struct route_match *m)
     case ROUTE_HEALTHZ:
     case ROUTE_STATUS:
     case ROUTE_METRICS:
+    case ROUTE_V1_MODELS:
         check(strcmp(method, "GET") == 0);
+        break;
+    case ROUTE_V1_COMPLETIONS:
+        check(strcmp(method, "POST") == 0 &&
+              strcmp(path, "/v1/chat/completions") == 0);
         break;
     default:
         check(0);

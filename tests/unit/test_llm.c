@@ -427,6 +427,10 @@ test_error_message(void **state)
          NULL},
         {"Internal Server Error", -1, NULL},
         {"{\"error\":{\"message\":\"unterminated", -1, NULL},
+        /* Regression from the fuzzer: a message that is only a NUL is no
+         * message, and a message cut at 255 bytes stays whole UTF-8. */
+        {"{\"error\":\"\\u0000\"}", -1, NULL},
+        {"{\"error\":\"\\u0000\",\"detail\":\"d\"}", 0, "d"},
     };
 
     (void)state;
@@ -445,11 +449,13 @@ test_error_message(void **state)
     }
 }
 
-/* The message is cut to the size given, always NUL-terminated. */
+/* The message is cut to the size given, always NUL-terminated, and never
+ * inside a UTF-8 character. */
 static void
 test_error_message_truncated(void **state)
 {
     static const char body[] = "{\"error\":{\"message\":\"0123456789\"}}";
+    static const char accents[] = "{\"error\":\"\xc3\xa9\xc3\xa9\xc3\xa9\"}";
     char out[6];
 
     (void)state;
@@ -458,6 +464,10 @@ test_error_message_truncated(void **state)
                                        sizeof(out)),
                      0);
     assert_string_equal(out, "01234");
+    assert_int_equal(llm_error_message(accents, sizeof(accents) - 1, out,
+                                       sizeof(out)),
+                     0);
+    assert_string_equal(out, "\xc3\xa9\xc3\xa9"); /* not 2.5 of them */
 }
 
 int

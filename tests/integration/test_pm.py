@@ -1,0 +1,1196 @@
+"""The process manager (app/master.c, app/worker.c, app/listener.c,
+app/scoreboard.c, app/metrics.c) through the real stack: a worker killed
+in the middle of a request, reloads under load, a graceful stop during
+streams, recycling, the request deadline, the slow log, the dynamic pool,
+backpressure, status access, the crash-loop backoff, pm single behind
+spawn-fcgi, systemd socket activation and the privilege drop.
+
+Measured figures (respawn time, reload failures, stop timings, backoff
+delays) are printed as "MEASURED ..." lines: run with -s to see them.
+
+Every wait is bounded; every process started here is stopped by pid in a
+finally block (stacks from stack_factory are also stopped by the fixture).
+"""
+
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import requests
+
+import stack as stack_mod  # deploy/local/stack.py, on sys.path via conftest
+
+REPO = Path(__file__).resolve().parents[2]
+CONF = REPO / "conf" / "chatfcgi.conf"
+WEB_USER = "www-data"
+IS_ROOT = os.geteuid() == 0
+
+STACK_ENV = {"CHATFCGI_WORKERS": "4"}
+
+
+# ---------------------------------------------------------------- helpers
+
+def measured(what, value):
+    print(f"\nMEASURED {what}: {value}", flush=True)
+
+
+def wait_for(fn, timeout, interval=0.05):
+    """fn()'s first truthy result within timeout, else its last result."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = fn()
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(interval)
+
+
+def children(pid):
+    """Pids of the direct children of a single-threaded process (zombies
+    included until they are reaped)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def proc_ids(pid):
+    """(real uid, real gid) from /proc/<pid>/status, or None if gone."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    uid = re.search(r"^Uid:\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", text, re.M)
+    gid = re.search(r"^Gid:\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", text, re.M)
+    return tuple(map(int, uid.groups())), tuple(map(int, gid.groups()))
+
+
+def new_session():
+    s = requests.Session()
+    s.trust_env = False
+    return s
+
+
+def status(http, st, timeout=5):
+    r = http.get(f"{st.url}/api/status", timeout=timeout)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def chat_rows(st_json):
+    return [p for p in st_json["processes"] if p["role"] == "chat"]
+
+
+def rows_in(http, st, state):
+    """The status rows of the chat workers in one state."""
+    return [p for p in chat_rows(status(http, st)) if p["state"] == state]
+
+
+def new_children(pid, n, *old):
+    """The children of pid when there are n and none is in the old lists,
+    else None (for wait_for)."""
+    kids = children(pid)
+    seen = set().union(*map(set, old)) if old else set()
+    return kids if len(kids) == n and not set(kids) & seen else None
+
+
+def metrics(http, st):
+    """{'name{labels}': value} of GET /api/metrics."""
+    r = http.get(f"{st.url}/api/metrics", timeout=5)
+    assert r.status_code == 200, r.text
+    out = {}
+    for line in r.text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def is_counter(name):
+    base = name.split("{")[0]
+    return base.endswith(("_total", "_count", "_sum", "_bucket"))
+
+
+def assert_counters_monotonic(before, after):
+    for name, value in before.items():
+        if is_counter(name):
+            assert name in after, name
+            assert after[name] >= value, \
+                f"{name} went backwards: {value} -> {after[name]}"
+
+
+def chat(http, st, message="hello", timeout=10, **fields):
+    body = {"message": message, **fields}
+    return http.post(f"{st.url}/api/chat", json=body, timeout=timeout)
+
+
+def read_stream(st, message, timeout=15):
+    """POST a streaming turn; returns (SSE lines, time 'event: done' came,
+    the joined delta text)."""
+    lines, done_at = [], None
+    with new_session() as s:
+        r = s.post(f"{st.url}/api/chat", json={"message": message,
+                                               "stream": True},
+                   stream=True, timeout=timeout)
+        assert r.status_code == 200, r.text
+        for line in r.iter_lines(decode_unicode=True):
+            lines.append(line)
+            if line == "event: done":
+                done_at = time.monotonic()
+    text = "".join(json.loads(x[6:])["content"] for x in lines
+                   if x.startswith("data: ") and '"content"' in x)
+    return lines, done_at, text
+
+
+def assert_json_error(r, status_code, code):
+    assert r.status_code == status_code, (r.status_code, r.text)
+    assert r.headers.get("Content-Type", "").startswith("application/json"), \
+        r.headers
+    body = r.json()
+    assert body["error"]["code"] == code, body
+    return body
+
+
+def log_text(st):
+    return Path(st.log_path("chatfcgi")).read_text(errors="replace")
+
+
+class Model:
+    """The local model's control API, for any stack."""
+
+    def __init__(self, st, http):
+        assert st.model_url, "this stack has no local model"
+        self.base = st.model_url
+        self.http = http
+
+    def set(self, **fields):
+        r = self.http.post(f"{self.base}/control", json=fields, timeout=5)
+        r.raise_for_status()
+
+    def reset(self):
+        r = self.http.post(f"{self.base}/control/reset", timeout=5)
+        r.raise_for_status()
+
+
+@contextmanager
+def own_stack(stack_factory, env):
+    """A stack of its own, stopped when the test ends (the fixture stops it
+    again, harmlessly, and keeps its dir when the module failed)."""
+    st = stack_factory(env)
+    try:
+        yield st
+    finally:
+        st.stop()
+
+
+class Parallel:
+    """Run fn(i) in n threads; results[i] is (value or exception, start,
+    end) in time.monotonic()."""
+
+    def __init__(self, n, fn):
+        self.results = [None] * n
+        self.threads = [threading.Thread(target=self._run, args=(i, fn),
+                                         daemon=True) for i in range(n)]
+
+    def _run(self, i, fn):
+        t0 = time.monotonic()
+        try:
+            value = fn(i)
+        except Exception as e:  # noqa: BLE001 (reported by the test)
+            value = e
+        self.results[i] = (value, t0, time.monotonic())
+
+    def start(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def join(self, timeout):
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        alive = [t for t in self.threads if t.is_alive()]
+        assert not alive, f"{len(alive)} threads still running"
+        return self.results
+
+
+def stop_pid(proc, sig=signal.SIGTERM, timeout=5.0):
+    """Stop a Popen we started: sig, then SIGKILL to its process group
+    (it was started in a session of its own)."""
+    if proc.poll() is None:
+        try:
+            os.kill(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # leftovers (workers)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(5)
+
+
+def base_env(st, **extra):
+    """A clean environment for a chatfcgi started here, against the stack's
+    Redis and model; no CHATFCGI_* of the shell."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("CHATFCGI_") and k != "_CHATFCGI_REEXEC"}
+    env.update({
+        "CHATFCGI_REDIS_URL": f"redis://127.0.0.1:{st.redis_port}/0",
+        "CHATFCGI_UPSTREAM_URL": f"{st.model_url}/v1",
+        "CHATFCGI_MODEL": "local-eliza",
+    })
+    if IS_ROOT:
+        env["CHATFCGI_USER"] = WEB_USER
+    env.update(extra)
+    return env
+
+
+def chatfcgi_bin():
+    return str(stack_mod.resolve_bin(os.environ.get("CHATFCGI_BIN")))
+
+
+@contextmanager
+def temp_dir():
+    d = tempfile.mkdtemp(prefix="cfpmt")
+    os.chmod(d, 0o755)  # the workers (www-data) may need to reach it
+    try:
+        yield Path(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# ------------------------------------------------- minimal FastCGI client
+
+FCGI_BEGIN_REQUEST, FCGI_END_REQUEST = 1, 3
+FCGI_PARAMS, FCGI_STDIN, FCGI_STDOUT, FCGI_STDERR = 4, 5, 6, 7
+FCGI_HEADER = struct.Struct(">BBHHBx")
+
+
+def _fcgi_record(rtype, content=b""):
+    pad = -len(content) % 8
+    return FCGI_HEADER.pack(1, rtype, 1, len(content), pad) + content + \
+        b"\0" * pad
+
+
+def _fcgi_pair(name, value):
+    def length(n):
+        return bytes([n]) if n < 128 else struct.pack(">I", n | 0x80000000)
+    name, value = name.encode(), value.encode()
+    return length(len(name)) + length(len(value)) + name + value
+
+
+def fcgi_request(address, method="POST", uri="/api/chat", body=b"",
+                 timeout=10.0, extra=None):
+    """One RESPONDER request on a unix socket path; returns (status,
+    {header: value}, body bytes)."""
+    params = {
+        "REQUEST_METHOD": method, "REQUEST_URI": uri, "SCRIPT_NAME": uri,
+        "DOCUMENT_URI": uri, "QUERY_STRING": "",
+        "CONTENT_TYPE": "application/json", "CONTENT_LENGTH": str(len(body)),
+        "SERVER_PROTOCOL": "HTTP/1.1", "GATEWAY_INTERFACE": "CGI/1.1",
+        "REMOTE_ADDR": "127.0.0.1", "REMOTE_PORT": "40000",
+        "SERVER_ADDR": "127.0.0.1", "SERVER_PORT": "80",
+        "SERVER_NAME": "localhost", "HTTP_HOST": "localhost",
+    }
+    params.update(extra or {})
+    data = b"".join(_fcgi_pair(k, v) for k, v in params.items())
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(address))
+        s.sendall(_fcgi_record(FCGI_BEGIN_REQUEST, struct.pack(">HB5x", 1, 0))
+                  + _fcgi_record(FCGI_PARAMS, data) + _fcgi_record(FCGI_PARAMS)
+                  + (_fcgi_record(FCGI_STDIN, body) if body else b"")
+                  + _fcgi_record(FCGI_STDIN))
+        buf, out = b"", b""
+
+        def fill(n):
+            nonlocal buf
+            while len(buf) < n:
+                s.settimeout(max(0.01, deadline - time.monotonic()))
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise ConnectionError("closed inside a record")
+                buf += chunk
+
+        while True:
+            fill(FCGI_HEADER.size)
+            _, rtype, _, length, pad = FCGI_HEADER.unpack(buf[:8])
+            fill(8 + length + pad)
+            content = buf[8:8 + length]
+            buf = buf[8 + length + pad:]
+            if rtype == FCGI_STDOUT:
+                out += content
+            elif rtype == FCGI_END_REQUEST:
+                break
+    head, _, resp_body = out.partition(b"\r\n\r\n")
+    headers = {}
+    for line in head.decode("latin-1").splitlines():
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    code = int(headers.get("status", "200").split()[0])
+    return code, headers, resp_body
+
+
+def fcgi_chat(address, message="hello", timeout=10.0):
+    body = json.dumps({"message": message}).encode()
+    return fcgi_request(address, body=body, timeout=timeout)
+
+
+# ------------------------------------------ 1. kill -9 of a busy worker
+
+def test_kill_busy_worker_fails_only_its_request(stack, http, model):
+    master = stack.pid("chatfcgi")
+    assert master
+    kids0 = wait_for(lambda: children(master) if len(children(master)) == 5
+                     else None, 3)
+    assert kids0 and len(kids0) == 5, children(master)  # 4 chat + control
+    m0 = metrics(http, stack)
+    model.set(delay_ms=2000)
+
+    def turn(i):
+        with new_session() as s:
+            return chat(s, stack, f"I need request {i}", timeout=15)
+
+    par = Parallel(3, turn).start()
+    busy = wait_for(lambda: (lambda rows: rows if len(rows) >= 3 else None)(
+        rows_in(http, stack, "upstream")), 3, 0.02)
+    assert busy, status(http, stack)
+    victim = busy[0]
+    victim_rid = victim["request"].rpartition("req=")[2]
+    os.kill(victim["pid"], signal.SIGKILL)
+    t0 = time.monotonic()
+    respawned = None
+    while time.monotonic() - t0 < 2.0:
+        kids = children(master)
+        if victim["pid"] not in kids and len(kids) == len(kids0):
+            respawned = time.monotonic() - t0
+            break
+        time.sleep(0.005)
+    measured("respawn after kill -9 of a busy worker",
+             f"{respawned * 1000:.1f} ms" if respawned else "none in 2 s")
+    assert respawned is not None, children(master)
+    assert respawned < 0.1
+
+    results = par.join(15)
+    for value, _, _ in results:
+        assert not isinstance(value, Exception), value
+    failed = [v for v, _, _ in results if v.status_code != 200]
+    assert len(failed) == 1, [(v.status_code, v.text) for v, _, _ in results]
+    bad = failed[0]
+    assert bad.status_code in (502, 503), bad.text
+    assert bad.headers.get("Content-Type", "").startswith("application/json")
+    assert "error" in bad.json()
+    assert bad.headers.get("X-Request-Id") == victim_rid, \
+        (bad.headers, victim)
+
+    m1 = metrics(http, stack)
+    assert_counters_monotonic(m0, m1)
+    assert m1['chatfcgi_requests_total{status="200"}'] >= \
+        m0['chatfcgi_requests_total{status="200"}'] + 2
+    assert m1["chatfcgi_worker_deaths_total"] == \
+        m0["chatfcgi_worker_deaths_total"] + 1
+    assert "killed by signal 9" in log_text(stack)
+
+
+# ------------------------------------------------- 2. reload under load
+
+def test_reload_under_load_drops_nothing(stack, http, model):
+    master = stack.pid("chatfcgi")
+    expected = 5  # 4 chat workers + the control worker
+    kids0 = wait_for(lambda: children(master)
+                     if len(children(master)) == expected else None, 3)
+    assert kids0, children(master)
+    s0 = status(http, stack)
+    m0 = metrics(http, stack)
+    log_len = len(log_text(stack))
+    stop = threading.Event()
+    outcomes = [[] for _ in range(8)]
+
+    def load(i):
+        with new_session() as s:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                try:
+                    r = chat(s, stack, f"I feel load {i} {n}", timeout=10)
+                    outcomes[i].append(r.status_code)
+                except requests.RequestException as e:
+                    outcomes[i].append(repr(e))
+
+    t0 = time.monotonic()
+    par = Parallel(8, load).start()
+    try:
+        time.sleep(3)
+        os.kill(master, signal.SIGHUP)
+        gen1 = wait_for(lambda: new_children(master, expected, kids0), 3,
+                        0.01)
+        time.sleep(max(0.0, t0 + 6.5 - time.monotonic()))
+        os.kill(master, signal.SIGHUP)
+        time.sleep(max(0.0, t0 + 10 - time.monotonic()))
+    finally:
+        stop.set()
+        par.join(15)
+    assert stack.pid("chatfcgi") == master  # the same process, re-executed
+    kids2 = wait_for(lambda: new_children(master, expected, kids0,
+                                          gen1 or []), 5)
+    all_codes = [c for o in outcomes for c in o]
+    failures = [c for c in all_codes if c != 200]
+    measured("reload under load", f"{len(all_codes)} requests, "
+             f"{len(failures)} failed {failures[:5]}")
+    assert gen1, ("after the first reload the workers were not all new",
+                  kids0, children(master))
+    assert kids2, ("after the second reload the workers were not all new",
+                   kids0, gen1, children(master))
+    assert len(all_codes) > 100
+    assert not failures
+    log = log_text(stack)[log_len:]
+    assert log.count("reloading: exec") == 2, log[-3000:]
+    s1 = status(http, stack)
+    m1 = metrics(http, stack)
+    assert s1["accepted_conn"] >= s0["accepted_conn"] + len(all_codes)
+    assert_counters_monotonic(m0, m1)
+    assert m1['chatfcgi_requests_total{status="200"}'] >= \
+        m0['chatfcgi_requests_total{status="200"}'] + len(all_codes)
+    assert {p["pid"] for p in s1["processes"]} == set(kids2)
+
+
+def test_reload_lets_old_workers_finish_streams(stack, http, model):
+    master = stack.pid("chatfcgi")
+    kids0 = wait_for(lambda: children(master)
+                     if len(children(master)) == 5 else None, 3)
+    assert kids0, children(master)
+    reply = "alpha beta gamma delta epsilon zeta eta theta"
+    model.set(chunk_delay_ms=250, reply=reply)
+    par = Parallel(2, lambda i: read_stream(stack, f"reload stream {i}"))
+    par.start()
+    streaming = wait_for(lambda: len(rows_in(http, stack, "streaming")) == 2,
+                         2, 0.02)
+    assert streaming, status(http, stack)
+    t_hup = time.monotonic()
+    os.kill(master, signal.SIGHUP)
+    new = wait_for(lambda: len(set(children(master)) - set(kids0)) == 5, 2,
+                   0.01)
+    assert new, (kids0, children(master))
+    results = par.join(10)
+    for value, _, _ in results:
+        assert not isinstance(value, Exception), value
+        lines, done_at, text = value
+        assert "event: done" in lines and text == reply, lines
+        assert done_at > t_hup + 0.5
+    final = wait_for(lambda: new_children(master, 5, kids0), 3)
+    assert final, (kids0, children(master))
+    assert chat(http, stack, "after the reload").status_code == 200
+
+
+class DirectMaster:
+    """A chatfcgi master started here on a config file of its own (the
+    stack's launcher always passes conf/chatfcgi.conf, and a reload re-reads
+    the master's unchanged environment, so a changed or broken setting can
+    only come from a file), against the stack's Redis and model."""
+
+    def __init__(self, st, d):
+        self.st, self.dir = st, d
+        self.sock, self.log = d / "c.sock", d / "chatfcgi.log"
+        self.conf = d / "c.conf"
+        self.proc = None
+
+    def write_conf(self, **keys):
+        """Top-level keys; a value of None leaves the key out."""
+        top = {"listen": self.sock, "listen_mode": "0666",
+               "status_listen": "off", "workers": 2,
+               "user": WEB_USER if IS_ROOT else None,
+               "error_log": self.log, "access_log": "off"}
+        top.update(keys)
+        text = "".join(f"{k} = {v}\n" for k, v in top.items()
+                       if v is not None)
+        text += (f"[redis]\nurl = redis://127.0.0.1:{self.st.redis_port}/0\n"
+                 f"[upstream]\nurl = {self.st.model_url}/v1\n"
+                 f"model = local-eliza\n")
+        self.conf.write_text(text)
+
+    def start(self, workers):
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("CHATFCGI_") and k != "_CHATFCGI_REEXEC"}
+        with open(self.dir / "stderr", "wb") as err:
+            self.proc = subprocess.Popen([chatfcgi_bin(), "-c",
+                                          str(self.conf)],
+                                         env=env, stdin=subprocess.DEVNULL,
+                                         stdout=err, stderr=err,
+                                         start_new_session=True)
+        kids = wait_for(lambda: children(self.proc.pid)
+                        if len(children(self.proc.pid)) == workers
+                        and self.sock.exists() else None, 5)
+        assert kids, (children(self.proc.pid), self.log_text())
+        return kids
+
+    def log_text(self):
+        return self.log.read_text() if self.log.exists() else ""
+
+    def stop(self):
+        if self.proc is not None:
+            stop_pid(self.proc)
+
+
+@contextmanager
+def direct_master(st):
+    with temp_dir() as d:
+        m = DirectMaster(st, d)
+        try:
+            yield m
+        finally:
+            m.stop()
+
+
+def test_reload_with_broken_config_is_refused(stack, http):
+    with direct_master(stack) as m:
+        m.write_conf(workers=2)
+        kids0 = m.start(2)
+        pid = m.proc.pid
+        code, _, body = fcgi_chat(m.sock)
+        assert code == 200, body
+
+        # A changed setting: 3 workers instead of 2.
+        m.write_conf(workers=3)
+        os.kill(pid, signal.SIGHUP)
+        kids1 = wait_for(lambda: new_children(pid, 3, kids0), 5)
+        assert kids1, (kids0, children(pid), m.log_text())
+        assert m.proc.poll() is None
+        code, _, body = fcgi_chat(m.sock)
+        assert code == 200, body
+
+        # A file that does not parse: refused, same workers, still serving.
+        m.write_conf(workers="banana")
+        os.kill(pid, signal.SIGHUP)
+        assert wait_for(lambda: "reload refused" in m.log_text(), 3), \
+            m.log_text()
+        time.sleep(0.3)
+        assert m.proc.poll() is None
+        assert sorted(children(pid)) == sorted(kids1)
+        for i in range(3):
+            code, _, body = fcgi_chat(m.sock, f"still there {i}")
+            assert code == 200, body
+
+
+@pytest.mark.parametrize("bad", [
+    {"user": "no-such-user-chatfcgi"},
+    {"pid_file": "/nonexistent-dir/chatfcgi.pid"},
+    {"error_log": "/nonexistent-dir/chatfcgi.log"},
+], ids=["unknown-user", "pid-file-in-missing-dir", "error-log-in-missing-dir"])
+def test_reload_with_unusable_config_keeps_serving(stack, http, bad):
+    """A file that parses but cannot be used (a user that does not exist,
+    a pid file or log in a directory that does not exist; `chatfcgi -t`
+    accepts all three): a reload must not take the pool down. The running
+    master is the only thing that can refuse, since after its exec nothing
+    of the old process is left to fall back to."""
+    with direct_master(stack) as m:
+        m.write_conf()
+        m.start(2)
+        pid = m.proc.pid
+        assert fcgi_chat(m.sock)[0] == 200
+        m.write_conf(**bad)
+        check = subprocess.run([chatfcgi_bin(), "-t", "-c", str(m.conf)],
+                               capture_output=True, timeout=10,
+                               env={"PATH": os.environ.get("PATH", "")})
+        assert check.returncode == 0, check  # it parses
+        os.kill(pid, signal.SIGHUP)
+        time.sleep(1.5)  # orphaned workers notice within 1 s
+        alive = m.proc.poll() is None
+        serving = None
+        try:
+            serving = fcgi_chat(m.sock, "after the reload", timeout=3)[0]
+        except OSError as e:
+            serving = repr(e)
+        measured(f"reload with {bad}",
+                 f"master alive: {alive} (rc {m.proc.returncode}), "
+                 f"a turn after 1.5 s: {serving}")
+        assert alive, ("the master exited on reload", m.log_text()[-1500:])
+        assert serving == 200, m.log_text()[-1500:]
+
+
+# ------------------------------------------ 3. graceful stop and streams
+
+def test_graceful_stop_finishes_streams(stack_factory, http):
+    with own_stack(stack_factory, {"CHATFCGI_WORKERS": "6"}) as st:
+        model = Model(st, http)
+        reply = "one two three four five six seven eight nine ten"
+        model.set(chunk_delay_ms=300, reply=reply)
+        proc = st.procs["chatfcgi"]
+        master = proc.pid
+
+        def stream(i):
+            return read_stream(st, f"stream {i}")
+
+        par = Parallel(5, stream).start()
+        time.sleep(1.0)
+        t_term = time.monotonic()
+        os.kill(master, signal.SIGTERM)
+        time.sleep(0.1)
+        t = time.monotonic()
+        late = chat(http, st, "too late", timeout=10)
+        late_s = time.monotonic() - t
+        # Watch the master while the streams go on: it must outlive them.
+        t_exit = None
+        while time.monotonic() - t_term < 12:
+            if proc.poll() is not None:
+                t_exit = time.monotonic()
+                break
+            time.sleep(0.01)
+        exited = t_exit is not None
+        results = par.join(5)
+        ends = []
+        for value, _, end in results:
+            assert not isinstance(value, Exception), value
+            lines, done_at, text = value
+            assert "event: done" in lines, lines
+            assert "event: error" not in lines, lines
+            assert text == reply, lines
+            ends.append(done_at)
+        assert exited, "the master did not exit within 12 s of SIGTERM"
+        measured("graceful stop", f"5/5 streams done, last "
+                 f"{max(ends) - t_term:.2f} s after SIGTERM; late request "
+                 f"{late.status_code} in {late_s * 1000:.0f} ms; master "
+                 f"exited {t_exit - t_term:.2f} s after SIGTERM, "
+                 f"{(t_exit - max(ends)) * 1000:.0f} ms after the last "
+                 f"stream ended (rc {proc.returncode})")
+        assert_json_error(late, 503, "unavailable")
+        assert late_s < 1.0
+        assert proc.returncode == 0
+        assert t_exit >= max(ends) - 0.02, (t_exit, ends)
+        assert t_exit - max(ends) < 1.0, (t_exit, ends)
+        assert min(ends) > t_term  # they were still streaming at SIGTERM
+        assert not children(master)
+        assert not st.socket_path.exists()
+        assert not st.status_socket_path.exists()
+
+
+def test_graceful_stop_refuses_queued_requests(stack_factory, http):
+    """master.c stop_listening(): "the listening socket is shut down for
+    every process that shares it (waiting connections are refused, and the
+    web server answers 503)". A request already waiting in the socket's
+    queue when SIGTERM comes (every worker busy with a stream) must get its
+    503 at once, not when the streams end."""
+    with own_stack(stack_factory, {"CHATFCGI_WORKERS": "2"}) as st:
+        proc = st.procs["chatfcgi"]
+        Model(st, http).set(chunk_delay_ms=300, reply="one two three four "
+                            "five six seven eight nine ten")
+        streams = Parallel(2, lambda i: read_stream(st, f"s{i}")).start()
+        assert wait_for(lambda: len(rows_in(http, st, "streaming")) == 2,
+                        3, 0.02), status(http, st)
+
+        def queued(i):
+            with new_session() as sess:
+                return chat(sess, st, "waiting in the queue", timeout=15)
+
+        waiting = Parallel(1, queued).start()
+        time.sleep(0.5)  # it waits in the backlog: no worker is free
+        assert waiting.threads[0].is_alive()
+        t_term = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)
+        (value, _, end), = waiting.join(15)
+        done = streams.join(15)
+        assert not isinstance(value, Exception), value
+        ends = [d[2] for d in done]
+        measured("request queued at SIGTERM",
+                 f"{value.status_code} after {end - t_term:.2f} s; the "
+                 f"streams ended {max(ends) - t_term:.2f} s after SIGTERM")
+        for v, _, _ in done:
+            assert not isinstance(v, Exception) and "event: done" in v[0]
+        assert_json_error(value, 503, "unavailable")
+        assert end - t_term < 0.5, (end - t_term, max(ends) - t_term)
+        assert proc.wait(10) == 0
+
+
+def test_stop_after_reload_removes_sockets(stack_factory, http):
+    """A graceful stop removes the socket files it made (as the test above
+    shows); a reload in between must not change that: it is the same
+    master, and the sockets are the same sockets."""
+    with own_stack(stack_factory, {"CHATFCGI_WORKERS": "2"}) as st:
+        proc = st.procs["chatfcgi"]
+        kids0 = wait_for(lambda: children(proc.pid)
+                         if len(children(proc.pid)) == 3 else None, 3)
+        assert kids0
+        os.kill(proc.pid, signal.SIGHUP)
+        assert wait_for(lambda: new_children(proc.pid, 3, kids0), 3), \
+            children(proc.pid)
+        assert chat(http, st, "after the reload").status_code == 200
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(5) == 0
+        left = [str(p) for p in (st.socket_path, st.status_socket_path)
+                if p.exists()]
+        assert not left, f"socket files left after the stop: {left}"
+
+
+def _one_long_stream(st, http):
+    reply = "one two three four five six seven eight nine ten"
+    Model(st, http).set(chunk_delay_ms=300, reply=reply)
+    par = Parallel(1, lambda i: read_stream(st, "a long one")).start()
+    assert wait_for(lambda: any(p["state"] == "streaming" for p in
+                                chat_rows(status(http, st))), 3, 0.02), \
+        status(http, st)
+    return par
+
+
+def _cut_short(value):
+    """A stream ended before its done event: an exception from the client
+    (nginx closed the chunked answer) or lines without the event."""
+    return isinstance(value, Exception) or "event: done" not in value[0]
+
+
+def test_graceful_timeout_bounds_the_stop(stack_factory, http):
+    with own_stack(stack_factory,
+                   {"CHATFCGI_GRACEFUL_TIMEOUT_S": "1"}) as st:
+        proc = st.procs["chatfcgi"]
+        par = _one_long_stream(st, http)
+        t = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            rc = proc.wait(5)
+        except subprocess.TimeoutExpired:
+            rc = None
+        took = time.monotonic() - t
+        (value, _, _), = par.join(10)
+        measured("graceful_timeout_s=1 with a 3 s stream",
+                 f"master exited {took:.2f} s after SIGTERM (rc {rc})")
+        assert rc == 0
+        assert 0.9 <= took < 2.0, took
+        assert _cut_short(value), value
+        assert "still busy at the stop deadline" in log_text(st)
+
+
+def test_fast_stop_on_sigint(stack_factory, http):
+    with own_stack(stack_factory, {}) as st:
+        proc = st.procs["chatfcgi"]
+        par = _one_long_stream(st, http)
+        t = time.monotonic()
+        os.kill(proc.pid, signal.SIGINT)
+        try:
+            rc = proc.wait(5)
+        except subprocess.TimeoutExpired:
+            rc = None
+        took = time.monotonic() - t
+        (value, _, _), = par.join(10)
+        measured("fast stop (SIGINT) during a stream",
+                 f"master exited {took * 1000:.0f} ms after SIGINT (rc {rc})")
+        assert rc == 0
+        assert took < 1.0, took
+        assert _cut_short(value), value
+
+
+def test_workers_exit_when_the_master_dies(stack_factory, http):
+    """An orphaned worker notices within its 1 s wake-up, says "the master
+    is gone; exiting" -- and must then exit, not wait once more and serve
+    another request with nobody left to replace or stop it."""
+    with own_stack(stack_factory, {"CHATFCGI_WORKERS": "2"}) as st:
+        proc = st.procs["chatfcgi"]
+        kids = wait_for(lambda: children(proc.pid)
+                        if len(children(proc.pid)) == 3 else None, 3)
+        assert kids
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+        t = time.monotonic()
+        said = wait_for(lambda: log_text(st).count(
+            "the master is gone; exiting") == 3, 2, 0.01)
+        t_said = time.monotonic() - t
+        try:
+            after = fcgi_chat(st.socket_path, "anyone there?", timeout=3)[0]
+        except OSError as e:
+            after = repr(e)
+        gone = wait_for(lambda: not any(stack_mod.pid_alive(p)
+                                        for p in kids), 3, 0.01)
+        t_gone = time.monotonic() - t
+        measured("orphaned workers after kill -9 of the master",
+                 f"all said 'exiting' after {t_said:.2f} s; a request "
+                 f"then got {after}; all gone after {t_gone:.2f} s")
+        assert said, log_text(st)[-1500:]
+        assert gone, [p for p in kids if stack_mod.pid_alive(p)]
+        assert after != 200, \
+            "a worker served a request after saying it was exiting"
+        assert t_gone - t_said < 0.3, (t_said, t_gone)
+
+
+# --------------------------------------------------------- 4. max_requests
+
+def test_max_requests_recycles_workers(stack_factory, http):
+    with own_stack(stack_factory, {"CHATFCGI_MAX_REQUESTS": "5",
+                                   "CHATFCGI_WORKERS": "1"}) as st:
+        pids, codes = [], []
+        for i in range(12):
+            r = chat(http, st, f"turn {i}")
+            codes.append(r.status_code)
+            rows = wait_for(lambda: chat_rows(status(http, st)), 2)
+            pids.append(tuple(p["pid"] for p in rows))
+        assert codes == [200] * 12, codes
+        distinct = []
+        for p in pids:
+            assert len(p) <= 1, pids
+            if p and (not distinct or distinct[-1] != p[0]):
+                distinct.append(p[0])
+        measured("max_requests=5, 12 turns", f"chat worker pids {distinct}")
+        assert len(distinct) >= 3, pids
+        recycles = wait_for(lambda: metrics(http, st)[
+            "chatfcgi_worker_recycles_total"] >= 2, 2)
+        assert recycles, metrics(http, st)
+        assert metrics(http, st)["chatfcgi_worker_deaths_total"] == 0
+
+
+# ---------------------------------------------------- 5. request_timeout
+
+def test_request_timeout_answers_504_in_time(stack_factory, http):
+    with own_stack(stack_factory, {"CHATFCGI_REQUEST_TIMEOUT_S": "1"}) as st:
+        Model(st, http).set(mode="hang")
+        sid = "pm-timeout-1"
+        t = time.monotonic()
+        r = chat(http, st, "hello there", session_id=sid, timeout=10)
+        took = time.monotonic() - t
+        measured("request_timeout_s=1 with a hanging model",
+                 f"{r.status_code} in {took:.2f} s")
+        assert_json_error(r, 504, "upstream_timeout")
+        assert 0.8 <= took < 2.0, took
+        g = http.get(f"{st.url}/api/chat/{sid}", timeout=5)
+        assert g.status_code == 404, g.text
+
+
+def test_request_timeout_cuts_a_stream(stack_factory, http):
+    with own_stack(stack_factory, {"CHATFCGI_REQUEST_TIMEOUT_S": "1"}) as st:
+        Model(st, http).set(chunk_delay_ms=300, reply="one two three four "
+                            "five six seven eight nine ten")
+        sid = "pm-timeout-stream"
+        t = time.monotonic()
+        lines = []
+        with new_session() as s:
+            r = s.post(f"{st.url}/api/chat", json={
+                "message": "hello", "stream": True, "session_id": sid},
+                stream=True, timeout=10)
+            assert r.status_code == 200, r.text
+            for line in r.iter_lines(decode_unicode=True):
+                lines.append(line)
+        took = time.monotonic() - t
+        measured("request_timeout_s=1 with a 3 s stream",
+                 f"ended after {took:.2f} s with {lines[-3:]}")
+        assert "event: done" not in lines
+        i = lines.index("event: error")
+        err = json.loads(lines[i + 1][6:])
+        assert err["error"]["code"] == "upstream_timeout", err
+        assert 0.8 <= took < 2.0, took
+        g = http.get(f"{st.url}/api/chat/{sid}", timeout=5)
+        assert g.status_code == 404, g.text
+
+
+# ------------------------------------------------------------ 6. slowlog
+
+def test_slowlog(stack_factory, http):
+    with own_stack(stack_factory, {"CHATFCGI_SLOWLOG_MS": "200"}) as st:
+        Model(st, http).set(delay_ms=400)
+        m0 = metrics(http, st)
+        r = chat(http, st, "slow one")
+        assert r.status_code == 200, r.text
+        line = wait_for(lambda: next((ln for ln in log_text(st).splitlines()
+                                      if "slowlog" in ln), None), 2)
+        assert line, log_text(st)[-2000:]
+        assert re.search(r"redis \d+ ms", line) and \
+            re.search(r"upstream (\d+) ms", line), line
+        assert int(re.search(r"upstream (\d+) ms", line).group(1)) >= 390
+        m1 = metrics(http, st)
+        assert m1["chatfcgi_slow_requests_total"] >= \
+            m0["chatfcgi_slow_requests_total"] + 1
+
+
+# ------------------------------------------------------- 7. dynamic pool
+
+def test_dynamic_pool_grows_and_shrinks(stack_factory, http):
+    env = {"CHATFCGI_PM": "dynamic", "CHATFCGI_WORKERS": "6",
+           "CHATFCGI_START_WORKERS": "2", "CHATFCGI_MIN_SPARE_WORKERS": "1",
+           "CHATFCGI_MAX_SPARE_WORKERS": "2",
+           "CHATFCGI_QUEUE_TIMEOUT_MS": "0"}
+    with own_stack(stack_factory, env) as st:
+        s = status(http, st)
+        assert s["process_manager"] == "dynamic"
+        assert len(chat_rows(s)) == 2, s
+        Model(st, http).set(delay_ms=3000)
+        samples = []  # (t, chat workers, busy)
+
+        def turn(i):
+            with new_session() as sess:
+                return chat(sess, st, f"dynamic {i}", timeout=30).status_code
+
+        t0 = time.monotonic()
+        par = Parallel(9, turn).start()
+        while any(t.is_alive() for t in par.threads) and \
+                time.monotonic() - t0 < 25:
+            rows = chat_rows(status(http, st))
+            samples.append((time.monotonic() - t0, len(rows),
+                            sum(p["state"] != "idle" for p in rows)))
+            time.sleep(0.1)
+        codes = [v for v, _, _ in par.join(10)]
+        t_end = time.monotonic() - t0
+        shrunk = None
+        while time.monotonic() - t0 < t_end + 5:
+            rows = chat_rows(status(http, st))
+            samples.append((time.monotonic() - t0, len(rows),
+                            sum(p["state"] != "idle" for p in rows)))
+            if len(rows) <= 2:
+                shrunk = time.monotonic() - t0 - t_end
+                break
+            time.sleep(0.1)
+        grew = next((t for t, n, _ in samples if n > 2), None)
+        peak = max(n for _, n, _ in samples)
+        m = metrics(http, st)
+        measured("dynamic pool", f"grew past 2 at {grew} s, peak {peak}, "
+                 f"load ended at {t_end:.1f} s, back to <= 2 after "
+                 f"{shrunk} s, max_children_reached "
+                 f"{m['chatfcgi_max_children_reached_total']}")
+        assert codes == [200] * 9, codes
+        assert grew is not None and grew < 3.0, samples
+        assert peak <= 6, samples
+        assert peak == 6, samples
+        assert shrunk is not None, samples[-10:]
+        assert m["chatfcgi_max_children_reached_total"] >= 1
+        assert "workers reached" in log_text(st)
+
+
+# ------------------------------------------------------- 8. backpressure
+
+def test_backpressure_sheds_after_queue_timeout(stack_factory, http):
+    env = {"CHATFCGI_WORKERS": "2", "CHATFCGI_QUEUE_TIMEOUT_MS": "500"}
+    with own_stack(stack_factory, env) as st:
+        Model(st, http).set(delay_ms=3000)
+
+        def turn(i):
+            with new_session() as s:
+                return chat(s, st, f"pressure {i}", timeout=15)
+
+        par = Parallel(5, turn).start()
+        busy = wait_for(lambda: all(p["state"] != "idle" for p in
+                                    chat_rows(status(http, st))), 2, 0.02)
+        assert busy, status(http, st)
+        side = []
+        for path in ("healthz", "status", "healthz", "status"):
+            t = time.monotonic()
+            r = http.get(f"{st.url}/api/{path}", timeout=5)
+            side.append((path, r.status_code, time.monotonic() - t))
+        results = par.join(15)
+        ok, shed = [], []
+        for value, start, end in results:
+            assert not isinstance(value, Exception), value
+            (ok if value.status_code == 200 else shed).append(
+                (value, end - start))
+        measured("backpressure", f"{len(ok)} ok, shed after "
+                 f"{[round(t, 2) for _, t in shed]} s; side requests "
+                 f"{[(p, c, round(t * 1000)) for p, c, t in side]} ms")
+        assert len(ok) == 2, [(v.status_code, v.text) for v, _ in ok + shed]
+        assert len(shed) == 3
+        for r, took in shed:
+            assert_json_error(r, 503, "unavailable")
+            assert r.headers.get("Retry-After"), r.headers
+            assert 0.5 <= took <= 1.5, took
+        for path, code, took in side:
+            assert code == 200, path
+            assert took < 0.2, (path, took)
+        assert metrics(http, st)["chatfcgi_queue_timeouts_total"] >= 1
+
+
+# ---------------------------------------------------- 9. status access
+
+def test_status_and_metrics_allowed_on_loopback(stack, http):
+    for path in ("status", "metrics", "healthz"):
+        r = http.get(f"{stack.url}/api/{path}", timeout=5)
+        assert r.status_code == 200, (path, r.text)
+
+
+def test_status_allow_restricts(stack_factory, http):
+    with own_stack(stack_factory,
+                   {"CHATFCGI_STATUS_ALLOW": "10.9.9.9"}) as st:
+        for path in ("status", "metrics"):
+            r = http.get(f"{st.url}/api/{path}", timeout=5)
+            assert_json_error(r, 403, "forbidden")
+        r = http.get(f"{st.url}/api/healthz", timeout=5)
+        assert r.status_code == 200, r.text
+
+
+# ------------------------------------------------ 10. crash-loop backoff
+
+def test_crash_loop_backoff(stack_factory, http):
+    with own_stack(stack_factory, {"CHATFCGI_WORKERS": "2"}) as st:
+        master = st.pid("chatfcgi")
+        control = [p["pid"] for p in status(http, st)["processes"]
+                   if p["role"] == "control"]
+        assert len(control) == 1
+        kids0 = wait_for(lambda: children(master)
+                         if len(children(master)) == 3 else None, 3)
+        assert kids0
+        delays = []
+        t_first = time.monotonic()
+        for _ in range(6):
+            victim = next(p for p in children(master) if p not in control)
+            os.kill(victim, signal.SIGKILL)
+            t0 = time.monotonic()
+            back = None
+            while time.monotonic() - t0 < 3.5:
+                kids = children(master)
+                if victim not in kids and len(kids) == 3:
+                    back = time.monotonic() - t0
+                    break
+                time.sleep(0.005)
+            delays.append(back)
+            if back is None:
+                break
+        measured("crash loop: respawn delay after each kill -9",
+                 [None if d is None else round(d, 3) for d in delays])
+        assert all(d is not None for d in delays), delays
+        fast, slow = delays[:4], delays[4:]
+        assert all(d < 0.1 for d in fast), delays
+        assert slow[0] >= 0.9, delays  # the 5th failure within 10 s
+        assert slow[1] >= 1.8, delays  # the backoff doubles
+        assert time.monotonic() - t_first < 10
+        log = log_text(st)
+        assert "crash loop" in log, log[-2000:]
+        # The pool still serves.
+        assert chat(http, st, "after the storm").status_code == 200
+
+
+# ------------------------------- 11. pm single on fd 0, socket activation
+
+@pytest.mark.skipif(shutil.which("spawn-fcgi") is None,
+                    reason="spawn-fcgi is not installed (apt-get install "
+                           "spawn-fcgi)")
+def test_pm_single_under_spawn_fcgi(stack):
+    with temp_dir() as d:
+        sock, log = d / "s.sock", d / "chatfcgi.log"
+        env = base_env(stack)
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                ["spawn-fcgi", "-n", "-s", str(sock), "-M", "0666", "--",
+                 chatfcgi_bin(), "-S", "-c", str(CONF)],
+                env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                start_new_session=True)
+        try:
+            assert wait_for(lambda: sock.exists() and
+                            "pm single" in log.read_text(), 5), \
+                log.read_text()
+            code, _, body = fcgi_chat(sock, "hello over fd 0")
+            assert code == 200, body
+            assert json.loads(body)["reply"]
+            text = log.read_text()
+            assert "fd 0" in text, text
+            assert children(proc.pid) == []  # no fork in pm single
+            if IS_ROOT:
+                ids = proc_ids(proc.pid)
+                uid = pwd.getpwnam(WEB_USER).pw_uid
+                assert ids and ids[0][0] == uid and ids[0][1] == uid, ids
+            os.kill(proc.pid, signal.SIGTERM)
+            assert proc.wait(5) == 0, log.read_text()
+        finally:
+            stop_pid(proc)
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
+                    reason="systemd-socket-activate is not installed")
+def test_systemd_socket_activation(stack):
+    with temp_dir() as d:
+        sock, log = d / "a.sock", d / "chatfcgi.log"
+        status_sock = d / "st.sock"
+        env = base_env(stack,
+                       CHATFCGI_STATUS_LISTEN=str(d / "unused-status.sock"),
+                       CHATFCGI_LISTEN=str(d / "unused.sock"),
+                       CHATFCGI_WORKERS="2")
+        # It passes on only what -E names (and PATH, HOME, ...).
+        setenv = []
+        for k, v in env.items():
+            if k.startswith("CHATFCGI_"):
+                setenv += ["-E", f"{k}={v}"]
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                ["systemd-socket-activate", "-l", str(sock), "-l",
+                 str(status_sock), "--fdname=chat:status", *setenv,
+                 chatfcgi_bin(), "-c", str(CONF)],
+                env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                start_new_session=True)
+        try:
+            assert wait_for(lambda: sock.exists(), 5), log.read_text()
+            # It execs chatfcgi on the first connection, which then waits
+            # in the socket's queue for a worker.
+            code, _, body = fcgi_chat(sock, "hello, activated", timeout=10)
+            assert code == 200, (code, body, log.read_text())
+            text = log.read_text()
+            assert "systemd socket activation" in text, text
+            assert not (d / "unused.sock").exists()
+            assert not (d / "unused-status.sock").exists()
+            # The socket named "status" went to the control worker.
+            assert wait_for(lambda: len(children(proc.pid)) == 3, 2), text
+            code, _, body = fcgi_request(status_sock, method="GET",
+                                         uri="/api/status")
+            assert code == 200, body
+            rows = json.loads(body)["processes"]
+            assert sorted(p["role"] for p in rows) == \
+                ["chat", "chat", "control"], rows
+            # A reload hands both inherited sockets over to the new image.
+            kids = children(proc.pid)
+            os.kill(proc.pid, signal.SIGHUP)
+            assert wait_for(lambda: new_children(proc.pid, 3, kids), 3), \
+                (kids, children(proc.pid), log.read_text())
+            code, _, body = fcgi_chat(sock, "after the reload")
+            assert code == 200, body
+            code, _, body = fcgi_request(status_sock, method="GET",
+                                         uri="/api/healthz")
+            assert code == 200, body
+            os.kill(proc.pid, signal.SIGTERM)
+            assert proc.wait(5) == 0, log.read_text()
+        finally:
+            stop_pid(proc)
+
+
+# -------------------------------------------------- 12. privilege drop
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root")
+def test_workers_drop_privileges(stack):
+    master = stack.pid("chatfcgi")
+    pw = pwd.getpwnam(WEB_USER)
+    ids = proc_ids(master)
+    assert ids[0] == (0, 0, 0, 0), ids
+    kids = children(master)
+    assert len(kids) == 5, kids
+    for pid in kids:
+        ids = proc_ids(pid)
+        assert ids is not None, pid
+        uids, gids = ids
+        assert uids == (pw.pw_uid,) * 4, (pid, uids)
+        assert gids == (pw.pw_gid,) * 4, (pid, gids)
+        text = Path(f"/proc/{pid}/status").read_text()
+        groups = re.search(r"^Groups:(.*)$", text, re.M).group(1).split()
+        assert "0" not in groups, (pid, groups)  # no root group left
+        cap = re.search(r"^CapEff:\s+([0-9a-f]+)", text, re.M).group(1)
+        assert int(cap, 16) == 0, (pid, cap)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root")
+@pytest.mark.parametrize("args", [[], ["-S"]], ids=["master", "single"])
+def test_refuses_to_serve_as_root(stack, args):
+    with temp_dir() as d:
+        env = base_env(stack, CHATFCGI_USER="",
+                       CHATFCGI_LISTEN=str(d / "root.sock"),
+                       CHATFCGI_STATUS_LISTEN="off")
+        r = subprocess.run([chatfcgi_bin(), *args, "-c", str(CONF)], env=env,
+                           stdin=subprocess.DEVNULL, capture_output=True,
+                           timeout=10, start_new_session=True)
+        assert r.returncode == 1, (r.returncode, r.stderr)
+        assert b"refusing to serve requests as root" in r.stderr, r.stderr
+        assert not (d / "root.sock").exists()
