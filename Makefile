@@ -43,7 +43,8 @@ LIB_OBJS := $(filter-out $(OBJDIR)/app/main.o,$(OBJS))
 UNIT_SRCS := $(wildcard tests/unit/test_*.c)
 UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=$(OBJDIR)/tests/%)
 
-.PHONY: all deps run start stop test check unit integration asan clean fuzz
+.PHONY: all deps run start stop test check unit integration asan clean fuzz \
+	install uninstall FORCE
 
 all: $(BIN)
 
@@ -104,6 +105,100 @@ asan: deps
 
 clean:
 	rm -rf build bin
+
+# Installation: `make install PREFIX=/usr DESTDIR=/tmp/pkg` (PREFIX defaults
+# to /usr/local). The configuration lives in SYSCONFDIR: /etc for
+# PREFIX=/usr, $(PREFIX)/etc otherwise.
+ifeq ($(PREFIX),/usr)
+SYSCONFDIR := /etc
+else
+SYSCONFDIR := $(PREFIX)/etc
+endif
+SBINDIR := $(PREFIX)/sbin
+MANDIR := $(PREFIX)/share/man
+UNITDIR := $(PREFIX)/lib/systemd/system
+WWWDIR := $(PREFIX)/share/chatfcgi/www
+DOCDIR := $(PREFIX)/share/doc/chatfcgi
+CONF_DIR := $(SYSCONFDIR)/chatfcgi
+CONF_PATH := $(CONF_DIR)/chatfcgi.conf
+INSTALL := install
+UNIT_NAMES := chatfcgi.service chatfcgi.socket
+DOCS := README.md LICENSE
+
+# Every build compiles in the configuration path that `install` uses for
+# the same PREFIX. The stamp changes only when the path does, so main.o is
+# rebuilt exactly then and `make install` never installs a stale default.
+CONF_STAMP := $(OBJDIR)/conf-path.stamp
+$(OBJDIR)/app/main.o: $(CONF_STAMP)
+$(OBJDIR)/app/main.o: CFLAGS += -DCHATFCGI_CONF_PATH='"$(CONF_PATH)"'
+
+$(CONF_STAMP): FORCE
+	@mkdir -p $(@D)
+	@echo '$(CONF_PATH)' | cmp -s - $@ || echo '$(CONF_PATH)' > $@
+
+FORCE:
+
+# The config is never overwritten: a different one already there is kept
+# and the new default goes beside it as chatfcgi.conf.dist. The systemd
+# units (deploy/systemd/) and the web page (app/www/) are installed when
+# present; the units are written for PREFIX=/usr, so their /usr/sbin and
+# /etc paths are rewritten for other prefixes.
+install: all
+	$(INSTALL) -d -m 0755 '$(DESTDIR)$(SBINDIR)' '$(DESTDIR)$(CONF_DIR)' \
+		'$(DESTDIR)$(MANDIR)/man8' '$(DESTDIR)$(DOCDIR)'
+	$(INSTALL) -m 0755 $(BIN) '$(DESTDIR)$(SBINDIR)/chatfcgi'
+	@conf='$(DESTDIR)$(CONF_PATH)'; \
+	if [ ! -e "$$conf" ] && [ ! -L "$$conf" ]; then \
+		echo "$(INSTALL) -m 0640 conf/chatfcgi.conf $$conf"; \
+		$(INSTALL) -m 0640 conf/chatfcgi.conf "$$conf"; \
+	elif cmp -s conf/chatfcgi.conf "$$conf"; then \
+		echo "install: $$conf is the default already"; \
+	else \
+		echo "install: keeping $$conf; the new default is $$conf.dist"; \
+		$(INSTALL) -m 0640 conf/chatfcgi.conf "$$conf.dist"; \
+	fi
+	$(INSTALL) -m 0644 doc/chatfcgi.8 '$(DESTDIR)$(MANDIR)/man8/chatfcgi.8'
+	$(INSTALL) -m 0644 $(DOCS) '$(DESTDIR)$(DOCDIR)/'
+	@for u in $(UNIT_NAMES); do \
+		[ -f "deploy/systemd/$$u" ] || continue; \
+		dest='$(DESTDIR)$(UNITDIR)'/$$u; \
+		echo "$(INSTALL) -m 0644 deploy/systemd/$$u $$dest"; \
+		$(INSTALL) -D -m 0644 "deploy/systemd/$$u" "$$dest" && \
+		sed -i -e 's#\(^\|[=[:space:]"@-]\)/usr/sbin/chatfcgi\>#\1$(SBINDIR)/chatfcgi#g' \
+			-e 's#\(^\|[=[:space:]"@-]\)/etc/chatfcgi\>#\1$(CONF_DIR)#g' \
+			"$$dest" || exit 1; \
+	done
+	@if [ -d app/www ]; then \
+		cd app/www && find . -name '.?*' -prune -o -type f -print | \
+		sort | while IFS= read -r f; do \
+			dest='$(DESTDIR)$(WWWDIR)'/"$${f#./}"; \
+			echo "$(INSTALL) -m 0644 app/www/$${f#./} $$dest"; \
+			$(INSTALL) -D -m 0644 "$$f" "$$dest" || exit 1; \
+		done; \
+	fi
+
+# Removes what install installed, but keeps a config that was changed.
+uninstall:
+	rm -f '$(DESTDIR)$(SBINDIR)/chatfcgi' \
+		'$(DESTDIR)$(MANDIR)/man8/chatfcgi.8' \
+		$(addprefix '$(DESTDIR)$(DOCDIR)'/,$(DOCS)) \
+		$(addprefix '$(DESTDIR)$(UNITDIR)'/,$(UNIT_NAMES)) \
+		'$(DESTDIR)$(CONF_PATH).dist'
+	@conf='$(DESTDIR)$(CONF_PATH)'; \
+	if cmp -s conf/chatfcgi.conf "$$conf"; then \
+		echo "rm -f $$conf"; rm -f "$$conf"; \
+	elif [ -e "$$conf" ]; then \
+		echo "uninstall: keeping the changed $$conf"; \
+	fi
+	@if [ -d app/www ] && [ -d '$(DESTDIR)$(WWWDIR)' ]; then \
+		cd app/www && find . -name '.?*' -prune -o -type f -print | \
+		while IFS= read -r f; do \
+			rm -f '$(DESTDIR)$(WWWDIR)'/"$${f#./}"; \
+		done; \
+		find '$(DESTDIR)$(WWWDIR)' -depth -type d -empty -delete; \
+	fi
+	@rmdir '$(DESTDIR)$(PREFIX)/share/chatfcgi' '$(DESTDIR)$(DOCDIR)' \
+		'$(DESTDIR)$(CONF_DIR)' 2>/dev/null || true
 
 -include $(OBJS:.o=.d) $(UNIT_BINS:=.d)
 
