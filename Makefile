@@ -90,7 +90,11 @@ stop:
 test: deps
 	@$(MAKE) --no-print-directory check
 
+# make test's share of fuzzing: a short run of every target.
+CHECK_FUZZ_SECONDS ?= 10
+
 check: all unit integration
+	@$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=$(CHECK_FUZZ_SECONDS)
 
 unit: $(UNIT_BINS)
 	@for t in $(UNIT_BINS); do echo "== $$t"; $$t || exit 1; done
