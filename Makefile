@@ -10,10 +10,11 @@ DEB_PACKAGES := build-essential pkg-config libfcgi-dev libfcgi-bin \
 	libhiredis-dev libcurl4-openssl-dev libyajl-dev libssl-dev \
 	libcmocka-dev \
 	ca-certificates curl procps nginx redis-server redis-tools \
-	python3 python3-pytest python3-requests clang libclang-rt-14-dev
+	python3 python3-pytest python3-requests clang libclang-rt-14-dev \
+	chromium
 # Installed only when the command is missing, whoever provides it: a
 # NodeSource nodejs brings its own npm, which Debian's npm would conflict
-# with. Node runs the OpenAI SDK test.
+# with. Node runs the OpenAI SDK test and the browser test.
 DEB_COMMANDS := node:nodejs npm:npm
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 

@@ -604,7 +604,8 @@ class Stack:
             "NGINX_DIR": str(run / "nginx"),
             "ERROR_LOG": str(self.log_path("nginx")),
             "SOCKET": str(self.socket_path),
-            "STATUS_SOCKET": str(self.status_socket_path)}))
+            "STATUS_SOCKET": str(self.status_socket_path),
+            "WWW_DIR": str(REPO / "app" / "www")}))
         _write_atomic(run / "redis.conf", _render(REDIS_TEMPLATE, {
             "REDIS_PORT": str(self._redis_port),
             "REDIS_DIR": str(run / "redis"),
