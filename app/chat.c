@@ -319,27 +319,6 @@ send_delta(void *arg, const char *text, size_t len)
     return http_stream_event(&w->req, "delta");
 }
 
-static enum sb_upstream_error
-upstream_error_kind(enum llm_status status)
-{
-    switch (status) {
-    case LLM_TIMEOUT:
-        return SB_UP_TIMEOUT;
-    case LLM_UNREACHABLE:
-        return SB_UP_UNREACHABLE;
-    case LLM_HTTP_ERROR:
-        return SB_UP_HTTP_ERROR;
-    case LLM_BAD_ANSWER:
-        return SB_UP_BAD_ANSWER;
-    case LLM_CLIENT_GONE:
-        return SB_UP_CLIENT_GONE;
-    case LLM_OK:
-    case LLM_FAILED:
-        break;
-    }
-    return SB_UP_FAILED;
-}
-
 int
 chat_ask_model(struct worker *w, const struct llm_call *call)
 {
@@ -348,8 +327,8 @@ chat_ask_model(struct worker *w, const struct llm_call *call)
     w->req.upstream_ms += w->answer.ms;
     if (w->answer.status == LLM_OK)
         return 0;
-    scoreboard_count_upstream_error(w->pool, upstream_error_kind(
-                                                 w->answer.status));
+    scoreboard_count_upstream_error(w->pool,
+                                    llm_error_kind(w->answer.status));
     fail_model(w, &w->answer);
     return -1;
 }

@@ -95,6 +95,16 @@ static const struct conf_key keys[] = {
     INT("upstream", "timeout_ms", 1, MS_MAX, "120000", upstream.timeout_ms),
     INT("upstream", "max_response_bytes", 1024, 64LL << 20, "1048576",
         upstream.max_response_bytes),
+    INT("upstream", "first_token_timeout_ms", 0, MS_MAX, "0",
+        upstream.first_token_timeout_ms),
+    INT("upstream", "idle_timeout_ms", 0, MS_MAX, "0",
+        upstream.idle_timeout_ms),
+    INT("upstream", "retries", 0, 10, "1", upstream.retries),
+    INT("upstream", "retry_base_ms", 1, 60000, "200", upstream.retry_base_ms),
+    INT("upstream", "hedge_after_ms", 0, MS_MAX, "0", upstream.hedge_after_ms),
+    INT("upstream", "cooldown_failures", 1, 1000, "3",
+        upstream.cooldown_failures),
+    INT("upstream", "cooldown_s", 0, 86400, "30", upstream.cooldown_s),
 
     INT("chat", "max_body_bytes", 64, 16LL << 20, "65536",
         chat.max_body_bytes),
@@ -112,6 +122,33 @@ static const struct conf_key keys[] = {
 };
 
 #define NKEYS (sizeof(keys) / sizeof(*keys))
+
+#define P(field) offsetof(struct conf_provider, field)
+
+/* The keys of a [provider NAME] section; offsets into its conf_provider.
+ * Empty and 0 mean "as in [upstream]". */
+static const struct conf_key provider_keys[] = {
+    {"provider", "url", CONF_STRING, 0, 0, "", P(url), NULL, NULL},
+    {"provider", "api_key", CONF_STRING, 0, 0, "", P(api_key), NULL, NULL},
+    {"provider", "api_key_env", CONF_STRING, 0, 0, "", P(api_key_env), NULL,
+     NULL},
+    {"provider", "model", CONF_STRING, 0, 0, "", P(model), NULL, NULL},
+    {"provider", "connect_timeout_ms", CONF_INT, 0, MS_MAX, "0",
+     P(connect_timeout_ms), NULL, NULL},
+    {"provider", "timeout_ms", CONF_INT, 0, MS_MAX, "0", P(timeout_ms), NULL,
+     NULL},
+};
+
+#define NPKEYS (sizeof(provider_keys) / sizeof(*provider_keys))
+
+static const struct conf_key *
+provider_key_find(const char *name)
+{
+    for (size_t i = 0; i < NPKEYS; i++)
+        if (strcmp(provider_keys[i].name, name) == 0)
+            return &provider_keys[i];
+    return NULL;
+}
 
 static const struct conf_key *
 key_find(const char *section, const char *name)
@@ -191,12 +228,13 @@ set_string(char **slot, const char *value)
     return 0;
 }
 
-/* Parse value for key k into c. Returns 0, or -1 with why in err. */
+/* Parse value for key k into the struct at base (a conf, or a provider).
+ * Returns 0, or -1 with why in err. */
 static int
-key_set(struct conf *c, const struct conf_key *k, const char *value,
-        char *err, size_t errlen)
+key_set(void *base, const struct conf_key *k, const char *value, char *err,
+        size_t errlen)
 {
-    void *slot = (char *)c + k->offset;
+    void *slot = (char *)base + k->offset;
 
     switch (k->type) {
     case CONF_STRING:
@@ -256,23 +294,82 @@ trim(char *s)
     return s;
 }
 
-/* "[name]" → name in section; returns 0, or -1 if malformed or unknown. */
+/* Per-key line where the file set it, to refuse duplicates. */
+struct parse_state {
+    char section[CONF_NAME_MAX];
+    int provider; /* the [provider NAME] being read, or -1 */
+    int set_on_line[NKEYS];
+    int provider_set_on_line[CONF_PROVIDERS_MAX][NPKEYS];
+};
+
 static int
-parse_section(char *line, char *section, size_t size)
+valid_provider_name(const char *s)
+{
+    size_t n = strspn(s, "abcdefghijklmnopqrstuvwxyz0123456789");
+
+    return n > 0 && n < CONF_PROVIDER_NAME_MAX && s[n] == '\0';
+}
+
+/* "[provider NAME]": a new provider, in file order. */
+static int
+open_provider(struct conf *c, struct parse_state *st, const char *name,
+              char *why, size_t whylen)
+{
+    struct conf_provider *p;
+
+    if (!valid_provider_name(name)) {
+        snprintf(why, whylen, "a provider name is 1-%d of a-z 0-9",
+                 CONF_PROVIDER_NAME_MAX - 1);
+        return -1;
+    }
+    for (size_t i = 0; i < c->nproviders; i++) {
+        if (strcmp(c->providers[i].name, name) == 0) {
+            snprintf(why, whylen, "provider '%s' is defined twice", name);
+            return -1;
+        }
+    }
+    if (c->nproviders == CONF_PROVIDERS_MAX) {
+        snprintf(why, whylen, "at most %d providers", CONF_PROVIDERS_MAX);
+        return -1;
+    }
+    p = &c->providers[c->nproviders];
+    for (size_t i = 0; i < NPKEYS; i++)
+        if (key_set(p, &provider_keys[i], provider_keys[i].def, why,
+                    whylen) == -1)
+            return -1;
+    if (set_string(&p->name, name) == -1) {
+        snprintf(why, whylen, "out of memory");
+        return -1;
+    }
+    st->provider = (int)c->nproviders++;
+    snprintf(st->section, sizeof(st->section), "provider");
+    return 0;
+}
+
+/* "[name]" or "[provider NAME]". Returns 0, or -1 with why set. */
+static int
+parse_section(struct conf *c, struct parse_state *st, char *line, char *why,
+              size_t whylen)
 {
     size_t len = strlen(line);
     char *name;
 
-    if (len < 2 || line[len - 1] != ']')
+    if (len < 2 || line[len - 1] != ']') {
+        snprintf(why, whylen, "malformed section");
         return -1;
+    }
     line[len - 1] = '\0';
     name = trim(line + 1);
+    if (strncmp(name, "provider ", 9) == 0)
+        return open_provider(c, st, trim(name + 9), why, whylen);
+    st->provider = -1;
     for (size_t i = 0; i < NKEYS; i++) {
         if (keys[i].section[0] != '\0' && strcmp(keys[i].section, name) == 0) {
-            snprintf(section, size, "%s", name);
+            snprintf(st->section, sizeof(st->section), "%s", name);
             return 0;
         }
     }
+    snprintf(why, whylen, "unknown section");
     return -1;
 }
 
@@ -289,12 +386,6 @@ unquote(char *v)
     return v;
 }
 
-/* Per-key line where the file set it, to refuse duplicates. */
-struct parse_state {
-    char section[CONF_NAME_MAX];
-    int set_on_line[NKEYS];
-};
-
 static int
 parse_assignment(struct conf *c, struct parse_state *st, char *line,
                  int lineno, char *why, size_t whylen)
@@ -302,7 +393,8 @@ parse_assignment(struct conf *c, struct parse_state *st, char *line,
     char *eq = strchr(line, '=');
     const struct conf_key *k;
     char *name, detail[160];
-    size_t idx;
+    int *seen;
+    void *base;
 
     if (eq == NULL) {
         snprintf(why, whylen, "expected 'key = value' or '[section]'");
@@ -310,20 +402,25 @@ parse_assignment(struct conf *c, struct parse_state *st, char *line,
     }
     *eq = '\0';
     name = trim(line);
-    k = key_find(st->section, name);
+    k = st->provider >= 0 ? provider_key_find(name)
+                          : key_find(st->section, name);
     if (k == NULL) {
         snprintf(why, whylen, "unknown key '%s'%s%s", name,
                  st->section[0] ? " in section " : "", st->section);
         return -1;
     }
-    idx = (size_t)(k - keys);
-    if (st->set_on_line[idx]) {
+    seen = st->provider >= 0
+               ? &st->provider_set_on_line[st->provider][k - provider_keys]
+               : &st->set_on_line[k - keys];
+    if (*seen) {
         snprintf(why, whylen, "'%s' was already set on line %d", name,
-                 st->set_on_line[idx]);
+                 *seen);
         return -1;
     }
-    st->set_on_line[idx] = lineno;
-    if (key_set(c, k, unquote(trim(eq + 1)), detail, sizeof(detail)) == 0)
+    *seen = lineno;
+    base = st->provider >= 0 ? (void *)&c->providers[st->provider]
+                             : (void *)c;
+    if (key_set(base, k, unquote(trim(eq + 1)), detail, sizeof(detail)) == 0)
         return 0;
     /* Name the key, not the value: it may be a secret. */
     snprintf(why, whylen, "'%s': %s", name, detail);
@@ -338,12 +435,8 @@ parse_line(struct conf *c, struct parse_state *st, char *raw, int lineno,
 
     if (line[0] == '\0' || line[0] == '#' || line[0] == ';')
         return 0;
-    if (line[0] == '[') {
-        if (parse_section(line, st->section, sizeof(st->section)) == 0)
-            return 0;
-        snprintf(why, whylen, "unknown or malformed section");
-        return -1;
-    }
+    if (line[0] == '[')
+        return parse_section(c, st, line, why, whylen);
     return parse_assignment(c, st, line, lineno, why, whylen);
 }
 
@@ -351,7 +444,7 @@ int
 conf_parse(struct conf *c, const char *text, const char *name,
            char err[CONF_ERR_LEN])
 {
-    struct parse_state st = {.section = ""};
+    struct parse_state st = {.section = "", .provider = -1};
     char line[CONF_LINE_MAX], why[256];
     const char *p = text;
     int lineno = 0;
@@ -403,6 +496,28 @@ key_for_env(const char *var, size_t len)
     return NULL;
 }
 
+/* CHATFCGI_PROVIDER_<NAME>_<KEY>, for the providers the file defines. */
+static const struct conf_key *
+provider_key_for_env(struct conf *c, const char *var, size_t len,
+                     void **base)
+{
+    char name[CONF_NAME_MAX];
+
+    for (size_t p = 0; p < c->nproviders; p++) {
+        for (size_t i = 0; i < NPKEYS; i++) {
+            snprintf(name, sizeof(name), ENV_PREFIX "PROVIDER_%s_%s",
+                     c->providers[p].name, provider_keys[i].name);
+            for (size_t n = 0; name[n] != '\0'; n++)
+                name[n] = (char)toupper((unsigned char)name[n]);
+            if (strlen(name) == len && memcmp(name, var, len) == 0) {
+                *base = &c->providers[p];
+                return &provider_keys[i];
+            }
+        }
+    }
+    return NULL;
+}
+
 int
 conf_apply_env(struct conf *c, char *const envp[], char err[CONF_ERR_LEN])
 {
@@ -411,18 +526,21 @@ conf_apply_env(struct conf *c, char *const envp[], char err[CONF_ERR_LEN])
     for (size_t i = 0; envp && envp[i]; i++) {
         const char *eq = strchr(envp[i], '=');
         const struct conf_key *k;
+        void *base = c;
         size_t len;
 
         if (strncmp(envp[i], ENV_PREFIX, strlen(ENV_PREFIX)) != 0 || !eq)
             continue;
         len = (size_t)(eq - envp[i]);
         k = key_for_env(envp[i], len);
+        if (k == NULL)
+            k = provider_key_for_env(c, envp[i], len, &base);
         if (k == NULL) {
             log_warnx("conf", "ignoring unknown variable %.*s", (int)len,
                       envp[i]);
             continue;
         }
-        if (key_set(c, k, eq + 1, why, sizeof(why)) == -1) {
+        if (key_set(base, k, eq + 1, why, sizeof(why)) == -1) {
             snprintf(err, CONF_ERR_LEN, "%.*s: %s", (int)len, envp[i], why);
             return -1;
         }
@@ -472,6 +590,96 @@ warn_if_key_exposed(const struct conf *c, const char *path)
                   "chmod o-r it, or set CHATFCGI_API_KEY instead", path);
 }
 
+/* What a provider section leaves out comes from [upstream]; a key named
+ * by api_key_env is read from the environment (keys stay out of files). */
+static int
+complete_provider(struct conf_provider *p, const struct conf *c,
+                  char err[CONF_ERR_LEN])
+{
+    const char *key;
+
+    if ((p->url[0] == '\0' && set_string(&p->url, c->upstream.url)) ||
+        (p->model[0] == '\0' && set_string(&p->model, c->upstream.model)))
+        goto oom;
+    if (p->connect_timeout_ms == 0)
+        p->connect_timeout_ms = c->upstream.connect_timeout_ms;
+    if (p->timeout_ms == 0)
+        p->timeout_ms = c->upstream.timeout_ms;
+    if (p->api_key_env[0] == '\0') {
+        if (p->api_key[0] == '\0' &&
+            set_string(&p->api_key, c->upstream.api_key))
+            goto oom;
+        return 0;
+    }
+    key = getenv(p->api_key_env);
+    if (key == NULL) {
+        snprintf(err, CONF_ERR_LEN, "provider %s: api_key_env %s is not set "
+                 "in the environment", p->name, p->api_key_env);
+        return -1;
+    }
+    if (set_string(&p->api_key, key) == 0)
+        return 0;
+oom:
+    snprintf(err, CONF_ERR_LEN, "out of memory");
+    return -1;
+}
+
+/* Without [provider] sections: one provider per URL of [upstream] url
+ * (comma-separated), sharing its key, model and timeouts. */
+static int
+providers_from_upstream(struct conf *c, char err[CONF_ERR_LEN])
+{
+    const char *p = c->upstream.url;
+
+    while (*p != '\0' && c->nproviders < CONF_PROVIDERS_MAX) {
+        struct conf_provider *pr = &c->providers[c->nproviders];
+        size_t n;
+        char name[CONF_PROVIDER_NAME_MAX], url[2048];
+
+        p += strspn(p, " ,");
+        n = strcspn(p, " ,");
+        if (n == 0)
+            break;
+        snprintf(url, sizeof(url), "%.*s", (int)n, p);
+        snprintf(name, sizeof(name), "upstream%zu", c->nproviders + 1);
+        memset(pr, 0, sizeof(*pr));
+        if (set_string(&pr->name, name) || set_string(&pr->url, url) ||
+            set_string(&pr->api_key, "") || set_string(&pr->api_key_env, "") ||
+            set_string(&pr->model, "")) {
+            snprintf(err, CONF_ERR_LEN, "out of memory");
+            return -1;
+        }
+        c->nproviders++;
+        p += n;
+    }
+    return 0;
+}
+
+static int
+finish_providers(struct conf *c, char err[CONF_ERR_LEN])
+{
+    if (c->nproviders == 0 && providers_from_upstream(c, err) == -1)
+        return -1;
+    for (size_t i = 0; i < c->nproviders; i++) {
+        const char *url;
+
+        if (complete_provider(&c->providers[i], c, err) == -1)
+            return -1;
+        url = c->providers[i].url;
+        if (strncmp(url, "http://", 7) != 0 &&
+            strncmp(url, "https://", 8) != 0) {
+            snprintf(err, CONF_ERR_LEN, "provider %s: its url must start "
+                     "with http:// or https://", c->providers[i].name);
+            return -1;
+        }
+    }
+    if (c->nproviders == 0) {
+        snprintf(err, CONF_ERR_LEN, "no model provider: set [upstream] url");
+        return -1;
+    }
+    return 0;
+}
+
 /* Rules across keys, and values with a syntax of their own. */
 static int
 conf_check(const struct conf *c, char err[CONF_ERR_LEN])
@@ -490,12 +698,6 @@ conf_check(const struct conf *c, char err[CONF_ERR_LEN])
     free(digests);
     if (store_addr_parse(c->redis.url, &addr, why) == -1) {
         snprintf(err, CONF_ERR_LEN, "redis url: %s", why);
-        return -1;
-    }
-    if (strncmp(c->upstream.url, "http://", 7) != 0 &&
-        strncmp(c->upstream.url, "https://", 8) != 0) {
-        snprintf(err, CONF_ERR_LEN, "upstream url must start with http:// "
-                 "or https://");
         return -1;
     }
     if (c->pm == CONF_POOL_DYNAMIC &&
@@ -529,7 +731,7 @@ conf_load(struct conf *c, const char *path, char *const envp[],
             return -1;
         warn_if_key_exposed(c, path);
     }
-    if (conf_apply_env(c, envp, err) == -1)
+    if (conf_apply_env(c, envp, err) == -1 || finish_providers(c, err) == -1)
         return -1;
     return conf_check(c, err);
 }
@@ -537,6 +739,13 @@ conf_load(struct conf *c, const char *path, char *const envp[],
 void
 conf_free(struct conf *c)
 {
+    for (size_t p = 0; p < c->nproviders; p++) {
+        free(c->providers[p].name);
+        for (size_t i = 0; i < NPKEYS; i++)
+            if (provider_keys[i].type == CONF_STRING)
+                free(*(char **)((char *)&c->providers[p] +
+                                provider_keys[i].offset));
+    }
     for (size_t i = 0; i < NKEYS; i++)
         if (keys[i].type == CONF_STRING)
             free(*(char **)((char *)c + keys[i].offset));

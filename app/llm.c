@@ -3,21 +3,18 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 #include <time.h>
+#include <unistd.h>
 
-#include "conf.h"
+#include "attempt.h"
 #include "fcgi.h"
 #include "history.h"
 #include "json.h"
 #include "log.h"
+#include "scoreboard.h"
 
-#define ANSWER_DEPTH 32
 #define POLL_MS 1000
-#define HEADER_LEN 160
-#define SSE_LINE_MAX (256 * 1024)
-
-static int on_event(void *arg, const char *data, size_t len);
+#define BACKOFF_MAX_MS 5000.0
 
 static double
 now_ms(void)
@@ -52,23 +49,31 @@ completions_url(const char *base)
 }
 
 int
-llm_init(struct llm *l, const struct conf *c, char err[LLM_MESSAGE_LEN])
+llm_init(struct llm *l, const struct conf *c, struct sb_pool *pool,
+         char err[LLM_MESSAGE_LEN])
 {
     size_t max = (size_t)c->upstream.max_response_bytes;
+    int ok = 1;
 
     memset(l, 0, sizeof(*l));
     l->conf = c;
-    buf_init(&l->response, max);
-    buf_init(&l->event_arena, SSE_LINE_MAX);
-    sse_init(&l->sse, SSE_LINE_MAX, SSE_LINE_MAX, on_event, l);
+    l->pool = pool;
+    l->rng = (uint64_t)getpid() * 0x9E3779B97F4A7C15ULL | 1;
     l->multi = curl_multi_init();
-    l->easy = curl_easy_init();
     l->gen = json_gen_new();
-    l->url = completions_url(c->upstream.url);
-    if (c->upstream.api_key[0] != '\0')
-        l->auth_header = join("Authorization: Bearer ", c->upstream.api_key);
-    if (!l->multi || !l->easy || !l->gen || !l->url ||
-        (c->upstream.api_key[0] != '\0' && !l->auth_header)) {
+    l->attempts = calloc(LLM_ATTEMPTS, sizeof(*l->attempts));
+    ok = l->multi && l->gen && l->attempts;
+    for (size_t i = 0; ok && i < LLM_ATTEMPTS; i++)
+        ok = attempt_init(&l->attempts[i], max) == 0;
+    for (size_t i = 0; ok && i < c->nproviders; i++) {
+        const struct conf_provider *p = &c->providers[i];
+
+        l->urls[i] = completions_url(p->url);
+        if (p->api_key[0] != '\0')
+            l->auth[i] = join("Authorization: Bearer ", p->api_key);
+        ok = l->urls[i] && (p->api_key[0] == '\0' || l->auth[i]);
+    }
+    if (!ok) {
         snprintf(err, LLM_MESSAGE_LEN, "cannot set up curl: out of memory");
         llm_cleanup(l);
         return -1;
@@ -79,17 +84,19 @@ llm_init(struct llm *l, const struct conf *c, char err[LLM_MESSAGE_LEN])
 void
 llm_cleanup(struct llm *l)
 {
-    if (l->easy != NULL)
-        curl_easy_cleanup(l->easy);
+    for (size_t i = 0; l->attempts && i < LLM_ATTEMPTS; i++) {
+        attempt_stop(&l->attempts[i], l->multi);
+        attempt_cleanup(&l->attempts[i]);
+    }
+    free(l->attempts);
     if (l->multi != NULL)
         curl_multi_cleanup(l->multi);
     if (l->gen != NULL)
         yajl_gen_free(l->gen);
-    free(l->url);
-    free(l->auth_header);
-    buf_cleanup(&l->response);
-    buf_cleanup(&l->event_arena);
-    sse_cleanup(&l->sse);
+    for (size_t i = 0; i < CONF_PROVIDERS_MAX; i++) {
+        free(l->urls[i]);
+        free(l->auth[i]);
+    }
     memset(l, 0, sizeof(*l));
 }
 
@@ -104,18 +111,6 @@ void
 llm_answer_cleanup(struct llm_answer *a)
 {
     buf_cleanup(&a->reply);
-}
-
-static void
-answer_reset(struct llm_answer *a, const char *model)
-{
-    a->status = LLM_FAILED;
-    a->http_status = 0;
-    buf_reset(&a->reply);
-    snprintf(a->model, sizeof(a->model), "%s", model);
-    a->prompt_tokens = a->completion_tokens = -1;
-    a->message[0] = '\0';
-    a->ms = 0;
 }
 
 static int
@@ -148,16 +143,14 @@ gen_messages(yajl_gen g, const struct llm_call *call)
     return yajl_gen_array_close(g) ? -1 : 0;
 }
 
-/* The OpenAI chat-completions request body, in l->gen. */
+/* The OpenAI chat-completions request body for a model, in l->gen. */
 static int
-gen_request(struct llm *l, const struct llm_call *call)
+gen_request(struct llm *l, const struct llm_call *call, const char *model)
 {
-    const struct conf *c = l->conf;
     yajl_gen g = l->gen;
 
     json_gen_restart(g);
-    if (yajl_gen_map_open(g) ||
-        json_gen_key_cstr(g, "model", c->upstream.model) ||
+    if (yajl_gen_map_open(g) || json_gen_key_cstr(g, "model", model) ||
         gen_messages(g, call))
         return -1;
     if (call->temperature >= 0 &&
@@ -176,29 +169,164 @@ gen_request(struct llm *l, const struct llm_call *call)
     return yajl_gen_map_close(g) ? -1 : 0;
 }
 
-/* Record why a stream broke; the transfer is then cancelled. */
-static int
-stream_fail(struct llm *l, enum llm_status status, const char *why)
+
+enum sb_upstream_error
+llm_error_kind(enum llm_status status)
 {
-    l->stream_failed = 1;
-    l->ans->status = status;
-    snprintf(l->ans->message, sizeof(l->ans->message), "%s", why);
-    return -1;
+    switch (status) {
+    case LLM_TIMEOUT:
+        return SB_UP_TIMEOUT;
+    case LLM_UNREACHABLE:
+        return SB_UP_UNREACHABLE;
+    case LLM_HTTP_ERROR:
+        return SB_UP_HTTP_ERROR;
+    case LLM_BAD_ANSWER:
+        return SB_UP_BAD_ANSWER;
+    case LLM_CLIENT_GONE:
+        return SB_UP_CLIENT_GONE;
+    case LLM_OK:
+    case LLM_FAILED:
+        break;
+    }
+    return SB_UP_FAILED;
 }
 
-/* Pass on the reply's new bytes, up to the last whole character. */
-static int
-emit_new_content(struct llm *l)
+/* ---- provider health, shared by every worker through the scoreboard */
+
+static struct sb_provider *
+health(const struct llm *l, size_t provider)
 {
-    const struct buf *r = &l->ans->reply;
+    return l->pool != NULL && provider < SB_PROVIDERS
+               ? &l->pool->providers[provider]
+               : NULL;
+}
+
+static int
+cooling_down(const struct llm *l, size_t provider)
+{
+    const struct sb_provider *h = health(l, provider);
+
+    return h != NULL && __atomic_load_n(&h->cooldown_until_ms,
+                                        __ATOMIC_RELAXED) >
+                            scoreboard_now_ms();
+}
+
+static void
+note_success(struct llm *l, const struct attempt *a)
+{
+    struct sb_provider *h = health(l, a->provider);
+
+    if (h == NULL)
+        return;
+    __atomic_store_n(&h->failures, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&h->cooldown_until_ms, 0, __ATOMIC_RELAXED);
+    scoreboard_add(&h->successes, 1);
+    if (a->hedge)
+        scoreboard_add(&h->hedges_won, 1);
+}
+
+/* A provider failing cooldown_failures times in a row is skipped by every
+ * worker for cooldown_s; the first call after that probes it again. */
+static void
+note_failure(struct llm *l, const struct attempt *a)
+{
+    const struct conf *c = l->conf;
+    struct sb_provider *h = health(l, a->provider);
+    uint32_t row;
+
+    if (h == NULL || a->ans.status == LLM_CLIENT_GONE)
+        return;
+    scoreboard_add(&h->errors[llm_error_kind(a->ans.status)], 1);
+    row = __atomic_add_fetch(&h->failures, 1, __ATOMIC_RELAXED);
+    if (row < (uint32_t)c->upstream.cooldown_failures ||
+        c->upstream.cooldown_s == 0)
+        return;
+    __atomic_store_n(&h->cooldown_until_ms,
+                     scoreboard_now_ms() + c->upstream.cooldown_s * 1000,
+                     __ATOMIC_RELAXED);
+    scoreboard_add(&h->cooldowns, 1);
+    log_warnx("llm", "provider %s failed %u times in a row (%s); every "
+              "worker skips it for %lld s", c->providers[a->provider].name,
+              row, a->ans.message, c->upstream.cooldown_s);
+}
+
+/* ---- the plan: which provider next, and when */
+
+struct plan {
+    size_t order[CONF_PROVIDERS_MAX];
+    size_t n, next;         /* providers of this round; the next to try */
+    long long round;        /* 0, then one per retry */
+    double retry_at_ms;     /* the next round's start; 0: none pending */
+    double retry_after_ms;  /* the longest wait a provider asked for */
+    int done;               /* nothing more to try */
+};
+
+/* The providers not cooling down, in order; all of them when every one
+ * is (a probe beats a certain failure). */
+static void
+plan_round(const struct llm *l, struct plan *p)
+{
+    size_t n = l->conf->nproviders;
+
+    p->n = p->next = 0;
+    for (size_t i = 0; i < n; i++)
+        if (!cooling_down(l, i))
+            p->order[p->n++] = i;
+    if (p->n == 0)
+        for (size_t i = 0; i < n; i++)
+            p->order[p->n++] = i;
+}
+
+/* Exponential backoff with jitter (half to all of the step). */
+static double
+backoff_ms(struct llm *l, long long round)
+{
+    double step = (double)l->conf->upstream.retry_base_ms *
+                  (double)(1LL << (round < 10 ? round : 10));
+
+    l->rng ^= l->rng << 13;
+    l->rng ^= l->rng >> 7;
+    l->rng ^= l->rng << 17;
+    step *= 0.5 + (double)(l->rng % 1000) / 2000.0;
+    return step < BACKOFF_MAX_MS ? step : BACKOFF_MAX_MS;
+}
+
+/* ---- the attempts of one call */
+
+static int
+streaming_call(const struct llm *l)
+{
+    return l->call->on_delta != NULL;
+}
+
+/* The first attempt with content wins the stream: the others are stopped
+ * (after the current curl_multi_perform; libcurl refuses calls from its
+ * callbacks). */
+static void
+commit(struct llm *l, struct attempt *a)
+{
+    if (l->committed == NULL)
+        l->committed = a;
+}
+
+/* Pass the committed reply's new bytes on, up to the last whole
+ * character. Returns 0, or -1 to cancel the transfer. */
+static int
+emit(struct llm *l, struct attempt *a)
+{
+    const struct buf *r = &a->ans.reply;
     size_t end = l->emitted + json_utf8_complete_len(r->data + l->emitted,
                                                      r->len - l->emitted);
 
     if (end == l->emitted)
         return 0;
-    if (!json_utf8_valid(r->data + l->emitted, end - l->emitted))
-        return stream_fail(l, LLM_BAD_ANSWER,
-                           "the model's reply is not valid UTF-8");
+    if (!json_utf8_valid(r->data + l->emitted, end - l->emitted)) {
+        a->stream_failed = 1;
+        a->ans.status = LLM_BAD_ANSWER;
+        snprintf(a->ans.message, sizeof(a->ans.message),
+                 "the model's reply is not valid UTF-8");
+        return -1;
+    }
     if (l->call->on_delta(l->call->delta_arg, r->data + l->emitted,
                           end - l->emitted) == -1) {
         l->client_gone = 1;
@@ -208,305 +336,345 @@ emit_new_content(struct llm *l)
     return 0;
 }
 
-static void
-pick_usage(const struct json_field *prompt, const struct json_field *done,
-           const struct buf *arena, struct llm_answer *ans)
-{
-    if (json_field_int(prompt, arena, 0, 1LL << 40, &ans->prompt_tokens))
-        ans->prompt_tokens = -1;
-    if (json_field_int(done, arena, 0, 1LL << 40, &ans->completion_tokens))
-        ans->completion_tokens = -1;
-}
-
-/* The model the upstream reports, when it is a sane string; otherwise the
- * configured one stays. */
-static void
-pick_model(const struct json_field *f, const struct buf *arena,
-           struct llm_answer *ans)
-{
-    char name[LLM_MODEL_LEN];
-
-    if (f->type == JSON_STRING && f->len > 0 &&
-        memchr(json_field_text(f, arena), '\0', f->len) == NULL &&
-        json_utf8_copy(name, sizeof(name), json_field_text(f, arena),
-                       f->len) == 0)
-        memcpy(ans->model, name, sizeof(name));
-}
-
-/* One event of an upstream stream: a chunk, [DONE], or an error object. */
 static int
-on_event(void *arg, const char *data, size_t len)
+on_content(struct attempt *a, void *arg)
 {
-    enum { CONTENT, FINISH, MODEL, PROMPT, COMPLETION, ERROR };
-    struct json_field f[] = {
-        [CONTENT] = {.path = "choices.0.delta.content", .accept = JSON_ANY},
-        [FINISH] = {.path = "choices.0.finish_reason", .accept = JSON_ANY},
-        [MODEL] = {.path = "model", .accept = JSON_ANY},
-        [PROMPT] = {.path = "usage.prompt_tokens", .accept = JSON_ANY},
-        [COMPLETION] = {.path = "usage.completion_tokens",
-                        .accept = JSON_ANY},
-        [ERROR] = {.path = "error", .accept = JSON_ANY},
-    };
     struct llm *l = arg;
-    char err[JSON_ERR_LEN];
-    struct llm_answer *ans = l->ans;
 
-    if (len == 6 && memcmp(data, "[DONE]", 6) == 0) {
-        l->stream_complete = 1;
-        return 0;
-    }
-    buf_reset(&l->event_arena);
-    if (json_pick(data, len, f, 6, &l->event_arena, ANSWER_DEPTH, 0, err))
-        return stream_fail(l, LLM_BAD_ANSWER, "the model's stream carries "
-                           "an event that is not JSON");
-    if (f[ERROR].type != 0 && f[ERROR].type != JSON_NULL) {
-        if (llm_error_message(data, len, err, sizeof(err)) == -1)
-            snprintf(err, sizeof(err), "the model's stream reported an "
-                     "error");
-        return stream_fail(l, LLM_HTTP_ERROR, err);
-    }
-    pick_model(&f[MODEL], &l->event_arena, ans);
-    if (f[PROMPT].type == JSON_NUMBER || f[COMPLETION].type == JSON_NUMBER)
-        pick_usage(&f[PROMPT], &f[COMPLETION], &l->event_arena, ans);
-    if (f[FINISH].type == JSON_STRING)
-        l->stream_complete = 1;
-    if (f[CONTENT].type != JSON_STRING || f[CONTENT].len == 0)
-        return 0;
-    if (buf_append(&ans->reply, json_field_text(&f[CONTENT], &l->event_arena),
-                   f[CONTENT].len) == -1)
-        return stream_fail(l, LLM_BAD_ANSWER, "the model's reply is larger "
-                           "than max_response_bytes");
-    return emit_new_content(l);
+    commit(l, a);
+    return l->committed == a ? emit(l, a) : -1;
 }
 
-/* Decide, at the first bytes of the body, whether it is an event stream
- * (a 2xx text/event-stream to a streaming call) or a whole body (a plain
- * answer, or an error, read whole and parsed at the end). */
-static enum llm_body
-body_mode(struct llm *l)
+static struct attempt *
+idle_attempt(struct llm *l)
 {
-    const char *type = NULL;
-    long status = 0;
-
-    if (l->body_mode != LLM_BODY_UNKNOWN)
-        return l->body_mode;
-    curl_easy_getinfo(l->easy, CURLINFO_RESPONSE_CODE, &status);
-    curl_easy_getinfo(l->easy, CURLINFO_CONTENT_TYPE, &type);
-    l->body_mode = LLM_BODY_WHOLE;
-    if (l->call->on_delta != NULL && status >= 200 && status < 300 &&
-        type != NULL && strncasecmp(type, "text/event-stream", 17) == 0)
-        l->body_mode = LLM_BODY_EVENTS;
-    return l->body_mode;
+    for (size_t i = 0; i < LLM_ATTEMPTS; i++)
+        if (!l->attempts[i].active)
+            return &l->attempts[i];
+    return NULL;
 }
 
 static size_t
-on_body(char *data, size_t size, size_t n, void *arg)
+active_attempts(const struct llm *l)
 {
-    struct llm *l = arg;
+    size_t n = 0;
 
-    if (body_mode(l) == LLM_BODY_EVENTS)
-        return sse_feed(&l->sse, data, size * n) == 0 ? size * n : 0;
-    if (buf_append(&l->response, data, size * n) == -1) {
-        l->response_too_large = 1;
-        return 0; /* makes curl stop with CURLE_WRITE_ERROR */
-    }
-    return size * n;
+    for (size_t i = 0; i < LLM_ATTEMPTS; i++)
+        n += l->attempts[i].active;
+    return n;
 }
 
-static struct curl_slist *
-request_headers(const struct llm *l, const char *request_id)
-{
-    char id_header[HEADER_LEN];
-    struct curl_slist *h = NULL, *next;
-    const char *lines[] = {
-        "Content-Type: application/json",
-        "Expect:", /* no 100-continue round trip for bodies over 1 KiB */
-        id_header,
-        l->auth_header,
-    };
-
-    snprintf(id_header, sizeof(id_header), "X-Request-Id: %s", request_id);
-    for (size_t i = 0; i < sizeof(lines) / sizeof(*lines); i++) {
-        if (lines[i] == NULL)
-            continue;
-        next = curl_slist_append(h, lines[i]);
-        if (next == NULL) {
-            curl_slist_free_all(h);
-            return NULL;
-        }
-        h = next;
-    }
-    return h;
-}
-
-/* The upstream's timeout, cut short by the request's own deadline. */
+/* The provider's total timeout, cut short by the request's deadline. */
 static long
-timeout_ms(const struct llm *l)
+attempt_timeout_ms(const struct llm *l, const struct conf_provider *p)
 {
     double left = l->call->deadline_ms - now_ms();
-    double limit = (double)l->conf->upstream.timeout_ms;
+    double limit = (double)p->timeout_ms;
 
     if (l->call->deadline_ms > 0 && left < limit)
         limit = left < 1 ? 1 : left;
     return (long)limit;
 }
 
+/* Start the plan's next provider. Returns the attempt, or NULL when it
+ * could not start (its answer says why: a failure like any other). */
+static struct attempt *
+start_next(struct llm *l, struct plan *p, int hedge)
+{
+    size_t provider = p->order[p->next++];
+    const struct conf_provider *cp = &l->conf->providers[provider];
+    struct attempt *a = idle_attempt(l);
+    struct attempt_spec spec = {
+        .url = l->urls[provider],
+        .auth_header = l->auth[provider],
+        .request_id = l->call->request_id,
+        .connect_timeout_ms = (long)cp->connect_timeout_ms,
+        .timeout_ms = attempt_timeout_ms(l, cp),
+        .stream = streaming_call(l),
+    };
+    struct sb_provider *h = health(l, provider);
+
+    if (a == NULL || gen_request(l, l->call, cp->model) == -1)
+        return NULL;
+    yajl_gen_get_buf(l->gen, (const unsigned char **)&spec.body,
+                     &spec.body_len);
+    a->provider = provider;
+    a->on_content = on_content;
+    a->arg = l;
+    if (h != NULL) {
+        scoreboard_add(&h->attempts, 1);
+        scoreboard_add(&h->retries, p->round > 0);
+        scoreboard_add(&h->hedges, hedge != 0);
+    }
+    if (attempt_start(a, l->multi, &spec, cp->model) == -1)
+        return a;
+    a->hedge = hedge;
+    return a;
+}
+
+/* A failure the request caused itself: no other provider would do better. */
+static int
+final_failure(const struct attempt *a)
+{
+    long s = a->ans.http_status;
+
+    return a->ans.status == LLM_HTTP_ERROR && s >= 400 && s < 500 &&
+           s != 408 && s != 429;
+}
+
+/* After a failed attempt: another provider now, the next round after a
+ * backoff, or the end. Never another try once content reached the
+ * client, nor for the request's own 4xx. */
 static void
-set_options(struct llm *l, struct curl_slist *headers)
+after_failure(struct llm *l, struct plan *p, struct attempt *a)
+{
+    double wait;
+
+    note_failure(l, a);
+    if (l->committed == a || final_failure(a)) {
+        p->done = 1;
+        return;
+    }
+    if (attempt_retry_after_s(a) * 1000.0 > p->retry_after_ms)
+        p->retry_after_ms = (double)attempt_retry_after_s(a) * 1000.0;
+    if (active_attempts(l) > 0 || p->retry_at_ms > 0)
+        return; /* the other attempt may still win */
+    if (p->next < p->n) {
+        struct attempt *next = start_next(l, p, 0);
+
+        if (next != NULL && !next->active)
+            after_failure(l, p, next);
+        return;
+    }
+    wait = backoff_ms(l, p->round);
+    if (p->retry_after_ms > wait)
+        wait = p->retry_after_ms;
+    if (p->round >= l->conf->upstream.retries ||
+        (l->call->deadline_ms > 0 && now_ms() + wait >= l->call->deadline_ms)) {
+        p->done = 1;
+        return;
+    }
+    p->retry_at_ms = now_ms() + wait;
+}
+
+/* Per attempt: no first token in time, or silent too long mid-stream. */
+static const char *
+attempt_overdue(const struct llm *l, const struct attempt *a, double now)
 {
     const struct conf *c = l->conf;
-    const char *body;
-    size_t len;
-    CURL *e = l->easy;
+    int started = streaming_call(l) ? a->got_content : a->got_bytes;
 
-    yajl_gen_get_buf(l->gen, (const unsigned char **)&body, &len);
-    curl_easy_setopt(e, CURLOPT_URL, l->url);
-    curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
-    curl_easy_setopt(e, CURLOPT_POST, 1L);
-    curl_easy_setopt(e, CURLOPT_POSTFIELDS, body);
-    curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)len);
-    curl_easy_setopt(e, CURLOPT_HTTPHEADER, headers);
-    curl_easy_setopt(e, CURLOPT_USERAGENT, "chatfcgi/1");
-    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_body);
-    curl_easy_setopt(e, CURLOPT_WRITEDATA, l);
-    curl_easy_setopt(e, CURLOPT_ERRORBUFFER, l->errbuf);
-    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(e, CURLOPT_TCP_NODELAY, 1L);
-    curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
-    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS,
-                     (long)c->upstream.connect_timeout_ms);
-    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, timeout_ms(l));
+    if (c->upstream.first_token_timeout_ms > 0 && !started &&
+        now - a->started_ms >= (double)c->upstream.first_token_timeout_ms)
+        return "no first token within first_token_timeout_ms";
+    if (c->upstream.idle_timeout_ms > 0 && started && a->streaming &&
+        now - a->last_bytes_ms >= (double)c->upstream.idle_timeout_ms)
+        return "the stream was silent for idle_timeout_ms";
+    return NULL;
 }
 
-/* Drive the transfer until it ends or the client goes away. Returns the
- * curl result, or -1 when the client went away first. */
+/* When the single running attempt has not begun to answer after
+ * hedge_after_ms, ask the next provider too; the first answer wins. */
 static int
-run_transfer(struct llm *l, int watch_fd)
+hedge_due(const struct llm *l, const struct plan *p, double now)
 {
-    struct curl_waitfd client = {.fd = watch_fd, .events = CURL_WAIT_POLLIN};
-    unsigned nwatch = watch_fd >= 0 ? 1 : 0;
-    int running = 1, queued;
+    const struct attempt *a = NULL;
+    long long after = l->conf->upstream.hedge_after_ms;
+
+    if (after == 0 || l->committed != NULL || p->next >= p->n ||
+        active_attempts(l) != 1)
+        return 0;
+    for (size_t i = 0; i < LLM_ATTEMPTS; i++)
+        if (l->attempts[i].active)
+            a = &l->attempts[i];
+    return !a->got_bytes && now - a->started_ms >= (double)after;
+}
+
+static void
+run_timers(struct llm *l, struct plan *p)
+{
+    double now = now_ms();
+
+    for (size_t i = 0; i < LLM_ATTEMPTS; i++) {
+        struct attempt *a = &l->attempts[i];
+        const char *why = a->active ? attempt_overdue(l, a, now) : NULL;
+
+        if (why != NULL) {
+            attempt_fail(a, l->multi, LLM_TIMEOUT, why);
+            after_failure(l, p, a);
+        }
+    }
+    if (hedge_due(l, p, now)) {
+        struct attempt *h = start_next(l, p, 1);
+
+        if (h != NULL && !h->active)
+            after_failure(l, p, h);
+    }
+    if (p->retry_at_ms > 0 && now >= p->retry_at_ms && !p->done) {
+        struct attempt *r;
+
+        p->retry_at_ms = p->retry_after_ms = 0;
+        p->round++;
+        plan_round(l, p);
+        r = start_next(l, p, 0);
+        if (r != NULL && !r->active)
+            after_failure(l, p, r);
+    }
+}
+
+/* Milliseconds until the next timer of run_timers() may fire. */
+static double
+next_timer_ms(const struct llm *l, const struct plan *p)
+{
+    const struct conf *c = l->conf;
+    double now = now_ms(), wait = POLL_MS;
+
+#define SOONER(t)                                                              \
+    do {                                                                       \
+        if ((t) - now < wait)                                                  \
+            wait = (t) - now;                                                  \
+    } while (0)
+    if (p->retry_at_ms > 0)
+        SOONER(p->retry_at_ms);
+    for (size_t i = 0; i < LLM_ATTEMPTS; i++) {
+        const struct attempt *a = &l->attempts[i];
+
+        if (!a->active)
+            continue;
+        if (c->upstream.first_token_timeout_ms > 0)
+            SOONER(a->started_ms + (double)c->upstream.first_token_timeout_ms);
+        if (c->upstream.idle_timeout_ms > 0)
+            SOONER(a->last_bytes_ms + (double)c->upstream.idle_timeout_ms);
+        if (c->upstream.hedge_after_ms > 0)
+            SOONER(a->started_ms + (double)c->upstream.hedge_after_ms);
+    }
+#undef SOONER
+    return wait < 1 ? 1 : wait;
+}
+
+/* Run the transfers until something may have happened. Returns 0, or -1
+ * when the client went away (the web server closed the connection). */
+static int
+drive(struct llm *l, const struct plan *p, unsigned *watching)
+{
+    struct curl_waitfd client = {.fd = l->call->watch_fd,
+                                 .events = CURL_WAIT_POLLIN};
+    int running;
+
+    if (curl_multi_perform(l->multi, &running) != CURLM_OK ||
+        running < (int)active_attempts(l))
+        return 0; /* a transfer ended: collect() reads it, no waiting */
+    if (curl_multi_poll(l->multi, *watching ? &client : NULL, *watching,
+                        (int)next_timer_ms(l, p), NULL) != CURLM_OK ||
+        !client.revents)
+        return 0;
+    switch (fcgi_client_gone(l->call->watch_fd)) {
+    case 1:
+        return -1;
+    case -1:
+        *watching = 0; /* unreadable data: stop watching, don't spin */
+        break;
+    }
+    return 0;
+}
+
+/* Judge every transfer that ended. Returns the winner, or NULL. */
+static struct attempt *
+collect(struct llm *l, struct plan *p)
+{
+    struct attempt *winner = NULL;
     CURLMsg *msg;
+    int queued;
 
-    while (running) {
-        if (curl_multi_perform(l->multi, &running) != CURLM_OK)
-            return CURLE_FAILED_INIT;
-        if (!running)
-            break;
-        client.revents = 0;
-        if (curl_multi_poll(l->multi, nwatch ? &client : NULL, nwatch,
-                            POLL_MS, NULL) != CURLM_OK)
-            return CURLE_FAILED_INIT;
-        if (client.revents) {
-            int gone = fcgi_client_gone(watch_fd);
+    curl_multi_perform(l->multi, &queued);
+    while ((msg = curl_multi_info_read(l->multi, &queued)) != NULL) {
+        struct attempt *a = NULL;
+        CURLcode rc = msg->data.result;
 
-            if (gone == 1)
-                return -1;
-            if (gone == -1)
-                nwatch = 0; /* unreadable data: stop watching, don't spin */
-        }
+        if (msg->msg != CURLMSG_DONE)
+            continue;
+        /* msg dies with the handle's removal: read it all first. */
+        curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&a);
+        attempt_stop(a, l->multi);
+        attempt_judge(a, rc);
+        if (l->client_gone)
+            return NULL;
+        if (a->ans.status == LLM_OK && winner == NULL &&
+            (l->committed == NULL || l->committed == a))
+            winner = a;
+        else if (a->ans.status != LLM_OK)
+            after_failure(l, p, a);
     }
-    while ((msg = curl_multi_info_read(l->multi, &queued)) != NULL)
-        if (msg->msg == CURLMSG_DONE && msg->easy_handle == l->easy)
-            return (int)msg->data.result;
-    return CURLE_FAILED_INIT;
+    return winner;
 }
 
+/* Stop whatever lost: the attempts beside the committed one. */
 static void
-classify_curl_error(struct llm *l, int rc, struct llm_answer *ans)
+stop_losers(struct llm *l, const struct attempt *keep)
 {
-    const char *why = l->errbuf[0] ? l->errbuf : curl_easy_strerror(rc);
-
-    switch (rc) {
-    case CURLE_OPERATION_TIMEDOUT:
-        ans->status = LLM_TIMEOUT;
-        break;
-    case CURLE_COULDNT_CONNECT:
-    case CURLE_COULDNT_RESOLVE_HOST:
-    case CURLE_COULDNT_RESOLVE_PROXY:
-    case CURLE_SSL_CONNECT_ERROR:
-    case CURLE_PEER_FAILED_VERIFICATION:
-        ans->status = LLM_UNREACHABLE;
-        break;
-    case CURLE_WRITE_ERROR:
-        if (l->response_too_large) {
-            ans->status = LLM_BAD_ANSWER;
-            why = "the model's answer is larger than max_response_bytes";
-            break;
-        }
-        /* fall through */
-    default:
-        ans->status = LLM_FAILED;
-    }
-    snprintf(ans->message, sizeof(ans->message), "%s", why);
+    for (size_t i = 0; i < LLM_ATTEMPTS; i++)
+        if (&l->attempts[i] != keep)
+            attempt_stop(&l->attempts[i], l->multi);
 }
 
-/* A whole 2xx body: a plain answer (also to a streaming call, from an
- * upstream that does not stream; it then arrives as one delta). */
 static void
-classify_whole_answer(struct llm *l, struct llm_answer *ans)
+swap_reply(struct llm_answer *a, struct llm_answer *b)
 {
-    const struct buf *r = &l->response;
+    struct buf t = a->reply;
 
-    if (llm_parse_answer(r->data, r->len, ans) == -1) {
-        ans->status = LLM_BAD_ANSWER;
-        return;
-    }
-    ans->status = LLM_OK;
-    if (l->call->on_delta != NULL && emit_new_content(l) == -1) {
-        ans->status = LLM_CLIENT_GONE;
-        snprintf(ans->message, sizeof(ans->message), "the client went away");
-    }
+    a->reply = b->reply;
+    b->reply = t;
 }
 
+/* Hand the winner's answer to the caller. A whole answer to a streaming
+ * call (an upstream that does not stream) goes out as one piece now. */
 static void
-classify_stream_end(struct llm *l, struct llm_answer *ans)
+take_answer(struct llm *l, struct attempt *a, struct llm_answer *ans)
 {
-    if (!l->stream_complete) {
-        ans->status = LLM_FAILED;
-        snprintf(ans->message, sizeof(ans->message),
-                 "the model's stream ended before it was complete");
+    commit(l, a);
+    if (streaming_call(l) && emit(l, a) == -1 && l->client_gone)
         return;
-    }
-    ans->status = LLM_OK;
+    note_success(l, a);
+    ans->status = a->ans.status;
+    ans->http_status = a->ans.http_status;
+    memcpy(ans->model, a->ans.model, sizeof(ans->model));
+    ans->prompt_tokens = a->ans.prompt_tokens;
+    ans->completion_tokens = a->ans.completion_tokens;
+    ans->message[0] = '\0';
+    swap_reply(ans, &a->ans);
 }
 
+/* No winner: the last failure is the answer. */
 static void
-classify_http_answer(struct llm *l, struct llm_answer *ans)
+take_failure(const struct llm *l, struct llm_answer *ans)
 {
-    const struct buf *r = &l->response;
+    const struct attempt *last = NULL;
 
-    curl_easy_getinfo(l->easy, CURLINFO_RESPONSE_CODE, &ans->http_status);
-    if (l->body_mode == LLM_BODY_EVENTS) {
-        classify_stream_end(l, ans);
-        return;
-    }
-    if (ans->http_status >= 200 && ans->http_status < 300) {
-        classify_whole_answer(l, ans);
-        return;
-    }
-    ans->status = LLM_HTTP_ERROR;
-    if (llm_error_message(r->data, r->len, ans->message,
-                          sizeof(ans->message)) == -1)
-        snprintf(ans->message, sizeof(ans->message),
-                 "the model answered HTTP %ld", ans->http_status);
+    for (size_t i = 0; i < LLM_ATTEMPTS; i++)
+        if (l->attempts[i].ans.status != LLM_OK &&
+            (last == NULL ||
+             l->attempts[i].started_ms > last->started_ms))
+            last = &l->attempts[i];
+    ans->status = last ? last->ans.status : LLM_FAILED;
+    ans->http_status = last ? last->ans.http_status : 0;
+    snprintf(ans->message, sizeof(ans->message), "%s",
+             last ? last->ans.message : "no provider could be asked");
 }
 
 static void
-start_call(struct llm *l, const struct llm_call *call,
+begin_call(struct llm *l, const struct llm_call *call,
            struct llm_answer *ans)
 {
     l->call = call;
-    l->ans = ans;
-    l->body_mode = LLM_BODY_UNKNOWN;
-    buf_reset(&l->response);
-    l->response_too_large = 0;
-    sse_reset(&l->sse);
+    l->committed = NULL;
     l->emitted = 0;
-    l->stream_complete = 0;
     l->client_gone = 0;
-    l->stream_failed = 0;
-    l->errbuf[0] = '\0';
+    for (size_t i = 0; i < LLM_ATTEMPTS; i++)
+        l->attempts[i].ans.status = LLM_OK; /* not failed: not tried */
+    buf_reset(&ans->reply);
+    snprintf(ans->model, sizeof(ans->model), "%s",
+             l->conf->providers[0].model);
+    ans->prompt_tokens = ans->completion_tokens = -1;
 }
 
 void
@@ -514,101 +682,36 @@ llm_complete(struct llm *l, const struct llm_call *call,
              struct llm_answer *ans)
 {
     double start = now_ms();
-    struct curl_slist *headers;
-    int rc;
+    struct plan p = {0};
+    struct attempt *winner = NULL, *first;
+    unsigned watching = call->watch_fd >= 0;
 
-    answer_reset(ans, l->conf->upstream.model);
-    start_call(l, call, ans);
-    headers = request_headers(l, call->request_id);
-    if (headers == NULL || gen_request(l, call) == -1) {
-        snprintf(ans->message, sizeof(ans->message),
-                 "cannot build the upstream request");
-        curl_slist_free_all(headers);
-        return;
+    begin_call(l, call, ans);
+    plan_round(l, &p);
+    first = start_next(l, &p, 0);
+    if (first != NULL && !first->active)
+        after_failure(l, &p, first);
+    while (winner == NULL && !l->client_gone && !p.done &&
+           (active_attempts(l) > 0 || p.retry_at_ms > 0)) {
+        if (drive(l, &p, &watching) == -1) {
+            l->client_gone = 1;
+            break;
+        }
+        winner = collect(l, &p);
+        if (l->committed != NULL)
+            stop_losers(l, l->committed);
+        if (winner == NULL)
+            run_timers(l, &p);
     }
-    set_options(l, headers);
-    curl_multi_add_handle(l->multi, l->easy);
-    rc = run_transfer(l, call->watch_fd);
-    curl_multi_remove_handle(l->multi, l->easy);
-    curl_slist_free_all(headers);
-    ans->ms = now_ms() - start;
-    if (rc == -1 || l->client_gone) {
+    stop_losers(l, NULL);
+    if (l->client_gone) {
         ans->status = LLM_CLIENT_GONE;
         snprintf(ans->message, sizeof(ans->message),
                  "the client went away while the model was answering");
-    } else if (l->stream_failed) {
-        return; /* on_event has set status and message */
-    } else if (rc != CURLE_OK) {
-        classify_curl_error(l, rc, ans);
+    } else if (winner != NULL) {
+        take_answer(l, winner, ans);
     } else {
-        classify_http_answer(l, ans);
+        take_failure(l, ans);
     }
-}
-
-int
-llm_parse_answer(const char *body, size_t len, struct llm_answer *ans)
-{
-    enum { CONTENT, MODEL, PROMPT, COMPLETION };
-    struct json_field f[] = {
-        [CONTENT] = {.path = "choices.0.message.content",
-                     .accept = JSON_STRING | JSON_NULL},
-        [MODEL] = {.path = "model", .accept = JSON_ANY},
-        [PROMPT] = {.path = "usage.prompt_tokens", .accept = JSON_ANY},
-        [COMPLETION] = {.path = "usage.completion_tokens",
-                        .accept = JSON_ANY},
-    };
-    char err[JSON_ERR_LEN];
-    struct buf arena;
-    int rc = -1;
-
-    buf_init(&arena, len + 8);
-    if (json_pick(body, len, f, 4, &arena, ANSWER_DEPTH, 0, err) == -1) {
-        snprintf(ans->message, sizeof(ans->message),
-                 "the model's answer is not JSON: %s", err);
-    } else if (f[CONTENT].type != JSON_STRING) {
-        snprintf(ans->message, sizeof(ans->message),
-                 "the model's answer has no choices[0].message.content");
-    } else if (!json_utf8_valid(json_field_text(&f[CONTENT], &arena),
-                                f[CONTENT].len)) {
-        snprintf(ans->message, sizeof(ans->message),
-                 "the model's reply is not valid UTF-8");
-    } else if (buf_append(&ans->reply, json_field_text(&f[CONTENT], &arena),
-                          f[CONTENT].len) == -1) {
-        snprintf(ans->message, sizeof(ans->message),
-                 "the model's reply is too long");
-    } else {
-        pick_model(&f[MODEL], &arena, ans);
-        pick_usage(&f[PROMPT], &f[COMPLETION], &arena, ans);
-        rc = 0;
-    }
-    buf_cleanup(&arena);
-    return rc;
-}
-
-int
-llm_error_message(const char *body, size_t len, char *out, size_t size)
-{
-    /* In order of preference: OpenAI/vLLM/llama.cpp, Ollama, others. */
-    struct json_field f[] = {
-        {.path = "error.message", .accept = JSON_ANY},
-        {.path = "error", .accept = JSON_ANY},
-        {.path = "message", .accept = JSON_ANY},
-        {.path = "detail", .accept = JSON_ANY},
-    };
-    char err[JSON_ERR_LEN];
-    struct buf arena;
-    int rc = -1;
-
-    buf_init(&arena, len + 8);
-    if (len > 0 &&
-        json_pick(body, len, f, 4, &arena, ANSWER_DEPTH, 0, err) == 0) {
-        for (size_t i = 0; i < 4 && rc == -1; i++)
-            if (f[i].type == JSON_STRING && f[i].len > 0 &&
-                json_utf8_copy(out, size, json_field_text(&f[i], &arena),
-                               f[i].len) == 0 &&
-                out[0] != '\0')
-                rc = 0;
-    }
-    buf_cleanup(&arena);
-    return rc;
+    ans->ms = now_ms() - start;
 }

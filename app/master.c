@@ -739,6 +739,16 @@ block_signals(sigset_t *set)
     signal(SIGPIPE, SIG_IGN);
 }
 
+static void
+name_providers(struct sb_pool *pool, const struct conf *c)
+{
+    const char *names[CONF_PROVIDERS_MAX];
+
+    for (size_t i = 0; i < c->nproviders; i++)
+        names[i] = c->providers[i].name;
+    scoreboard_name_providers(pool, names, c->nproviders);
+}
+
 static int
 open_scoreboard(struct master *m, int inherited_fd)
 {
@@ -750,6 +760,7 @@ open_scoreboard(struct master *m, int inherited_fd)
         log_warn("master", "cannot set up the scoreboard");
         return -1;
     }
+    name_providers(m->pool, m->conf);
     m->children = calloc(m->pool->nslots, sizeof(*m->children));
     return m->children ? 0 : -1;
 }
@@ -828,6 +839,7 @@ master_run_single(const struct conf *c)
     ws.pool = scoreboard_open(-1, 1, &sb_fd);
     if (m.ls.chat_fd == -1 || ws.pool == NULL)
         return 1;
+    name_providers(ws.pool, c);
     ws.chat_fd = m.ls.chat_fd;
     ws.pool->slots[0].pid = getpid();
     log_info("master", "pm single: serving on %s in this process",

@@ -8,7 +8,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define SB_MAGIC 0x63686174736230ULL /* "chatsb0" */
+#define SB_MAGIC 0x63686174736231ULL /* "chatsb1" */
 
 static const unsigned bucket_bounds_ms[SB_BUCKETS - 1] = SB_BUCKET_BOUNDS_MS;
 
@@ -98,6 +98,20 @@ scoreboard_open(int fd, uint32_t nslots, int *out_fd)
         return create(nslots, out_fd);
     *out_fd = fd;
     return adopt(fd, nslots);
+}
+
+void
+scoreboard_name_providers(struct sb_pool *p, const char *const *names,
+                          size_t n)
+{
+    for (size_t i = 0; i < n && i < SB_PROVIDERS; i++) {
+        struct sb_provider *pr = &p->providers[i];
+
+        if (strncmp(pr->name, names[i], sizeof(pr->name)) == 0)
+            continue;
+        memset(pr, 0, sizeof(*pr));
+        snprintf(pr->name, sizeof(pr->name), "%s", names[i]);
+    }
 }
 
 int

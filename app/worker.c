@@ -98,7 +98,7 @@ worker_setup(struct worker *w, const struct worker_setup *ws)
         fatal("worker", "out of memory");
     if (store_init(&w->store, c) == -1)
         fatal("worker", "%s", w->store.err);
-    if (llm_init(&w->llm, c, err) == -1)
+    if (llm_init(&w->llm, c, ws->pool, err) == -1)
         fatal("worker", "%s", err);
     buf_init(&w->body, (size_t)c->chat.max_body_bytes);
     buf_init(&w->arena, (size_t)c->chat.max_body_bytes + ITEM_OVERHEAD);

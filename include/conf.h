@@ -13,6 +13,21 @@
 
 enum conf_pool { CONF_POOL_STATIC, CONF_POOL_DYNAMIC, CONF_POOL_SINGLE };
 
+#define CONF_PROVIDERS_MAX 8
+#define CONF_PROVIDER_NAME_MAX 32
+
+/* One model provider: a [provider NAME] section, or one of the URLs of
+ * [upstream] url. Keys a section leaves out come from [upstream]. */
+struct conf_provider {
+    char *name;
+    char *url;
+    char *api_key;     /* the key itself, once api_key_env is resolved */
+    char *api_key_env; /* the name of a variable holding the key */
+    char *model;
+    long long connect_timeout_ms; /* 0: [upstream]'s */
+    long long timeout_ms;
+};
+
 struct conf {
     char *listen; /* unix socket path, or host:port */
     char *listen_owner;
@@ -58,7 +73,19 @@ struct conf {
         long long connect_timeout_ms;
         long long timeout_ms;
         long long max_response_bytes;
+        long long first_token_timeout_ms; /* 0: off */
+        long long idle_timeout_ms;        /* 0: off */
+        long long retries;      /* more attempts on one provider */
+        long long retry_base_ms;
+        long long hedge_after_ms; /* 0: no hedging */
+        long long cooldown_failures;
+        long long cooldown_s;
     } upstream;
+
+    /* Tried in this order; filled by conf_load from [provider] sections
+     * or [upstream]. */
+    struct conf_provider providers[CONF_PROVIDERS_MAX];
+    size_t nproviders;
 
     struct {
         long long max_body_bytes;

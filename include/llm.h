@@ -13,9 +13,9 @@
 #include <yajl/yajl_gen.h>
 
 #include "buf.h"
-#include "sse.h"
+#include "conf.h"
+#include "scoreboard.h"
 
-struct conf;
 struct history;
 
 #define LLM_MESSAGE_LEN 256
@@ -61,51 +61,46 @@ struct llm_call {
     void *delta_arg;
 };
 
-/* How the body of the current upstream answer is read. */
-enum llm_body { LLM_BODY_UNKNOWN, LLM_BODY_WHOLE, LLM_BODY_EVENTS };
+/* At most this many requests at once for one call: the one running and a
+ * hedge beside it. */
+#define LLM_ATTEMPTS 2
+
+struct attempt;
+struct sb_pool;
 
 struct llm {
     const struct conf *conf;
+    struct sb_pool *pool; /* provider health, shared by the pool */
     CURLM *multi;
-    CURL *easy;
     yajl_gen gen;
-    char *url;         /* {base}/chat/completions */
-    char *auth_header; /* "Authorization: Bearer ..." or NULL */
-    char errbuf[CURL_ERROR_SIZE];
-
-    /* State of the call in progress: */
+    char *urls[CONF_PROVIDERS_MAX]; /* per provider: .../chat/completions */
+    char *auth[CONF_PROVIDERS_MAX]; /* "Authorization: ..." or NULL */
+    struct attempt *attempts;
+    /* The call in progress: */
     const struct llm_call *call;
-    struct llm_answer *ans;
-    enum llm_body body_mode;
-    struct buf response; /* a whole (non-streamed) body */
-    int response_too_large;
-    struct sse_parser sse;
-    struct buf event_arena; /* strings picked from one event */
-    size_t emitted;         /* bytes of ans->reply passed to on_delta */
-    int stream_complete;    /* [DONE] or a finish_reason was seen */
+    struct attempt *committed; /* its content has reached the client */
+    size_t emitted;            /* bytes of its reply passed on */
     int client_gone;
-    int stream_failed;      /* the stream broke; ans has the reason */
+    uint64_t rng;              /* jitter of the retry backoff */
 };
 
-/* Set up the multi and easy handles. Returns 0, or -1 with err set. */
-int llm_init(struct llm *l, const struct conf *c, char err[LLM_MESSAGE_LEN]);
+/* Set up the multi handle and one reusable request per attempt; pool may
+ * be NULL (no shared health). Returns 0, or -1 with err set. */
+int llm_init(struct llm *l, const struct conf *c, struct sb_pool *pool,
+             char err[LLM_MESSAGE_LEN]);
 void llm_cleanup(struct llm *l);
+
+/* The metrics' kind of a failure. */
+enum sb_upstream_error llm_error_kind(enum llm_status status);
 
 void llm_answer_init(struct llm_answer *a, size_t max_reply);
 void llm_answer_cleanup(struct llm_answer *a);
 
-/* Run one completion, streamed when call->on_delta is set; fills ans
- * (status first). */
+/* Run one completion through the providers in order, with retries,
+ * fallbacks, cooldowns and an optional hedge; streamed when call->on_delta
+ * is set (a stream never moves to another provider once content reached
+ * the client). Fills ans, status first. */
 void llm_complete(struct llm *l, const struct llm_call *call,
                   struct llm_answer *ans);
-
-/* Parse a non-streaming answer body into ans (reply, model, usage).
- * Returns 0, or -1 with ans->message set. Pure; exposed for tests. */
-int llm_parse_answer(const char *body, size_t len, struct llm_answer *ans);
-
-/* The provider's error message from an error body, whatever its shape
- * ({"error":{"message"}}, {"error":"..."}, {"message"}, {"detail"}).
- * Returns 0 and fills out, or -1 when the body has none. */
-int llm_error_message(const char *body, size_t len, char *out, size_t size);
 
 #endif

@@ -70,6 +70,18 @@ struct sb_slot {
     char request[SB_REQUEST_LEN]; /* "POST /api/chat req=…" */
 };
 
+/* One model provider's health and counters, shared by every worker: a
+ * provider failing again and again is skipped by all until it cools down. */
+#define SB_PROVIDERS 8
+#define SB_PROVIDER_NAME 32
+struct sb_provider {
+    char name[SB_PROVIDER_NAME];
+    uint32_t failures;          /* in a row */
+    int64_t cooldown_until_ms;  /* wall clock; 0: not cooling down */
+    uint64_t attempts, successes, retries, hedges, hedges_won, cooldowns;
+    uint64_t errors[SB_UP_KINDS];
+};
+
 struct sb_pool {
     uint64_t magic;
     int64_t started_at_ms;
@@ -86,6 +98,7 @@ struct sb_pool {
     uint64_t max_active;
     uint64_t max_children_reached;
     struct sb_histogram total, redis, upstream;
+    struct sb_provider providers[SB_PROVIDERS];
     struct sb_slot slots[];
 };
 
@@ -113,6 +126,11 @@ void scoreboard_request_end(struct sb_pool *p, struct sb_slot *s, int status,
 
 void scoreboard_count_upstream_error(struct sb_pool *p,
                                      enum sb_upstream_error kind);
+
+/* Name the provider slots after the configured providers; a slot whose
+ * name changed (a reload with other providers) starts from zero. */
+void scoreboard_name_providers(struct sb_pool *p, const char *const *names,
+                               size_t n);
 
 /* Atomic add to one pool counter. */
 void scoreboard_add(uint64_t *counter, uint64_t n);

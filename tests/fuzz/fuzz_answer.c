@@ -1,6 +1,6 @@
 /*
  * fuzz_answer: what a model upstream sends back in one body, as llm.c reads
- * it: llm_parse_answer() for a 2xx chat completion and llm_error_message()
+ * it: attempt_parse_answer() for a 2xx chat completion and attempt_error_message()
  * for an error body. The input is the raw body. The reply cap is small so
  * that "too long" is reached too.
  */
@@ -9,7 +9,7 @@
 #include <string.h>
 
 #include "json.h"
-#include "llm.h"
+#include "attempt.h"
 
 #define REPLY_MAX 4096
 #define TOKENS_MAX (1LL << 40) /* llm.c's pick_usage() bound */
@@ -37,7 +37,7 @@ fuzz_parse_answer(const char *body, size_t len)
     /* As llm_complete() leaves it before parsing. */
     memcpy(a.model, "preset", sizeof("preset"));
     a.prompt_tokens = a.completion_tokens = -1;
-    if (llm_parse_answer(body, len, &a) == 0) {
+    if (attempt_parse_answer(body, len, &a) == 0) {
         /* The reply goes into JSON and SSE as is: it must be UTF-8. */
         check(a.reply.len <= REPLY_MAX);
         check(json_utf8_valid(a.reply.data, a.reply.len));
@@ -57,7 +57,7 @@ fuzz_error_message(const char *body, size_t len)
     char out[LLM_MESSAGE_LEN];
 
     memset(out, 0x55, sizeof(out));
-    if (llm_error_message(body, len, out, sizeof(out)) == 0)
+    if (attempt_error_message(body, len, out, sizeof(out)) == 0)
         check(out[0] != '\0' && memchr(out, '\0', sizeof(out)) != NULL);
 }
 

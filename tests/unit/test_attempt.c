@@ -1,6 +1,6 @@
 /*
- * Unit tests of llm's pure parsers: llm_parse_answer (an OpenAI-compatible
- * chat completion) and llm_error_message (the provider's error text,
+ * Unit tests of attempt's pure parsers: attempt_parse_answer (an OpenAI-compatible
+ * chat completion) and attempt_error_message (the provider's error text,
  * whatever the provider's error shape).
  */
 #include <setjmp.h>
@@ -14,7 +14,7 @@
 #include <cmocka.h>
 
 #include "json.h"
-#include "llm.h"
+#include "attempt.h"
 
 #define NELEM(a) (sizeof(a) / sizeof(*(a)))
 #define PRESET "preset-model"
@@ -32,7 +32,7 @@ answer_init(struct llm_answer *a, size_t max_reply)
 static int
 parse(struct llm_answer *a, const char *body)
 {
-    return llm_parse_answer(body, strlen(body), a);
+    return attempt_parse_answer(body, strlen(body), a);
 }
 
 static void
@@ -80,7 +80,7 @@ test_answer_escapes(void **state)
 
     (void)state;
     answer_init(&a, 4096);
-    assert_int_equal(llm_parse_answer(body, sizeof(body) - 1, &a), 0);
+    assert_int_equal(attempt_parse_answer(body, sizeof(body) - 1, &a), 0);
     expect_reply(&a, want, sizeof(want) - 1);
     llm_answer_cleanup(&a);
 }
@@ -279,7 +279,7 @@ test_answer_not_nul_terminated(void **state)
     assert_non_null(body);
     memcpy(body, text, sizeof(text) - 1);
     answer_init(&a, 64);
-    assert_int_equal(llm_parse_answer(body, sizeof(text) - 1, &a), 0);
+    assert_int_equal(attempt_parse_answer(body, sizeof(text) - 1, &a), 0);
     expect_reply(&a, "ok", 2);
     llm_answer_cleanup(&a);
     free(body);
@@ -305,10 +305,10 @@ test_answer_reply_max(void **state)
         assert_true(n > 0 && (size_t)n < body_size);
         answer_init(&a, max);
         if (len <= max) {
-            assert_int_equal(llm_parse_answer(body, (size_t)n, &a), 0);
+            assert_int_equal(attempt_parse_answer(body, (size_t)n, &a), 0);
             assert_int_equal(a.reply.len, len);
         } else {
-            assert_int_equal(llm_parse_answer(body, (size_t)n, &a), -1);
+            assert_int_equal(attempt_parse_answer(body, (size_t)n, &a), -1);
             assert_non_null(strstr(a.message, "too long"));
             assert_int_equal(a.reply.len, 0);
         }
@@ -333,12 +333,12 @@ test_answer_big_reply(void **state)
     o += len;
     o += (size_t)sprintf(body + o, "\"}}]}");
     answer_init(&a, len);
-    assert_int_equal(llm_parse_answer(body, o, &a), 0);
+    assert_int_equal(attempt_parse_answer(body, o, &a), 0);
     assert_int_equal(a.reply.len, len);
     assert_int_equal(a.reply.data[len - 1], 'z');
     llm_answer_cleanup(&a);
     answer_init(&a, len - 1);
-    assert_int_equal(llm_parse_answer(body, o, &a), -1);
+    assert_int_equal(attempt_parse_answer(body, o, &a), -1);
     llm_answer_cleanup(&a);
     free(body);
 }
@@ -373,7 +373,7 @@ test_answer_reply_is_utf8(void **state)
         llm_answer_cleanup(&a);
     }
     if (used > 0)
-        fail_msg("BUG llm.c llm_parse_answer: reply not valid UTF-8 for "
+        fail_msg("BUG llm.c attempt_parse_answer: reply not valid UTF-8 for "
                  "bodies %s",
                  bad);
 }
@@ -439,7 +439,7 @@ test_error_message(void **state)
         int rc;
 
         strcpy(out, "untouched");
-        rc = llm_error_message(cases[i].body, strlen(cases[i].body), out,
+        rc = attempt_error_message(cases[i].body, strlen(cases[i].body), out,
                                sizeof(out));
         if (rc != cases[i].rc)
             fail_msg("%s: rc %d, want %d", cases[i].body, rc, cases[i].rc);
@@ -460,11 +460,11 @@ test_error_message_truncated(void **state)
 
     (void)state;
     memset(out, 'X', sizeof(out));
-    assert_int_equal(llm_error_message(body, sizeof(body) - 1, out,
+    assert_int_equal(attempt_error_message(body, sizeof(body) - 1, out,
                                        sizeof(out)),
                      0);
     assert_string_equal(out, "01234");
-    assert_int_equal(llm_error_message(accents, sizeof(accents) - 1, out,
+    assert_int_equal(attempt_error_message(accents, sizeof(accents) - 1, out,
                                        sizeof(out)),
                      0);
     assert_string_equal(out, "\xc3\xa9\xc3\xa9"); /* not 2.5 of them */

@@ -1,0 +1,437 @@
+#include "attempt.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+#include "json.h"
+
+#define ANSWER_DEPTH 32
+#define HEADER_LEN 160
+#define SSE_LINE_MAX (256 * 1024)
+
+static int on_event(void *arg, const char *data, size_t len);
+
+static double
+now_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1000.0 + (double)ts.tv_nsec / 1e6;
+}
+
+int
+attempt_init(struct attempt *a, size_t max_reply)
+{
+    memset(a, 0, sizeof(*a));
+    a->easy = curl_easy_init();
+    buf_init(&a->body, 16u << 20);
+    buf_init(&a->response, max_reply);
+    buf_init(&a->arena, SSE_LINE_MAX);
+    sse_init(&a->sse, SSE_LINE_MAX, SSE_LINE_MAX, on_event, a);
+    llm_answer_init(&a->ans, max_reply);
+    return a->easy ? 0 : -1;
+}
+
+void
+attempt_cleanup(struct attempt *a)
+{
+    if (a->easy != NULL)
+        curl_easy_cleanup(a->easy);
+    curl_slist_free_all(a->headers);
+    buf_cleanup(&a->body);
+    buf_cleanup(&a->response);
+    buf_cleanup(&a->arena);
+    sse_cleanup(&a->sse);
+    llm_answer_cleanup(&a->ans);
+}
+
+/* Record why a stream broke; the transfer is then cancelled. */
+static int
+stream_fail(struct attempt *a, enum llm_status status, const char *why)
+{
+    a->stream_failed = 1;
+    a->ans.status = status;
+    snprintf(a->ans.message, sizeof(a->ans.message), "%s", why);
+    return -1;
+}
+
+static void
+pick_usage(const struct json_field *prompt, const struct json_field *done,
+           const struct buf *arena, struct llm_answer *ans)
+{
+    if (json_field_int(prompt, arena, 0, 1LL << 40, &ans->prompt_tokens))
+        ans->prompt_tokens = -1;
+    if (json_field_int(done, arena, 0, 1LL << 40, &ans->completion_tokens))
+        ans->completion_tokens = -1;
+}
+
+/* The model the upstream reports, when it is a sane string; otherwise the
+ * configured one stays. */
+static void
+pick_model(const struct json_field *f, const struct buf *arena,
+           struct llm_answer *ans)
+{
+    char name[LLM_MODEL_LEN];
+
+    if (f->type == JSON_STRING && f->len > 0 &&
+        memchr(json_field_text(f, arena), '\0', f->len) == NULL &&
+        json_utf8_copy(name, sizeof(name), json_field_text(f, arena),
+                       f->len) == 0)
+        memcpy(ans->model, name, sizeof(name));
+}
+
+int
+attempt_parse_answer(const char *body, size_t len, struct llm_answer *ans)
+{
+    enum { CONTENT, MODEL, PROMPT, COMPLETION };
+    struct json_field f[] = {
+        [CONTENT] = {.path = "choices.0.message.content",
+                     .accept = JSON_STRING | JSON_NULL},
+        [MODEL] = {.path = "model", .accept = JSON_ANY},
+        [PROMPT] = {.path = "usage.prompt_tokens", .accept = JSON_ANY},
+        [COMPLETION] = {.path = "usage.completion_tokens",
+                        .accept = JSON_ANY},
+    };
+    char err[JSON_ERR_LEN];
+    struct buf arena;
+    int rc = -1;
+
+    buf_init(&arena, len + 8);
+    if (json_pick(body, len, f, 4, &arena, ANSWER_DEPTH, 0, err) == -1) {
+        snprintf(ans->message, sizeof(ans->message),
+                 "the model's answer is not JSON: %s", err);
+    } else if (f[CONTENT].type != JSON_STRING) {
+        snprintf(ans->message, sizeof(ans->message),
+                 "the model's answer has no choices[0].message.content");
+    } else if (!json_utf8_valid(json_field_text(&f[CONTENT], &arena),
+                                f[CONTENT].len)) {
+        snprintf(ans->message, sizeof(ans->message),
+                 "the model's reply is not valid UTF-8");
+    } else if (buf_append(&ans->reply, json_field_text(&f[CONTENT], &arena),
+                          f[CONTENT].len) == -1) {
+        snprintf(ans->message, sizeof(ans->message),
+                 "the model's reply is too long");
+    } else {
+        pick_model(&f[MODEL], &arena, ans);
+        pick_usage(&f[PROMPT], &f[COMPLETION], &arena, ans);
+        rc = 0;
+    }
+    buf_cleanup(&arena);
+    return rc;
+}
+
+int
+attempt_error_message(const char *body, size_t len, char *out, size_t size)
+{
+    /* In order of preference: OpenAI/vLLM/llama.cpp, Ollama, others. */
+    struct json_field f[] = {
+        {.path = "error.message", .accept = JSON_ANY},
+        {.path = "error", .accept = JSON_ANY},
+        {.path = "message", .accept = JSON_ANY},
+        {.path = "detail", .accept = JSON_ANY},
+    };
+    char err[JSON_ERR_LEN];
+    struct buf arena;
+    int rc = -1;
+
+    buf_init(&arena, len + 8);
+    if (len > 0 &&
+        json_pick(body, len, f, 4, &arena, ANSWER_DEPTH, 0, err) == 0) {
+        for (size_t i = 0; i < 4 && rc == -1; i++)
+            if (f[i].type == JSON_STRING && f[i].len > 0 &&
+                json_utf8_copy(out, size, json_field_text(&f[i], &arena),
+                               f[i].len) == 0 &&
+                out[0] != '\0')
+                rc = 0;
+    }
+    buf_cleanup(&arena);
+    return rc;
+}
+
+/* One event of an upstream stream: a chunk, [DONE], or an error object. */
+static int
+on_event(void *arg, const char *data, size_t len)
+{
+    enum { CONTENT, FINISH, MODEL, PROMPT, COMPLETION, ERROR };
+    struct json_field f[] = {
+        [CONTENT] = {.path = "choices.0.delta.content", .accept = JSON_ANY},
+        [FINISH] = {.path = "choices.0.finish_reason", .accept = JSON_ANY},
+        [MODEL] = {.path = "model", .accept = JSON_ANY},
+        [PROMPT] = {.path = "usage.prompt_tokens", .accept = JSON_ANY},
+        [COMPLETION] = {.path = "usage.completion_tokens",
+                        .accept = JSON_ANY},
+        [ERROR] = {.path = "error", .accept = JSON_ANY},
+    };
+    struct attempt *a = arg;
+    char err[JSON_ERR_LEN];
+
+    if (len == 6 && memcmp(data, "[DONE]", 6) == 0) {
+        a->stream_complete = 1;
+        return 0;
+    }
+    buf_reset(&a->arena);
+    if (json_pick(data, len, f, 6, &a->arena, ANSWER_DEPTH, 0, err))
+        return stream_fail(a, LLM_BAD_ANSWER, "the model's stream carries "
+                           "an event that is not JSON");
+    if (f[ERROR].type != 0 && f[ERROR].type != JSON_NULL) {
+        if (attempt_error_message(data, len, err, sizeof(err)) == -1)
+            snprintf(err, sizeof(err), "the model's stream reported an "
+                     "error");
+        return stream_fail(a, LLM_HTTP_ERROR, err);
+    }
+    pick_model(&f[MODEL], &a->arena, &a->ans);
+    if (f[PROMPT].type == JSON_NUMBER || f[COMPLETION].type == JSON_NUMBER)
+        pick_usage(&f[PROMPT], &f[COMPLETION], &a->arena, &a->ans);
+    if (f[FINISH].type == JSON_STRING)
+        a->stream_complete = 1;
+    if (f[CONTENT].type != JSON_STRING || f[CONTENT].len == 0)
+        return 0;
+    if (buf_append(&a->ans.reply, json_field_text(&f[CONTENT], &a->arena),
+                   f[CONTENT].len) == -1)
+        return stream_fail(a, LLM_BAD_ANSWER, "the model's reply is larger "
+                           "than max_response_bytes");
+    a->got_content = 1;
+    return a->on_content(a, a->arg);
+}
+
+/* Decide, at the first bytes of the body, whether it is an event stream
+ * (a 2xx text/event-stream to a streaming call) or a whole body (a plain
+ * answer, or an error, read whole and parsed at the end). */
+static void
+choose_body_mode(struct attempt *a)
+{
+    const char *type = NULL;
+    long status = 0;
+
+    curl_easy_getinfo(a->easy, CURLINFO_RESPONSE_CODE, &status);
+    curl_easy_getinfo(a->easy, CURLINFO_CONTENT_TYPE, &type);
+    a->streaming = a->want_stream && status >= 200 && status < 300 &&
+                   type != NULL &&
+                   strncasecmp(type, "text/event-stream", 17) == 0;
+}
+
+static size_t
+on_body(char *data, size_t size, size_t n, void *arg)
+{
+    struct attempt *a = arg;
+
+    a->last_bytes_ms = now_ms();
+    if (!a->got_bytes) {
+        a->got_bytes = 1;
+        choose_body_mode(a);
+    }
+    if (a->streaming)
+        return sse_feed(&a->sse, data, size * n) == 0 ? size * n : 0;
+    if (buf_append(&a->response, data, size * n) == -1) {
+        a->response_too_large = 1;
+        return 0; /* makes curl stop with CURLE_WRITE_ERROR */
+    }
+    return size * n;
+}
+
+static struct curl_slist *
+request_headers(const char *auth_header, const char *request_id)
+{
+    char id_header[HEADER_LEN];
+    struct curl_slist *h = NULL, *next;
+    const char *lines[] = {
+        "Content-Type: application/json",
+        "Expect:", /* no 100-continue round trip for bodies over 1 KiB */
+        id_header,
+        auth_header,
+    };
+
+    snprintf(id_header, sizeof(id_header), "X-Request-Id: %s", request_id);
+    for (size_t i = 0; i < sizeof(lines) / sizeof(*lines); i++) {
+        if (lines[i] == NULL)
+            continue;
+        next = curl_slist_append(h, lines[i]);
+        if (next == NULL) {
+            curl_slist_free_all(h);
+            return NULL;
+        }
+        h = next;
+    }
+    return h;
+}
+
+static void
+set_options(struct attempt *a, const struct attempt_spec *spec)
+{
+    CURL *e = a->easy;
+
+    curl_easy_reset(e);
+    curl_easy_setopt(e, CURLOPT_URL, spec->url);
+    curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(e, CURLOPT_POST, 1L);
+    curl_easy_setopt(e, CURLOPT_POSTFIELDS, a->body.data);
+    curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)a->body.len);
+    curl_easy_setopt(e, CURLOPT_HTTPHEADER, a->headers);
+    curl_easy_setopt(e, CURLOPT_USERAGENT, "chatfcgi/1");
+    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_body);
+    curl_easy_setopt(e, CURLOPT_WRITEDATA, a);
+    curl_easy_setopt(e, CURLOPT_PRIVATE, a);
+    curl_easy_setopt(e, CURLOPT_ERRORBUFFER, a->errbuf);
+    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(e, CURLOPT_TCP_NODELAY, 1L);
+    curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
+    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, spec->connect_timeout_ms);
+    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, spec->timeout_ms);
+}
+
+/* Ready for a new request: nothing of the last one is left. */
+static void
+attempt_reset(struct attempt *a, const char *model)
+{
+    struct llm_answer *ans = &a->ans;
+
+    ans->status = LLM_FAILED;
+    ans->http_status = 0;
+    buf_reset(&ans->reply);
+    snprintf(ans->model, sizeof(ans->model), "%s", model);
+    ans->prompt_tokens = ans->completion_tokens = -1;
+    ans->message[0] = '\0';
+    buf_reset(&a->response);
+    sse_reset(&a->sse);
+    curl_slist_free_all(a->headers);
+    a->headers = NULL;
+    a->response_too_large = a->stream_complete = a->stream_failed = 0;
+    a->got_bytes = a->got_content = a->streaming = a->hedge = 0;
+    a->errbuf[0] = '\0';
+    a->started_ms = a->last_bytes_ms = now_ms();
+}
+
+int
+attempt_start(struct attempt *a, CURLM *multi,
+              const struct attempt_spec *spec, const char *model)
+{
+    attempt_reset(a, model);
+    a->want_stream = spec->stream;
+    buf_reset(&a->body);
+    a->headers = request_headers(spec->auth_header, spec->request_id);
+    if (a->headers == NULL ||
+        buf_append(&a->body, spec->body, spec->body_len) == -1) {
+        snprintf(a->ans.message, sizeof(a->ans.message),
+                 "cannot build the upstream request");
+        return -1;
+    }
+    set_options(a, spec);
+    if (curl_multi_add_handle(multi, a->easy) != CURLM_OK) {
+        snprintf(a->ans.message, sizeof(a->ans.message),
+                 "cannot start the upstream request");
+        return -1;
+    }
+    a->active = 1;
+    return 0;
+}
+
+void
+attempt_stop(struct attempt *a, CURLM *multi)
+{
+    if (!a->active)
+        return;
+    curl_multi_remove_handle(multi, a->easy);
+    a->active = 0;
+}
+
+void
+attempt_fail(struct attempt *a, CURLM *multi, enum llm_status status,
+             const char *why)
+{
+    attempt_stop(a, multi);
+    a->ans.status = status;
+    snprintf(a->ans.message, sizeof(a->ans.message), "%s", why);
+}
+
+static void
+judge_curl_error(struct attempt *a, CURLcode rc)
+{
+    const char *why = a->errbuf[0] ? a->errbuf : curl_easy_strerror(rc);
+    struct llm_answer *ans = &a->ans;
+
+    switch (rc) {
+    case CURLE_OPERATION_TIMEDOUT:
+        ans->status = LLM_TIMEOUT;
+        break;
+    case CURLE_COULDNT_CONNECT:
+    case CURLE_COULDNT_RESOLVE_HOST:
+    case CURLE_COULDNT_RESOLVE_PROXY:
+    case CURLE_SSL_CONNECT_ERROR:
+    case CURLE_PEER_FAILED_VERIFICATION:
+        ans->status = LLM_UNREACHABLE;
+        break;
+    case CURLE_WRITE_ERROR:
+        if (a->response_too_large) {
+            ans->status = LLM_BAD_ANSWER;
+            why = "the model's answer is larger than max_response_bytes";
+            break;
+        }
+        /* fall through */
+    default:
+        ans->status = LLM_FAILED;
+    }
+    snprintf(ans->message, sizeof(ans->message), "%s", why);
+}
+
+/* A whole 2xx body: a plain answer (also to a streaming call, from an
+ * upstream that does not stream; its content then counts as one piece). */
+static void
+judge_whole_answer(struct attempt *a)
+{
+    if (attempt_parse_answer(a->response.data, a->response.len, &a->ans) == -1) {
+        a->ans.status = LLM_BAD_ANSWER;
+        return;
+    }
+    a->ans.status = LLM_OK;
+    a->got_content = a->ans.reply.len > 0;
+}
+
+static void
+judge_http_answer(struct attempt *a)
+{
+    struct llm_answer *ans = &a->ans;
+
+    curl_easy_getinfo(a->easy, CURLINFO_RESPONSE_CODE, &ans->http_status);
+    if (a->streaming) {
+        ans->status = a->stream_complete ? LLM_OK : LLM_FAILED;
+        if (!a->stream_complete)
+            snprintf(ans->message, sizeof(ans->message),
+                     "the model's stream ended before it was complete");
+        return;
+    }
+    if (ans->http_status >= 200 && ans->http_status < 300) {
+        judge_whole_answer(a);
+        return;
+    }
+    ans->status = LLM_HTTP_ERROR;
+    if (attempt_error_message(a->response.data, a->response.len, ans->message,
+                          sizeof(ans->message)) == -1)
+        snprintf(ans->message, sizeof(ans->message),
+                 "the model answered HTTP %ld", ans->http_status);
+}
+
+void
+attempt_judge(struct attempt *a, CURLcode rc)
+{
+    if (a->stream_failed)
+        return; /* on_event has said why */
+    if (rc != CURLE_OK)
+        judge_curl_error(a, rc);
+    else
+        judge_http_answer(a);
+}
+
+/* Seconds the provider asked to wait (Retry-After), or 0. */
+long
+attempt_retry_after_s(struct attempt *a)
+{
+    curl_off_t s = 0;
+
+    if (curl_easy_getinfo(a->easy, CURLINFO_RETRY_AFTER, &s) != CURLE_OK)
+        return 0;
+    return s > 0 && s < 3600 ? (long)s : 0;
+}

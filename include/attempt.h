@@ -1,0 +1,88 @@
+/*
+ * attempt: one HTTP request to one model provider, on the worker's curl
+ * multi handle: its curl easy handle, its request body, the answer it
+ * reads (whole, or as Server-Sent Events parsed as they arrive) and, when
+ * it ends, what it amounts to (an answer, or a failure of some kind). The
+ * llm module runs several attempts (retries, fallbacks, a hedge) and picks
+ * the one that wins. Owned by struct llm; reused across requests.
+ */
+#ifndef CHATFCGI_ATTEMPT_H
+#define CHATFCGI_ATTEMPT_H
+
+#include <curl/curl.h>
+
+#include "buf.h"
+#include "llm.h"
+#include "sse.h"
+
+/* What an attempt needs to start. */
+struct attempt_spec {
+    const char *url;         /* {base}/chat/completions */
+    const char *auth_header; /* "Authorization: Bearer ..." or NULL */
+    const char *request_id;
+    const char *body;        /* copied */
+    size_t body_len;
+    long connect_timeout_ms;
+    long timeout_ms;
+    int stream;
+};
+
+struct attempt {
+    CURL *easy;
+    int active;          /* added to the multi handle */
+    size_t provider;     /* index in conf->providers */
+    int hedge;           /* started as a hedge beside another */
+    double started_ms;
+    double last_bytes_ms;
+    int got_bytes;       /* any response body arrived */
+    int got_content;     /* content text arrived */
+    int want_stream;     /* the call asked for a stream */
+    int streaming;       /* the answer is read as events */
+    struct buf body;     /* the request body; curl reads it from here */
+    struct buf response; /* a whole (non-streamed) answer */
+    int response_too_large;
+    struct sse_parser sse;
+    struct buf arena;    /* strings picked from one event */
+    int stream_complete; /* [DONE] or a finish_reason arrived */
+    int stream_failed;   /* the stream broke: ans says why */
+    struct llm_answer ans;
+    struct curl_slist *headers;
+    char errbuf[CURL_ERROR_SIZE];
+    /* Called when content was appended to ans.reply; -1 cancels. */
+    int (*on_content)(struct attempt *a, void *arg);
+    void *arg;
+};
+
+/* Returns 0, or -1 when out of memory. */
+int attempt_init(struct attempt *a, size_t max_reply);
+void attempt_cleanup(struct attempt *a);
+
+/* Start the request on multi. Returns 0, or -1 with a->ans set. */
+int attempt_start(struct attempt *a, CURLM *multi,
+                  const struct attempt_spec *spec, const char *model);
+
+/* Take the attempt off multi (closing its connection if it is still
+ * running, so the provider sees the request abandoned). */
+void attempt_stop(struct attempt *a, CURLM *multi);
+
+/* Judge a transfer that ended with rc: a->ans.status and message. */
+void attempt_judge(struct attempt *a, CURLcode rc);
+
+/* Parse a non-streaming answer body into ans (reply, model, usage).
+ * Returns 0, or -1 with ans->message set. Pure; exposed for tests. */
+int attempt_parse_answer(const char *body, size_t len, struct llm_answer *ans);
+
+/* The provider's error message from an error body, whatever its shape
+ * ({"error":{"message"}}, {"error":"..."}, {"message"}, {"detail"}).
+ * Returns 0 and fills out, or -1 when the body has none. */
+int attempt_error_message(const char *body, size_t len, char *out,
+                          size_t size);
+
+/* Seconds the provider asked to wait with Retry-After, or 0. */
+long attempt_retry_after_s(struct attempt *a);
+
+/* Fail a running attempt for a reason of the caller's (a timeout). */
+void attempt_fail(struct attempt *a, CURLM *multi, enum llm_status status,
+                  const char *why);
+
+#endif
