@@ -366,10 +366,6 @@ def test_spawn_fcgi(stack, streaming_model, http, work, free_ports):
     assert r.status_code == 200, r.text
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "C code: master.c acquire_listeners() returns before opening "
-    "status_listen whenever the chat socket was inherited (fd 0 from "
-    "spawn-fcgi), so there is no status socket under spawn-fcgi"))
 def test_spawn_fcgi_status_socket(stack, work):
     need(ds.SPAWN_FCGI)
     d, procs = work
@@ -385,11 +381,6 @@ def test_spawn_fcgi_status_socket(stack, work):
     assert ds.is_socket(run / "status.sock"), ds.tail(log)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "C code: started as non-root with `user` naming its own user (as under "
-    "mod_fcgid or lighttpd with a shared chatfcgi.conf), drop_privileges() "
-    "calls setgroups() and every worker dies with EPERM (master: crash "
-    "loop; -S: exit 1); the recipes set CHATFCGI_USER= to avoid it"))
 def test_non_root_with_own_user(stack, work):
     d, procs = work
     run = ds.make_dir(d / "run", owner=ds.web_ids())
@@ -671,12 +662,6 @@ def test_systemd_sandbox_syscalls(stack, work):
     assert not wx, wx
 
 
-@pytest.mark.xfail(strict=True, raises=ConnectionRefusedError, reason=(
-    "C code: on a graceful stop master.c stop_listening() calls shutdown() "
-    "on the listening socket, which systemd shares: the socket unit's "
-    "socket then refuses every connection and systemd logs 'Got POLLHUP on "
-    "a listening socket' (the units' PartOf= replaces the sockets on "
-    "stop/restart to make up for it)"))
 def test_systemd_socket_survives_stop(stack, work):
     """systemd keeps the listening socket across a stop of the service, so
     that connections wait for the next start: chatfcgi must leave it
