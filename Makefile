@@ -11,7 +11,8 @@ DEB_PACKAGES := build-essential pkg-config libfcgi-dev libfcgi-bin \
 	libcmocka-dev \
 	ca-certificates curl procps nginx redis-server redis-tools \
 	python3 python3-pytest python3-requests clang libclang-rt-14-dev \
-	chromium groff-base man-db
+	chromium groff-base man-db apache2 libapache2-mod-fcgid lighttpd \
+	spawn-fcgi systemd logrotate strace
 # Installed only when the command is missing, whoever provides it: a
 # NodeSource nodejs brings its own npm, which Debian's npm would conflict
 # with. Node runs the OpenAI SDK test and the browser test.

@@ -80,6 +80,12 @@ static const struct conf_key keys[] = {
         redis.connect_timeout_ms),
     INT("redis", "command_timeout_ms", 1, MS_MAX, "2000",
         redis.command_timeout_ms),
+    STR("redis", "sentinels", "", redis.sentinels),
+    STR("redis", "master_name", "mymaster", redis.master_name),
+    STR("redis", "sentinel_password", "", redis.sentinel_password),
+    INT("redis", "wait_replicas", 0, 1000, "0", redis.wait_replicas),
+    INT("redis", "wait_timeout_ms", 1, MS_MAX, "1000",
+        redis.wait_timeout_ms),
 
     STR("upstream", "url", "https://api.openai.com/v1", upstream.url),
     {"upstream", "api_key", CONF_STRING, 0, 0, "", F(upstream.api_key),
@@ -684,9 +690,7 @@ finish_providers(struct conf *c, char err[CONF_ERR_LEN])
 static int
 conf_check(const struct conf *c, char err[CONF_ERR_LEN])
 {
-    struct store_addr addr;
-    char why[STORE_ERR_LEN];
-
+    struct store store;
     unsigned char (*digests)[GUARD_DIGEST_LEN];
     size_t ndigests;
 
@@ -696,10 +700,13 @@ conf_check(const struct conf *c, char err[CONF_ERR_LEN])
         return -1;
     }
     free(digests);
-    if (store_addr_parse(c->redis.url, &addr, why) == -1) {
-        snprintf(err, CONF_ERR_LEN, "redis url: %s", why);
+    /* store_init connects to nothing: it only applies the [redis] rules
+     * that the workers would otherwise meet after fork. */
+    if (store_init(&store, c) == -1) {
+        snprintf(err, CONF_ERR_LEN, "redis: %s", store.err);
         return -1;
     }
+    store_cleanup(&store);
     if (c->pm == CONF_POOL_DYNAMIC &&
         (c->min_spare_workers > c->max_spare_workers ||
          c->start_workers > c->workers ||

@@ -45,9 +45,9 @@ static int
 inherit_reexec(const char *spec, struct listeners *ls, int *sb_fd,
                unsigned *generation)
 {
-    int v[4];
+    int v[5];
 
-    if (parse_fd_list(spec, v, 4) == -1 || v[0] < 0 || v[3] < 0) {
+    if (parse_fd_list(spec, v, 5) == -1 || v[0] < 0 || v[3] < 0) {
         log_error("listener", "malformed %s=%s", REEXEC_VAR, spec);
         return -1;
     }
@@ -55,6 +55,7 @@ inherit_reexec(const char *spec, struct listeners *ls, int *sb_fd,
     ls->status_fd = v[1];
     *sb_fd = v[2];
     *generation = (unsigned)v[3];
+    ls->owned = v[4] == 1;
     ls->origin = "the previous master (reload)";
     ls->from_reload = 1;
     return 1;
@@ -111,7 +112,7 @@ listener_inherit(struct listeners *ls, int *scoreboard_fd,
     int rc;
 
     ls->chat_fd = ls->status_fd = -1;
-    ls->unlink_chat = ls->unlink_status = ls->from_reload = 0;
+    ls->unlink_chat = ls->unlink_status = ls->from_reload = ls->owned = 0;
     *scoreboard_fd = -1;
     *generation = 0;
     if (reexec != NULL) {
@@ -248,8 +249,8 @@ void
 listener_reexec_env(const struct listeners *ls, int scoreboard_fd,
                     unsigned generation, char *out, size_t size)
 {
-    snprintf(out, size, REEXEC_VAR "=%d,%d,%d,%u", ls->chat_fd,
-             ls->status_fd, scoreboard_fd, generation);
+    snprintf(out, size, REEXEC_VAR "=%d,%d,%d,%u,%d", ls->chat_fd,
+             ls->status_fd, scoreboard_fd, generation, ls->owned);
 }
 
 void

@@ -151,9 +151,7 @@ acquire_listeners(struct master *m, int inherited, int with_status)
 {
     struct listener_owner owner;
 
-    if (inherited && !m->ls.from_reload)
-        return 0; /* systemd's or the spawner's: not ours to remove */
-    if (inherited) {
+    if (inherited && m->ls.from_reload) {
         m->ls.unlink_chat = is_socket_file_of(m->ls.chat_fd, m->conf->listen);
         m->ls.unlink_status = is_socket_file_of(m->ls.status_fd,
                                                 m->conf->status_listen);
@@ -161,16 +159,28 @@ acquire_listeners(struct master *m, int inherited, int with_status)
     }
     if (socket_owner(m, &owner) == -1)
         return -1;
-    m->ls.origin = m->conf->listen;
-    m->ls.chat_fd = listener_open(m->conf->listen, &owner);
-    m->ls.unlink_chat = strchr(m->conf->listen, '/') != NULL;
-    if (m->ls.chat_fd == -1)
-        return -1;
-    if (!with_status || !status_enabled(m->conf))
+    if (!inherited) {
+        m->ls.origin = m->conf->listen;
+        m->ls.chat_fd = listener_open(m->conf->listen, &owner);
+        m->ls.unlink_chat = strchr(m->conf->listen, '/') != NULL;
+        m->ls.owned = 1;
+        if (m->ls.chat_fd == -1)
+            return -1;
+    }
+    /* A spawner (or a socket unit) may hand over the chat socket only:
+     * the status socket then still comes from the configuration. */
+    if (!with_status || !status_enabled(m->conf) || m->ls.status_fd >= 0)
         return 0;
     m->ls.status_fd = listener_open(m->conf->status_listen, &owner);
-    m->ls.unlink_status = strchr(m->conf->status_listen, '/') != NULL;
-    return m->ls.status_fd == -1 ? -1 : 0;
+    m->ls.unlink_status = m->ls.status_fd >= 0 &&
+                          strchr(m->conf->status_listen, '/') != NULL;
+    if (m->ls.status_fd >= 0)
+        return 0;
+    if (!inherited)
+        return -1;
+    /* Whoever handed the chat socket over is running us: serve anyway. */
+    log_warnx("master", "serving without a status socket");
+    return 0;
 }
 
 static int
@@ -496,7 +506,9 @@ live_workers(const struct master *m)
 static void
 stop_listening(struct master *m)
 {
-    if (shutdown(m->ls.chat_fd, SHUT_RDWR) == -1)
+    /* Not a socket systemd holds: shut down, it would refuse every
+     * connection for good, also after systemd starts us again. */
+    if (m->ls.owned && shutdown(m->ls.chat_fd, SHUT_RDWR) == -1)
         log_warn("master", "cannot shut the listening socket down");
     close(m->ls.chat_fd);
     m->ls.chat_fd = -1;
@@ -716,6 +728,22 @@ retire_older_generations(struct master *m)
     }
 }
 
+/* Workers switch user only from root; already being that user is fine. */
+static int
+settle_identity(struct identity *id)
+{
+    if (!id->switch_user || geteuid() == 0)
+        return 0;
+    if (geteuid() == id->uid) {
+        id->switch_user = 0;
+        return 0;
+    }
+    log_error("master", "cannot run workers as %s: chatfcgi was not "
+              "started as root (leave 'user' empty to run as yourself)",
+              id->user);
+    return -1;
+}
+
 static int
 refuse_root(const struct master *m)
 {
@@ -772,7 +800,7 @@ start(struct master *m)
 
     if (lookup_identity(m->conf->user, m->conf->group, &m->worker_id) ==
             -1 ||
-        refuse_root(m) == -1)
+        settle_identity(&m->worker_id) == -1 || refuse_root(m) == -1)
         return -1;
     if (m->worker_id.switch_user &&
         log_chown(m->worker_id.uid, m->worker_id.gid) == -1)
@@ -830,7 +858,7 @@ master_run_single(const struct conf *c)
     int sb_fd, inherited;
 
     if (lookup_identity(c->user, c->group, &m.worker_id) == -1 ||
-        refuse_root(&m) == -1)
+        settle_identity(&m.worker_id) == -1 || refuse_root(&m) == -1)
         return 1;
     inherited = listener_inherit(&m.ls, &sb_fd, &m.generation);
     if (inherited == -1 || (!inherited && acquire_listeners(&m, 0, 0) == -1))

@@ -178,10 +178,22 @@ script_sha(const char *lua, char hex[41])
         snprintf(hex + 2 * i, 3, "%02x", md[i]);
 }
 
-/* EVALSHA, or EVAL when Redis does not have the script yet (a restart, a
- * flush): one round trip in the usual case. c->argv[0..1] are reserved. */
+/* One call as a plain command, or (acked) as a write that waits for
+ * [redis] wait_replicas in the same round trip. */
 static redisReply *
-run_script(struct store *s, const char *lua, struct call *c, const char *what)
+send_call(struct store *s, struct call *c, int acked, const char *what)
+{
+    if (acked)
+        return store_write_argv(s, c->argc, c->argv, c->lens, what);
+    return store_command_argv(s, c->argc, c->argv, c->lens, what);
+}
+
+/* EVALSHA, or EVAL when Redis does not have the script yet (a restart, a
+ * flush, a replica just promoted): one round trip in the usual case.
+ * c->argv[0..1] are reserved. */
+static redisReply *
+run_script(struct store *s, const char *lua, struct call *c, int acked,
+           const char *what)
 {
     char sha[41];
     redisReply *r;
@@ -191,14 +203,14 @@ run_script(struct store *s, const char *lua, struct call *c, const char *what)
     c->lens[0] = 7;
     c->argv[1] = sha;
     c->lens[1] = 40;
-    r = store_command_argv(s, c->argc, c->argv, c->lens, what);
+    r = send_call(s, c, acked, what);
     if (r != NULL || strstr(s->err, "NOSCRIPT") == NULL)
         return r;
     c->argv[0] = "EVAL";
     c->lens[0] = 4;
     c->argv[1] = lua;
     c->lens[1] = strlen(lua);
-    return store_command_argv(s, c->argc, c->argv, c->lens, what);
+    return send_call(s, c, acked, what);
 }
 
 static void
@@ -281,7 +293,7 @@ turn_begin(struct store *s, struct turn *t, struct history *h,
     arg_int(&c, t->tpm);
     arg_int(&c, WINDOW_S - now % WINDOW_S);
     arg_str(&c, t->idempotency_key ? "1" : "0");
-    r = run_script(s, begin_lua, &c, "turn begin");
+    r = run_script(s, begin_lua, &c, 0, "turn begin");
     if (r == NULL)
         return -1;
     rc = begin_outcome(s, t, r, h, replay, retry_after_s);
@@ -327,7 +339,7 @@ turn_commit(struct store *s, const struct turn *t,
     arg_int(&c, res->idempotency_ttl_s);
     arg_int(&c, t->tpm > 0 ? res->tokens : 0);
     arg_int(&c, commit_deadline(s, t));
-    r = run_script(s, commit_lua, &c, "turn commit");
+    r = run_script(s, commit_lua, &c, 1, "turn commit");
     if (r == NULL)
         return -1;
     stored = r->type == REDIS_REPLY_INTEGER && r->integer == 1;
@@ -351,7 +363,7 @@ turn_abort(struct store *s, const struct turn *t)
     arg_str(&c, k.record);
     arg_str(&c, t->token);
     arg_str(&c, t->idempotency_key ? "1" : "0");
-    r = run_script(s, abort_lua, &c, "turn abort");
+    r = run_script(s, abort_lua, &c, 0, "turn abort");
     if (r == NULL)
         return -1;
     freeReplyObject(r);
@@ -374,7 +386,7 @@ turn_rate_check(struct store *s, const struct turn *t, long long *retry_s)
     arg_int(&c, t->rpm);
     arg_int(&c, t->tpm);
     arg_int(&c, WINDOW_S - now % WINDOW_S);
-    r = run_script(s, rate_lua, &c, "rate check");
+    r = run_script(s, rate_lua, &c, 0, "rate check");
     if (r == NULL)
         return -1;
     if (r->type == REDIS_REPLY_STRING) {
@@ -396,7 +408,7 @@ turn_count_tokens(struct store *s, const struct turn *t, long long tokens)
     begin_call(&c, 1);
     arg_str(&c, k.tpm);
     arg_int(&c, tokens);
-    r = run_script(s, tokens_lua, &c, "token count");
+    r = run_script(s, tokens_lua, &c, 0, "token count");
     if (r == NULL)
         return -1;
     freeReplyObject(r);

@@ -32,16 +32,26 @@ static volatile sig_atomic_t reopen_requested;
  * the shared listening socket must not outlive the master's own copy in
  * a worker busy with a long stream, or waiting connections stay queued. */
 static volatile sig_atomic_t listen_fd_to_close = -1;
+/* Closed too: with EPOLLEXCLUSIVE a connection wakes one waiting worker,
+ * and a worker on its way out must not take that wake-up with it. */
+static volatile sig_atomic_t epoll_fd_to_close = -1;
+
+static void
+close_once(volatile sig_atomic_t *fd)
+{
+    if (*fd >= 0) {
+        close(*fd);
+        *fd = -1;
+    }
+}
 
 static void
 on_stop(int sig)
 {
     (void)sig;
     stop_requested = 1;
-    if (listen_fd_to_close >= 0) {
-        close(listen_fd_to_close);
-        listen_fd_to_close = -1;
-    }
+    close_once(&epoll_fd_to_close);
+    close_once(&listen_fd_to_close);
 }
 
 static void
@@ -132,8 +142,7 @@ worker_cleanup(struct worker *w)
     yajl_gen_free(w->gen);
     FCGX_Free(&w->fcgi, 1);
     FCGX_Free(&w->spill, 1);
-    if (w->epoll_fd >= 0)
-        close(w->epoll_fd);
+    close_once(&epoll_fd_to_close);
 }
 
 void
@@ -307,22 +316,30 @@ serve_shed(struct worker *w)
                     w->conf->queue_timeout_ms);
 }
 
-/* Wait until a connection may be waiting. EPOLLEXCLUSIVE wakes one idle
- * worker per connection instead of all of them. Returns 1 when one may be
- * there, 0 after a timeout or a signal. */
-static int
-wait_for_connection(struct worker *w)
+static void
+watch_listener(struct worker *w)
 {
     struct epoll_event ev = {.events = EPOLLIN | EPOLLEXCLUSIVE};
 
-    if (w->epoll_fd == -1) {
-        w->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
-        if (w->epoll_fd == -1 ||
-            epoll_ctl(w->epoll_fd, EPOLL_CTL_ADD, w->setup->chat_fd, &ev))
-            fatal("worker", "cannot watch the listening socket: %s",
-                  strerror(errno));
-    }
-    return epoll_wait(w->epoll_fd, &ev, 1, IDLE_WAKE_MS) == 1;
+    w->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+    if (w->epoll_fd == -1 ||
+        epoll_ctl(w->epoll_fd, EPOLL_CTL_ADD, w->setup->chat_fd, &ev))
+        fatal("worker", "cannot watch the listening socket: %s",
+              strerror(errno));
+    epoll_fd_to_close = w->epoll_fd;
+}
+
+/* Wait until a connection may be waiting. EPOLLEXCLUSIVE wakes one idle
+ * worker per connection instead of all of them. After a quiet second it
+ * says "maybe" anyway: a wake-up lost to a worker that was exiting leaves
+ * a connection waiting that no new event would announce. Returns 0 only
+ * after a signal. */
+static int
+wait_for_connection(struct worker *w)
+{
+    struct epoll_event ev;
+
+    return epoll_wait(w->epoll_fd, &ev, 1, IDLE_WAKE_MS) >= 0;
 }
 
 /* Housekeeping between requests: logs to reopen, an orphaned worker. */
@@ -354,6 +371,7 @@ recycle_due(const struct worker *w)
 static void
 chat_loop(struct worker *w)
 {
+    watch_listener(w);
     for (;;) {
         between_requests(w);
         if (stop_requested)

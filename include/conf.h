@@ -61,6 +61,11 @@ struct conf {
         char *url;
         long long connect_timeout_ms;
         long long command_timeout_ms;
+        char *sentinels; /* "": none, url names the server */
+        char *master_name;
+        char *sentinel_password;
+        long long wait_replicas; /* 0: no WAIT after a turn's commit */
+        long long wait_timeout_ms;
     } redis;
 
     struct {

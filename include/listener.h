@@ -17,6 +17,9 @@ struct listeners {
     int unlink_chat;   /* we created the socket file: remove it at exit */
     int unlink_status;
     int from_reload;    /* handed over by our own previous master */
+    int owned;          /* opened from our configuration (maybe before a
+                           reload): ours to shut down at a stop, unlike
+                           systemd's or a spawner's */
     const char *origin; /* how the chat socket was obtained, for the log */
 };
 
@@ -40,7 +43,7 @@ int listener_inherit(struct listeners *ls, int *scoreboard_fd,
 int listener_open(const char *spec, const struct listener_owner *owner);
 
 /* The environment entry that hands the sockets and the scoreboard to the
- * exec of a reload: "_CHATFCGI_REEXEC=chat,status,scoreboard,gen". */
+ * exec of a reload: "_CHATFCGI_REEXEC=chat,status,scoreboard,gen,owned". */
 void listener_reexec_env(const struct listeners *ls, int scoreboard_fd,
                          unsigned generation, char *out, size_t size);
 

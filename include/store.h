@@ -2,8 +2,9 @@
  * store: chat history in Redis over one persistent hiredis connection per
  * worker. Connects lazily, treats a context as dead after any I/O error and
  * reconnects with a short backoff, so a Redis restart needs no worker
- * restart. Reports failures with a reason in s->err; mapping them to HTTP
- * statuses is the caller's job.
+ * restart; with Sentinels it asks them for the master at every reconnect,
+ * so a failover needs none either. Reports failures with a reason in
+ * s->err; mapping them to HTTP statuses is the caller's job.
  */
 #ifndef CHATFCGI_STORE_H
 #define CHATFCGI_STORE_H
@@ -18,6 +19,7 @@ struct redisReply;
 
 #define STORE_ERR_LEN 160
 #define STORE_KEY_MAX 320
+#define STORE_SENTINELS_MAX 16
 
 /* Where Redis is, from redis://[[user][:password]@]host[:port][/db] or
  * unix:///path/to/socket[?db=N]. */
@@ -30,12 +32,25 @@ struct store_addr {
     int db;
 };
 
+/* A Sentinel, or the master one named. */
+struct store_node {
+    char host[256];
+    int port;
+};
+
 struct store {
     struct redisContext *ctx;
-    struct store_addr addr;
+    struct store_addr addr; /* with Sentinels: only user, password, db */
     struct timeval connect_timeout, command_timeout;
     double retry_at_ms;  /* no reconnect attempt before this time */
     unsigned failures;   /* consecutive failed connects, for the backoff */
+    /* Asked in order, the one that answered last first. */
+    struct store_node sentinels[STORE_SENTINELS_MAX];
+    int nsentinels;      /* 0: addr names the server itself */
+    char master_name[128];
+    char sentinel_password[256];
+    struct store_node master; /* the one followed; host "" before any */
+    long long wait_replicas, wait_timeout_ms; /* for store_write_argv */
     char err[STORE_ERR_LEN];
 };
 
@@ -43,7 +58,16 @@ struct store {
 int store_addr_parse(const char *url, struct store_addr *a,
                      char err[STORE_ERR_LEN]);
 
-/* Prepare (no connection yet). Returns 0, or -1 with s->err set. */
+/* Parse a list of Sentinels, "host[:port]" separated by commas (spaces
+ * around them allowed; port 26379 by default; "[v6]:port" for IPv6) into
+ * out. Returns how many ("" has none), or -1 with the reason in err. */
+int store_sentinels_parse(const char *list,
+                          struct store_node out[STORE_SENTINELS_MAX],
+                          char err[STORE_ERR_LEN]);
+
+/* Prepare (no connection yet), applying the rules of the [redis] keys;
+ * conf_check calls it too, so that a bad value stops the startup rather
+ * than every worker. Returns 0, or -1 with s->err set. */
 int store_init(struct store *s, const struct conf *c);
 void store_cleanup(struct store *s);
 
@@ -66,6 +90,14 @@ size_t store_history_key(char key[STORE_KEY_MAX], const char *session_id);
 struct redisReply *store_command_argv(struct store *s, int argc,
                                       const char **argv, const size_t *lens,
                                       const char *what);
+
+/* Like store_command_argv, for a write that must survive a failover:
+ * when [redis] wait_replicas is set, WAIT follows the command in the same
+ * round trip (pipelined), and fewer replicas than asked is a failure,
+ * though the write then stays on the master. */
+struct redisReply *store_write_argv(struct store *s, int argc,
+                                    const char **argv, const size_t *lens,
+                                    const char *what);
 
 /* Replace h with the history items r->element[from..], skipping what
  * cannot be read and the oldest pairs that do not fit h's cap. */

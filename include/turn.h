@@ -54,7 +54,12 @@ struct turn_result {
     long long tokens;        /* for the per-minute token limit */
 };
 
-/* Returns 0, or -1 with s->err set (then nothing was stored). */
+/* Returns 0, or -1 with s->err set. Then nothing was stored, with two
+ * exceptions: the connection died after Redis ran the script, or [redis]
+ * wait_replicas is set and fewer replicas confirmed the write (it is on
+ * the master, which a failover may lose). 0 with wait_replicas set means
+ * that many replicas have the turn too: EVALSHA and WAIT go in one round
+ * trip (pipelined). */
 int turn_commit(struct store *s, const struct turn *t,
                 const struct turn_result *r);
 

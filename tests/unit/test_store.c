@@ -1,7 +1,8 @@
 /*
  * Unit tests of store_addr_parse, the Redis URL parser (pure: no Redis is
  * needed): redis://[user[:password]@]host[:port][/db] and
- * unix:///path[?db=N].
+ * unix:///path[?db=N]; of store_sentinels_parse, the [redis] sentinels
+ * list; and of the [redis] rules store_init applies.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -14,6 +15,8 @@
 #include <cmocka.h>
 
 #include "store.h"
+
+#include "conf.h"
 
 #define NELEM(a) (sizeof(a) / sizeof(*(a)))
 
@@ -274,6 +277,137 @@ test_error_message(void **state)
     assert_null(strstr(err, "s3cret"));
 }
 
+struct sentinel_case {
+    const char *list;
+    int n;
+    const char *hosts[3];
+    int ports[3];
+};
+
+static const struct sentinel_case sentinels_good[] = {
+    {"", 0, {NULL}, {0}},
+    {"   ", 0, {NULL}, {0}},
+    {"h", 1, {"h"}, {26379}},
+    {"127.0.0.1:26380", 1, {"127.0.0.1"}, {26380}},
+    {"a:1,b:2,c:3", 3, {"a", "b", "c"}, {1, 2, 3}},
+    {" a:1 , b ,\tc:3 ", 3, {"a", "b", "c"}, {1, 26379, 3}},
+    {"[::1]:26379,[2001:db8::2]", 2, {"::1", "2001:db8::2"}, {26379, 26379}},
+    {"s1.example:65535", 1, {"s1.example"}, {65535}},
+};
+
+static void
+test_sentinels_good(void **state)
+{
+    (void)state;
+    for (size_t i = 0; i < NELEM(sentinels_good); i++) {
+        const struct sentinel_case *c = &sentinels_good[i];
+        struct store_node out[STORE_SENTINELS_MAX];
+        char err[STORE_ERR_LEN] = "";
+        int n = store_sentinels_parse(c->list, out, err);
+
+        if (n != c->n)
+            fail_msg("\"%s\": %d Sentinels, not %d (%s)", c->list, n, c->n,
+                     err);
+        for (int j = 0; j < n; j++)
+            if (strcmp(out[j].host, c->hosts[j]) != 0 ||
+                out[j].port != c->ports[j])
+                fail_msg("\"%s\" #%d: \"%s\" port %d", c->list, j,
+                         out[j].host, out[j].port);
+    }
+}
+
+static const char *const sentinels_bad[] = {
+    ",",
+    "a:1,",
+    ",a:1",
+    "a:1,,b:2",
+    "a:1, ,b:2",
+    "a:1 b:2",  /* a comma left out */
+    "a b",
+    "a:",
+    "a:0",
+    "a:65536",
+    "a:x",
+    ":26379",
+    "[::1",
+    "[::1]x",
+    "[]:1",
+    "a:1;b:2",
+};
+
+static void
+test_sentinels_bad(void **state)
+{
+    (void)state;
+    for (size_t i = 0; i < NELEM(sentinels_bad); i++) {
+        struct store_node out[STORE_SENTINELS_MAX];
+        char err[STORE_ERR_LEN] = "";
+
+        if (store_sentinels_parse(sentinels_bad[i], out, err) != -1)
+            fail_msg("accepted \"%s\"", sentinels_bad[i]);
+        if (strstr(err, "Sentinel") == NULL)
+            fail_msg("\"%s\": reason \"%s\"", sentinels_bad[i], err);
+    }
+}
+
+/* 16 fit; a 17th is refused, not dropped. */
+static void
+test_sentinels_max(void **state)
+{
+    struct store_node out[STORE_SENTINELS_MAX];
+    char list[STORE_SENTINELS_MAX * 16 + 16] = "", err[STORE_ERR_LEN];
+    size_t o = 0;
+
+    (void)state;
+    for (int i = 0; i < STORE_SENTINELS_MAX; i++)
+        o += (size_t)snprintf(list + o, sizeof(list) - o, "%sh%d:%d",
+                              i ? "," : "", i, 26000 + i);
+    assert_int_equal(store_sentinels_parse(list, out, err),
+                     STORE_SENTINELS_MAX);
+    assert_string_equal(out[15].host, "h15");
+    assert_int_equal(out[15].port, 26015);
+    snprintf(list + o, sizeof(list) - o, ",h16");
+    assert_int_equal(store_sentinels_parse(list, out, err), -1);
+    assert_non_null(strstr(err, "more than"));
+}
+
+/* store_init: the [redis] rules across keys (conf_check relies on it). */
+static void
+test_init_rules(void **state)
+{
+    char err[CONF_ERR_LEN];
+    struct store s;
+    struct conf c;
+
+    (void)state;
+    assert_int_equal(conf_defaults(&c, err), 0);
+    assert_int_equal(store_init(&s, &c), 0);
+    assert_int_equal(s.nsentinels, 0);
+    assert_int_equal(s.wait_replicas, 0);
+
+    free(c.redis.sentinels);
+    c.redis.sentinels = strdup("a:1, b:2");
+    assert_non_null(c.redis.sentinels);
+    assert_int_equal(store_init(&s, &c), 0);
+    assert_int_equal(s.nsentinels, 2);
+    assert_string_equal(s.master_name, "mymaster");
+
+    c.redis.master_name[0] = '\0';
+    assert_int_equal(store_init(&s, &c), -1);
+    assert_non_null(strstr(s.err, "master_name"));
+    conf_free(&c);
+
+    /* WAIT's reply must come before the read times out. */
+    assert_int_equal(conf_defaults(&c, err), 0);
+    c.redis.wait_replicas = 1;
+    c.redis.wait_timeout_ms = c.redis.command_timeout_ms;
+    assert_int_equal(store_init(&s, &c), -1);
+    assert_non_null(strstr(s.err, "wait_timeout_ms"));
+    c.redis.wait_timeout_ms = c.redis.command_timeout_ms - 1;
+    assert_int_equal(store_init(&s, &c), 0);
+    conf_free(&c);
+}
+
 int
 main(void)
 {
@@ -284,6 +418,10 @@ main(void)
         cmocka_unit_test(test_encoded_password_length),
         cmocka_unit_test(test_port_zero_refused),
         cmocka_unit_test(test_error_message),
+        cmocka_unit_test(test_sentinels_good),
+        cmocka_unit_test(test_sentinels_bad),
+        cmocka_unit_test(test_sentinels_max),
+        cmocka_unit_test(test_init_rules),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
