@@ -258,6 +258,7 @@ struct plan {
     long long round;        /* 0, then one per retry */
     double retry_at_ms;     /* the next round's start; 0: none pending */
     double retry_after_ms;  /* the longest wait a provider asked for */
+    int retryable;          /* a failure of this round is worth a retry */
     int done;               /* nothing more to try */
 };
 
@@ -422,6 +423,23 @@ final_failure(const struct attempt *a)
            s != 408 && s != 429;
 }
 
+/* Worth asking the same provider again after a pause: it could not be
+ * reached, was overloaded (429, 5xx) or broke off. A timeout or a
+ * nonsense answer is not: waiting again would only double the wait. */
+static int
+retryable(const struct attempt *a)
+{
+    switch (a->ans.status) {
+    case LLM_UNREACHABLE:
+    case LLM_FAILED:
+        return 1;
+    case LLM_HTTP_ERROR:
+        return a->ans.http_status == 429 || a->ans.http_status >= 500;
+    default:
+        return 0;
+    }
+}
+
 /* After a failed attempt: another provider now, the next round after a
  * backoff, or the end. Never another try once content reached the
  * client, nor for the request's own 4xx. */
@@ -437,6 +455,7 @@ after_failure(struct llm *l, struct plan *p, struct attempt *a)
     }
     if (attempt_retry_after_s(a) * 1000.0 > p->retry_after_ms)
         p->retry_after_ms = (double)attempt_retry_after_s(a) * 1000.0;
+    p->retryable |= retryable(a);
     if (active_attempts(l) > 0 || p->retry_at_ms > 0)
         return; /* the other attempt may still win */
     if (p->next < p->n) {
@@ -449,7 +468,7 @@ after_failure(struct llm *l, struct plan *p, struct attempt *a)
     wait = backoff_ms(l, p->round);
     if (p->retry_after_ms > wait)
         wait = p->retry_after_ms;
-    if (p->round >= l->conf->upstream.retries ||
+    if (!p->retryable || p->round >= l->conf->upstream.retries ||
         (l->call->deadline_ms > 0 && now_ms() + wait >= l->call->deadline_ms)) {
         p->done = 1;
         return;
@@ -514,6 +533,7 @@ run_timers(struct llm *l, struct plan *p)
         struct attempt *r;
 
         p->retry_at_ms = p->retry_after_ms = 0;
+        p->retryable = 0;
         p->round++;
         plan_round(l, p);
         r = start_next(l, p, 0);

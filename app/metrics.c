@@ -1,6 +1,7 @@
 #include "metrics.h"
 
 #include <netinet/in.h>
+#include <stddef.h>
 #include <netinet/tcp.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -240,6 +241,71 @@ put_workers(struct buf *b, const struct sb_pool *p)
     return rc;
 }
 
+/* One counter of every provider, from its offset in struct sb_provider. */
+static int
+put_provider_counter(struct buf *b, const struct sb_pool *p,
+                     const char *name, const char *help, size_t offset)
+{
+    int rc = buf_printf(b, "# HELP %s %s\n# TYPE %s counter\n", name, help,
+                        name);
+
+    for (size_t i = 0; i < SB_PROVIDERS && rc == 0; i++) {
+        const struct sb_provider *pr = &p->providers[i];
+
+        if (pr->name[0] != '\0')
+            rc = buf_printf(b, "%s{provider=\"%s\"} %llu\n", name, pr->name,
+                            (unsigned long long)scoreboard_read(
+                                (const uint64_t *)((const char *)pr +
+                                                   offset)));
+    }
+    return rc;
+}
+
+static int
+put_provider_health(struct buf *b, const struct sb_pool *p)
+{
+    static const char errors[] = "chatfcgi_provider_errors_total";
+    static const char cooling[] = "chatfcgi_provider_cooling_down";
+    int64_t now = scoreboard_now_ms();
+    int rc = buf_printf(b, "# HELP %s Failed attempts, by provider and "
+                        "kind.\n# TYPE %s counter\n", errors, errors);
+
+    for (size_t i = 0; i < SB_PROVIDERS && rc == 0; i++)
+        for (int k = 0; k < SB_UP_KINDS && rc == 0 &&
+                        p->providers[i].name[0] != '\0';
+             k++)
+            rc = buf_printf(b, "%s{provider=\"%s\",kind=\"%s\"} %llu\n",
+                            errors, p->providers[i].name,
+                            upstream_error_names[k],
+                            (unsigned long long)scoreboard_read(
+                                &p->providers[i].errors[k]));
+    rc = rc || buf_printf(b, "# HELP %s 1 while every worker skips the "
+                          "provider.\n# TYPE %s gauge\n", cooling, cooling);
+    for (size_t i = 0; i < SB_PROVIDERS && rc == 0; i++)
+        if (p->providers[i].name[0] != '\0')
+            rc = buf_printf(b, "%s{provider=\"%s\"} %d\n", cooling,
+                            p->providers[i].name,
+                            p->providers[i].cooldown_until_ms > now);
+    return rc;
+}
+
+#define PROVIDER_COUNTER(field, help)                                          \
+    put_provider_counter(b, p, "chatfcgi_provider_" #field "_total", help,    \
+                         offsetof(struct sb_provider, field))
+
+static int
+put_providers(struct buf *b, const struct sb_pool *p)
+{
+    return PROVIDER_COUNTER(attempts, "Requests sent to the provider.") ||
+           PROVIDER_COUNTER(successes, "Attempts that gave the answer.") ||
+           PROVIDER_COUNTER(retries, "Attempts in a retry round.") ||
+           PROVIDER_COUNTER(hedges, "Attempts started as a hedge.") ||
+           PROVIDER_COUNTER(hedges_won, "Hedges that gave the answer.") ||
+           PROVIDER_COUNTER(cooldowns, "Times the provider was skipped "
+                                       "for its failures.") ||
+           put_provider_health(b, p);
+}
+
 static int
 put_all(struct buf *b, const struct sb_pool *p)
 {
@@ -266,7 +332,8 @@ put_all(struct buf *b, const struct sb_pool *p)
                        &p->queue_timeouts) ||
            put_counter(b, "chatfcgi_max_children_reached_total",
                        "Times the dynamic pool hit its maximum.",
-                       &p->max_children_reached);
+                       &p->max_children_reached) ||
+           put_providers(b, p);
 }
 
 void

@@ -133,7 +133,9 @@ def test_over_tpm_is_429(http, stack_factory):
 
 @pytest.fixture(scope="module")
 def slow(stack_factory):
-    return stack_factory({"CHATFCGI_WORKERS": "4"})
+    # No retries: these tests need a model failure to reach the turn.
+    return stack_factory({"CHATFCGI_WORKERS": "4",
+                          "CHATFCGI_UPSTREAM_RETRIES": "0"})
 
 
 def test_concurrent_turn_of_one_session_is_409(http, slow):

@@ -637,6 +637,104 @@ test_strings_replaced_without_leak(void **state)
     assert_null(c.listen);
 }
 
+/* Write text to a temporary file; the caller unlinks path. */
+static void
+write_conf(char *path, const char *text)
+{
+    int fd = mkstemp(path);
+    FILE *f;
+
+    assert_true(fd >= 0);
+    f = fdopen(fd, "w");
+    assert_non_null(f);
+    fputs(text, f);
+    assert_int_equal(fclose(f), 0);
+}
+
+/* [provider NAME] sections: file order, what they leave out from
+ * [upstream], keys from api_key_env, and the environment's overrides. */
+static void
+test_providers(void **state)
+{
+    static const char text[] =
+        "[upstream]\nmodel = m0\napi_key = k0\ntimeout_ms = 9000\n"
+        "[provider b]\nurl = http://b/v1\napi_key_env = B_KEY\n"
+        "[provider a]\nurl = https://a/v1\nmodel = ma\ntimeout_ms = 100\n";
+    char path[] = "/tmp/chatfcgi-test-conf-XXXXXX";
+    char *envp[] = {"CHATFCGI_PROVIDER_A_MODEL=mx", NULL};
+    char err[CONF_ERR_LEN] = "";
+    struct conf c;
+
+    (void)state;
+    write_conf(path, text);
+    setenv("B_KEY", "kb", 1);
+    if (conf_load(&c, path, envp, err) != 0)
+        fail_msg("conf_load: %s", err);
+    assert_int_equal(c.nproviders, 2);
+    assert_string_equal(c.providers[0].name, "b");
+    assert_string_equal(c.providers[0].api_key, "kb");
+    assert_string_equal(c.providers[0].model, "m0");
+    assert_int_equal(c.providers[0].timeout_ms, 9000);
+    assert_string_equal(c.providers[1].url, "https://a/v1");
+    assert_string_equal(c.providers[1].api_key, "k0");
+    assert_string_equal(c.providers[1].model, "mx");
+    assert_int_equal(c.providers[1].timeout_ms, 100);
+    conf_free(&c);
+    unsetenv("B_KEY");
+    assert_int_equal(conf_load(&c, path, envp, err), -1);
+    assert_non_null(strstr(err, "B_KEY"));
+    conf_free(&c);
+    unlink(path);
+}
+
+/* Without sections: one provider per URL of [upstream] url. */
+static void
+test_providers_from_url_list(void **state)
+{
+    char *envp[] = {"CHATFCGI_UPSTREAM_URL=http://x/v1, http://y/v1", NULL};
+    char err[CONF_ERR_LEN] = "";
+    struct conf c;
+
+    (void)state;
+    if (conf_load(&c, NULL, envp, err) != 0)
+        fail_msg("conf_load: %s", err);
+    assert_int_equal(c.nproviders, 2);
+    assert_string_equal(c.providers[0].name, "upstream1");
+    assert_string_equal(c.providers[1].url, "http://y/v1");
+    assert_string_equal(c.providers[1].model, "gpt-4o-mini");
+    conf_free(&c);
+}
+
+static void
+test_provider_errors(void **state)
+{
+    static const char *const bad[] = {
+        "[provider A]\n",                         /* upper case */
+        "[provider]\n",                           /* no name */
+        "[provider a]\n[provider a]\n",           /* twice */
+        "[provider a]\nurl = ftp://x\n",          /* scheme */
+        "[provider a]\nurl = http://x\nurl = http://y\n", /* duplicate */
+        "[provider a]\nworkers = 3\n",            /* not a provider key */
+        "[provider a]\n[provider b]\n[provider c]\n[provider d]\n"
+        "[provider e]\n[provider f]\n[provider g]\n[provider h]\n"
+        "[provider i]\n",                         /* too many */
+    };
+
+    (void)state;
+    for (size_t i = 0; i < sizeof(bad) / sizeof(*bad); i++) {
+        char path[] = "/tmp/chatfcgi-test-conf-XXXXXX";
+        char err[CONF_ERR_LEN] = "";
+        char *envp[] = {NULL};
+        struct conf c;
+
+        write_conf(path, bad[i]);
+        if (conf_load(&c, path, envp, err) != -1)
+            fail_msg("accepted: %s", bad[i]);
+        conf_free(&c);
+        unlink(path);
+    }
+}
+
 int
 main(void)
 {
@@ -658,6 +756,9 @@ main(void)
         cmocka_unit_test(test_env_ignored),
         cmocka_unit_test(test_env_value_with_equals),
         cmocka_unit_test(test_strings_replaced_without_leak),
+        cmocka_unit_test(test_providers),
+        cmocka_unit_test(test_providers_from_url_list),
+        cmocka_unit_test(test_provider_errors),
     };
 
     return cmocka_run_group_tests(tests, quiet_log, NULL);

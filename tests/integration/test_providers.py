@@ -1,0 +1,215 @@
+"""Several model providers: fallback on errors, cooldown shared by the
+pool, hedging a provider that hangs, streams that fall over before their
+first delta (and never after), and everything down. Two local models of
+the test's own are the providers, so each can be told to misbehave."""
+
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from sse_client import stream_chat
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Model:
+    """A local model on a free port, started and stopped by the test."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen(
+            ["/usr/bin/python3", str(REPO / "app" / "localmodel.py"),
+             "--host", "127.0.0.1", "--port", "0"],
+            stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        self.url = re.search(r"(http://\S+)/v1", line).group(1)
+        self.http = requests.Session()
+        self.http.trust_env = False
+
+    def set(self, **fields):
+        self.http.post(f"{self.url}/control", json=fields,
+                       timeout=5).raise_for_status()
+
+    def reset(self):
+        self.http.post(f"{self.url}/control/reset",
+                       timeout=5).raise_for_status()
+
+    def requests(self):
+        return self.http.get(f"{self.url}/control/stats",
+                             timeout=5).json()["requests"]
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def models():
+    pair = [Model(), Model()]
+    yield pair
+    for m in pair:
+        m.stop()
+
+
+@pytest.fixture(autouse=True)
+def fresh(models):
+    for m in models:
+        m.reset()
+
+
+def make_stack(stack_factory, models, **env):
+    base = {"CHATFCGI_UPSTREAM_URL": ", ".join(f"{m.url}/v1" for m in models),
+            "CHATFCGI_UPSTREAM_TIMEOUT_MS": "3000",
+            "CHATFCGI_WORKERS": "4"}
+    base.update({f"CHATFCGI_UPSTREAM_{k.upper()}": str(v)
+                 for k, v in env.items()})
+    return stack_factory(base)
+
+
+def turn(http, st, message="hello", session_id=None, timeout=15):
+    body = {"message": message}
+    if session_id:
+        body["session_id"] = session_id
+    return http.post(f"{st.url}/api/chat", json=body, timeout=timeout)
+
+
+def metric(http, st, name):
+    text = http.get(f"{st.url}/api/metrics", timeout=5).text
+    line = next(l for l in text.splitlines() if l.startswith(name + " ") or
+                l.startswith(name + "{") and l.split()[0] == name)
+    return float(line.split()[-1])
+
+
+@pytest.fixture(scope="module")
+def failover(stack_factory, models):
+    return make_stack(stack_factory, models, cooldown_failures=3,
+                      cooldown_s=2, retries=0)
+
+
+@pytest.mark.parametrize("status", [500, 429, 503])
+def test_failing_first_provider_falls_over(http, failover, models, status):
+    first, second = models
+    first.set(mode="fail", status=status)
+    second.set(reply="from the second")
+    r = turn(http, failover)
+    assert r.status_code == 200, r.text
+    assert r.json()["reply"] == "from the second"
+    assert first.requests() >= 1 and second.requests() >= 1
+
+
+def test_no_client_error_under_load_and_cooldown(http, failover, models):
+    """Provider 1 fails every request: 4 threads for 3 s see no error, and
+    once it is cooling down its request count stops growing; after the
+    cooldown (2 s), healthy again, it is asked again."""
+    first, second = models
+    first.set(mode="fail", status=500)
+    errors, done = [], []
+    stop = time.monotonic() + 3
+
+    def load():
+        s = requests.Session()
+        s.trust_env = False
+        while time.monotonic() < stop:
+            r = turn(s, failover)
+            (done if r.status_code == 200 else errors).append(r.status_code)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    print(f"\n{len(done)} turns, {len(errors)} errors; provider 1 asked "
+          f"{first.requests()} times")
+    assert not errors, errors[:5]
+    assert first.requests() < len(done) / 4  # skipped most of the time
+    cooling = first.requests()
+    time.sleep(0.3)
+    assert turn(http, failover).status_code == 200
+    assert first.requests() == cooling  # still cooling down: not asked
+    first.set(mode="normal", reply="back again")
+    time.sleep(2.2)
+    r = turn(http, failover)
+    assert r.json()["reply"] == "back again", r.text
+    text = http.get(f"{failover.url}/api/metrics", timeout=5).text
+    assert re.search(r'chatfcgi_provider_cooldowns_total\{provider='
+                     r'"upstream1"\} [1-9]', text), text
+
+
+def test_request_fault_is_not_tried_elsewhere(http, failover, models):
+    first, second = models
+    first.set(mode="fail", status=400)
+    r = turn(http, failover)
+    assert r.status_code == 502, r.text
+    assert second.requests() == 0
+
+
+def test_all_down_is_502_and_nothing_stored(http, failover, models):
+    for m in models:
+        m.set(mode="fail", status=500)
+    r = turn(http, failover, session_id="all-down")
+    assert r.status_code == 502, r.text
+    assert r.json()["error"]["code"] == "upstream_error"
+    got = http.get(f"{failover.url}/api/chat/all-down", timeout=5)
+    assert got.status_code == 404
+
+
+def test_all_hanging_is_504(http, stack_factory, models):
+    st = make_stack(stack_factory, models, timeout_ms=800, retries=0)
+    for m in models:
+        m.set(mode="hang")
+    start = time.monotonic()
+    r = turn(http, st)
+    elapsed = time.monotonic() - start
+    assert r.status_code == 504, r.text
+    assert elapsed < 2 * 0.8 + 1, elapsed  # one timeout per provider
+
+
+def test_hedging_a_hanging_provider(http, stack_factory, models):
+    """With hedging, a turn takes about hedge_after_ms plus the second
+    provider's time; without, it falls over at the provider timeout."""
+    first, second = models
+    hedged = make_stack(stack_factory, models, hedge_after_ms=300,
+                        timeout_ms=3000)
+    plain = make_stack(stack_factory, models, timeout_ms=1500, retries=0)
+    first.set(mode="hang")
+    second.set(reply="hedged")
+    start = time.monotonic()
+    r = turn(http, hedged)
+    hedge_time = time.monotonic() - start
+    assert r.status_code == 200 and r.json()["reply"] == "hedged", r.text
+    assert 0.3 <= hedge_time < 1.0, hedge_time
+    start = time.monotonic()
+    r = turn(http, plain)
+    plain_time = time.monotonic() - start
+    assert r.status_code == 200, r.text
+    assert 1.5 <= plain_time < 2.5, plain_time
+    print(f"\nhanging provider 1: {hedge_time:.2f} s with hedging, "
+          f"{plain_time:.2f} s without")
+    text = http.get(f"{hedged.url}/api/metrics", timeout=5).text
+    assert re.search(r'chatfcgi_provider_hedges_won_total\{provider='
+                     r'"upstream2"\} [1-9]', text), text
+
+
+def test_stream_falls_over_before_its_first_delta(failover, models):
+    first, second = models
+    first.set(mode="fail", status=503)
+    second.set(reply="one two three")
+    res = stream_chat(failover.url, "hello")
+    assert res.status == 200
+    assert res.text == "one two three"
+    assert res.done is not None
+
+
+def test_stream_never_falls_over_after_a_delta(stack_factory, models):
+    """(A stack of its own: in the module's, provider 1 is cooling down.)"""
+    st = make_stack(stack_factory, models)
+    first, second = models
+    first.set(mode="drop", drop_after=2)
+    res = stream_chat(st.url, "hello", session_id="cut-stream")
+    assert res.status == 200
+    assert res.names[-1] == "error", res.names
+    assert second.requests() == 0
