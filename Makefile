@@ -46,7 +46,7 @@ UNIT_SRCS := $(wildcard tests/unit/test_*.c)
 UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=$(OBJDIR)/tests/%)
 
 .PHONY: all deps run start stop test check unit integration asan clean fuzz \
-	install uninstall FORCE
+	install uninstall FORCE bench
 
 all: $(BIN)
 
@@ -111,6 +111,14 @@ asan: deps
 
 clean:
 	rm -rf build bin
+
+# chatfcgi beside the shared harness's peers and ceilings (../shared/bench),
+# or alone when it is absent: one table, streaming and memory figures, also
+# appended to tests/bench/results.md. See tests/bench/README.md. Takes about
+# 6 minutes; never part of `make test`.
+bench: deps
+	@$(MAKE) --no-print-directory all
+	@$(PYTHON) tests/bench/bench.py
 
 # Installation: `make install PREFIX=/usr DESTDIR=/tmp/pkg` (PREFIX defaults
 # to /usr/local). The configuration lives in SYSCONFDIR: /etc for
