@@ -4,8 +4,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <time.h>
 
+#include "clock.h"
 #include "json.h"
 
 #define ANSWER_DEPTH 32
@@ -13,15 +13,6 @@
 #define SSE_LINE_MAX (256 * 1024)
 
 static int on_event(void *arg, const char *data, size_t len);
-
-static double
-now_ms(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1000.0 + (double)ts.tv_nsec / 1e6;
-}
 
 int
 attempt_init(struct attempt *a, size_t max_reply)
@@ -219,7 +210,7 @@ on_body(char *data, size_t size, size_t n, void *arg)
 {
     struct attempt *a = arg;
 
-    a->last_bytes_ms = now_ms();
+    a->last_bytes_ms = clock_ms();
     if (!a->got_bytes) {
         a->got_bytes = 1;
         choose_body_mode(a);
@@ -302,7 +293,7 @@ attempt_reset(struct attempt *a, const char *model)
     a->response_too_large = a->stream_complete = a->stream_failed = 0;
     a->got_bytes = a->got_content = a->streaming = a->hedge = 0;
     a->errbuf[0] = '\0';
-    a->started_ms = a->last_bytes_ms = now_ms();
+    a->started_ms = a->last_bytes_ms = clock_ms();
 }
 
 int

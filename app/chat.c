@@ -4,6 +4,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "clock.h"
 #include "conf.h"
 #include "fcgi.h"
 #include "json.h"
@@ -206,12 +207,12 @@ fail_store(struct worker *w)
 static int
 load_history(struct worker *w, const char *session_id)
 {
-    double start = http_now_ms();
+    double start = clock_ms();
     int rc;
 
     worker_phase(w, SB_REDIS);
     rc = store_history_load(&w->store, session_id, &w->history);
-    w->req.redis_ms += http_now_ms() - start;
+    w->req.redis_ms += clock_ms() - start;
     if (rc == -1)
         fail_store(w);
     return rc;
@@ -225,13 +226,13 @@ static void replay_answer(struct worker *w, struct chat_turn *t);
 static int
 begin_turn(struct worker *w, struct chat_turn *t)
 {
-    double start = http_now_ms();
+    double start = clock_ms();
     long long retry = 1;
     int rc;
 
     worker_phase(w, SB_REDIS);
     rc = turn_begin(&w->store, &t->turn, &w->history, &w->replay, &retry);
-    w->req.redis_ms += http_now_ms() - start;
+    w->req.redis_ms += clock_ms() - start;
     switch (rc) {
     case TURN_GO:
         return 0;
@@ -463,9 +464,9 @@ store_turn(struct worker *w, const struct chat_turn *t)
                                         (size_t)c->chat.history_max_bytes);
     res.tokens = chat_answer_tokens(t->message_len, &w->answer);
     worker_phase(w, SB_REDIS);
-    start = http_now_ms();
+    start = clock_ms();
     rc = turn_commit(&w->store, &t->turn, &res);
-    w->req.redis_ms += http_now_ms() - start;
+    w->req.redis_ms += clock_ms() - start;
     if (rc == -1)
         fail_store(w);
     return rc;
@@ -634,9 +635,9 @@ chat_delete(struct worker *w, const char *session_id)
     if (check_path_id(w, session_id) == -1)
         return;
     worker_phase(w, SB_REDIS);
-    start = http_now_ms();
+    start = clock_ms();
     rc = store_history_delete(&w->store, session_id);
-    w->req.redis_ms += http_now_ms() - start;
+    w->req.redis_ms += clock_ms() - start;
     if (rc == -1) {
         fail_store(w);
         return;

@@ -588,12 +588,15 @@ read_file(const char *path, char err[CONF_ERR_LEN])
 static void
 warn_if_key_exposed(const struct conf *c, const char *path)
 {
+    int has_key = c->upstream.api_key[0] != '\0';
     struct stat st;
 
-    if (c->upstream.api_key[0] != '\0' && stat(path, &st) == 0 &&
-        (st.st_mode & S_IROTH))
+    for (size_t i = 0; i < c->nproviders; i++)
+        has_key |= c->providers[i].api_key[0] != '\0';
+    if (has_key && stat(path, &st) == 0 && (st.st_mode & S_IROTH))
         log_warnx("conf", "%s holds an API key and is world-readable: "
-                  "chmod o-r it, or set CHATFCGI_API_KEY instead", path);
+                  "chmod o-r it, or keep keys in the environment "
+                  "(CHATFCGI_API_KEY, api_key_env)", path);
 }
 
 /* What a provider section leaves out comes from [upstream]; a key named

@@ -9,22 +9,11 @@
 
 #include "conf.h"
 #include "fcgi.h"
+#include "json.h"
 #include "worker.h"
 
 #define CLIENT_KEY_MAX 512
 #define CORS_MAX_AGE_S 600
-
-static int
-hexval(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
 
 static int
 parse_digest(const char *s, size_t n, unsigned char out[GUARD_DIGEST_LEN])
@@ -32,7 +21,7 @@ parse_digest(const char *s, size_t n, unsigned char out[GUARD_DIGEST_LEN])
     if (n != 2 * GUARD_DIGEST_LEN)
         return -1;
     for (size_t i = 0; i < GUARD_DIGEST_LEN; i++) {
-        int hi = hexval(s[2 * i]), lo = hexval(s[2 * i + 1]);
+        int hi = json_hex_digit(s[2 * i]), lo = json_hex_digit(s[2 * i + 1]);
 
         if (hi < 0 || lo < 0)
             return -1;

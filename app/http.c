@@ -4,8 +4,8 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/random.h>
-#include <time.h>
 
+#include "clock.h"
 #include "fcgi.h"
 #include "json.h"
 #include "log.h"
@@ -13,15 +13,6 @@
 #define HEADERS_LEN 1024
 #define ERROR_MESSAGE_LEN 512
 #define REQUEST_ID_BYTES 16
-
-double
-http_now_ms(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1000.0 + (double)ts.tv_nsec / 1e6;
-}
 
 int
 http_random_hex(char *out, size_t n)
@@ -56,7 +47,7 @@ http_begin(struct http_request *r, FCGX_Request *fcgi, yajl_gen gen)
     memset(r, 0, sizeof(*r));
     r->fcgi = fcgi;
     r->gen = gen;
-    r->start_ms = http_now_ms();
+    r->start_ms = clock_ms();
     r->method = fcgi_param(fcgi, "REQUEST_METHOD");
     if (id_is_sane(id))
         snprintf(r->id, sizeof(r->id), "%s", id);

@@ -285,23 +285,29 @@ static const yajl_callbacks pick_callbacks = {
     .yajl_end_array = cb_end,
 };
 
+int
+json_hex_digit(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
 static int
 hex4(const char *s, unsigned *out)
 {
     unsigned v = 0;
 
     for (int i = 0; i < 4; i++) {
-        char c = s[i];
+        int d = json_hex_digit(s[i]);
 
-        v <<= 4;
-        if (c >= '0' && c <= '9')
-            v |= (unsigned)(c - '0');
-        else if (c >= 'a' && c <= 'f')
-            v |= (unsigned)(c - 'a' + 10);
-        else if (c >= 'A' && c <= 'F')
-            v |= (unsigned)(c - 'A' + 10);
-        else
+        if (d < 0)
             return -1;
+        v = (v << 4) | (unsigned)d;
     }
     *out = v;
     return 0;

@@ -3,9 +3,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "attempt.h"
 #include "fcgi.h"
 #include "history.h"
@@ -15,15 +15,6 @@
 
 #define POLL_MS 1000
 #define BACKOFF_MAX_MS 5000.0
-
-static double
-now_ms(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1000.0 + (double)ts.tv_nsec / 1e6;
-}
 
 static char *
 join(const char *a, const char *b)
@@ -208,7 +199,7 @@ cooling_down(const struct llm *l, size_t provider)
 
     return h != NULL && __atomic_load_n(&h->cooldown_until_ms,
                                         __ATOMIC_RELAXED) >
-                            scoreboard_now_ms();
+                            clock_wall_ms();
 }
 
 static void
@@ -242,7 +233,7 @@ note_failure(struct llm *l, const struct attempt *a)
         c->upstream.cooldown_s == 0)
         return;
     __atomic_store_n(&h->cooldown_until_ms,
-                     scoreboard_now_ms() + c->upstream.cooldown_s * 1000,
+                     clock_wall_ms() + c->upstream.cooldown_s * 1000,
                      __ATOMIC_RELAXED);
     scoreboard_add(&h->cooldowns, 1);
     log_warnx("llm", "provider %s failed %u times in a row (%s); every "
@@ -369,7 +360,7 @@ active_attempts(const struct llm *l)
 static long
 attempt_timeout_ms(const struct llm *l, const struct conf_provider *p)
 {
-    double left = l->call->deadline_ms - now_ms();
+    double left = l->call->deadline_ms - clock_ms();
     double limit = (double)p->timeout_ms;
 
     if (l->call->deadline_ms > 0 && left < limit)
@@ -469,11 +460,11 @@ after_failure(struct llm *l, struct plan *p, struct attempt *a)
     if (p->retry_after_ms > wait)
         wait = p->retry_after_ms;
     if (!p->retryable || p->round >= l->conf->upstream.retries ||
-        (l->call->deadline_ms > 0 && now_ms() + wait >= l->call->deadline_ms)) {
+        (l->call->deadline_ms > 0 && clock_ms() + wait >= l->call->deadline_ms)) {
         p->done = 1;
         return;
     }
-    p->retry_at_ms = now_ms() + wait;
+    p->retry_at_ms = clock_ms() + wait;
 }
 
 /* Per attempt: no first token in time, or silent too long mid-stream. */
@@ -512,7 +503,7 @@ hedge_due(const struct llm *l, const struct plan *p, double now)
 static void
 run_timers(struct llm *l, struct plan *p)
 {
-    double now = now_ms();
+    double now = clock_ms();
 
     for (size_t i = 0; i < LLM_ATTEMPTS; i++) {
         struct attempt *a = &l->attempts[i];
@@ -547,7 +538,7 @@ static double
 next_timer_ms(const struct llm *l, const struct plan *p)
 {
     const struct conf *c = l->conf;
-    double now = now_ms(), wait = POLL_MS;
+    double now = clock_ms(), wait = POLL_MS;
 
 #define SOONER(t)                                                              \
     do {                                                                       \
@@ -701,7 +692,7 @@ void
 llm_complete(struct llm *l, const struct llm_call *call,
              struct llm_answer *ans)
 {
-    double start = now_ms();
+    double start = clock_ms();
     struct plan p = {0};
     struct attempt *winner = NULL, *first;
     unsigned watching = call->watch_fd >= 0;
@@ -733,5 +724,5 @@ llm_complete(struct llm *l, const struct llm_call *call,
     } else {
         take_failure(l, ans);
     }
-    ans->ms = now_ms() - start;
+    ans->ms = clock_ms() - start;
 }

@@ -14,6 +14,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "conf.h"
 #include "http.h"
 #include "listener.h"
@@ -248,7 +249,7 @@ spawn(struct master *m, enum worker_role role)
     memset(s, 0, sizeof(*s));
     s->role = (int)role;
     s->generation = m->generation;
-    s->started_at_ms = scoreboard_now_ms();
+    s->started_at_ms = clock_wall_ms();
     pid = fork();
     if (pid == -1) {
         log_warn("master", "cannot fork a worker");
@@ -258,7 +259,7 @@ spawn(struct master *m, enum worker_role role)
         run_child(m, slot, role);
     s->pid = pid;
     m->children[slot] = (struct child){.generation = m->generation,
-                                       .started_ms = http_now_ms()};
+                                       .started_ms = clock_ms()};
     log_debug("master", "worker %d started as pid %ld", slot, (long)pid);
     return 0;
 }
@@ -335,7 +336,7 @@ slot_of(const struct master *m, pid_t pid)
 static void
 reap(struct master *m)
 {
-    double now = http_now_ms();
+    double now = clock_ms();
     int status, slot;
     pid_t pid;
 
@@ -369,7 +370,7 @@ spawn_due(struct master *m)
 {
     unsigned have;
 
-    if (m->stop != RUNNING || http_now_ms() < m->spawn_after_ms)
+    if (m->stop != RUNNING || clock_ms() < m->spawn_after_ms)
         return;
     if (m->ls.status_fd >= 0 && count_workers(m, WORKER_CONTROL, NULL) == 0)
         spawn(m, WORKER_CONTROL);
@@ -447,7 +448,7 @@ size_dynamic_pool(struct master *m)
 static void
 watchdog(struct master *m)
 {
-    int64_t now = scoreboard_now_ms();
+    int64_t now = clock_wall_ms();
     double limit = (double)m->conf->request_timeout_s * 1000.0 +
                    WATCHDOG_GRACE_MS;
 
@@ -469,7 +470,7 @@ watchdog(struct master *m)
 static void
 tick(struct master *m)
 {
-    double now = http_now_ms();
+    double now = clock_ms();
 
     if (now < m->next_tick_ms)
         return;
@@ -527,7 +528,7 @@ begin_stop(struct master *m, enum stop_mode mode)
     if (m->stop >= mode)
         return;
     m->stop = mode;
-    m->stop_deadline_ms = http_now_ms() + budget;
+    m->stop_deadline_ms = clock_ms() + budget;
     listener_notify("STOPPING=1");
     log_info("master", "%s stop: %u workers to end within %.0f s",
              mode == STOP_GRACEFUL ? "graceful" : "fast", live_workers(m),
@@ -669,7 +670,7 @@ handle_signal(struct master *m, int sig)
 static struct timespec
 next_wait(const struct master *m)
 {
-    double now = http_now_ms(), wait = m->next_tick_ms - now;
+    double now = clock_ms(), wait = m->next_tick_ms - now;
     struct timespec ts;
 
     if (m->spawn_after_ms > now && m->spawn_after_ms - now < wait)
@@ -686,13 +687,13 @@ next_wait(const struct master *m)
 static void
 enforce_stop_deadline(struct master *m)
 {
-    if (m->stop == RUNNING || http_now_ms() < m->stop_deadline_ms ||
+    if (m->stop == RUNNING || clock_ms() < m->stop_deadline_ms ||
         live_workers(m) == 0)
         return;
     log_error("master", "%u workers still busy at the stop deadline; "
               "ending them", live_workers(m));
     signal_workers(m, SIGKILL);
-    m->stop_deadline_ms = http_now_ms() + FAST_STOP_MS;
+    m->stop_deadline_ms = clock_ms() + FAST_STOP_MS;
 }
 
 /* Signals are taken synchronously with sigtimedwait: no handler code runs

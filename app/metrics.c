@@ -6,6 +6,7 @@
 #include <string.h>
 #include <sys/socket.h>
 
+#include "clock.h"
 #include "conf.h"
 #include "fcgi.h"
 #include "json.h"
@@ -95,7 +96,7 @@ gen_process(yajl_gen g, const struct sb_slot *s, int64_t now)
 static int
 gen_processes(yajl_gen g, const struct sb_pool *p)
 {
-    int64_t now = scoreboard_now_ms();
+    int64_t now = clock_wall_ms();
 
     if (json_gen_cstr(g, "processes") || yajl_gen_array_open(g))
         return -1;
@@ -129,7 +130,7 @@ gen_status(yajl_gen g, const struct worker *w)
            json_gen_key_cstr(g, "process_manager", pm_name(w->conf)) ||
            json_gen_key_int(g, "start_time", p->started_at_ms / 1000) ||
            json_gen_key_int(g, "start_since",
-                            (scoreboard_now_ms() - p->started_at_ms) / 1000) ||
+                            (clock_wall_ms() - p->started_at_ms) / 1000) ||
            gen_counter(g, "accepted_conn", &p->accepted) ||
            gen_listen_queue(g, w->setup->chat_fd) ||
            json_gen_key_int(g, "idle_processes", n[SB_IDLE]) ||
@@ -266,7 +267,7 @@ put_provider_health(struct buf *b, const struct sb_pool *p)
 {
     static const char errors[] = "chatfcgi_provider_errors_total";
     static const char cooling[] = "chatfcgi_provider_cooling_down";
-    int64_t now = scoreboard_now_ms();
+    int64_t now = clock_wall_ms();
     int rc = buf_printf(b, "# HELP %s Failed attempts, by provider and "
                         "kind.\n# TYPE %s counter\n", errors, errors);
 

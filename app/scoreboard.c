@@ -5,8 +5,9 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
+
+#include "clock.h"
 
 #define SB_MAGIC 0x63686174736231ULL /* "chatsb1" */
 
@@ -16,15 +17,6 @@ static const char *const state_names[SB_STATES] = {
     "starting", "idle", "reading", "redis", "upstream", "streaming",
     "writing",
 };
-
-int64_t
-scoreboard_now_ms(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static size_t
 pool_size(uint32_t nslots)
@@ -86,7 +78,7 @@ create(uint32_t nslots, int *out_fd)
     }
     p->magic = SB_MAGIC;
     p->nslots = nslots;
-    p->started_at_ms = scoreboard_now_ms();
+    p->started_at_ms = clock_wall_ms();
     *out_fd = fd;
     return p;
 }
@@ -178,7 +170,7 @@ scoreboard_request_begin(struct sb_pool *p, struct sb_slot *s,
 {
     snprintf(s->request, sizeof(s->request), "%s %.40s req=%s", method, path,
              request_id);
-    s->request_at_ms = scoreboard_now_ms();
+    s->request_at_ms = clock_wall_ms();
     scoreboard_set_state(s, SB_READING);
     scoreboard_add(&p->accepted, 1);
     raise_max_active(p);

@@ -8,37 +8,17 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
+#include "clock.h"
 #include "conf.h"
 #include "history.h"
+#include "json.h"
 #include "log.h"
 
 #define BACKOFF_FIRST_MS 50
 #define BACKOFF_MAX_MS 1000
 #define DEFAULT_PORT 6379
 #define SENTINEL_PORT 26379
-
-static double
-now_ms(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1000.0 + (double)ts.tv_nsec / 1e6;
-}
-
-static int
-hexval(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
 
 /* Copy n bytes of a URL part, decoding %XX. Returns 0 or -1. */
 static int
@@ -50,9 +30,9 @@ copy_decoded(char *out, size_t size, const char *s, size_t n)
         char c = s[i];
 
         if (c == '%') {
-            if (i + 2 >= n || hexval(s[i + 1]) < 0 || hexval(s[i + 2]) < 0)
+            if (i + 2 >= n || json_hex_digit(s[i + 1]) < 0 || json_hex_digit(s[i + 2]) < 0)
                 return -1;
-            c = (char)(hexval(s[i + 1]) * 16 + hexval(s[i + 2]));
+            c = (char)(json_hex_digit(s[i + 1]) * 16 + json_hex_digit(s[i + 2]));
             i += 2;
         }
         if (o + 1 >= size)
@@ -539,7 +519,7 @@ ensure_connected(struct store *s)
     }
     if (s->ctx != NULL)
         return 0;
-    now = now_ms();
+    now = clock_ms();
     if (now < s->retry_at_ms) {
         snprintf(s->err, STORE_ERR_LEN, "Redis is down (next attempt in "
                  "%.0f ms)", s->retry_at_ms - now);

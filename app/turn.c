@@ -7,6 +7,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "clock.h"
 #include "buf.h"
 #include "history.h"
 #include "store.h"
@@ -220,15 +221,6 @@ begin_call(struct call *c, int nkeys)
     arg_int(c, nkeys);
 }
 
-static double
-now_ms(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1000.0 + (double)ts.tv_nsec / 1e6;
-}
-
 static int
 begin_outcome(struct store *s, struct turn *t, const redisReply *r,
               struct history *h, struct buf *replay, long long *retry_after_s)
@@ -244,7 +236,7 @@ begin_outcome(struct store *s, struct turn *t, const redisReply *r,
     if (strcmp(tag->str, "go") == 0 && r->elements >= 2 &&
         r->element[1]->type == REDIS_REPLY_STRING) {
         t->redis_clock_ms = strtoll(r->element[1]->str, NULL, 10);
-        t->local_clock_ms = now_ms();
+        t->local_clock_ms = clock_ms();
         store_fill_history(r, 2, h);
         return TURN_GO;
     }
@@ -311,7 +303,7 @@ commit_deadline(const struct store *s, const struct turn *t)
                      (double)s->command_timeout.tv_usec / 1000.0;
 
     return t->redis_clock_ms +
-           (long long)(now_ms() - t->local_clock_ms + timeout);
+           (long long)(clock_ms() - t->local_clock_ms + timeout);
 }
 
 int

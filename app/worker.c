@@ -9,6 +9,7 @@
 #include <sys/epoll.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "chat.h"
 #include "conf.h"
 #include "fcgi.h"
@@ -245,7 +246,7 @@ waited_too_long(struct worker *w)
 
     if (limit <= 0 || *start == '\0')
         return 0;
-    queued_ms = (double)scoreboard_now_ms() - strtod(start, &end) * 1000.0;
+    queued_ms = (double)clock_wall_ms() - strtod(start, &end) * 1000.0;
     if (*end != '\0' || queued_ms <= limit)
         return 0;
     scoreboard_add(&w->pool->queue_timeouts, 1);
@@ -283,7 +284,7 @@ serve_one(struct worker *w, FCGX_Request *fr, serve_fn serve)
     r->path = http_path(fr, scratch, sizeof(scratch));
     scoreboard_request_begin(w->pool, w->slot, r->method, r->path, r->id);
     serve(w);
-    total_ms = http_now_ms() - r->start_ms;
+    total_ms = clock_ms() - r->start_ms;
     scoreboard_request_end(w->pool, w->slot, r->status, total_ms,
                            r->redis_ms, r->upstream_ms);
     entry = (struct log_access){
@@ -393,7 +394,7 @@ static void
 shed_waiting_requests(struct worker *w)
 {
     struct pollfd queue = {.fd = w->setup->chat_fd, .events = POLLIN};
-    double now = http_now_ms();
+    double now = clock_ms();
     unsigned n[SB_STATES];
 
     scoreboard_count_states(w->pool, WORKER_CHAT, n);

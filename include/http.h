@@ -68,8 +68,6 @@ int http_stream_write(struct http_request *r, const char *text);
  * REQUEST_URI without its query string (into scratch). */
 const char *http_path(FCGX_Request *fcgi, char *scratch, size_t size);
 
-double http_now_ms(void);
-
 /* Fill out with 2*n random hex digits from getrandom(). Returns 0 or -1. */
 int http_random_hex(char *out, size_t n);
 

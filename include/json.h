@@ -56,6 +56,9 @@ const char *json_field_text(const struct json_field *f,
 int json_field_int(const struct json_field *f, const struct buf *arena,
                    long long min, long long max, long long *out);
 
+/* The value of a hexadecimal digit, or -1. */
+int json_hex_digit(char c);
+
 /* 1 when s is well-formed UTF-8: no overlong forms, no surrogates, nothing
  * above U+10FFFF (NUL is allowed here). */
 int json_utf8_valid(const char *s, size_t n);

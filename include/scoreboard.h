@@ -145,6 +145,4 @@ const char *scoreboard_state_name(enum sb_state state);
 /* Upper bound of histogram bucket i in ms (0 for the last, +Inf). */
 unsigned scoreboard_bucket_bound_ms(size_t i);
 
-int64_t scoreboard_now_ms(void);
-
 #endif

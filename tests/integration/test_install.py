@@ -43,7 +43,7 @@ def clean_env():
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("CHATFCGI_") and k not in (
                "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "GNUMAKEFLAGS",
-               "MAKEFILES", "DESTDIR", "PREFIX", "SYSCONFDIR")}
+               "MAKEFILES", "DESTDIR", "PREFIX", "SYSCONFDIR", "VARIANT")}
     env["LC_ALL"] = "C.UTF-8"
     return env
 
