@@ -595,6 +595,13 @@ def run_shared(cfg, harness, chat, delays):
                "--delays", ",".join(map(str, delays)),
                "--conc", ",".join(map(str, cfg.concs)),
                "--duration", cfg.duration, "--threads", str(cfg.threads),
+               # A fresh session per request, for every target: chatfcgi
+               # refuses a second concurrent turn of one session (409) and
+               # the peers do not, while the harness's default "conn" mode
+               # round-robins sessions so that two connections can send
+               # turns of one session at once. Those 409s would count as
+               # errors, and as cheap answers.
+               "--session-mode", "request",
                "--target", f"chatfcgi={chat.url}",
                "--pss", f"chatfcgi={chat.pid_file}",
                "--web-pss", f"chatfcgi={chat.nginx_pid_file}",
