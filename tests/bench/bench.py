@@ -730,8 +730,8 @@ def table_report(cfg, rows, out):
                 cells.append(f"{fmt(rr, 2) + 'x':>18} {fmt(pr, 2) + 'x':>18}")
             out.append(f"{d:>5} {c:>4} " + " ".join(cells))
     out.append("")
-    out.append(f"(ceil-proxy columns only for delays > 0: there it is the "
-               f"ceiling of a web server + one hop at the same concurrency)")
+    out.append("(ceil-proxy columns only for delays > 0: there it is the "
+               "ceiling of a web server + one hop at the same concurrency)")
     out.append("")
     return ratios
 
@@ -873,8 +873,8 @@ def heap_kib(pid):
 
 
 def memory_report(cfg, res, out):
-    out.append(f"## Memory (model delay 0; pool PSS = master + control worker "
-               f"+ chat workers, from /proc/PID/smaps_rollup)")
+    out.append("## Memory (model delay 0; pool PSS = master + control worker "
+               "+ chat workers, from /proc/PID/smaps_rollup)")
     out.append("")
     if res["pools"]:
         hdr = (f"{'workers':>7} {'conc':>4} {'requests':>8} {'used':>5} "

@@ -10,9 +10,10 @@ tests see the stored key and its TTL, not only what the API shows.
 
 import json
 import re
-import socket
 
 import pytest
+
+from redis_cluster import redis_command
 
 # The module's stack keeps every default (history_max_messages 20,
 # history_max_bytes 64 KiB, TTL 86400 s, no system prompt, no API key).
@@ -36,36 +37,6 @@ HEX32 = re.compile(r"[0-9a-f]{32}")
 
 
 # ---------------------------------------------------------------- helpers
-
-def redis_command(port, *args, timeout=5):
-    """One command to Redis on 127.0.0.1:port in RESP; returns its reply
-    (int, bytes, None, list), raises RuntimeError on an error reply."""
-    out = b"*%d\r\n" % len(args)
-    for a in args:
-        a = a if isinstance(a, bytes) else str(a).encode()
-        out += b"$%d\r\n%s\r\n" % (len(a), a)
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(out)
-        return _resp_reply(s.makefile("rb"))
-
-
-def _resp_reply(f):
-    line = f.readline()
-    kind, rest = line[:1], line[1:-2]
-    if kind == b"+":
-        return rest
-    if kind == b"-":
-        raise RuntimeError(rest.decode())
-    if kind == b":":
-        return int(rest)
-    if kind == b"$":
-        n = int(rest)
-        return None if n < 0 else f.read(n + 2)[:-2]
-    if kind == b"*":
-        n = int(rest)
-        return None if n < 0 else [_resp_reply(f) for _ in range(n)]
-    raise RuntimeError(f"unexpected RESP line {line!r}")
-
 
 def history_key(session_id):
     return f"chat:{{{session_id}}}:history"

@@ -15,6 +15,8 @@ import socket
 from pathlib import Path
 
 import pytest
+
+from redis_cluster import redis_command
 import requests
 
 # One worker: every turn goes through the same process, its Redis
@@ -27,36 +29,6 @@ RSS_GROWTH_MAX = 0.10
 
 
 # ---------------------------------------------------------------- helpers
-
-def redis_command(port, *args, timeout=5):
-    """One command to Redis on 127.0.0.1:port in RESP; returns its reply
-    (int, bytes, None, list), raises RuntimeError on an error reply."""
-    out = b"*%d\r\n" % len(args)
-    for a in args:
-        a = a if isinstance(a, bytes) else str(a).encode()
-        out += b"$%d\r\n%s\r\n" % (len(a), a)
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(out)
-        return _resp_reply(s.makefile("rb"))
-
-
-def _resp_reply(f):
-    line = f.readline()
-    kind, rest = line[:1], line[1:-2]
-    if kind == b"+":
-        return rest
-    if kind == b"-":
-        raise RuntimeError(rest.decode())
-    if kind == b":":
-        return int(rest)
-    if kind == b"$":
-        n = int(rest)
-        return None if n < 0 else f.read(n + 2)[:-2]
-    if kind == b"*":
-        n = int(rest)
-        return None if n < 0 else [_resp_reply(f) for _ in range(n)]
-    raise RuntimeError(f"unexpected RESP line {line!r}")
-
 
 def command_calls(port):
     """{command: calls} from INFO commandstats ("config|resetstat" style
