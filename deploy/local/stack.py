@@ -722,7 +722,8 @@ def _banner(stack, foreground):
     logs = ", ".join(_short(stack.log_path(n)) for n in stack.services)
     stop = "Ctrl-C (or make stop)" if foreground else "make stop"
     body = '{"message":"Hello! Who are you?"}'
-    _say(f"chatfcgi is up: {stack.url}/api/chat\n"
+    _say(f"chatfcgi is up: {stack.url}/ (the chat page; API: "
+         f"{stack.url}/api/chat)\n"
          f"  try:    curl -sS {stack.url}/api/chat "
          f"-H 'Content-Type: application/json' -d '{body}'\n"
          f"  health: {stack.url}/api/healthz\n"

@@ -173,8 +173,8 @@ def test_cli_start_status_stop_leaves_no_process(cli_run_dir, free_ports,
         r = cli("start", env)
         assert r.returncode == 0, r.stdout + r.stderr
         port = env["CHATFCGI_PORT"]
-        assert f"chatfcgi is up: http://127.0.0.1:{port}/api/chat" \
-            in r.stdout
+        assert f"chatfcgi is up: http://127.0.0.1:{port}/ " in r.stdout
+        assert f"http://127.0.0.1:{port}/api/chat" in r.stdout
         pids = {n: stack_mod.read_pid_file(cli_run_dir / f"{n}.pid")
                 for n in stack_mod.SERVICES}
         for name, pid in pids.items():
