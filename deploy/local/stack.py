@@ -51,7 +51,8 @@ SERVICES = ("redis", "model", "chatfcgi", "nginx")
 # Read by this launcher only; chatfcgi warns about CHATFCGI_ variables it does
 # not know, so they never reach its environment.
 LAUNCHER_ONLY = ("CHATFCGI_PORT", "CHATFCGI_RUN_DIR", "CHATFCGI_MODEL_PORT",
-                 "CHATFCGI_REDIS_PORT", "CHATFCGI_BIN")
+                 "CHATFCGI_REDIS_PORT", "CHATFCGI_BIN",
+                 "CHATFCGI_NGINX_ACCESS_LOG")
 
 # What /proc/<pid>/cmdline must contain before a pid file is trusted: a pid
 # may have been reused since the file was written.
@@ -102,6 +103,7 @@ environment (all optional):
   CHATFCGI_REDIS_PORT    local Redis port (default CHATFCGI_PORT+2)
   CHATFCGI_BIN           chatfcgi binary (default bin/chatfcgi; e.g.
                          bin/chatfcgi-asan)
+  CHATFCGI_NGINX_ACCESS_LOG  off: no nginx access log
 Any other CHATFCGI_* variable is passed to chatfcgi unchanged.
 
 commands:
@@ -602,6 +604,7 @@ class Stack:
         _write_atomic(run / "nginx.conf", _render(NGINX_TEMPLATE, {
             "USER_LINE": user_line, "PORT": str(self.port),
             "NGINX_DIR": str(run / "nginx"),
+            "ACCESS_LOG": self._nginx_access_log(),
             "ERROR_LOG": str(self.log_path("nginx")),
             "SOCKET": str(self.socket_path),
             "STATUS_SOCKET": str(self.status_socket_path),
@@ -614,6 +617,13 @@ class Stack:
             "url": self.url, "services": self.services,
             "model_url": self.model_url, "redis_port": self.redis_port,
             "socket": str(self.socket_path)}, indent=1) + "\n")
+
+    def _nginx_access_log(self):
+        """nginx's access_log argument: its own file, or off (for the
+        benchmark, whose peers log nothing)."""
+        if self.child_env.get("CHATFCGI_NGINX_ACCESS_LOG") == "off":
+            return "off"
+        return f"{self.run_dir / 'nginx' / 'access.log'} chatfcgi"
 
     def _open_path_for_web_user(self):
         """nginx's workers (www-data) must reach the socket: the run dir is

@@ -421,6 +421,9 @@ class Chatfcgi:
             "CHATFCGI_UPSTREAM_SYSTEM_PROMPT": SYSTEM_PROMPT,
             "CHATFCGI_UPSTREAM_TIMEOUT_MS": "30000",
             "CHATFCGI_WORKERS": str(workers),
+            # Like the peers and the ceilings, which log nothing per request.
+            "CHATFCGI_ACCESS_LOG": "off",
+            "CHATFCGI_NGINX_ACCESS_LOG": "off",
         }
         env.update(extra_env or {})
         self.env = env
