@@ -1080,8 +1080,9 @@ def main():
                f"took {int((ended - started).total_seconds())} s")
     wk = ", ".join(f"{d} ms: {cfg.workers_for(d)}" for d in cfg.delays)
     out.append(f"chatfcgi workers (static pool) per model delay: {wk}; "
-               f"wrk -t{cfg.threads}, {cfg.duration} per row, sessions "
-               f"per connection (history grows to 20 messages)")
+               f"wrk -t{cfg.threads}, {cfg.duration} per row, a fresh "
+               f"session per request (run.sh --session-mode request); no "
+               f"access logs")
     out.append("")
     if rows:
         ratios = table_report(cfg, rows, out)
