@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import requests
+from polling import wait_for as wait_until
 
 REDIS_SERVER = "/usr/bin/redis-server"
 STOP_TIMEOUT = 5.0
@@ -57,16 +58,6 @@ def try_command(port, *args, timeout=1.0):
         return redis_command(port, *args, timeout=timeout)
     except (OSError, RuntimeError):
         return None
-
-
-def wait_until(fn, timeout, interval=0.05):
-    """fn() until it is true or timeout seconds passed; its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 # ------------------------------------------------------------------- load

@@ -80,18 +80,6 @@ def turn(http, st, message, session_id=None):
     return r.json()
 
 
-def children(pid):
-    """Pids of pid's children, from /proc (every thread's list)."""
-    kids = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            kids.update(int(k) for k in
-                        (task / "children").read_text().split())
-        except OSError:
-            pass
-    return sorted(kids)
-
-
 def the_worker(st):
     """The only chat worker (the control worker is the master's other
     child), from GET /api/status."""

@@ -18,6 +18,7 @@ import time
 
 import pytest
 import requests
+from polling import wait_for
 
 TIMEOUT_MS = 1500
 REDIS_TIMEOUT_MS = 500
@@ -94,15 +95,6 @@ def failing_turn(http, st, model, want_status, want_code, **behaviour):
     assert history(http, st, sid) == before
     assert history(http, st, new_sid)[0] == 404
     return body, elapsed
-
-
-def wait_for(fn, timeout, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = fn()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(interval)
 
 
 def healthz_status(http, st):

@@ -31,6 +31,7 @@ import pytest
 import requests
 
 import stack as stack_mod  # deploy/local/stack.py, on sys.path via conftest
+from polling import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf" / "chatfcgi.conf"
@@ -44,16 +45,6 @@ STACK_ENV = {"CHATFCGI_WORKERS": "4"}
 
 def measured(what, value):
     print(f"\nMEASURED {what}: {value}", flush=True)
-
-
-def wait_for(fn, timeout, interval=0.05):
-    """fn()'s first truthy result within timeout, else its last result."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = fn()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(interval)
 
 
 def children(pid):

@@ -9,26 +9,16 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 import stack as stack_mod  # deploy/local/stack.py, on sys.path via conftest
+from polling import wait_for
 
 STACK_PY = Path(stack_mod.__file__)
 
 STACK_ENV = {"CHATFCGI_WORKERS": "2"}
-
-
-def wait_for(fn, timeout, interval=0.1):
-    """fn()'s first truthy result within timeout, else its last result."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = fn()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(interval)
 
 
 def healthz(http, st):

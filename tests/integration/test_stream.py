@@ -24,6 +24,7 @@ import pytest
 
 from conftest import LocalModel  # tests/integration/conftest.py
 from sse_client import stream_chat
+from polling import wait_for
 
 STACK_ENV = {"CHATFCGI_WORKERS": "4"}
 
@@ -38,16 +39,6 @@ ESCAPES = ('He said "hi" \\ then\nnew line\n\nand a\ttab, '
 
 def new_sid():
     return "t-" + uuid.uuid4().hex
-
-
-def wait_for(fn, timeout, interval=0.02):
-    """fn()'s first truthy result within timeout, else its last result."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = fn()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(interval)
 
 
 def pieces(reply):
