@@ -89,17 +89,6 @@ buf_printf(struct buf *b, const char *fmt, ...)
     return 0;
 }
 
-void
-buf_consume(struct buf *b, size_t n)
-{
-    if (n >= b->len) {
-        b->len = 0;
-        return;
-    }
-    memmove(b->data, b->data + n, b->len - n);
-    b->len -= n;
-}
-
 const char *
 buf_cstr(struct buf *b)
 {

@@ -34,9 +34,6 @@ int buf_append_str(struct buf *b, const char *s);
 int buf_printf(struct buf *b, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 
-/* Drop the first n bytes, keeping the rest. */
-void buf_consume(struct buf *b, size_t n);
-
 /* Ensure data[len] == '\0' (not counted in len) and return data, or NULL
  * when out of memory (room for the NUL is kept beyond max). */
 const char *buf_cstr(struct buf *b);

@@ -1,6 +1,6 @@
 /*
  * Unit tests of buf: the hard maximum set at init, refusals that leave the
- * content as it was, buf_consume and buf_cstr.
+ * content as it was, and buf_cstr.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -190,56 +190,6 @@ test_cleanup_keeps_max(void **state)
 }
 
 static void
-test_consume(void **state)
-{
-    static const struct {
-        const char *before;
-        size_t n;
-        const char *after;
-    } cases[] = {
-        {"abcdef", 0, "abcdef"},
-        {"abcdef", 1, "bcdef"},
-        {"abcdef", 4, "ef"},
-        {"abcdef", 5, "f"},
-        {"abcdef", 6, ""},
-        {"abcdef", 7, ""},
-        {"abcdef", SIZE_MAX, ""},
-        {"", 3, ""},
-    };
-
-    (void)state;
-    for (size_t i = 0; i < sizeof(cases) / sizeof(*cases); i++) {
-        struct buf b;
-        size_t n = strlen(cases[i].after);
-
-        buf_init(&b, 64);
-        assert_int_equal(buf_append_str(&b, cases[i].before), 0);
-        buf_consume(&b, cases[i].n);
-        assert_int_equal(b.len, n);
-        if (n > 0)
-            assert_memory_equal(b.data, cases[i].after, n);
-        buf_cleanup(&b);
-    }
-}
-
-/* After consuming, the freed room can be appended to again up to max. */
-static void
-test_consume_frees_room(void **state)
-{
-    struct buf b;
-
-    (void)state;
-    buf_init(&b, 6);
-    assert_int_equal(buf_append_str(&b, "abcdef"), 0);
-    assert_int_equal(buf_append_str(&b, "g"), -1);
-    buf_consume(&b, 2);
-    assert_int_equal(buf_append_str(&b, "gh"), 0);
-    assert_int_equal(buf_append_str(&b, "i"), -1);
-    assert_memory_equal(b.data, "cdefgh", 6);
-    buf_cleanup(&b);
-}
-
-static void
 test_cstr(void **state)
 {
     struct buf b;
@@ -292,19 +242,6 @@ test_cstr_at_max(void **state)
     buf_cleanup(&b);
 }
 
-static void
-test_cstr_after_consume(void **state)
-{
-    struct buf b;
-
-    (void)state;
-    buf_init(&b, 16);
-    assert_int_equal(buf_append_str(&b, "line1\nline2"), 0);
-    buf_consume(&b, 6);
-    assert_string_equal(buf_cstr(&b), "line2");
-    buf_cleanup(&b);
-}
-
 int
 main(void)
 {
@@ -319,11 +256,8 @@ main(void)
         cmocka_unit_test(test_max_zero),
         cmocka_unit_test(test_reset_keeps_memory),
         cmocka_unit_test(test_cleanup_keeps_max),
-        cmocka_unit_test(test_consume),
-        cmocka_unit_test(test_consume_frees_room),
         cmocka_unit_test(test_cstr),
         cmocka_unit_test(test_cstr_at_max),
-        cmocka_unit_test(test_cstr_after_consume),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
