@@ -1025,6 +1025,11 @@ def host_line():
 
 
 def main():
+    if len(sys.argv) > 1:
+        # Settings are environment variables; any argument (--help or a
+        # mistake) gets the usage, not a seven-minute run.
+        print(__doc__.strip())
+        return 0 if sys.argv[1] in ("-h", "--help") else 2
     cfg = Cfg()
     cfg.out.mkdir(parents=True, exist_ok=True)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
