@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "clock.h"
@@ -86,6 +87,16 @@ install_signals(void)
     sigprocmask(SIG_SETMASK, &none, NULL);
 }
 
+static int
+is_unix_socket(int fd)
+{
+    struct sockaddr_storage sa;
+    socklen_t len = sizeof(sa);
+
+    return getsockname(fd, (struct sockaddr *)&sa, &len) == 0 &&
+           sa.ss_family == AF_UNIX;
+}
+
 static void
 worker_setup(struct worker *w, const struct worker_setup *ws)
 {
@@ -124,6 +135,7 @@ worker_setup(struct worker *w, const struct worker_setup *ws)
                                   max_reply + ITEM_OVERHEAD);
     llm_answer_init(&w->answer, max_reply);
     w->epoll_fd = -1;
+    w->unix_socket = is_unix_socket(fd);
 }
 
 static void
@@ -271,6 +283,21 @@ log_slow(struct worker *w, double total_ms)
 
 typedef void (*serve_fn)(struct worker *w);
 
+/* libfcgi closes with shutdown, then waits (up to 2 s) for the web server
+ * to close its end first, so that unread request data cannot make TCP send
+ * a reset that destroys the answer. A unix socket sends no reset, and once
+ * the web server has sent the whole request nothing is left unread: then
+ * close at once instead of sleeping until nginx gets round to closing. The
+ * wait stays for TCP, and for a body not read to its end (an early 413,
+ * while the web server may still be writing). */
+static void
+finish_request(struct worker *w, FCGX_Request *fr)
+{
+    if (w->unix_socket && fr->in != NULL && FCGX_HasSeenEOF(fr->in) == EOF)
+        FCGX_Detach(fr);
+    FCGX_Finish_r(fr);
+}
+
 /* One request from accept to access log, whatever serves it. */
 static void
 serve_one(struct worker *w, FCGX_Request *fr, serve_fn serve)
@@ -381,7 +408,7 @@ chat_loop(struct worker *w)
         if (!wait_for_connection(w) || FCGX_Accept_r(&w->fcgi) < 0)
             continue;
         serve_one(w, &w->fcgi, serve_routed);
-        FCGX_Finish_r(&w->fcgi);
+        finish_request(w, &w->fcgi);
         if (recycle_due(w))
             break;
     }

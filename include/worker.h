@@ -46,6 +46,7 @@ struct worker {
     FCGX_Request spill; /* control: on the chat socket, to turn requests
                            away */
     int epoll_fd;       /* chat: waits for the listening socket */
+    int unix_socket;    /* fcgi's socket is AF_UNIX: no close linger */
     struct http_request req;
     yajl_gen gen;
     struct store store;

@@ -225,7 +225,23 @@ def _read_response(sock, deadline):
             raise FcgiError(f"unexpected record type {rtype}")
 
 
-def fcgi_request(address, params, body=b"", timeout=5.0, end_stdin=True):
+def _seconds_to_close(sock, limit):
+    """How long after the response the application closed the connection,
+    or None when it kept it open for limit seconds. A shutdown of its
+    sending side also reads as EOF here, so the test is a write: it fails
+    only once the application's end is really closed."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit:
+        try:
+            sock.send(b"\0")
+        except (BrokenPipeError, ConnectionResetError):
+            return time.monotonic() - start
+        time.sleep(0.01)
+    return None
+
+
+def fcgi_request(address, params, body=b"", timeout=5.0, end_stdin=True,
+                 wait_close=None):
     """Send one request and return its FcgiResponse.
 
     address: a unix socket path, or a (host, port) tuple.
@@ -234,6 +250,9 @@ def fcgi_request(address, params, body=b"", timeout=5.0, end_stdin=True):
              application that must answer without reading the body).
     end_stdin: False leaves the STDIN stream open (no empty record).
     timeout: seconds for the whole exchange; FcgiTimeout past it.
+    wait_close: seconds to keep our end open after the response, waiting
+             for the application to close its end first; the response's
+             closed_in is then that delay (None: it did not close).
 
     An application may answer and close before it has read all of a large
     body (a 413): a send that fails then is not an error, the response
@@ -259,5 +278,9 @@ def fcgi_request(address, params, body=b"", timeout=5.0, end_stdin=True):
                               "request") from None
         stdout, stderr, app_status, protocol_status = _read_response(
             sock, deadline)
-    return FcgiResponse(stdout, stderr, app_status, protocol_status,
-                        time.monotonic() - start)
+        elapsed = time.monotonic() - start
+        closed_in = (_seconds_to_close(sock, wait_close)
+                     if wait_close is not None else None)
+    r = FcgiResponse(stdout, stderr, app_status, protocol_status, elapsed)
+    r.closed_in = closed_in
+    return r

@@ -480,6 +480,25 @@ def test_raw_request_id_from_the_web_server_is_used(stack):
     assert r.headers["x-request-id"] == "abc-123"
 
 
+def test_raw_connection_closed_right_after_the_answer(stack, model):
+    """Once the whole request was read, the worker closes at once rather
+    than waiting (libfcgi's linger, up to 2 s) for the web server to close
+    first: a unix socket cannot lose the answer to a reset."""
+    r = fcgi_request(stack.socket_path, chat_params(), BODY, wait_close=3)
+    assert r.status == 200, r
+    assert r.closed_in is not None and r.closed_in < 0.5, r.closed_in
+
+
+def test_raw_early_413_waits_for_the_web_server_to_close(stack):
+    """A body left unread (413 on the announced length) keeps the wait: the
+    web server may still be writing, and a close now would cut it off."""
+    r = fcgi_request(stack.socket_path,
+                     chat_params(content_length=MAX_BODY + 1), body=None,
+                     end_stdin=False, wait_close=3)
+    assert_raw_error(r, 413, "too_large")
+    assert r.closed_in is None or r.closed_in > 1, r.closed_in
+
+
 def test_raw_requests_left_the_pool_healthy(stack, http):
     """Last in the module: after all of the above the pool answers, and no
     worker died (the master logs every death that is not a clean exit)."""
