@@ -42,11 +42,15 @@ struct child {
     double started_ms;
 };
 
+#define MAX_GROUPS 64
+
 struct identity {
     int switch_user;
     uid_t uid;
     gid_t gid;
     char user[64];
+    gid_t groups[MAX_GROUPS]; /* supplementary groups, gid included */
+    int ngroups;
 };
 
 struct master {
@@ -99,6 +103,21 @@ lookup_identity(const char *user, const char *group, struct identity *id)
     }
     id->gid = gr->gr_gid;
     return 0;
+}
+
+/* The supplementary groups, looked up once here rather than by initgroups()
+ * in every worker: that would load the NSS modules after the fork, and
+ * their relocated pages would be private to each worker (some 40 KiB). */
+static int
+lookup_groups(struct identity *id)
+{
+    id->ngroups = MAX_GROUPS;
+    if (!id->switch_user ||
+        getgrouplist(id->user, id->gid, id->groups, &id->ngroups) != -1)
+        return 0;
+    log_error("master", "user %s is in more than %d groups", id->user,
+              MAX_GROUPS);
+    return -1;
 }
 
 /* Owner of our unix sockets: listen_owner/listen_group, else the workers'
@@ -211,7 +230,7 @@ drop_privileges(const struct identity *id)
 {
     if (!id->switch_user)
         return;
-    if (setgroups(0, NULL) == -1 || initgroups(id->user, id->gid) == -1 ||
+    if (setgroups((size_t)id->ngroups, id->groups) == -1 ||
         setgid(id->gid) == -1 || setuid(id->uid) == -1)
         fatal("worker", "cannot switch to user %s: %s", id->user,
               strerror(errno));
@@ -755,6 +774,19 @@ refuse_root(const struct master *m)
     return -1;
 }
 
+/* Who the workers run as: looked up, checked and settled before any fork. */
+static int
+worker_identity(struct master *m)
+{
+    const struct conf *c = m->conf;
+
+    if (lookup_identity(c->user, c->group, &m->worker_id) == -1 ||
+        settle_identity(&m->worker_id) == -1 ||
+        lookup_groups(&m->worker_id) == -1 || refuse_root(m) == -1)
+        return -1;
+    return 0;
+}
+
 static void
 block_signals(sigset_t *set)
 {
@@ -799,9 +831,7 @@ start(struct master *m)
 {
     int sb_fd, inherited;
 
-    if (lookup_identity(m->conf->user, m->conf->group, &m->worker_id) ==
-            -1 ||
-        settle_identity(&m->worker_id) == -1 || refuse_root(m) == -1)
+    if (worker_identity(m) == -1)
         return -1;
     if (m->worker_id.switch_user &&
         log_chown(m->worker_id.uid, m->worker_id.gid) == -1)
@@ -858,8 +888,7 @@ master_run_single(const struct conf *c)
     struct worker_setup ws = {.conf = c, .status_fd = -1};
     int sb_fd, inherited;
 
-    if (lookup_identity(c->user, c->group, &m.worker_id) == -1 ||
-        settle_identity(&m.worker_id) == -1 || refuse_root(&m) == -1)
+    if (worker_identity(&m) == -1)
         return 1;
     inherited = listener_inherit(&m.ls, &sb_fd, &m.generation);
     if (inherited == -1 || (!inherited && acquire_listeners(&m, 0, 0) == -1))
