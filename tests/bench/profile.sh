@@ -7,6 +7,9 @@
 # build/bench/profile-harness) and chatfcgi + nginx (deploy/local/stack.py,
 # build/bench/run/profile, port BENCH_PORT or 18100), then, each during its
 # own wrk run of SECONDS at CONC connections:
+#   0. cpu_split.py: the CPU time of every process on the host meanwhile,
+#      per request and per group (chatfcgi, its nginx, the fake model's
+#      nginx, Redis, wrk)
 #   1. strace -c -f -p <one worker>: syscalls per request = the calls strace
 #      counted / the requests that worker served meanwhile (its counter in
 #      /api/status)
@@ -59,6 +62,13 @@ load() {
 
 # warm up every worker's Redis and upstream connections
 wrk -t2 -c"$CONC" -d2s -s "$REPO/tests/bench/post.lua" "$URL/api/chat" -- 8 >/dev/null
+
+echo "== CPU per request by process during wrk -c$CONC -d${SECS}s"
+/usr/bin/python3 "$REPO/tests/bench/cpu_split.py" \
+    --label "$RUN/nginx.conf=nginx (front)" \
+    --label "$BENCH_RUN_DIR=fake model (nginx)" \
+    -- wrk -t2 -c"$CONC" -d"${SECS}s" --timeout 10s -s "$REPO/tests/bench/post.lua" \
+    "$URL/api/chat" -- $(( CONC / 2 > 0 ? CONC / 2 : 1 )) | grep -v '^ *[0-9.]*%\|Latency\|Req/Sec\|Thread'
 
 read -r PID N0 < <(worker)
 echo "== strace -c -f -p $PID during wrk -c$CONC -d${SECS}s (model delay $DELAY ms, $WORKERS workers)"
