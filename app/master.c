@@ -842,8 +842,7 @@ start(struct master *m)
         open_scoreboard(m, sb_fd) == -1 ||
         write_pid_file(m->conf->pid_file) == -1)
         return -1;
-    /* Workers wait in epoll and must never block in accept(). */
-    fcntl(m->ls.chat_fd, F_SETFL, fcntl(m->ls.chat_fd, F_GETFL) | O_NONBLOCK);
+    worker_prepare_listener(m->ls.chat_fd);
     m->generation++;
     m->pool->generation = m->generation;
     return 0;
@@ -893,7 +892,7 @@ master_run_single(const struct conf *c)
     inherited = listener_inherit(&m.ls, &sb_fd, &m.generation);
     if (inherited == -1 || (!inherited && acquire_listeners(&m, 0, 0) == -1))
         return 1;
-    fcntl(m.ls.chat_fd, F_SETFL, fcntl(m.ls.chat_fd, F_GETFL) | O_NONBLOCK);
+    worker_prepare_listener(m.ls.chat_fd);
     ws.pool = scoreboard_open(-1, 1, &sb_fd);
     if (m.ls.chat_fd == -1 || ws.pool == NULL)
         return 1;

@@ -1,12 +1,12 @@
 #include "worker.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -34,9 +34,6 @@ static volatile sig_atomic_t reopen_requested;
  * the shared listening socket must not outlive the master's own copy in
  * a worker busy with a long stream, or waiting connections stay queued. */
 static volatile sig_atomic_t listen_fd_to_close = -1;
-/* Closed too: with EPOLLEXCLUSIVE a connection wakes one waiting worker,
- * and a worker on its way out must not take that wake-up with it. */
-static volatile sig_atomic_t epoll_fd_to_close = -1;
 
 static void
 close_once(volatile sig_atomic_t *fd)
@@ -52,7 +49,6 @@ on_stop(int sig)
 {
     (void)sig;
     stop_requested = 1;
-    close_once(&epoll_fd_to_close);
     close_once(&listen_fd_to_close);
 }
 
@@ -134,7 +130,6 @@ worker_setup(struct worker *w, const struct worker_setup *ws)
     history_init(&w->history, (size_t)c->chat.history_max_bytes + max_msg +
                                   max_reply + ITEM_OVERHEAD);
     llm_answer_init(&w->answer, max_reply);
-    w->epoll_fd = -1;
     w->unix_socket = is_unix_socket(fd);
 }
 
@@ -155,7 +150,6 @@ worker_cleanup(struct worker *w)
     yajl_gen_free(w->gen);
     FCGX_Free(&w->fcgi, 1);
     FCGX_Free(&w->spill, 1);
-    close_once(&epoll_fd_to_close);
 }
 
 void
@@ -344,30 +338,16 @@ serve_shed(struct worker *w)
                     w->conf->queue_timeout_ms);
 }
 
-static void
-watch_listener(struct worker *w)
+void
+worker_prepare_listener(int fd)
 {
-    struct epoll_event ev = {.events = EPOLLIN | EPOLLEXCLUSIVE};
+    struct timeval idle = {.tv_sec = IDLE_WAKE_MS / 1000,
+                           .tv_usec = IDLE_WAKE_MS % 1000 * 1000};
 
-    w->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
-    if (w->epoll_fd == -1 ||
-        epoll_ctl(w->epoll_fd, EPOLL_CTL_ADD, w->setup->chat_fd, &ev))
-        fatal("worker", "cannot watch the listening socket: %s",
-              strerror(errno));
-    epoll_fd_to_close = w->epoll_fd;
-}
-
-/* Wait until a connection may be waiting. EPOLLEXCLUSIVE wakes one idle
- * worker per connection instead of all of them. After a quiet second it
- * says "maybe" anyway: a wake-up lost to a worker that was exiting leaves
- * a connection waiting that no new event would announce. Returns 0 only
- * after a signal. */
-static int
-wait_for_connection(struct worker *w)
-{
-    struct epoll_event ev;
-
-    return epoll_wait(w->epoll_fd, &ev, 1, IDLE_WAKE_MS) >= 0;
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &idle, sizeof(idle)) == -1)
+        log_warn("master", "cannot set an accept timeout on the listening "
+                 "socket: %s", strerror(errno));
 }
 
 /* Housekeeping between requests: logs to reopen, an orphaned worker. */
@@ -399,13 +379,12 @@ recycle_due(const struct worker *w)
 static void
 chat_loop(struct worker *w)
 {
-    watch_listener(w);
     for (;;) {
         between_requests(w);
         if (stop_requested)
             break;
-        /* The socket is non-blocking: a lost race is EAGAIN, not a wait. */
-        if (!wait_for_connection(w) || FCGX_Accept_r(&w->fcgi) < 0)
+        /* Fails after a quiet IDLE_WAKE_MS or a signal: look around. */
+        if (FCGX_Accept_r(&w->fcgi) < 0)
             continue;
         serve_one(w, &w->fcgi, serve_routed);
         finish_request(w, &w->fcgi);
@@ -416,7 +395,9 @@ chat_loop(struct worker *w)
 
 /* With every chat worker busy for queue_timeout_ms while connections wait,
  * take the oldest waiting one and answer 503 now rather than when the web
- * server's own timeout fires. */
+ * server's own timeout fires. The socket blocks: should a chat worker that
+ * just became free take the connection between the poll() and the accept(),
+ * the accept() waits for the next connection, or IDLE_WAKE_MS at most. */
 static void
 shed_waiting_requests(struct worker *w)
 {

@@ -45,7 +45,6 @@ struct worker {
     FCGX_Request fcgi;  /* on the worker's own listening socket */
     FCGX_Request spill; /* control: on the chat socket, to turn requests
                            away */
-    int epoll_fd;       /* chat: waits for the listening socket */
     int unix_socket;    /* fcgi's socket is AF_UNIX: no close linger */
     struct http_request req;
     yajl_gen gen;
@@ -67,6 +66,17 @@ struct worker {
 /* Serve requests until told to stop, then exit; never returns. Runs in the
  * child after fork (or in the only process in single mode). */
 void worker_main(const struct worker_setup *ws) __attribute__((noreturn));
+
+/* Chat workers wait in a blocking accept() on the shared listening socket:
+ * the kernel wakes exactly one waiting worker per connection (FIFO), and a
+ * busy worker is not on the socket's wait queue at all, so a connection
+ * costs the same with 8 workers or 500. (An epoll with EPOLLEXCLUSIVE per
+ * worker kept every busy worker's entry on the queue, to be visited and
+ * marked ready by each connect(), and each of them raced for the socket on
+ * its return: 8% of the throughput at 256 workers.) SO_RCVTIMEO ends a
+ * quiet accept() after IDLE_WAKE_MS for housekeeping. Called by the master
+ * on the socket it shares with the workers. */
+void worker_prepare_listener(int fd);
 
 /* Mark the phase of the request in hand, for the status page. */
 void worker_phase(struct worker *w, int sb_state);
