@@ -113,7 +113,7 @@ class Cfg:
         self.delays = [int(d) for d in env_list("BENCH_DELAYS", "0,50")]
         self.concs = [int(c) for c in env_list("BENCH_CONC", "16,64,256")]
         self.targets = env_list("BENCH_TARGETS", "ceil-proxy,peer-a-w2,peer-b-c8")
-        self.workers = parse_workers(env_str("BENCH_WORKERS", "0=16,50=256"))
+        self.workers = parse_workers(env_str("BENCH_WORKERS", "0=8,50=256"))
         self.streams = env_int("BENCH_STREAMS", 1000)
         self.stream_conns = env_int("BENCH_STREAM_CONNS", 4)
         self.stream_warmup = env_int("BENCH_STREAM_WARMUP", 50)
