@@ -169,14 +169,33 @@ arg_int(struct call *c, long long v)
     arg(c, c->numbers[c->argc], (size_t)n);
 }
 
-static void
-script_sha(const char *lua, char hex[41])
+/* A Lua script and its SHA-1 in hex, worked out once per process (the
+ * digest goes through OpenSSL's provider lookup: not for every call). */
+struct script {
+    const char *lua;
+    char sha[41];
+};
+
+static struct script begin_script = {.lua = begin_lua};
+static struct script commit_script = {.lua = commit_lua};
+static struct script abort_script = {.lua = abort_lua};
+static struct script rate_script = {.lua = rate_lua};
+static struct script tokens_script = {.lua = tokens_lua};
+
+static const char *
+script_sha(struct script *sc)
 {
+    static const char hex[] = "0123456789abcdef";
     unsigned char md[SHA_DIGEST_LENGTH];
 
-    SHA1((const unsigned char *)lua, strlen(lua), md);
-    for (int i = 0; i < SHA_DIGEST_LENGTH; i++)
-        snprintf(hex + 2 * i, 3, "%02x", md[i]);
+    if (sc->sha[0] != '\0')
+        return sc->sha;
+    SHA1((const unsigned char *)sc->lua, strlen(sc->lua), md);
+    for (int i = 0; i < SHA_DIGEST_LENGTH; i++) {
+        sc->sha[2 * i] = hex[md[i] >> 4];
+        sc->sha[2 * i + 1] = hex[md[i] & 0xf];
+    }
+    return sc->sha;
 }
 
 /* One call as a plain command, or (acked) as a write that waits for
@@ -193,24 +212,22 @@ send_call(struct store *s, struct call *c, int acked, const char *what)
  * flush, a replica just promoted): one round trip in the usual case.
  * c->argv[0..1] are reserved. */
 static redisReply *
-run_script(struct store *s, const char *lua, struct call *c, int acked,
+run_script(struct store *s, struct script *sc, struct call *c, int acked,
            const char *what)
 {
-    char sha[41];
     redisReply *r;
 
-    script_sha(lua, sha);
     c->argv[0] = "EVALSHA";
     c->lens[0] = 7;
-    c->argv[1] = sha;
+    c->argv[1] = script_sha(sc);
     c->lens[1] = 40;
     r = send_call(s, c, acked, what);
     if (r != NULL || strstr(s->err, "NOSCRIPT") == NULL)
         return r;
     c->argv[0] = "EVAL";
     c->lens[0] = 4;
-    c->argv[1] = lua;
-    c->lens[1] = strlen(lua);
+    c->argv[1] = sc->lua;
+    c->lens[1] = strlen(sc->lua);
     return send_call(s, c, acked, what);
 }
 
@@ -285,7 +302,7 @@ turn_begin(struct store *s, struct turn *t, struct history *h,
     arg_int(&c, t->tpm);
     arg_int(&c, WINDOW_S - now % WINDOW_S);
     arg_str(&c, t->idempotency_key ? "1" : "0");
-    r = run_script(s, begin_lua, &c, 0, "turn begin");
+    r = run_script(s, &begin_script, &c, 0, "turn begin");
     if (r == NULL)
         return -1;
     rc = begin_outcome(s, t, r, h, replay, retry_after_s);
@@ -331,7 +348,7 @@ turn_commit(struct store *s, const struct turn *t,
     arg_int(&c, res->idempotency_ttl_s);
     arg_int(&c, t->tpm > 0 ? res->tokens : 0);
     arg_int(&c, commit_deadline(s, t));
-    r = run_script(s, commit_lua, &c, 1, "turn commit");
+    r = run_script(s, &commit_script, &c, 1, "turn commit");
     if (r == NULL)
         return -1;
     stored = r->type == REDIS_REPLY_INTEGER && r->integer == 1;
@@ -355,7 +372,7 @@ turn_abort(struct store *s, const struct turn *t)
     arg_str(&c, k.record);
     arg_str(&c, t->token);
     arg_str(&c, t->idempotency_key ? "1" : "0");
-    r = run_script(s, abort_lua, &c, 0, "turn abort");
+    r = run_script(s, &abort_script, &c, 0, "turn abort");
     if (r == NULL)
         return -1;
     freeReplyObject(r);
@@ -378,7 +395,7 @@ turn_rate_check(struct store *s, const struct turn *t, long long *retry_s)
     arg_int(&c, t->rpm);
     arg_int(&c, t->tpm);
     arg_int(&c, WINDOW_S - now % WINDOW_S);
-    r = run_script(s, rate_lua, &c, 0, "rate check");
+    r = run_script(s, &rate_script, &c, 0, "rate check");
     if (r == NULL)
         return -1;
     if (r->type == REDIS_REPLY_STRING) {
@@ -400,7 +417,7 @@ turn_count_tokens(struct store *s, const struct turn *t, long long tokens)
     begin_call(&c, 1);
     arg_str(&c, k.tpm);
     arg_int(&c, tokens);
-    r = run_script(s, tokens_lua, &c, 0, "token count");
+    r = run_script(s, &tokens_script, &c, 0, "token count");
     if (r == NULL)
         return -1;
     freeReplyObject(r);
