@@ -73,9 +73,10 @@ void worker_main(const struct worker_setup *ws) __attribute__((noreturn));
  * costs the same with 8 workers or 500. (An epoll with EPOLLEXCLUSIVE per
  * worker kept every busy worker's entry on the queue, to be visited and
  * marked ready by each connect(), and each of them raced for the socket on
- * its return: 8% of the throughput at 256 workers.) SO_RCVTIMEO ends a
- * quiet accept() after IDLE_WAKE_MS for housekeeping. Called by the master
- * on the socket it shares with the workers. */
+ * its return.) SO_RCVTIMEO ends a quiet accept() after IDLE_WAKE_MS for
+ * the housekeeping between requests; it also bounds the wait of a
+ * connection whose wake-up went to a worker that a signal was stopping.
+ * Called by the master on the socket it shares with the workers. */
 void worker_prepare_listener(int fd);
 
 /* Mark the phase of the request in hand, for the status page. */
