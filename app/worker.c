@@ -417,7 +417,7 @@ shed_waiting_requests(struct worker *w)
         FCGX_Accept_r(&w->spill) < 0)
         return;
     serve_one(w, &w->spill, serve_shed);
-    FCGX_Finish_r(&w->spill);
+    FCGX_Finish_r(&w->spill); /* body never read: keep libfcgi's linger */
 }
 
 static void
@@ -433,7 +433,7 @@ control_loop(struct worker *w)
         if (poll(&own, 1, CONTROL_TICK_MS) == 1 &&
             FCGX_Accept_r(&w->fcgi) >= 0) {
             serve_one(w, &w->fcgi, dispatch);
-            FCGX_Finish_r(&w->fcgi);
+            finish_request(w, &w->fcgi);
         }
         shed_waiting_requests(w);
     }
