@@ -133,15 +133,17 @@ class FcgiResponse:
     """A parsed CGI response: status (from "Status:", 200 when absent),
     headers (names lower-cased; the last of repeated names wins),
     header_lines (all of them, in order), body bytes, the application's
-    stderr bytes, and the FCGI_END_REQUEST statuses."""
+    stderr bytes, the FCGI_END_REQUEST statuses, and closed_in (see
+    fcgi_request's wait_close)."""
 
     def __init__(self, stdout, stderr, app_status, protocol_status,
-                 elapsed):
+                 elapsed, closed_in=None):
         self.raw = stdout
         self.stderr = stderr
         self.app_status = app_status
         self.protocol_status = protocol_status
         self.elapsed = elapsed
+        self.closed_in = closed_in
         head, sep, body = stdout.partition(b"\r\n\r\n")
         if not sep:
             head, sep, body = stdout.partition(b"\n\n")
@@ -281,6 +283,5 @@ def fcgi_request(address, params, body=b"", timeout=5.0, end_stdin=True,
         elapsed = time.monotonic() - start
         closed_in = (_seconds_to_close(sock, wait_close)
                      if wait_close is not None else None)
-    r = FcgiResponse(stdout, stderr, app_status, protocol_status, elapsed)
-    r.closed_in = closed_in
-    return r
+    return FcgiResponse(stdout, stderr, app_status, protocol_status,
+                        elapsed, closed_in)
