@@ -45,8 +45,8 @@ LIB_OBJS := $(filter-out $(OBJDIR)/app/main.o,$(OBJS))
 UNIT_SRCS := $(wildcard tests/unit/test_*.c)
 UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=$(OBJDIR)/tests/%)
 
-.PHONY: all deps run start stop test check unit integration asan clean fuzz \
-	install uninstall FORCE bench
+.PHONY: all deps run start stop test check unit layout integration asan \
+	clean fuzz install uninstall FORCE bench
 
 all: $(BIN)
 
@@ -95,11 +95,15 @@ test: deps
 # make test's share of fuzzing: a short run of every target.
 CHECK_FUZZ_SECONDS ?= 10
 
-check: all unit integration
+check: all unit layout integration
 	@$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=$(CHECK_FUZZ_SECONDS)
 
 unit: $(UNIT_BINS)
 	@for t in $(UNIT_BINS); do echo "== $$t"; $$t || exit 1; done
+
+# The module layout of doc/DESIGN.md: one way down, no include circles.
+layout:
+	@$(PYTHON) tests/layout.py
 
 integration: $(BIN)
 	CHATFCGI_BIN=$(BIN) $(PYTHON) -m pytest -q -p no:cacheprovider \

@@ -1,3 +1,4 @@
+/* buf: a growable byte buffer with a hard maximum. */
 #include "buf.h"
 
 #include <stdarg.h>

@@ -1,31 +1,126 @@
+/* chat: a chat turn and a /v1 completion, from request to answer. */
 #include "chat.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 
+#include "answer.h"
+#include "buf.h"
+#include "chatdb.h"
 #include "clock.h"
 #include "conf.h"
 #include "fcgi.h"
-#include "json.h"
 #include "guard.h"
+#include "http.h"
+#include "json.h"
+#include "llm.h"
 #include "log.h"
+#include "messages.h"
 #include "scoreboard.h"
-#include "turn.h"
-#include "worker.h"
+#include "v1.h"
 
 #define REQUEST_DEPTH 16
 #define SESSION_ID_BYTES 16
+#define ITEM_OVERHEAD 64
+#define JSON_ESCAPE_GROWTH 6 /* a byte may become \u00XX */
 
-/* A validated POST /api/chat request; strings point into w->arena or the
- * request's parameters. */
-struct chat_turn {
-    char session_id[CHAT_SESSION_ID_MAX + 1];
-    const char *message;
-    size_t message_len;
-    int stream;
-    struct turn turn; /* its bookkeeping in Redis */
+struct chat {
+    const struct conf *conf;
+    struct scoreboard *pool;
+    struct scoreboard_slot *slot;
+    struct chatdb db;
+    struct llm llm;
+    struct http_request *req; /* the request in hand */
+    double redis_since_ms;    /* when its Redis round trip began */
+    struct buf body;          /* the request body, capped at max_body_bytes */
+    struct buf arena;         /* strings picked from the body */
+    struct buf user_item;     /* the turn's messages as stored */
+    struct buf assistant_item;
+    struct buf replay;        /* an answer stored for Idempotency-Key */
+    struct messages history;  /* the session's, or a /v1 request's */
+    struct answer answer;
 };
+
+/* ---- setup */
+
+int
+chat_check_conf(const struct conf *c, char err[CHAT_ERR_LEN])
+{
+    struct chatdb db;
+    int rc = chatdb_init(&db, c);
+
+    if (rc == -1)
+        snprintf(err, CHAT_ERR_LEN, "redis: %s", chatdb_error(&db));
+    chatdb_cleanup(&db);
+    return rc;
+}
+
+static void
+init_buffers(struct chat *ch, const struct conf *c)
+{
+    size_t max_msg = (size_t)c->chat.max_message_bytes;
+    size_t max_reply = (size_t)c->upstream.max_response_bytes;
+    size_t max_item = max_reply * JSON_ESCAPE_GROWTH + ITEM_OVERHEAD;
+
+    buf_init(&ch->body, (size_t)c->chat.max_body_bytes);
+    buf_init(&ch->arena, (size_t)c->chat.max_body_bytes + ITEM_OVERHEAD);
+    buf_init(&ch->user_item, max_msg * JSON_ESCAPE_GROWTH + ITEM_OVERHEAD);
+    buf_init(&ch->assistant_item, max_item);
+    buf_init(&ch->replay, max_item);
+    messages_init(&ch->history, (size_t)c->chat.history_max_bytes +
+                                    max_msg + max_reply + ITEM_OVERHEAD);
+    answer_init(&ch->answer, max_reply);
+}
+
+struct chat *
+chat_new(const struct conf *c, struct scoreboard *pool,
+         struct scoreboard_slot *slot, char err[CHAT_ERR_LEN])
+{
+    struct chat *ch = calloc(1, sizeof(*ch));
+    char why[ANSWER_MESSAGE_LEN];
+
+    if (ch == NULL) {
+        snprintf(err, CHAT_ERR_LEN, "out of memory");
+        return NULL;
+    }
+    ch->conf = c;
+    ch->pool = pool;
+    ch->slot = slot;
+    init_buffers(ch, c);
+    if (chatdb_init(&ch->db, c) == -1) {
+        snprintf(err, CHAT_ERR_LEN, "%s", chatdb_error(&ch->db));
+        chat_free(ch);
+        return NULL;
+    }
+    if (llm_init(&ch->llm, c, pool, why) == -1) {
+        snprintf(err, CHAT_ERR_LEN, "%s", why);
+        chat_free(ch);
+        return NULL;
+    }
+    return ch;
+}
+
+void
+chat_free(struct chat *ch)
+{
+    if (ch == NULL)
+        return;
+    answer_cleanup(&ch->answer);
+    messages_cleanup(&ch->history);
+    buf_cleanup(&ch->replay);
+    buf_cleanup(&ch->assistant_item);
+    buf_cleanup(&ch->user_item);
+    buf_cleanup(&ch->arena);
+    buf_cleanup(&ch->body);
+    llm_cleanup(&ch->llm);
+    chatdb_cleanup(&ch->db);
+    free(ch);
+}
+
+/* ---- what both faces share */
 
 int
 chat_session_id_valid(const char *s, size_t n)
@@ -79,22 +174,63 @@ chat_content_type_ok(const char *ct)
     return *p == '\0';
 }
 
-int
-chat_read_body(struct worker *w)
+static void
+phase(struct chat *ch, enum scoreboard_state state)
 {
-    struct http_request *r = &w->req;
+    scoreboard_set_state(ch->slot, state);
+}
 
-    if (!chat_content_type_ok(fcgi_param(w->req.fcgi, "CONTENT_TYPE"))) {
+/* Around each Redis round trip of a request: the status page shows the
+ * phase, and the time counts in the request's redis_ms. Usage:
+ * redis_begin(ch); rc = redis_end(ch, chatdb_...(...)); */
+static void
+redis_begin(struct chat *ch)
+{
+    phase(ch, SCOREBOARD_REDIS);
+    ch->redis_since_ms = clock_ms();
+}
+
+static int
+redis_end(struct chat *ch, int rc)
+{
+    ch->req->redis_ms += clock_ms() - ch->redis_since_ms;
+    return rc;
+}
+
+static void
+fail_store(struct chat *ch)
+{
+    http_send_error(ch->req, 503, "unavailable",
+                    "the chat history store is unavailable (%s)",
+                    chatdb_error(&ch->db));
+}
+
+static void
+send_rate_limited(struct chat *ch, long long retry_s)
+{
+    ch->req->retry_after_s = (int)retry_s;
+    http_send_error(ch->req, 429, "rate_limited", "this client is over its "
+                    "rate limit; retry in %lld s", retry_s);
+}
+
+/* The JSON body within its cap (415, 413, 400). Returns 0, or -1 when
+ * the request has been answered. */
+static int
+read_body(struct chat *ch)
+{
+    struct http_request *r = ch->req;
+
+    if (!chat_content_type_ok(fcgi_param(r->fcgi, "CONTENT_TYPE"))) {
         http_send_error(r, 415, "unsupported_media_type",
                         "the body must be application/json");
         return -1;
     }
-    switch (fcgi_read_body(w->req.fcgi, &w->body)) {
+    switch (fcgi_read_body(r->fcgi, &ch->body)) {
     case FCGI_BODY_OK:
         return 0;
     case FCGI_BODY_TOO_LARGE:
         http_send_error(r, 413, "too_large", "the body is over %zu bytes",
-                        w->body.max);
+                        ch->body.max);
         return -1;
     case FCGI_BODY_MISMATCH:
         http_send_error(r, 400, "bad_request",
@@ -107,14 +243,95 @@ chat_read_body(struct worker *w)
     return -1;
 }
 
+static void
+fail_model(struct chat *ch, const struct answer *a)
+{
+    struct http_request *r = ch->req;
+
+    switch (a->status) {
+    case ANSWER_OK:
+        return;
+    case ANSWER_CLIENT_GONE:
+        log_info("chat", "%s; upstream call cancelled", a->message);
+        r->status = HTTP_STATUS_CLIENT_GONE;
+        return;
+    case ANSWER_TIMEOUT:
+        http_send_error(r, 504, "upstream_timeout",
+                        "the model did not answer in time (%s)", a->message);
+        return;
+    case ANSWER_HTTP_ERROR:
+        http_send_error(r, 502, "upstream_error",
+                        "the model answered %ld: %s", a->http_status,
+                        a->message);
+        return;
+    case ANSWER_UNREACHABLE:
+        http_send_error(r, 502, "upstream_error",
+                        "the model cannot be reached (%s)", a->message);
+        return;
+    case ANSWER_BAD:
+    case ANSWER_FAILED:
+        break;
+    }
+    http_send_error(r, 502, "upstream_error", "the model failed: %s",
+                    a->message);
+}
+
+/* Run call into ch->answer, within the request's deadline and watching
+ * its client (502, 504; nothing when the client went away). Returns 0, or
+ * -1 when the request has been answered. */
+static int
+ask_model(struct chat *ch, struct llm_call *call)
+{
+    struct http_request *r = ch->req;
+
+    call->request_id = r->id;
+    call->deadline_ms = r->start_ms +
+                        (double)ch->conf->request_timeout_s * 1000.0;
+    call->watch_fd = r->fcgi->ipcFd;
+    call->client_gone = fcgi_client_gone;
+    phase(ch, SCOREBOARD_UPSTREAM);
+    llm_complete(&ch->llm, call, &ch->answer);
+    r->upstream_ms += ch->answer.ms;
+    if (ch->answer.status == ANSWER_OK)
+        return 0;
+    scoreboard_count_upstream_error(ch->pool,
+                                    answer_error_kind(ch->answer.status));
+    fail_model(ch, &ch->answer);
+    return -1;
+}
+
+/* Before the first piece of a streamed answer: start the event stream
+ * (not earlier, so that a failure before it still gets its plain JSON
+ * status). Returns 0, or -1 when the client went away. */
+static int
+begin_stream(struct chat *ch)
+{
+    if (ch->req->streaming)
+        return 0;
+    phase(ch, SCOREBOARD_STREAMING);
+    return http_stream_begin(ch->req);
+}
+
+/* ---- POST /api/chat */
+
+/* A validated POST /api/chat request; strings point into ch->arena or the
+ * request's parameters. */
+struct chat_turn {
+    char session_id[CHAT_SESSION_ID_MAX + 1];
+    const char *message;
+    size_t message_len;
+    int stream;
+    struct chatdb_turn turn; /* its bookkeeping in Redis */
+};
+
 /* Check the picked fields against the contract's rules. */
 static int
-check_fields(struct worker *w, const struct json_field *sid,
+check_fields(struct chat *ch, const struct json_field *sid,
              const struct json_field *msg, const struct json_field *stream,
              struct chat_turn *t)
 {
-    struct http_request *r = &w->req;
-    size_t max = (size_t)w->conf->chat.max_message_bytes;
+    struct http_request *r = ch->req;
+    size_t max = (size_t)ch->conf->chat.max_message_bytes;
 
     if (msg->type != JSON_STRING || msg->len == 0) {
         http_send_error(r, 400, "bad_request",
@@ -126,7 +343,7 @@ check_fields(struct worker *w, const struct json_field *sid,
                         "'message' is over %zu bytes", max);
         return -1;
     }
-    t->message = json_field_text(msg, &w->arena);
+    t->message = json_field_text(msg, &ch->arena);
     t->message_len = msg->len;
     if (memchr(t->message, '\0', t->message_len) != NULL) {
         http_send_error(r, 400, "bad_request", "'message' contains NUL");
@@ -136,33 +353,33 @@ check_fields(struct worker *w, const struct json_field *sid,
     t->turn.idempotency_by_client = sid->type != JSON_STRING;
     if (sid->type != JSON_STRING)
         return http_random_hex(t->session_id, SESSION_ID_BYTES);
-    if (!chat_session_id_valid(json_field_text(sid, &w->arena), sid->len)) {
+    if (!chat_session_id_valid(json_field_text(sid, &ch->arena), sid->len)) {
         http_send_error(r, 400, "bad_request",
                         "'session_id' must be 1-128 of A-Z a-z 0-9 _ -");
         return -1;
     }
-    memcpy(t->session_id, json_field_text(sid, &w->arena), sid->len + 1);
+    memcpy(t->session_id, json_field_text(sid, &ch->arena), sid->len + 1);
     return 0;
 }
 
 /* The turn's bookkeeping: lock, idempotency and rate-limit scopes. */
 static int
-prepare_turn(struct worker *w, struct chat_turn *t)
+prepare_turn(struct chat *ch, struct chat_turn *t)
 {
-    const char *key = fcgi_param(w->req.fcgi, "HTTP_IDEMPOTENCY_KEY");
-    struct turn *turn = &t->turn;
+    const char *key = fcgi_param(ch->req->fcgi, "HTTP_IDEMPOTENCY_KEY");
+    struct chatdb_turn *turn = &t->turn;
 
     turn->session_id = t->session_id;
-    turn->client = w->client;
-    turn->token = w->req.id;
-    turn->lock_ms = w->conf->request_timeout_s * 1000;
-    turn->rpm = w->conf->rate_limit.rpm;
-    turn->tpm = w->conf->rate_limit.tpm;
+    turn->client = ch->req->client;
+    turn->token = ch->req->id;
+    turn->lock_ms = ch->conf->request_timeout_s * 1000;
+    turn->rpm = ch->conf->rate_limit.rpm;
+    turn->tpm = ch->conf->rate_limit.tpm;
     turn->idempotency_key = NULL;
     if (*key == '\0')
         return 0;
     if (!guard_idempotency_key_valid(key)) {
-        http_send_error(&w->req, 400, "bad_request", "Idempotency-Key must "
+        http_send_error(ch->req, 400, "bad_request", "Idempotency-Key must "
                         "be 1-%d printable ASCII characters",
                         GUARD_IDEMPOTENCY_MAX);
         return -1;
@@ -173,7 +390,7 @@ prepare_turn(struct worker *w, struct chat_turn *t)
 
 /* Step 1: the body, its JSON and its fields. */
 static int
-parse_turn(struct worker *w, struct chat_turn *t)
+parse_turn(struct chat *ch, struct chat_turn *t)
 {
     struct json_field f[] = {
         {.path = "session_id", .accept = JSON_STRING | JSON_NULL},
@@ -182,188 +399,99 @@ parse_turn(struct worker *w, struct chat_turn *t)
     };
     char err[JSON_ERR_LEN];
 
-    if (chat_read_body(w) == -1)
+    if (read_body(ch) == -1)
         return -1;
-    buf_reset(&w->arena);
-    if (json_pick(w->body.data, w->body.len, f, 3, &w->arena, REQUEST_DEPTH,
-                  JSON_STRICT, err) == -1) {
-        http_send_error(&w->req, 400, "bad_request", "%s", err);
+    buf_reset(&ch->arena);
+    if (json_pick(ch->body.data, ch->body.len, f, 3, &ch->arena,
+                  REQUEST_DEPTH, JSON_STRICT, err) == -1) {
+        http_send_error(ch->req, 400, "bad_request", "%s", err);
         return -1;
     }
-    if (check_fields(w, &f[0], &f[1], &f[2], t) == -1)
+    if (check_fields(ch, &f[0], &f[1], &f[2], t) == -1)
         return -1;
-    return prepare_turn(w, t);
+    return prepare_turn(ch, t);
 }
 
-static void
-fail_store(struct worker *w)
-{
-    http_send_error(&w->req, 503, "unavailable",
-                    "the chat history store is unavailable (%s)",
-                    w->store.err);
-}
-
-/* Step 2: the session's history, in one round trip. */
-static int
-load_history(struct worker *w, const char *session_id)
-{
-    double start = clock_ms();
-    int rc;
-
-    worker_phase(w, SB_REDIS);
-    rc = store_history_load(&w->store, session_id, &w->history);
-    w->req.redis_ms += clock_ms() - start;
-    if (rc == -1)
-        fail_store(w);
-    return rc;
-}
-
-static void replay_answer(struct worker *w, struct chat_turn *t);
+static void replay_answer(struct chat *ch, struct chat_turn *t);
 
 /* Step 2, in one round trip: an idempotent replay, rate limits, the
  * session's turn lock, and its history. Answers the request itself unless
  * the turn may go on. */
 static int
-begin_turn(struct worker *w, struct chat_turn *t)
+begin_turn(struct chat *ch, struct chat_turn *t)
 {
-    double start = clock_ms();
     long long retry = 1;
     int rc;
 
-    worker_phase(w, SB_REDIS);
-    rc = turn_begin(&w->store, &t->turn, &w->history, &w->replay, &retry);
-    w->req.redis_ms += clock_ms() - start;
+    redis_begin(ch);
+    rc = redis_end(ch, chatdb_turn_begin(&ch->db, &t->turn, &ch->history,
+                                         &ch->replay, &retry));
     switch (rc) {
-    case TURN_GO:
+    case CHATDB_GO:
         return 0;
-    case TURN_RATE_LIMITED:
-        w->req.retry_after_s = (int)retry;
-        http_send_error(&w->req, 429, "rate_limited", "this client is over "
-                        "its rate limit; retry in %lld s", retry);
+    case CHATDB_RATE_LIMITED:
+        send_rate_limited(ch, retry);
         return -1;
-    case TURN_BUSY:
-        http_send_error(&w->req, 409, "conflict", "another turn of this "
+    case CHATDB_BUSY:
+        http_send_error(ch->req, 409, "conflict", "another turn of this "
                         "session is still in progress");
         return -1;
-    case TURN_RUNNING:
-        http_send_error(&w->req, 409, "conflict", "a request with this "
+    case CHATDB_RUNNING:
+        http_send_error(ch->req, 409, "conflict", "a request with this "
                         "Idempotency-Key is still in progress");
         return -1;
-    case TURN_REPLAY:
-        replay_answer(w, t);
+    case CHATDB_REPLAY:
+        replay_answer(ch, t);
         return -1;
     }
-    fail_store(w);
+    fail_store(ch);
     return -1;
 }
 
 /* After a failure: release the session's lock (and a pending idempotency
  * record) so that a retry may run at once. */
 static void
-abort_turn(struct worker *w, const struct chat_turn *t)
+abort_turn(struct chat *ch, const struct chat_turn *t)
 {
-    if (turn_abort(&w->store, &t->turn) == -1)
+    redis_begin(ch);
+    if (redis_end(ch, chatdb_turn_abort(&ch->db, &t->turn)) == -1)
         log_warnx("chat", "cannot release the turn lock (%s); it expires "
-                  "in %lld s", w->store.err, w->conf->request_timeout_s);
+                  "in %lld s", chatdb_error(&ch->db),
+                  ch->conf->request_timeout_s);
 }
 
-static void
-fail_model(struct worker *w, const struct llm_answer *a)
-{
-    struct http_request *r = &w->req;
-
-    switch (a->status) {
-    case LLM_OK:
-        return;
-    case LLM_CLIENT_GONE:
-        log_info("chat", "%s; upstream call cancelled", a->message);
-        r->status = HTTP_STATUS_CLIENT_GONE;
-        return;
-    case LLM_TIMEOUT:
-        http_send_error(r, 504, "upstream_timeout",
-                        "the model did not answer in time (%s)", a->message);
-        return;
-    case LLM_HTTP_ERROR:
-        http_send_error(r, 502, "upstream_error",
-                        "the model answered %ld: %s", a->http_status,
-                        a->message);
-        return;
-    case LLM_UNREACHABLE:
-        http_send_error(r, 502, "upstream_error",
-                        "the model cannot be reached (%s)", a->message);
-        return;
-    case LLM_BAD_ANSWER:
-    case LLM_FAILED:
-        break;
-    }
-    http_send_error(r, 502, "upstream_error", "the model failed: %s",
-                    a->message);
-}
-
-/* A piece of a streamed reply: the first one starts the event stream, so
- * that a failure before it still gets its plain JSON status. */
+/* A piece of a streamed reply, as `event: delta`. */
 static int
 send_delta(void *arg, const char *text, size_t len)
 {
-    struct worker *w = arg;
-    yajl_gen g = w->gen;
+    struct chat *ch = arg;
+    yajl_gen g = ch->req->gen;
 
-    if (!w->req.streaming) {
-        worker_phase(w, SB_STREAMING);
-        if (http_stream_begin(&w->req) == -1)
-            return -1;
-    }
+    if (begin_stream(ch) == -1)
+        return -1;
     json_gen_restart(g);
     if (yajl_gen_map_open(g) || json_gen_key_str(g, "content", text, len) ||
         yajl_gen_map_close(g))
         return -1;
-    return http_stream_event(&w->req, "delta");
-}
-
-int
-chat_ask_model(struct worker *w, const struct llm_call *call)
-{
-    worker_phase(w, SB_UPSTREAM);
-    llm_complete(&w->llm, call, &w->answer);
-    w->req.upstream_ms += w->answer.ms;
-    if (w->answer.status == LLM_OK)
-        return 0;
-    scoreboard_count_upstream_error(w->pool,
-                                    llm_error_kind(w->answer.status));
-    fail_model(w, &w->answer);
-    return -1;
+    return http_stream_event(ch->req, "delta");
 }
 
 /* Step 3: history + message to the model. */
 static int
-ask_model(struct worker *w, const struct chat_turn *t)
+ask_turn(struct chat *ch, const struct chat_turn *t)
 {
     struct llm_call call = {
-        .system_prompt = w->conf->upstream.system_prompt,
-        .history = &w->history,
+        .system_prompt = ch->conf->upstream.system_prompt,
+        .messages = &ch->history,
         .message = t->message,
         .message_len = t->message_len,
-        .temperature = w->conf->upstream.temperature,
-        .max_tokens = w->conf->upstream.max_tokens,
-        .request_id = w->req.id,
-        .watch_fd = w->req.fcgi->ipcFd,
-        .deadline_ms = w->req.start_ms +
-                       (double)w->conf->request_timeout_s * 1000.0,
+        .temperature = ch->conf->upstream.temperature,
+        .max_tokens = ch->conf->upstream.max_tokens,
         .on_delta = t->stream ? send_delta : NULL,
-        .delta_arg = w,
+        .delta_arg = ch,
     };
 
-    return chat_ask_model(w, &call);
-}
-
-/* One stored history item, {"role","content"}, in w->gen's buffer. */
-static int
-gen_item(yajl_gen g, const char *role, const char *content, size_t len)
-{
-    json_gen_restart(g);
-    return yajl_gen_map_open(g) || json_gen_key_cstr(g, "role", role) ||
-           json_gen_key_str(g, "content", content, len) ||
-           yajl_gen_map_close(g);
+    return ask_model(ch, &call);
 }
 
 /* Copy the JSON document in g into b. */
@@ -379,7 +507,7 @@ take_json(yajl_gen g, struct buf *b)
 }
 
 static int
-gen_usage(yajl_gen g, const struct llm_answer *a)
+gen_usage(yajl_gen g, const struct answer *a)
 {
     if (json_gen_cstr(g, "usage"))
         return -1;
@@ -398,7 +526,7 @@ gen_usage(yajl_gen g, const struct llm_answer *a)
 
 /* {session_id, [reply,] model, usage}: the answer, or a stream's done. */
 static int
-gen_answer(yajl_gen g, const char *session_id, const struct llm_answer *a,
+gen_answer(yajl_gen g, const char *session_id, const struct answer *a,
            int with_reply)
 {
     json_gen_restart(g);
@@ -410,99 +538,85 @@ gen_answer(yajl_gen g, const char *session_id, const struct llm_answer *a,
            yajl_gen_map_close(g);
 }
 
-/* The history items and the answer, serialised before anything is stored,
- * so that a turn whose answer cannot be sent is never kept. The answer
- * stays in w->gen: the response body and the idempotency record. */
+/* The stored messages and the answer, serialised before anything is
+ * stored, so that a turn whose answer cannot be sent is never kept; the
+ * new pair joins the history, which the commit trims. The answer stays in
+ * the generator: the response body and the idempotency record. */
 static int
-serialise_turn(struct worker *w, const struct chat_turn *t)
+serialise_turn(struct chat *ch, const struct chat_turn *t)
 {
-    const struct buf *reply = &w->answer.reply;
+    yajl_gen g = ch->req->gen;
+    const struct buf *reply = &ch->answer.reply;
 
-    return gen_item(w->gen, "user", t->message, t->message_len) ||
-           take_json(w->gen, &w->user_item) ||
-           gen_item(w->gen, "assistant", reply->data, reply->len) ||
-           take_json(w->gen, &w->assistant_item) ||
-           gen_answer(w->gen, t->session_id, &w->answer, 1);
+    return chatdb_gen_item(g, MESSAGE_USER, t->message, t->message_len) ||
+           take_json(g, &ch->user_item) ||
+           chatdb_gen_item(g, MESSAGE_ASSISTANT, reply->data, reply->len) ||
+           take_json(g, &ch->assistant_item) ||
+           gen_answer(g, t->session_id, &ch->answer, 1) ||
+           messages_add(&ch->history, MESSAGE_USER, t->message,
+                        t->message_len) ||
+           messages_add(&ch->history, MESSAGE_ASSISTANT, reply->data,
+                        reply->len);
 }
 
-long long
-chat_answer_tokens(size_t message_len, const struct llm_answer *a)
-{
-    if (a->prompt_tokens >= 0 && a->completion_tokens >= 0)
-        return a->prompt_tokens + a->completion_tokens;
-    return (long long)((message_len + a->reply.len) / 4 + 1);
-}
-
-/* Step 4, in one round trip: append both turns, trim, refresh the TTL,
- * release the lock, keep the answer for an idempotent retry. */
+/* Step 4, in one round trip: append both messages, trim, refresh the
+ * TTL, release the lock, keep the answer for an idempotent retry. */
 static int
-store_turn(struct worker *w, const struct chat_turn *t)
+commit_turn(struct chat *ch, const struct chat_turn *t)
 {
-    const struct conf *c = w->conf;
-    const struct buf *reply = &w->answer.reply;
-    struct turn_result res = {.ttl_s = c->chat.history_ttl_seconds,
-                              .idempotency_ttl_s = c->idempotency_ttl_s};
+    struct chatdb_result res = {.history = &ch->history};
     const unsigned char *answer;
-    double start;
-    int rc;
 
-    if (serialise_turn(w, t) != 0 ||
-        history_add(&w->history, HISTORY_USER, t->message, t->message_len) ||
-        history_add(&w->history, HISTORY_ASSISTANT, reply->data, reply->len)) {
-        http_send_error(&w->req, 502, "upstream_error", "the model's answer "
+    if (serialise_turn(ch, t) != 0) {
+        http_send_error(ch->req, 502, "upstream_error", "the model's answer "
                         "cannot be encoded or is too large");
         return -1;
     }
-    yajl_gen_get_buf(w->gen, &answer, &res.answer_len);
+    yajl_gen_get_buf(ch->req->gen, &answer, &res.answer_len);
     res.answer = (const char *)answer;
-    res.user_item = w->user_item.data;
-    res.user_len = w->user_item.len;
-    res.assistant_item = w->assistant_item.data;
-    res.assistant_len = w->assistant_item.len;
-    res.trim_start = history_trim_start(&w->history,
-                                        (size_t)c->chat.history_max_messages,
-                                        (size_t)c->chat.history_max_bytes);
-    res.tokens = chat_answer_tokens(t->message_len, &w->answer);
-    worker_phase(w, SB_REDIS);
-    start = clock_ms();
-    rc = turn_commit(&w->store, &t->turn, &res);
-    w->req.redis_ms += clock_ms() - start;
-    if (rc == -1)
-        fail_store(w);
-    return rc;
+    res.user_item = ch->user_item.data;
+    res.user_len = ch->user_item.len;
+    res.assistant_item = ch->assistant_item.data;
+    res.assistant_len = ch->assistant_item.len;
+    res.tokens = answer_tokens(t->message_len, &ch->answer);
+    redis_begin(ch);
+    if (redis_end(ch, chatdb_turn_commit(&ch->db, &t->turn, &res)) == -1) {
+        fail_store(ch);
+        return -1;
+    }
+    return 0;
 }
 
 /* The end of a stream: {session_id, model, usage} as `event: done`. */
 static void
-send_done(struct worker *w, const struct chat_turn *t)
+send_done(struct chat *ch, const struct chat_turn *t)
 {
-    if (gen_answer(w->gen, t->session_id, &w->answer, 0) != 0) {
-        http_send_error(&w->req, 500, "internal_error",
+    if (gen_answer(ch->req->gen, t->session_id, &ch->answer, 0) != 0) {
+        http_send_error(ch->req, 500, "internal_error",
                         "the answer cannot be encoded");
         return;
     }
     /* An empty reply sent no delta, so the stream may not have begun. */
-    if ((!w->req.streaming && http_stream_begin(&w->req) == -1) ||
-        http_stream_event(&w->req, "done") == -1)
+    if (begin_stream(ch) == -1 || http_stream_event(ch->req, "done") == -1)
         log_info("chat", "the client went away before the done event; "
                  "the turn is stored");
 }
 
-/* Step 5: the answer store_turn serialised, or a stream's last event. */
+/* Step 5: the answer commit_turn serialised, or a stream's last event. */
 static void
-send_answer(struct worker *w, const struct chat_turn *t)
+send_answer(struct chat *ch, const struct chat_turn *t)
 {
-    worker_phase(w, SB_WRITING);
+    phase(ch, SCOREBOARD_WRITING);
     if (t->stream)
-        send_done(w, t);
+        send_done(ch, t);
     else
-        http_send_json(&w->req, 200);
+        http_send_json(ch->req, 200);
 }
 
-/* A stored answer {session_id, reply, model, usage} back into w->answer
+/* A stored answer {session_id, reply, model, usage} back into ch->answer
  * and t->session_id (the arena's message is no longer needed). */
 static int
-load_answer(struct worker *w, struct chat_turn *t)
+load_answer(struct chat *ch, struct chat_turn *t)
 {
     enum { SID, REPLY, MODEL, PROMPT, COMPLETION };
     struct json_field f[] = {
@@ -512,28 +626,26 @@ load_answer(struct worker *w, struct chat_turn *t)
         [PROMPT] = {.path = "usage.prompt_tokens", .accept = JSON_ANY},
         [COMPLETION] = {.path = "usage.completion_tokens", .accept = JSON_ANY},
     };
-    struct llm_answer *a = &w->answer;
+    struct answer *a = &ch->answer;
+    struct buf *arena = &ch->arena;
     char err[JSON_ERR_LEN];
 
-    buf_reset(&w->arena);
-    if (json_pick(w->replay.data, w->replay.len, f, 5, &w->arena,
+    buf_reset(arena);
+    if (json_pick(ch->replay.data, ch->replay.len, f, 5, arena,
                   REQUEST_DEPTH, 0, err) == -1 ||
         f[SID].type == 0 || f[REPLY].type == 0 || f[MODEL].type == 0 ||
-        !chat_session_id_valid(json_field_text(&f[SID], &w->arena),
-                               f[SID].len))
+        !chat_session_id_valid(json_field_text(&f[SID], arena), f[SID].len))
         return -1;
-    memcpy(t->session_id, json_field_text(&f[SID], &w->arena), f[SID].len + 1);
+    memcpy(t->session_id, json_field_text(&f[SID], arena), f[SID].len + 1);
     buf_reset(&a->reply);
-    if (buf_append(&a->reply, json_field_text(&f[REPLY], &w->arena),
+    if (buf_append(&a->reply, json_field_text(&f[REPLY], arena),
                    f[REPLY].len) == -1 ||
         json_utf8_copy(a->model, sizeof(a->model),
-                       json_field_text(&f[MODEL], &w->arena),
-                       f[MODEL].len) == -1)
+                       json_field_text(&f[MODEL], arena), f[MODEL].len) == -1)
         return -1;
-    if (json_field_int(&f[PROMPT], &w->arena, 0, 1LL << 40,
-                       &a->prompt_tokens))
+    if (json_field_int(&f[PROMPT], arena, 0, 1LL << 40, &a->prompt_tokens))
         a->prompt_tokens = -1;
-    if (json_field_int(&f[COMPLETION], &w->arena, 0, 1LL << 40,
+    if (json_field_int(&f[COMPLETION], arena, 0, 1LL << 40,
                        &a->completion_tokens))
         a->completion_tokens = -1;
     return 0;
@@ -542,105 +654,253 @@ load_answer(struct worker *w, struct chat_turn *t)
 /* A retry with a known Idempotency-Key: the first answer again, without
  * the model. A streamed retry gets it as one delta and done. */
 static void
-replay_answer(struct worker *w, struct chat_turn *t)
+replay_answer(struct chat *ch, struct chat_turn *t)
 {
     log_info("chat", "replaying the answer of an earlier request with the "
              "same Idempotency-Key");
     if (!t->stream) {
-        http_send_text(&w->req, 200, "application/json", w->replay.data,
-                       w->replay.len);
+        http_send_text(ch->req, 200, "application/json", ch->replay.data,
+                       ch->replay.len);
         return;
     }
-    if (load_answer(w, t) == -1) {
-        http_send_error(&w->req, 500, "internal_error",
+    if (load_answer(ch, t) == -1) {
+        http_send_error(ch->req, 500, "internal_error",
                         "the stored answer cannot be read");
         return;
     }
-    if (w->answer.reply.len > 0 &&
-        send_delta(w, w->answer.reply.data, w->answer.reply.len) == -1)
+    if (ch->answer.reply.len > 0 &&
+        send_delta(ch, ch->answer.reply.data, ch->answer.reply.len) == -1)
         return;
-    send_done(w, t);
+    send_done(ch, t);
 }
 
 void
-chat_post(struct worker *w)
+chat_post(struct chat *ch, struct http_request *r)
 {
     struct chat_turn t;
 
-    if (parse_turn(w, &t) == -1 || begin_turn(w, &t) == -1)
+    ch->req = r;
+    if (parse_turn(ch, &t) == -1 || begin_turn(ch, &t) == -1)
         return;
-    if (ask_model(w, &t) == -1 || store_turn(w, &t) == -1) {
-        abort_turn(w, &t);
+    if (ask_turn(ch, &t) == -1 || commit_turn(ch, &t) == -1) {
+        abort_turn(ch, &t);
         return;
     }
-    send_answer(w, &t);
+    send_answer(ch, &t);
 }
 
+/* ---- GET and DELETE /api/chat/{id} */
+
 static int
-check_path_id(struct worker *w, const char *session_id)
+check_path_id(struct chat *ch, const char *session_id)
 {
     if (chat_session_id_valid(session_id, strlen(session_id)))
         return 0;
-    http_send_error(&w->req, 400, "bad_request",
+    http_send_error(ch->req, 400, "bad_request",
                     "the session id must be 1-128 of A-Z a-z 0-9 _ -");
     return -1;
 }
 
 static int
-gen_messages(yajl_gen g, const struct history *h)
+gen_history(yajl_gen g, const char *session_id, const struct messages *h)
 {
-    if (json_gen_cstr(g, "messages") || yajl_gen_array_open(g))
+    json_gen_restart(g);
+    if (yajl_gen_map_open(g) ||
+        json_gen_key_cstr(g, "session_id", session_id) ||
+        json_gen_cstr(g, "messages") || yajl_gen_array_open(g))
         return -1;
     for (size_t i = 0; i < h->count; i++) {
         if (yajl_gen_map_open(g) ||
             json_gen_key_cstr(g, "role",
-                              history_role_name(h->msgs[i].role)) ||
-            json_gen_key_str(g, "content", history_content(h, i),
+                              messages_role_name(h->msgs[i].role)) ||
+            json_gen_key_str(g, "content", messages_content(h, i),
                              h->msgs[i].len) ||
             yajl_gen_map_close(g))
             return -1;
     }
-    return yajl_gen_array_close(g) ? -1 : 0;
+    return yajl_gen_array_close(g) || yajl_gen_map_close(g);
 }
 
 void
-chat_get(struct worker *w, const char *session_id)
+chat_get(struct chat *ch, struct http_request *r, const char *session_id)
 {
-    yajl_gen g = w->gen;
-
-    if (check_path_id(w, session_id) == -1 ||
-        load_history(w, session_id) == -1)
+    ch->req = r;
+    if (check_path_id(ch, session_id) == -1)
         return;
-    if (w->history.count == 0) {
-        http_send_error(&w->req, 404, "not_found", "no such session");
+    redis_begin(ch);
+    if (redis_end(ch, chatdb_history_load(&ch->db, session_id,
+                                          &ch->history)) == -1) {
+        fail_store(ch);
         return;
     }
-    json_gen_restart(g);
-    if (yajl_gen_map_open(g) ||
-        json_gen_key_cstr(g, "session_id", session_id) ||
-        gen_messages(g, &w->history) || yajl_gen_map_close(g)) {
-        http_send_error(&w->req, 500, "internal_error",
+    if (ch->history.count == 0) {
+        http_send_error(r, 404, "not_found", "no such session");
+        return;
+    }
+    if (gen_history(r->gen, session_id, &ch->history) != 0) {
+        http_send_error(r, 500, "internal_error",
                         "the stored history cannot be encoded");
         return;
     }
-    http_send_json(&w->req, 200);
+    http_send_json(r, 200);
 }
 
 void
-chat_delete(struct worker *w, const char *session_id)
+chat_delete(struct chat *ch, struct http_request *r, const char *session_id)
 {
-    double start;
-    int rc;
-
-    if (check_path_id(w, session_id) == -1)
+    ch->req = r;
+    if (check_path_id(ch, session_id) == -1)
         return;
-    worker_phase(w, SB_REDIS);
-    start = clock_ms();
-    rc = store_history_delete(&w->store, session_id);
-    w->req.redis_ms += clock_ms() - start;
-    if (rc == -1) {
-        fail_store(w);
+    redis_begin(ch);
+    if (redis_end(ch, chatdb_history_delete(&ch->db, session_id)) == -1) {
+        fail_store(ch);
         return;
     }
-    http_send_no_content(&w->req);
+    http_send_no_content(r);
+}
+
+/* ---- POST /v1/chat/completions */
+
+/* A completion being answered. */
+struct completion {
+    struct chat *ch;
+    struct v1_request q;
+    struct v1_completion v1;
+};
+
+/* The body in OpenAI's shape into ch->history and c->q. */
+static int
+parse_completion(struct chat *ch, struct completion *c)
+{
+    char err[V1_ERR_LEN];
+
+    if (read_body(ch) == -1)
+        return -1;
+    if (v1_parse_request(&ch->body, &ch->arena, &ch->user_item,
+                         &ch->history, &c->q, err) == 0)
+        return 0;
+    http_send_error(ch->req, 400, "invalid_request", "%s", err);
+    return -1;
+}
+
+/* Per-client limits, when configured: one round trip before the model. */
+static int
+check_rate(struct chat *ch, const struct chatdb_turn *t)
+{
+    long long retry = 1;
+    int rc;
+
+    if (t->rpm == 0 && t->tpm == 0)
+        return 0;
+    redis_begin(ch);
+    rc = redis_end(ch, chatdb_rate_check(&ch->db, t, &retry));
+    if (rc == CHATDB_GO)
+        return 0;
+    if (rc == CHATDB_RATE_LIMITED)
+        send_rate_limited(ch, retry);
+    else
+        http_send_error(ch->req, 503, "unavailable", "the rate limiter is "
+                        "unavailable (%s)", chatdb_error(&ch->db));
+    return -1;
+}
+
+static void
+count_tokens(struct chat *ch, const struct chatdb_turn *t)
+{
+    if (t->tpm == 0)
+        return;
+    redis_begin(ch);
+    if (redis_end(ch, chatdb_count_tokens(&ch->db, t,
+                                          answer_tokens(0, &ch->answer))))
+        log_warnx("chat", "cannot count tokens: %s", chatdb_error(&ch->db));
+}
+
+/* A piece of a streamed completion, as one chunk. */
+static int
+send_chunk(void *arg, const char *text, size_t len)
+{
+    struct completion *c = arg;
+    struct http_request *r = c->ch->req;
+
+    if (begin_stream(c->ch) == -1 || v1_gen_chunk(r->gen, &c->v1, text, len))
+        return -1;
+    return http_stream_event(r, NULL);
+}
+
+/* The end of a stream: the stop chunk, usage if asked, [DONE]. */
+static void
+finish_stream(struct completion *c)
+{
+    struct http_request *r = c->ch->req;
+
+    if (send_chunk(c, NULL, 0) == -1)
+        return;
+    if (c->q.include_usage &&
+        (v1_gen_usage_chunk(r->gen, &c->v1, &c->ch->answer) ||
+         http_stream_event(r, NULL) == -1))
+        return;
+    http_stream_text(r, NULL, V1_DONE);
+}
+
+static void
+send_completion(struct completion *c)
+{
+    struct http_request *r = c->ch->req;
+
+    if (v1_gen_completion(r->gen, &c->v1, &c->ch->answer) != 0) {
+        http_send_error(r, 502, "upstream_error",
+                        "the model's answer cannot be encoded");
+        return;
+    }
+    http_send_json(r, 200);
+}
+
+void
+chat_completions(struct chat *ch, struct http_request *r)
+{
+    const struct conf *cf = ch->conf;
+    struct completion c = {
+        .ch = ch,
+        .q = {.temperature = cf->upstream.temperature,
+              .max_tokens = cf->upstream.max_tokens},
+        .v1 = {.created = (long long)time(NULL), .model = ch->answer.model},
+    };
+    struct chatdb_turn t = {.client = r->client, .rpm = cf->rate_limit.rpm,
+                            .tpm = cf->rate_limit.tpm};
+    struct llm_call call = {.messages = &ch->history, .delta_arg = &c};
+
+    ch->req = r;
+    snprintf(c.v1.id, sizeof(c.v1.id), "chatcmpl-%s", r->id);
+    if (parse_completion(ch, &c) == -1 || check_rate(ch, &t) == -1)
+        return;
+    call.temperature = c.q.temperature;
+    call.max_tokens = c.q.max_tokens;
+    call.on_delta = c.q.stream ? send_chunk : NULL;
+    if (ask_model(ch, &call) == -1)
+        return;
+    count_tokens(ch, &t);
+    phase(ch, SCOREBOARD_WRITING);
+    if (c.q.stream)
+        finish_stream(&c);
+    else
+        send_completion(&c);
+}
+
+/* ---- GET /api/healthz */
+
+void
+chat_healthz(struct chat *ch, struct http_request *r)
+{
+    int up = chatdb_ping(&ch->db) == 0;
+    yajl_gen g = r->gen;
+
+    json_gen_restart(g);
+    if (yajl_gen_map_open(g) ||
+        json_gen_key_cstr(g, "status", up ? "ok" : "unavailable") ||
+        json_gen_key_cstr(g, "redis", up ? "ok" : "down") ||
+        yajl_gen_map_close(g)) {
+        http_send_error(r, 500, "internal_error", "out of memory");
+        return;
+    }
+    http_send_json(r, up ? 200 : 503);
 }

@@ -1,3 +1,4 @@
+/* clock: the monotonic and the wall clock, in milliseconds. */
 #include "clock.h"
 
 #include <time.h>

@@ -1,3 +1,4 @@
+/* conf: the configuration table, its parser and its rules. */
 #include "conf.h"
 
 #include <ctype.h>
@@ -7,9 +8,8 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#include "guard.h"
+#include "json.h"
 #include "log.h"
-#include "store.h"
 
 #define CONF_LINE_MAX 4096
 #define CONF_FILE_MAX (1024 * 1024)
@@ -689,27 +689,83 @@ finish_providers(struct conf *c, char err[CONF_ERR_LEN])
     return 0;
 }
 
-/* Rules across keys, and values with a syntax of their own. */
-static int
-conf_check(const struct conf *c, char err[CONF_ERR_LEN])
+const char *
+conf_list_next(const char **list, size_t *len)
 {
-    struct store store;
-    unsigned char (*digests)[GUARD_DIGEST_LEN];
-    size_t ndigests;
+    const char *s = *list + strspn(*list, " ,");
 
-    if (guard_parse_digests(c->client_keys, &digests, &ndigests) == -1) {
+    if (*s == '\0')
+        return NULL;
+    *len = strcspn(s, " ,");
+    *list = s + *len;
+    return s;
+}
+
+int
+conf_list_has(const char *list, const char *s, size_t n)
+{
+    const char *entry;
+    size_t len;
+
+    while ((entry = conf_list_next(&list, &len)) != NULL)
+        if ((len == 1 && entry[0] == '*') ||
+            (len == n && n > 0 && memcmp(entry, s, n) == 0))
+            return 1;
+    return 0;
+}
+
+static int
+parse_digest(const char *s, size_t n, unsigned char out[CONF_DIGEST_LEN])
+{
+    if (n != 2 * CONF_DIGEST_LEN)
+        return -1;
+    for (size_t i = 0; i < CONF_DIGEST_LEN; i++) {
+        int hi = json_hex_digit(s[2 * i]), lo = json_hex_digit(s[2 * i + 1]);
+
+        if (hi < 0 || lo < 0)
+            return -1;
+        out[i] = (unsigned char)(hi * 16 + lo);
+    }
+    return 0;
+}
+
+int
+conf_parse_digests(const char *list, unsigned char (**out)[CONF_DIGEST_LEN],
+                   size_t *n)
+{
+    const char *p = list, *entry;
+    size_t len, count = 0;
+
+    *out = NULL;
+    *n = 0;
+    while (conf_list_next(&p, &len) != NULL)
+        count++;
+    if (count == 0)
+        return 0;
+    *out = calloc(count, CONF_DIGEST_LEN);
+    if (*out == NULL)
+        return -1;
+    for (p = list; (entry = conf_list_next(&p, &len)) != NULL; (*n)++) {
+        if (parse_digest(entry, len, (*out)[*n]) == -1) {
+            free(*out);
+            *out = NULL;
+            *n = 0;
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Rules across keys, and values parsed once here for every worker. */
+static int
+conf_check(struct conf *c, char err[CONF_ERR_LEN])
+{
+    if (conf_parse_digests(c->client_keys, &c->client_digests,
+                           &c->nclient_digests) == -1) {
         snprintf(err, CONF_ERR_LEN, "client_keys must be SHA-256 digests, "
                  "64 hex digits each, separated by commas");
         return -1;
     }
-    free(digests);
-    /* store_init connects to nothing: it only applies the [redis] rules
-     * that the workers would otherwise meet after fork. */
-    if (store_init(&store, c) == -1) {
-        snprintf(err, CONF_ERR_LEN, "redis: %s", store.err);
-        return -1;
-    }
-    store_cleanup(&store);
     if (c->pm == CONF_POOL_DYNAMIC &&
         (c->min_spare_workers > c->max_spare_workers ||
          c->start_workers > c->workers ||
@@ -749,6 +805,7 @@ conf_load(struct conf *c, const char *path, char *const envp[],
 void
 conf_free(struct conf *c)
 {
+    free(c->client_digests);
     for (size_t p = 0; p < c->nproviders; p++) {
         free(c->providers[p].name);
         for (size_t i = 0; i < NPKEYS; i++)

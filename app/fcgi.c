@@ -1,3 +1,4 @@
+/* fcgi: request I/O over libfcgi: bounded body, responses, abandonment. */
 #include "fcgi.h"
 
 #include <errno.h>

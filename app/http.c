@@ -1,3 +1,4 @@
+/* http: the request in hand and the contract's responses. */
 #include "http.h"
 
 #include <stdarg.h>
@@ -9,6 +10,7 @@
 #include "fcgi.h"
 #include "json.h"
 #include "log.h"
+#include "sse.h"
 
 #define HEADERS_LEN 1024
 #define ERROR_MESSAGE_LEN 512
@@ -111,37 +113,30 @@ http_send_text(struct http_request *r, int status, const char *content_type,
     send_body(r, status, "", content_type, body, len);
 }
 
-/* OpenAI's error type for a status, for the /v1 face. */
-static const char *
-openai_error_type(int status)
+/* The contract's error object, {"error": {message, code}}. */
+static int
+gen_contract_error(yajl_gen g, int status, const char *code,
+                   const char *message)
 {
-    if (status == 401)
-        return "authentication_error";
-    if (status == 429)
-        return "rate_limit_error";
-    return status >= 500 ? "api_error" : "invalid_request_error";
+    (void)status;
+    return yajl_gen_map_open(g) || json_gen_cstr(g, "error") ||
+           yajl_gen_map_open(g) || json_gen_key_cstr(g, "message", message) ||
+           json_gen_key_cstr(g, "code", code) || yajl_gen_map_close(g) ||
+           yajl_gen_map_close(g);
 }
 
-/* The error object: the contract's {code, message}, or OpenAI's {message,
- * type, param, code} on /v1. Messages that are not valid UTF-8 (say, an
- * upstream's) are replaced rather than breaking the JSON. */
+/* The error object of the request's face. Messages that are not valid
+ * UTF-8 (say, an upstream's) are replaced rather than breaking the JSON. */
 static int
 gen_error(const struct http_request *r, int status, const char *code,
           const char *message)
 {
-    yajl_gen g = r->gen;
-
-    json_gen_restart(g);
+    json_gen_restart(r->gen);
     if (!json_utf8_valid(message, strlen(message)))
         message = "(the reason contained invalid UTF-8)";
-    if (yajl_gen_map_open(g) || json_gen_cstr(g, "error") ||
-        yajl_gen_map_open(g) || json_gen_key_cstr(g, "message", message))
-        return -1;
-    if (r->openai && (json_gen_key_cstr(g, "type", openai_error_type(status)) ||
-                      json_gen_cstr(g, "param") || yajl_gen_null(g)))
-        return -1;
-    return json_gen_key_cstr(g, "code", code) || yajl_gen_map_close(g) ||
-           yajl_gen_map_close(g);
+    if (r->errors != NULL)
+        return r->errors->gen(r->gen, status, code, message);
+    return gen_contract_error(r->gen, status, code, message);
 }
 
 static void
@@ -159,7 +154,8 @@ send_error(struct http_request *r, int status, const char *code,
     else
         log_debug("http", "%d %s: %s", status, code, message);
     if (r->streaming) {
-        if (http_stream_event(r, r->openai ? NULL : "error") == -1)
+        if (http_stream_event(r, r->errors ? r->errors->event : "error") ==
+            -1)
             log_info("http", "the client went away before the error event");
         return;
     }
@@ -171,10 +167,8 @@ void
 http_send_error(struct http_request *r, int status, const char *code,
                 const char *fmt, ...)
 {
-    char message[ERROR_MESSAGE_LEN];
+    char message[ERROR_MESSAGE_LEN], more[64] = "";
     va_list ap;
-
-    char more[64] = "";
 
     va_start(ap, fmt);
     vsnprintf(message, sizeof(message), fmt, ap);
@@ -222,14 +216,20 @@ http_stream_begin(struct http_request *r)
     return 0;
 }
 
-int
-http_stream_write(struct http_request *r, const char *text)
+/* One event, written and flushed: no copy of data. */
+static int
+stream_event(struct http_request *r, const char *name, const char *data,
+             size_t len)
 {
-    size_t len = strlen(text);
+    static const size_t end_len = sizeof(SSE_EVENT_END) - 1;
+    char head[SSE_HEAD_MAX];
+    size_t n = sse_event_head(head, name);
 
-    if (fcgi_stream_write(r->fcgi, text, len) == -1)
+    if (FCGX_PutStr(head, (int)n, r->fcgi->out) != (int)n ||
+        FCGX_PutStr(data, (int)len, r->fcgi->out) != (int)len ||
+        fcgi_stream_write(r->fcgi, SSE_EVENT_END, end_len) == -1)
         return -1;
-    r->bytes_out += len;
+    r->bytes_out += n + len + end_len;
     return 0;
 }
 
@@ -237,17 +237,14 @@ int
 http_stream_event(struct http_request *r, const char *name)
 {
     const unsigned char *data;
-    char head[64];
     size_t len;
-    int n;
 
     yajl_gen_get_buf(r->gen, &data, &len);
-    n = snprintf(head, sizeof(head), "%s%s%sdata: ", name ? "event: " : "",
-                 name ? name : "", name ? "\n" : "");
-    if (FCGX_PutStr(head, n, r->fcgi->out) != n ||
-        FCGX_PutStr((const char *)data, (int)len, r->fcgi->out) != (int)len ||
-        fcgi_stream_write(r->fcgi, "\n\n", 2) == -1)
-        return -1;
-    r->bytes_out += (size_t)n + len + 2;
-    return 0;
+    return stream_event(r, name, (const char *)data, len);
+}
+
+int
+http_stream_text(struct http_request *r, const char *name, const char *text)
+{
+    return stream_event(r, name, text, strlen(text));
 }

@@ -1,3 +1,4 @@
+/* json: picking fields with yajl, strict checks, UTF-8, and writing. */
 #include "json.h"
 
 #include <errno.h>

@@ -1,3 +1,4 @@
+/* listener: where the listening sockets come from, and sd_notify. */
 #include "listener.h"
 
 #include <errno.h>
@@ -42,7 +43,7 @@ parse_fd_list(const char *s, int *out, size_t n)
 }
 
 static int
-inherit_reexec(const char *spec, struct listeners *ls, int *sb_fd,
+inherit_reexec(const char *spec, struct listeners *ls, int *scoreboard_fd,
                unsigned *generation)
 {
     int v[5];
@@ -53,7 +54,7 @@ inherit_reexec(const char *spec, struct listeners *ls, int *sb_fd,
     }
     ls->chat_fd = v[0];
     ls->status_fd = v[1];
-    *sb_fd = v[2];
+    *scoreboard_fd = v[2];
     *generation = (unsigned)v[3];
     ls->owned = v[4] == 1;
     ls->origin = "the previous master (reload)";

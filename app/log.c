@@ -1,3 +1,4 @@
+/* log: the error log and the access log, reopened for logrotate. */
 #include "log.h"
 
 #include <errno.h>

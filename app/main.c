@@ -1,8 +1,4 @@
-/*
- * chatfcgi: a chatbot web application as a pool of prefork FastCGI workers.
- * main() reads the command line and the configuration, then hands over to
- * the master.
- */
+/* main: chatfcgi's command line and configuration, then the master. */
 #include <curl/curl.h>
 #include <stdio.h>
 #include <string.h>
@@ -11,6 +7,7 @@
 #include "conf.h"
 #include "log.h"
 #include "master.h"
+#include "worker.h"
 
 #ifndef CHATFCGI_CONF_PATH
 #define CHATFCGI_CONF_PATH "/etc/chatfcgi/chatfcgi.conf"
@@ -63,7 +60,8 @@ main(int argc, char **argv)
             return 2;
         }
     }
-    if (conf_load(&conf, path, environ, err) == -1) {
+    if (conf_load(&conf, path, environ, err) == -1 ||
+        worker_check_conf(&conf, err, sizeof(err)) == -1) {
         fprintf(stderr, "chatfcgi: %s\n", err);
         return 1;
     }

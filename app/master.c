@@ -1,3 +1,4 @@
+/* master: the process that owns the listening sockets and the pool. */
 #include "master.h"
 
 #include <errno.h>
@@ -16,7 +17,6 @@
 
 #include "clock.h"
 #include "conf.h"
-#include "http.h"
 #include "listener.h"
 #include "log.h"
 #include "scoreboard.h"
@@ -60,8 +60,8 @@ struct master {
     char exe[1024];
     struct listeners ls;
     struct identity worker_id;
-    struct sb_pool *pool;
-    int sb_fd;
+    struct scoreboard *pool;
+    int scoreboard_fd;
     struct child *children; /* pool->nslots of them */
     unsigned generation;
     unsigned chat_target;   /* chat workers wanted now */
@@ -239,7 +239,7 @@ drop_privileges(const struct identity *id)
 }
 
 static void
-run_child(struct master *m, int slot, enum worker_role role)
+run_child(struct master *m, int slot, enum scoreboard_role role)
 {
     struct worker_setup ws = {
         .conf = m->conf,
@@ -247,7 +247,7 @@ run_child(struct master *m, int slot, enum worker_role role)
         .slot = slot,
         .role = role,
         .chat_fd = m->ls.chat_fd,
-        .status_fd = role == WORKER_CONTROL ? m->ls.status_fd : -1,
+        .status_fd = role == SCOREBOARD_CONTROL ? m->ls.status_fd : -1,
         .master_pid = getppid(),
     };
 
@@ -256,10 +256,10 @@ run_child(struct master *m, int slot, enum worker_role role)
 }
 
 static int
-spawn(struct master *m, enum worker_role role)
+spawn(struct master *m, enum scoreboard_role role)
 {
     int slot = scoreboard_free_slot(m->pool);
-    struct sb_slot *s;
+    struct scoreboard_slot *s;
     pid_t pid;
 
     if (slot == -1)
@@ -286,19 +286,21 @@ spawn(struct master *m, enum worker_role role)
 /* Live workers of the current generation with a role, and how many of
  * them are idle (or starting, which will be idle in a moment). */
 static unsigned
-count_workers(const struct master *m, enum worker_role role, unsigned *idle)
+count_workers(const struct master *m, enum scoreboard_role role,
+              unsigned *idle)
 {
     unsigned n = 0, free_now = 0;
 
     for (uint32_t i = 0; i < m->pool->nslots; i++) {
-        const struct sb_slot *s = &m->pool->slots[i];
+        const struct scoreboard_slot *s = &m->pool->slots[i];
 
         if (s->pid == 0 || s->role != (int)role ||
             m->children[i].generation != m->generation ||
             m->children[i].retiring)
             continue;
         n++;
-        free_now += s->state == SB_IDLE || s->state == SB_STARTING;
+        free_now += s->state == SCOREBOARD_IDLE ||
+                    s->state == SCOREBOARD_STARTING;
     }
     if (idle != NULL)
         *idle = free_now;
@@ -391,11 +393,12 @@ spawn_due(struct master *m)
 
     if (m->stop != RUNNING || clock_ms() < m->spawn_after_ms)
         return;
-    if (m->ls.status_fd >= 0 && count_workers(m, WORKER_CONTROL, NULL) == 0)
-        spawn(m, WORKER_CONTROL);
-    for (have = count_workers(m, WORKER_CHAT, NULL); have < m->chat_target;
+    if (m->ls.status_fd >= 0 &&
+        count_workers(m, SCOREBOARD_CONTROL, NULL) == 0)
+        spawn(m, SCOREBOARD_CONTROL);
+    for (have = count_workers(m, SCOREBOARD_CHAT, NULL); have < m->chat_target;
          have++)
-        if (spawn(m, WORKER_CHAT) == -1)
+        if (spawn(m, SCOREBOARD_CHAT) == -1)
             break;
 }
 
@@ -411,9 +414,10 @@ static int
 idle_chat_slot(const struct master *m)
 {
     for (uint32_t i = 0; i < m->pool->nslots; i++) {
-        const struct sb_slot *s = &m->pool->slots[i];
+        const struct scoreboard_slot *s = &m->pool->slots[i];
 
-        if (s->pid != 0 && s->role == WORKER_CHAT && s->state == SB_IDLE &&
+        if (s->pid != 0 && s->role == SCOREBOARD_CHAT &&
+            s->state == SCOREBOARD_IDLE &&
             m->children[i].generation == m->generation &&
             !m->children[i].retiring)
             return (int)i;
@@ -428,7 +432,7 @@ static void
 size_dynamic_pool(struct master *m)
 {
     const struct conf *c = m->conf;
-    unsigned idle, total = count_workers(m, WORKER_CHAT, &idle);
+    unsigned idle, total = count_workers(m, SCOREBOARD_CHAT, &idle);
 
     if (idle < (unsigned)c->min_spare_workers) {
         unsigned want = (unsigned)c->min_spare_workers - idle;
@@ -472,7 +476,7 @@ watchdog(struct master *m)
                    WATCHDOG_GRACE_MS;
 
     for (uint32_t i = 0; i < m->pool->nslots; i++) {
-        struct sb_slot *s = &m->pool->slots[i];
+        struct scoreboard_slot *s = &m->pool->slots[i];
         int64_t began = s->request_at_ms;
 
         if (s->pid == 0 || began == 0 || (double)(now - began) < limit)
@@ -569,7 +573,8 @@ reexec_environ(const struct master *m, char *handover, size_t size)
     size_t n = 0;
     char **env;
 
-    listener_reexec_env(&m->ls, m->sb_fd, m->generation, handover, size);
+    listener_reexec_env(&m->ls, m->scoreboard_fd, m->generation, handover,
+                        size);
     while (environ[n] != NULL)
         n++;
     env = calloc(n + 2, sizeof(*env));
@@ -608,6 +613,8 @@ usable(const struct conf *c, char err[CONF_ERR_LEN])
     struct identity id;
     const char *files[] = {c->pid_file, c->error_log, c->access_log};
 
+    if (worker_check_conf(c, err, CONF_ERR_LEN) == -1)
+        return 0;
     if (lookup_identity(c->user, c->group, &id) == -1) {
         snprintf(err, CONF_ERR_LEN, "user '%s' or group '%s' does not exist",
                  c->user, c->group);
@@ -739,7 +746,7 @@ static void
 retire_older_generations(struct master *m)
 {
     for (uint32_t i = 0; i < m->pool->nslots; i++) {
-        struct sb_slot *s = &m->pool->slots[i];
+        struct scoreboard_slot *s = &m->pool->slots[i];
 
         if (s->pid != 0 && s->generation != m->generation) {
             m->children[i].generation = s->generation;
@@ -801,7 +808,7 @@ block_signals(sigset_t *set)
 }
 
 static void
-name_providers(struct sb_pool *pool, const struct conf *c)
+name_providers(struct scoreboard *pool, const struct conf *c)
 {
     const char *names[CONF_PROVIDERS_MAX];
 
@@ -816,7 +823,7 @@ open_scoreboard(struct master *m, int inherited_fd)
     /* Room for a whole old generation beside the new one during reload. */
     uint32_t nslots = 2 * ((uint32_t)m->conf->workers + 1);
 
-    m->pool = scoreboard_open(inherited_fd, nslots, &m->sb_fd);
+    m->pool = scoreboard_open(inherited_fd, nslots, &m->scoreboard_fd);
     if (m->pool == NULL) {
         log_warn("master", "cannot set up the scoreboard");
         return -1;
@@ -829,7 +836,7 @@ open_scoreboard(struct master *m, int inherited_fd)
 static int
 start(struct master *m)
 {
-    int sb_fd, inherited;
+    int scoreboard_fd, inherited;
 
     if (worker_identity(m) == -1)
         return -1;
@@ -837,9 +844,9 @@ start(struct master *m)
         log_chown(m->worker_id.uid, m->worker_id.gid) == -1)
         log_warn("master", "cannot give the log files to %s",
                  m->worker_id.user);
-    inherited = listener_inherit(&m->ls, &sb_fd, &m->generation);
+    inherited = listener_inherit(&m->ls, &scoreboard_fd, &m->generation);
     if (inherited == -1 || acquire_listeners(m, inherited, 1) == -1 ||
-        open_scoreboard(m, sb_fd) == -1 ||
+        open_scoreboard(m, scoreboard_fd) == -1 ||
         write_pid_file(m->conf->pid_file) == -1)
         return -1;
     worker_prepare_listener(m->ls.chat_fd);
@@ -885,15 +892,15 @@ master_run_single(const struct conf *c)
 {
     struct master m = {.conf = c};
     struct worker_setup ws = {.conf = c, .status_fd = -1};
-    int sb_fd, inherited;
+    int scoreboard_fd, inherited;
 
     if (worker_identity(&m) == -1)
         return 1;
-    inherited = listener_inherit(&m.ls, &sb_fd, &m.generation);
+    inherited = listener_inherit(&m.ls, &scoreboard_fd, &m.generation);
     if (inherited == -1 || (!inherited && acquire_listeners(&m, 0, 0) == -1))
         return 1;
     worker_prepare_listener(m.ls.chat_fd);
-    ws.pool = scoreboard_open(-1, 1, &sb_fd);
+    ws.pool = scoreboard_open(-1, 1, &scoreboard_fd);
     if (m.ls.chat_fd == -1 || ws.pool == NULL)
         return 1;
     name_providers(ws.pool, c);

@@ -1,3 +1,4 @@
+/* metrics: the status page and Prometheus text, from the scoreboard. */
 #include "metrics.h"
 
 #include <netinet/in.h>
@@ -10,40 +11,40 @@
 #include "conf.h"
 #include "fcgi.h"
 #include "json.h"
+#include "http.h"
 #include "scoreboard.h"
-#include "worker.h"
 
-static const char *const upstream_error_names[SB_UP_KINDS] = {
+static const char *const upstream_error_names[SCOREBOARD_UP_KINDS] = {
     "timeout", "unreachable", "http_error", "bad_answer", "failed",
     "client_gone",
 };
 
-int
-metrics_client_allowed(const char *allow, const char *addr)
+#define METRICS_TEXT_MAX (1024 * 1024)
+
+void
+metrics_init(struct metrics *m, const struct conf *c, struct scoreboard *pool,
+             int chat_fd)
 {
-    size_t n = strlen(addr);
+    m->conf = c;
+    m->pool = pool;
+    m->chat_fd = chat_fd;
+    buf_init(&m->text, METRICS_TEXT_MAX);
+}
 
-    while (*allow != '\0') {
-        size_t len;
-
-        allow += strspn(allow, " ,");
-        len = strcspn(allow, " ,");
-        if ((len == 1 && allow[0] == '*') ||
-            (len == n && n > 0 && memcmp(allow, addr, n) == 0))
-            return 1;
-        allow += len;
-    }
-    return 0;
+void
+metrics_cleanup(struct metrics *m)
+{
+    buf_cleanup(&m->text);
 }
 
 static int
-check_client(struct worker *w)
+check_client(const struct metrics *m, struct http_request *r)
 {
-    const char *addr = fcgi_param(w->req.fcgi, "REMOTE_ADDR");
+    const char *addr = fcgi_param(r->fcgi, "REMOTE_ADDR");
 
-    if (metrics_client_allowed(w->conf->status_allow, addr))
+    if (conf_list_has(m->conf->status_allow, addr, strlen(addr)))
         return 0;
-    http_send_error(&w->req, 403, "forbidden", "status and metrics are only "
+    http_send_error(r, 403, "forbidden", "status and metrics are only "
                     "for the addresses in status_allow");
     return -1;
 }
@@ -76,12 +77,12 @@ gen_counter(yajl_gen g, const char *key, const uint64_t *counter)
 }
 
 static int
-gen_process(yajl_gen g, const struct sb_slot *s, int64_t now)
+gen_process(yajl_gen g, const struct scoreboard_slot *s, int64_t now)
 {
     int64_t began = s->request_at_ms;
 
     return yajl_gen_map_open(g) || json_gen_key_int(g, "pid", s->pid) ||
-           json_gen_key_cstr(g, "role", s->role == WORKER_CONTROL
+           json_gen_key_cstr(g, "role", s->role == SCOREBOARD_CONTROL
                                             ? "control"
                                             : "chat") ||
            json_gen_key_cstr(g, "state", scoreboard_state_name(s->state)) ||
@@ -94,7 +95,7 @@ gen_process(yajl_gen g, const struct sb_slot *s, int64_t now)
 }
 
 static int
-gen_processes(yajl_gen g, const struct sb_pool *p)
+gen_processes(yajl_gen g, const struct scoreboard *p)
 {
     int64_t now = clock_wall_ms();
 
@@ -118,25 +119,26 @@ gen_listen_queue(yajl_gen g, int fd)
 }
 
 static int
-gen_status(yajl_gen g, const struct worker *w)
+gen_status(yajl_gen g, const struct metrics *m)
 {
-    struct sb_pool *p = w->pool;
-    unsigned n[SB_STATES], active = 0;
+    const struct scoreboard *p = m->pool;
+    unsigned n[SCOREBOARD_STATES], active = 0;
 
-    scoreboard_count_states(p, WORKER_CHAT, n);
-    for (int i = SB_READING; i < SB_STATES; i++)
+    scoreboard_count_states(p, SCOREBOARD_CHAT, n);
+    for (int i = SCOREBOARD_READING; i < SCOREBOARD_STATES; i++)
         active += n[i];
     return yajl_gen_map_open(g) || json_gen_key_cstr(g, "pool", "chatfcgi") ||
-           json_gen_key_cstr(g, "process_manager", pm_name(w->conf)) ||
+           json_gen_key_cstr(g, "process_manager", pm_name(m->conf)) ||
            json_gen_key_int(g, "start_time", p->started_at_ms / 1000) ||
            json_gen_key_int(g, "start_since",
                             (clock_wall_ms() - p->started_at_ms) / 1000) ||
            gen_counter(g, "accepted_conn", &p->accepted) ||
-           gen_listen_queue(g, w->setup->chat_fd) ||
-           json_gen_key_int(g, "idle_processes", n[SB_IDLE]) ||
+           gen_listen_queue(g, m->chat_fd) ||
+           json_gen_key_int(g, "idle_processes", n[SCOREBOARD_IDLE]) ||
            json_gen_key_int(g, "active_processes", active) ||
            json_gen_key_int(g, "total_processes",
-                            active + n[SB_IDLE] + n[SB_STARTING]) ||
+                            active + n[SCOREBOARD_IDLE] +
+                                n[SCOREBOARD_STARTING]) ||
            gen_counter(g, "max_active_processes", &p->max_active) ||
            gen_counter(g, "max_children_reached", &p->max_children_reached) ||
            gen_counter(g, "slow_requests", &p->slow_requests) ||
@@ -148,32 +150,32 @@ gen_status(yajl_gen g, const struct worker *w)
 }
 
 void
-metrics_serve_status(struct worker *w)
+metrics_serve_status(struct metrics *m, struct http_request *r)
 {
-    if (check_client(w) == -1)
+    if (check_client(m, r) == -1)
         return;
-    json_gen_restart(w->gen);
-    if (gen_status(w->gen, w) != 0) {
-        http_send_error(&w->req, 500, "internal_error",
+    json_gen_restart(r->gen);
+    if (gen_status(r->gen, m) != 0) {
+        http_send_error(r, 500, "internal_error",
                         "the status cannot be encoded");
         return;
     }
-    http_send_json(&w->req, 200);
+    http_send_json(r, 200);
 }
 
 static int
 put_histogram(struct buf *b, const char *name, const char *help,
-              const struct sb_histogram *h)
+              const struct scoreboard_histogram *h)
 {
     uint64_t cumulative = 0;
     int rc = buf_printf(b, "# HELP %s %s\n# TYPE %s histogram\n", name, help,
                         name);
 
-    for (size_t i = 0; i < SB_BUCKETS && rc == 0; i++) {
+    for (size_t i = 0; i < SCOREBOARD_BUCKETS && rc == 0; i++) {
         unsigned bound = scoreboard_bucket_bound_ms(i);
 
         cumulative += scoreboard_read(&h->buckets[i]);
-        if (i < SB_BUCKETS - 1)
+        if (i < SCOREBOARD_BUCKETS - 1)
             rc = buf_printf(b, "%s_bucket{le=\"%g\"} %llu\n", name,
                             bound / 1000.0, (unsigned long long)cumulative);
         else
@@ -195,31 +197,31 @@ put_counter(struct buf *b, const char *name, const char *help,
 }
 
 static int
-put_requests(struct buf *b, const struct sb_pool *p)
+put_requests(struct buf *b, const struct scoreboard *p)
 {
     static const char name[] = "chatfcgi_requests_total";
     int rc = buf_printf(b, "# HELP %s Requests answered, by HTTP status "
                         "(499: the client went away).\n# TYPE %s counter\n",
                         name, name);
 
-    for (int i = 0; i < SB_STATUS_OTHER && rc == 0; i++)
+    for (int i = 0; i < SCOREBOARD_STATUS_OTHER && rc == 0; i++)
         rc = buf_printf(b, "%s{status=\"%d\"} %llu\n", name,
                         scoreboard_status_code(i),
                         (unsigned long long)scoreboard_read(
                             &p->by_status[i]));
     return rc || buf_printf(b, "%s{status=\"other\"} %llu\n", name,
                             (unsigned long long)scoreboard_read(
-                                &p->by_status[SB_STATUS_OTHER]));
+                                &p->by_status[SCOREBOARD_STATUS_OTHER]));
 }
 
 static int
-put_upstream_errors(struct buf *b, const struct sb_pool *p)
+put_upstream_errors(struct buf *b, const struct scoreboard *p)
 {
     static const char name[] = "chatfcgi_upstream_errors_total";
     int rc = buf_printf(b, "# HELP %s Failed model calls, by kind.\n"
                         "# TYPE %s counter\n", name, name);
 
-    for (int i = 0; i < SB_UP_KINDS && rc == 0; i++)
+    for (int i = 0; i < SCOREBOARD_UP_KINDS && rc == 0; i++)
         rc = buf_printf(b, "%s{kind=\"%s\"} %llu\n", name,
                         upstream_error_names[i],
                         (unsigned long long)scoreboard_read(
@@ -228,30 +230,30 @@ put_upstream_errors(struct buf *b, const struct sb_pool *p)
 }
 
 static int
-put_workers(struct buf *b, const struct sb_pool *p)
+put_workers(struct buf *b, const struct scoreboard *p)
 {
     static const char name[] = "chatfcgi_workers";
-    unsigned n[SB_STATES];
+    unsigned n[SCOREBOARD_STATES];
     int rc = buf_printf(b, "# HELP %s Chat workers, by state.\n"
                         "# TYPE %s gauge\n", name, name);
 
-    scoreboard_count_states(p, WORKER_CHAT, n);
-    for (int i = 0; i < SB_STATES && rc == 0; i++)
+    scoreboard_count_states(p, SCOREBOARD_CHAT, n);
+    for (int i = 0; i < SCOREBOARD_STATES && rc == 0; i++)
         rc = buf_printf(b, "%s{state=\"%s\"} %u\n", name,
                         scoreboard_state_name(i), n[i]);
     return rc;
 }
 
-/* One counter of every provider, from its offset in struct sb_provider. */
+/* One counter of every provider, from its offset in its struct. */
 static int
-put_provider_counter(struct buf *b, const struct sb_pool *p,
+put_provider_counter(struct buf *b, const struct scoreboard *p,
                      const char *name, const char *help, size_t offset)
 {
     int rc = buf_printf(b, "# HELP %s %s\n# TYPE %s counter\n", name, help,
                         name);
 
-    for (size_t i = 0; i < SB_PROVIDERS && rc == 0; i++) {
-        const struct sb_provider *pr = &p->providers[i];
+    for (size_t i = 0; i < SCOREBOARD_PROVIDERS && rc == 0; i++) {
+        const struct scoreboard_provider *pr = &p->providers[i];
 
         if (pr->name[0] != '\0')
             rc = buf_printf(b, "%s{provider=\"%s\"} %llu\n", name, pr->name,
@@ -263,7 +265,7 @@ put_provider_counter(struct buf *b, const struct sb_pool *p,
 }
 
 static int
-put_provider_health(struct buf *b, const struct sb_pool *p)
+put_provider_health(struct buf *b, const struct scoreboard *p)
 {
     static const char errors[] = "chatfcgi_provider_errors_total";
     static const char cooling[] = "chatfcgi_provider_cooling_down";
@@ -271,8 +273,8 @@ put_provider_health(struct buf *b, const struct sb_pool *p)
     int rc = buf_printf(b, "# HELP %s Failed attempts, by provider and "
                         "kind.\n# TYPE %s counter\n", errors, errors);
 
-    for (size_t i = 0; i < SB_PROVIDERS && rc == 0; i++)
-        for (int k = 0; k < SB_UP_KINDS && rc == 0 &&
+    for (size_t i = 0; i < SCOREBOARD_PROVIDERS && rc == 0; i++)
+        for (int k = 0; k < SCOREBOARD_UP_KINDS && rc == 0 &&
                         p->providers[i].name[0] != '\0';
              k++)
             rc = buf_printf(b, "%s{provider=\"%s\",kind=\"%s\"} %llu\n",
@@ -282,7 +284,7 @@ put_provider_health(struct buf *b, const struct sb_pool *p)
                                 &p->providers[i].errors[k]));
     rc = rc || buf_printf(b, "# HELP %s 1 while every worker skips the "
                           "provider.\n# TYPE %s gauge\n", cooling, cooling);
-    for (size_t i = 0; i < SB_PROVIDERS && rc == 0; i++)
+    for (size_t i = 0; i < SCOREBOARD_PROVIDERS && rc == 0; i++)
         if (p->providers[i].name[0] != '\0')
             rc = buf_printf(b, "%s{provider=\"%s\"} %d\n", cooling,
                             p->providers[i].name,
@@ -292,10 +294,10 @@ put_provider_health(struct buf *b, const struct sb_pool *p)
 
 #define PROVIDER_COUNTER(field, help)                                          \
     put_provider_counter(b, p, "chatfcgi_provider_" #field "_total", help,    \
-                         offsetof(struct sb_provider, field))
+                         offsetof(struct scoreboard_provider, field))
 
 static int
-put_providers(struct buf *b, const struct sb_pool *p)
+put_providers(struct buf *b, const struct scoreboard *p)
 {
     return PROVIDER_COUNTER(attempts, "Requests sent to the provider.") ||
            PROVIDER_COUNTER(successes, "Attempts that gave the answer.") ||
@@ -308,7 +310,7 @@ put_providers(struct buf *b, const struct sb_pool *p)
 }
 
 static int
-put_all(struct buf *b, const struct sb_pool *p)
+put_all(struct buf *b, const struct scoreboard *p)
 {
     return put_requests(b, p) ||
            put_histogram(b, "chatfcgi_request_duration_seconds",
@@ -338,16 +340,15 @@ put_all(struct buf *b, const struct sb_pool *p)
 }
 
 void
-metrics_serve_prometheus(struct worker *w)
+metrics_serve_prometheus(struct metrics *m, struct http_request *r)
 {
-    if (check_client(w) == -1)
+    if (check_client(m, r) == -1)
         return;
-    buf_reset(&w->text);
-    if (put_all(&w->text, w->pool) != 0) {
-        http_send_error(&w->req, 500, "internal_error",
-                        "the metrics do not fit");
+    buf_reset(&m->text);
+    if (put_all(&m->text, m->pool) != 0) {
+        http_send_error(r, 500, "internal_error", "the metrics do not fit");
         return;
     }
-    http_send_text(&w->req, 200, "text/plain; version=0.0.4", w->text.data,
-                   w->text.len);
+    http_send_text(r, 200, "text/plain; version=0.0.4", m->text.data,
+                   m->text.len);
 }

@@ -1,3 +1,4 @@
+/* route: method and path to a route, 404 or 405. */
 #include "route.h"
 
 #include <string.h>

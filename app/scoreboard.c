@@ -1,3 +1,4 @@
+/* scoreboard: the pool's shared memory: slots, counters, histograms. */
 #include "scoreboard.h"
 
 #include <errno.h>
@@ -9,11 +10,12 @@
 
 #include "clock.h"
 
-#define SB_MAGIC 0x63686174736231ULL /* "chatsb1" */
+#define SCOREBOARD_MAGIC 0x63686174736231ULL /* "chatsb1" */
 
-static const unsigned bucket_bounds_ms[SB_BUCKETS - 1] = SB_BUCKET_BOUNDS_MS;
+static const unsigned bucket_bounds_ms[SCOREBOARD_BUCKETS - 1] =
+    SCOREBOARD_BUCKET_BOUNDS_MS;
 
-static const char *const state_names[SB_STATES] = {
+static const char *const state_names[SCOREBOARD_STATES] = {
     "starting", "idle", "reading", "redis", "upstream", "streaming",
     "writing",
 };
@@ -21,10 +23,11 @@ static const char *const state_names[SB_STATES] = {
 static size_t
 pool_size(uint32_t nslots)
 {
-    return sizeof(struct sb_pool) + (size_t)nslots * sizeof(struct sb_slot);
+    return sizeof(struct scoreboard) +
+           (size_t)nslots * sizeof(struct scoreboard_slot);
 }
 
-static struct sb_pool *
+static struct scoreboard *
 map_pool(int fd, size_t size)
 {
     void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
@@ -33,11 +36,11 @@ map_pool(int fd, size_t size)
 }
 
 /* An inherited scoreboard: check it, and grow it for more slots. */
-static struct sb_pool *
+static struct scoreboard *
 adopt(int fd, uint32_t nslots)
 {
     struct stat st;
-    struct sb_pool *p;
+    struct scoreboard *p;
     uint32_t have;
 
     if (fstat(fd, &st) == -1 || (size_t)st.st_size < sizeof(*p))
@@ -45,7 +48,7 @@ adopt(int fd, uint32_t nslots)
     p = map_pool(fd, (size_t)st.st_size);
     if (p == NULL)
         return NULL;
-    if (p->magic != SB_MAGIC) {
+    if (p->magic != SCOREBOARD_MAGIC) {
         munmap(p, (size_t)st.st_size);
         errno = EINVAL;
         return NULL;
@@ -62,12 +65,12 @@ adopt(int fd, uint32_t nslots)
     return p;
 }
 
-static struct sb_pool *
+static struct scoreboard *
 create(uint32_t nslots, int *out_fd)
 {
     /* No MFD_CLOEXEC: a reload execs the master, which adopts it. */
     int fd = memfd_create("chatfcgi-scoreboard", 0);
-    struct sb_pool *p;
+    struct scoreboard *p;
 
     if (fd == -1)
         return NULL;
@@ -76,14 +79,14 @@ create(uint32_t nslots, int *out_fd)
         close(fd);
         return NULL;
     }
-    p->magic = SB_MAGIC;
+    p->magic = SCOREBOARD_MAGIC;
     p->nslots = nslots;
     p->started_at_ms = clock_wall_ms();
     *out_fd = fd;
     return p;
 }
 
-struct sb_pool *
+struct scoreboard *
 scoreboard_open(int fd, uint32_t nslots, int *out_fd)
 {
     if (fd < 0)
@@ -93,11 +96,11 @@ scoreboard_open(int fd, uint32_t nslots, int *out_fd)
 }
 
 void
-scoreboard_name_providers(struct sb_pool *p, const char *const *names,
+scoreboard_name_providers(struct scoreboard *p, const char *const *names,
                           size_t n)
 {
-    for (size_t i = 0; i < n && i < SB_PROVIDERS; i++) {
-        struct sb_provider *pr = &p->providers[i];
+    for (size_t i = 0; i < n && i < SCOREBOARD_PROVIDERS; i++) {
+        struct scoreboard_provider *pr = &p->providers[i];
 
         if (strncmp(pr->name, names[i], sizeof(pr->name)) == 0)
             continue;
@@ -107,7 +110,7 @@ scoreboard_name_providers(struct sb_pool *p, const char *const *names,
 }
 
 int
-scoreboard_free_slot(const struct sb_pool *p)
+scoreboard_free_slot(const struct scoreboard *p)
 {
     for (uint32_t i = 0; i < p->nslots; i++)
         if (p->slots[i].pid == 0)
@@ -116,15 +119,17 @@ scoreboard_free_slot(const struct sb_pool *p)
 }
 
 void
-scoreboard_count_states(const struct sb_pool *p, int role,
-                        unsigned n[SB_STATES])
+scoreboard_count_states(const struct scoreboard *p,
+                        enum scoreboard_role role,
+                        unsigned n[SCOREBOARD_STATES])
 {
-    memset(n, 0, SB_STATES * sizeof(*n));
+    memset(n, 0, SCOREBOARD_STATES * sizeof(*n));
     for (uint32_t i = 0; i < p->nslots; i++) {
-        const struct sb_slot *s = &p->slots[i];
+        const struct scoreboard_slot *s = &p->slots[i];
         int state = __atomic_load_n(&s->state, __ATOMIC_RELAXED);
 
-        if (s->pid != 0 && s->role == role && state >= 0 && state < SB_STATES)
+        if (s->pid != 0 && s->role == (int)role && state >= 0 &&
+            state < SCOREBOARD_STATES)
             n[state]++;
     }
 }
@@ -142,19 +147,19 @@ scoreboard_read(const uint64_t *counter)
 }
 
 void
-scoreboard_set_state(struct sb_slot *s, enum sb_state state)
+scoreboard_set_state(struct scoreboard_slot *s, enum scoreboard_state state)
 {
     __atomic_store_n(&s->state, (int)state, __ATOMIC_RELAXED);
 }
 
 static void
-raise_max_active(struct sb_pool *p)
+raise_max_active(struct scoreboard *p)
 {
-    unsigned n[SB_STATES];
+    unsigned n[SCOREBOARD_STATES];
     uint64_t active = 0, seen;
 
-    scoreboard_count_states(p, 0 /* chat */, n);
-    for (int i = SB_READING; i < SB_STATES; i++)
+    scoreboard_count_states(p, SCOREBOARD_CHAT, n);
+    for (int i = SCOREBOARD_READING; i < SCOREBOARD_STATES; i++)
         active += n[i];
     seen = scoreboard_read(&p->max_active);
     while (active > seen &&
@@ -164,24 +169,24 @@ raise_max_active(struct sb_pool *p)
 }
 
 void
-scoreboard_request_begin(struct sb_pool *p, struct sb_slot *s,
+scoreboard_request_begin(struct scoreboard *p, struct scoreboard_slot *s,
                          const char *method, const char *path,
                          const char *request_id)
 {
     snprintf(s->request, sizeof(s->request), "%s %.40s req=%s", method, path,
              request_id);
     s->request_at_ms = clock_wall_ms();
-    scoreboard_set_state(s, SB_READING);
+    scoreboard_set_state(s, SCOREBOARD_READING);
     scoreboard_add(&p->accepted, 1);
     raise_max_active(p);
 }
 
 static void
-observe(struct sb_histogram *h, double ms)
+observe(struct scoreboard_histogram *h, double ms)
 {
     size_t b = 0;
 
-    while (b < SB_BUCKETS - 1 && ms > bucket_bounds_ms[b])
+    while (b < SCOREBOARD_BUCKETS - 1 && ms > bucket_bounds_ms[b])
         b++;
     scoreboard_add(&h->buckets[b], 1);
     scoreboard_add(&h->count, 1);
@@ -189,8 +194,9 @@ observe(struct sb_histogram *h, double ms)
 }
 
 void
-scoreboard_request_end(struct sb_pool *p, struct sb_slot *s, int status,
-                       double total_ms, double redis_ms, double upstream_ms)
+scoreboard_request_end(struct scoreboard *p, struct scoreboard_slot *s,
+                       int status, double total_ms, double redis_ms,
+                       double upstream_ms)
 {
     scoreboard_add(&p->by_status[scoreboard_status_index(status)], 1);
     observe(&p->total, total_ms);
@@ -200,48 +206,49 @@ scoreboard_request_end(struct sb_pool *p, struct sb_slot *s, int status,
         observe(&p->upstream, upstream_ms);
     s->requests++;
     s->request_at_ms = 0;
-    scoreboard_set_state(s, SB_IDLE);
+    scoreboard_set_state(s, SCOREBOARD_IDLE);
 }
 
 void
-scoreboard_count_upstream_error(struct sb_pool *p, enum sb_upstream_error k)
+scoreboard_count_upstream_error(struct scoreboard *p,
+                                enum scoreboard_upstream_error k)
 {
     scoreboard_add(&p->upstream_errors[k], 1);
 }
 
-enum sb_status_index
+enum scoreboard_status_index
 scoreboard_status_index(int status)
 {
     switch (status) {
 #define X(code)                                                                \
     case code:                                                                 \
-        return SB_STATUS_##code;
-        SB_STATUS_CODES
+        return SCOREBOARD_STATUS_##code;
+        SCOREBOARD_STATUS_CODES
 #undef X
     }
-    return SB_STATUS_OTHER;
+    return SCOREBOARD_STATUS_OTHER;
 }
 
 int
-scoreboard_status_code(enum sb_status_index i)
+scoreboard_status_code(enum scoreboard_status_index i)
 {
     static const int codes[] = {
 #define X(code) code,
-        SB_STATUS_CODES
+        SCOREBOARD_STATUS_CODES
 #undef X
     };
 
-    return i < SB_STATUS_OTHER ? codes[i] : 0;
+    return i < SCOREBOARD_STATUS_OTHER ? codes[i] : 0;
 }
 
 const char *
-scoreboard_state_name(enum sb_state state)
+scoreboard_state_name(enum scoreboard_state state)
 {
-    return state < SB_STATES ? state_names[state] : "unknown";
+    return state < SCOREBOARD_STATES ? state_names[state] : "unknown";
 }
 
 unsigned
 scoreboard_bucket_bound_ms(size_t i)
 {
-    return i < SB_BUCKETS - 1 ? bucket_bounds_ms[i] : 0;
+    return i < SCOREBOARD_BUCKETS - 1 ? bucket_bounds_ms[i] : 0;
 }

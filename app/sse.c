@@ -1,5 +1,7 @@
+/* sse: Server-Sent Events, parsed as they arrive and framed to send. */
 #include "sse.h"
 
+#include <stdio.h>
 #include <string.h>
 
 void
@@ -29,9 +31,9 @@ sse_cleanup(struct sse_parser *p)
     buf_cleanup(&p->data);
 }
 
-/* A blank line ends the event: dispatch it if it had data. */
+/* A blank line ends the event: pass it on if it had data. */
 static int
-dispatch(struct sse_parser *p)
+end_event(struct sse_parser *p)
 {
     int rc = 0;
 
@@ -52,7 +54,7 @@ process_line(struct sse_parser *p, const char *s, size_t n)
     size_t value_len;
 
     if (n == 0)
-        return dispatch(p);
+        return end_event(p);
     if (s[0] == ':')
         return 0; /* a comment, such as a keep-alive */
     colon = memchr(s, ':', n);
@@ -120,4 +122,13 @@ sse_feed(struct sse_parser *p, const char *bytes, size_t n)
         i++;
     }
     return 0;
+}
+
+size_t
+sse_event_head(char out[SSE_HEAD_MAX], const char *name)
+{
+    int n = name ? snprintf(out, SSE_HEAD_MAX, "event: %s\ndata: ", name)
+                 : snprintf(out, SSE_HEAD_MAX, "data: ");
+
+    return n < SSE_HEAD_MAX ? (size_t)n : SSE_HEAD_MAX - 1;
 }

@@ -1,8 +1,8 @@
+/* store: the Redis connection, its URL, Sentinels and reconnects. */
 #include "store.h"
 
 #include <ctype.h>
 #include <errno.h>
-#include <stdarg.h>
 #include <hiredis/hiredis.h>
 #include <poll.h>
 #include <stdio.h>
@@ -11,7 +11,6 @@
 
 #include "clock.h"
 #include "conf.h"
-#include "history.h"
 #include "json.h"
 #include "log.h"
 
@@ -575,89 +574,14 @@ reply_failed(struct store *s, redisReply *r, const char *what)
     return 0;
 }
 
-/* Run one command and check its reply; the caller frees *out. */
-static int
-command(struct store *s, redisReply **out, const char *what,
-        const char *fmt, ...)
-{
-    va_list ap;
-
-    *out = NULL;
-    if (ensure_connected(s) == -1)
-        return -1;
-    va_start(ap, fmt);
-    *out = redisvCommand(s->ctx, fmt, ap);
-    va_end(ap);
-    if (reply_failed(s, *out, what) == 0)
-        return 0;
-    freeReplyObject(*out);
-    *out = NULL;
-    return -1;
-}
-
 int
 store_ping(struct store *s)
 {
-    redisReply *r;
-    int rc = command(s, &r, "PING", "PING");
+    const char *ping[] = {"PING"};
+    redisReply *r = store_command_argv(s, 1, ping, NULL, "PING");
 
     freeReplyObject(r);
-    return rc;
-}
-
-size_t
-store_history_key(char key[STORE_KEY_MAX], const char *session_id)
-{
-    int n = snprintf(key, STORE_KEY_MAX, "chat:{%s}:history", session_id);
-
-    return n < STORE_KEY_MAX ? (size_t)n : STORE_KEY_MAX - 1;
-}
-
-void
-store_fill_history(const redisReply *r, size_t from, struct history *h)
-{
-    size_t i = r->elements;
-
-    history_reset(h);
-    /* Newest first, for as long as items are readable and fit the cap: a
-     * lowered limit must not make an old session unreadable. */
-    for (; i > from; i--) {
-        const redisReply *item = r->element[i - 1];
-
-        if (item->type != REDIS_REPLY_STRING ||
-            history_add_json(h, item->str, item->len) == -1)
-            break;
-    }
-    /* Whole pairs only: a reply whose question did not make it goes too. */
-    if (h->count % 2 == 1 && i > from) {
-        history_drop_last(h);
-        i++;
-    }
-    h->skipped = i - from;
-    if (h->skipped > 0)
-        log_warnx("store", "%zu older history items are over the cap or "
-                  "unreadable; the next turn trims them", h->skipped);
-    history_reverse(h);
-}
-
-int
-store_history_load(struct store *s, const char *session_id, struct history *h)
-{
-    char key[STORE_KEY_MAX];
-    size_t klen = store_history_key(key, session_id);
-    redisReply *r;
-
-    history_reset(h);
-    if (command(s, &r, "LRANGE", "LRANGE %b 0 -1", key, klen) == -1)
-        return -1;
-    if (r->type != REDIS_REPLY_ARRAY) {
-        snprintf(s->err, STORE_ERR_LEN, "LRANGE gave no list");
-        freeReplyObject(r);
-        return -1;
-    }
-    store_fill_history(r, 0, h);
-    freeReplyObject(r);
-    return 0;
+    return r != NULL ? 0 : -1;
 }
 
 struct redisReply *
@@ -673,18 +597,6 @@ store_command_argv(struct store *s, int argc, const char **argv,
         return r;
     freeReplyObject(r);
     return NULL;
-}
-
-int
-store_history_delete(struct store *s, const char *session_id)
-{
-    char key[STORE_KEY_MAX];
-    size_t klen = store_history_key(key, session_id);
-    redisReply *r;
-    int rc = command(s, &r, "DEL", "DEL %b", key, klen);
-
-    freeReplyObject(r);
-    return rc;
 }
 
 /* The next reply of a pipeline, or NULL when the connection failed. */

@@ -1,6 +1,8 @@
+/* worker: one process's accept loop, routing and context. */
 #include "worker.h"
 
 #include <errno.h>
+#include <fcgiapp.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -9,24 +11,40 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
+#include <yajl/yajl_gen.h>
 
-#include "clock.h"
 #include "chat.h"
+#include "clock.h"
 #include "conf.h"
 #include "fcgi.h"
+#include "guard.h"
+#include "http.h"
 #include "json.h"
 #include "log.h"
 #include "metrics.h"
-#include "openai.h"
 #include "route.h"
-#include "scoreboard.h"
+#include "v1.h"
 
 #define PATH_SCRATCH 2048
-#define ITEM_OVERHEAD 64
-#define JSON_ESCAPE_GROWTH 6 /* a byte may become \u00XX */
 #define IDLE_WAKE_MS 1000    /* look at signals and the master this often */
 #define CONTROL_TICK_MS 50   /* how often the control worker checks the queue */
-#define METRICS_TEXT_MAX (1024 * 1024)
+
+/* Everything a worker keeps, set up after fork. */
+struct worker {
+    const struct conf *conf;
+    const struct worker_setup *setup;
+    struct scoreboard *pool;
+    struct scoreboard_slot *slot;
+    FCGX_Request fcgi;  /* on the worker's own listening socket */
+    FCGX_Request spill; /* control: on the chat socket, to turn requests
+                           away */
+    int unix_socket;    /* fcgi's socket is AF_UNIX: no close linger */
+    struct http_request req; /* the request in hand */
+    yajl_gen gen;       /* response bodies */
+    struct chat *chat;
+    struct metrics metrics;
+    double queue_since_ms; /* control: since when requests wait unserved */
+};
 
 static volatile sig_atomic_t stop_requested;
 static volatile sig_atomic_t reopen_requested;
@@ -96,14 +114,11 @@ is_unix_socket(int fd)
 static void
 worker_setup(struct worker *w, const struct worker_setup *ws)
 {
-    const struct conf *c = ws->conf;
-    size_t max_msg = (size_t)c->chat.max_message_bytes;
-    size_t max_reply = (size_t)c->upstream.max_response_bytes;
-    int fd = ws->role == WORKER_CONTROL ? ws->status_fd : ws->chat_fd;
-    char err[LLM_MESSAGE_LEN];
+    int fd = ws->role == SCOREBOARD_CONTROL ? ws->status_fd : ws->chat_fd;
+    char err[CHAT_ERR_LEN];
 
     memset(w, 0, sizeof(*w));
-    w->conf = c;
+    w->conf = ws->conf;
     w->setup = ws;
     w->pool = ws->pool;
     w->slot = &ws->pool->slots[ws->slot];
@@ -114,65 +129,42 @@ worker_setup(struct worker *w, const struct worker_setup *ws)
     w->gen = json_gen_new();
     if (w->gen == NULL)
         fatal("worker", "out of memory");
-    if (store_init(&w->store, c) == -1)
-        fatal("worker", "%s", w->store.err);
-    if (llm_init(&w->llm, c, ws->pool, err) == -1)
+    w->chat = chat_new(ws->conf, ws->pool, w->slot, err);
+    if (w->chat == NULL)
         fatal("worker", "%s", err);
-    buf_init(&w->body, (size_t)c->chat.max_body_bytes);
-    buf_init(&w->arena, (size_t)c->chat.max_body_bytes + ITEM_OVERHEAD);
-    buf_init(&w->user_item, max_msg * JSON_ESCAPE_GROWTH + ITEM_OVERHEAD);
-    buf_init(&w->assistant_item, max_reply * JSON_ESCAPE_GROWTH +
-                                     ITEM_OVERHEAD);
-    buf_init(&w->replay, max_reply * JSON_ESCAPE_GROWTH + ITEM_OVERHEAD);
-    if (guard_init(&w->guard, c->client_keys) == -1)
-        fatal("worker", "client_keys: not a list of SHA-256 hex digests");
-    buf_init(&w->text, METRICS_TEXT_MAX);
-    history_init(&w->history, (size_t)c->chat.history_max_bytes + max_msg +
-                                  max_reply + ITEM_OVERHEAD);
-    llm_answer_init(&w->answer, max_reply);
+    metrics_init(&w->metrics, ws->conf, ws->pool, ws->chat_fd);
     w->unix_socket = is_unix_socket(fd);
 }
 
 static void
 worker_cleanup(struct worker *w)
 {
-    llm_answer_cleanup(&w->answer);
-    history_cleanup(&w->history);
-    buf_cleanup(&w->text);
-    buf_cleanup(&w->user_item);
-    buf_cleanup(&w->assistant_item);
-    buf_cleanup(&w->replay);
-    guard_cleanup(&w->guard);
-    buf_cleanup(&w->arena);
-    buf_cleanup(&w->body);
-    llm_cleanup(&w->llm);
-    store_cleanup(&w->store);
+    metrics_cleanup(&w->metrics);
+    chat_free(w->chat);
     yajl_gen_free(w->gen);
     FCGX_Free(&w->fcgi, 1);
     FCGX_Free(&w->spill, 1);
 }
 
-void
-worker_phase(struct worker *w, int sb_state)
+int
+worker_check_conf(const struct conf *c, char *err, size_t size)
 {
-    scoreboard_set_state(w->slot, (enum sb_state)sb_state);
+    char why[CHAT_ERR_LEN];
+
+    if (chat_check_conf(c, why) == 0)
+        return 0;
+    snprintf(err, size, "%s", why);
+    return -1;
 }
 
 static void
-serve_healthz(struct worker *w)
+serve_models(struct worker *w)
 {
-    int up = store_ping(&w->store) == 0;
-    yajl_gen g = w->gen;
-
-    json_gen_restart(g);
-    if (yajl_gen_map_open(g) ||
-        json_gen_key_cstr(g, "status", up ? "ok" : "unavailable") ||
-        json_gen_key_cstr(g, "redis", up ? "ok" : "down") ||
-        yajl_gen_map_close(g)) {
+    if (v1_gen_models(w->gen, w->conf->upstream.model) != 0) {
         http_send_error(&w->req, 500, "internal_error", "out of memory");
         return;
     }
-    http_send_json(&w->req, up ? 200 : 503);
+    http_send_json(&w->req, 200);
 }
 
 /* The routes every worker serves; the control worker serves no others. */
@@ -181,13 +173,13 @@ dispatch_common(struct worker *w, const struct route_match *m)
 {
     switch (m->id) {
     case ROUTE_HEALTHZ:
-        serve_healthz(w);
+        chat_healthz(w->chat, &w->req);
         return 1;
     case ROUTE_STATUS:
-        metrics_serve_status(w);
+        metrics_serve_status(&w->metrics, &w->req);
         return 1;
     case ROUTE_METRICS:
-        metrics_serve_prometheus(w);
+        metrics_serve_prometheus(&w->metrics, &w->req);
         return 1;
     case ROUTE_METHOD_NOT_ALLOWED:
         http_send_not_allowed(&w->req, m->allow);
@@ -201,23 +193,23 @@ dispatch_common(struct worker *w, const struct route_match *m)
 static void
 dispatch_chat(struct worker *w, const struct route_match *m)
 {
-    if (guard_request(w, m->allow) == -1)
+    if (guard_request(w->conf, &w->req, m->allow) == -1)
         return;
     switch (m->id) {
     case ROUTE_CHAT_POST:
-        chat_post(w);
+        chat_post(w->chat, &w->req);
         break;
     case ROUTE_SESSION_GET:
-        chat_get(w, m->tail);
+        chat_get(w->chat, &w->req, m->tail);
         break;
     case ROUTE_SESSION_DELETE:
-        chat_delete(w, m->tail);
+        chat_delete(w->chat, &w->req, m->tail);
         break;
     case ROUTE_V1_MODELS:
-        openai_models(w);
+        serve_models(w);
         break;
     case ROUTE_V1_COMPLETIONS:
-        openai_completions(w);
+        chat_completions(w->chat, &w->req);
         break;
     default:
         http_send_not_allowed(&w->req, m->allow);
@@ -231,8 +223,9 @@ dispatch(struct worker *w)
 
     route_resolve(w->req.method, w->req.path, &m);
     /* The /v1 face answers errors, even this early, as OpenAI does. */
-    w->req.openai = strncmp(w->req.path, "/v1/", 4) == 0;
-    if (m.guarded && w->setup->role == WORKER_CHAT)
+    if (strncmp(w->req.path, "/v1/", 4) == 0)
+        w->req.errors = &v1_errors;
+    if (m.guarded && w->setup->role == SCOREBOARD_CHAT)
         dispatch_chat(w, &m);
     else if (!m.guarded && dispatch_common(w, &m))
         return;
@@ -403,10 +396,11 @@ shed_waiting_requests(struct worker *w)
 {
     struct pollfd queue = {.fd = w->setup->chat_fd, .events = POLLIN};
     double now = clock_ms();
-    unsigned n[SB_STATES];
+    unsigned n[SCOREBOARD_STATES];
 
-    scoreboard_count_states(w->pool, WORKER_CHAT, n);
-    if (w->conf->queue_timeout_ms <= 0 || n[SB_IDLE] + n[SB_STARTING] > 0 ||
+    scoreboard_count_states(w->pool, SCOREBOARD_CHAT, n);
+    if (w->conf->queue_timeout_ms <= 0 ||
+        n[SCOREBOARD_IDLE] + n[SCOREBOARD_STARTING] > 0 ||
         poll(&queue, 1, 0) != 1) {
         w->queue_since_ms = 0;
         return;
@@ -425,7 +419,7 @@ control_loop(struct worker *w)
 {
     struct pollfd own = {.fd = w->setup->status_fd, .events = POLLIN};
 
-    scoreboard_set_state(w->slot, SB_IDLE);
+    scoreboard_set_state(w->slot, SCOREBOARD_IDLE);
     for (;;) {
         between_requests(w);
         if (stop_requested)
@@ -446,15 +440,15 @@ worker_main(const struct worker_setup *ws)
     char role[16];
 
     snprintf(role, sizeof(role), "%s%d",
-             ws->role == WORKER_CONTROL ? "C" : "W", ws->slot);
+             ws->role == SCOREBOARD_CONTROL ? "C" : "W", ws->slot);
     log_set_role(role);
     /* Single mode has no master to stop listening for it: keep it. */
     listen_fd_to_close = ws->master_pid != 0 ? ws->chat_fd : -1;
     install_signals();
     worker_setup(&w, ws);
     w.slot->pid = getpid();
-    scoreboard_set_state(w.slot, SB_IDLE);
-    if (ws->role == WORKER_CONTROL)
+    scoreboard_set_state(w.slot, SCOREBOARD_IDLE);
+    if (ws->role == SCOREBOARD_CONTROL)
         control_loop(&w);
     else
         chat_loop(&w);

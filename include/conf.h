@@ -1,8 +1,10 @@
 /*
  * conf: the configuration. One table describes every key (section, name,
  * type, bounds, default); values come from the defaults, then the INI file,
- * then CHATFCGI_* environment variables, which win. The struct is filled
- * once at startup and read-only afterwards; conf_free() releases it.
+ * then CHATFCGI_* environment variables, which win. conf_load also parses
+ * the values every worker would otherwise parse again (client_keys). The
+ * struct is filled once at startup and read-only afterwards; conf_free()
+ * releases it. It also owns the syntax of configured lists.
  */
 #ifndef CHATFCGI_CONF_H
 #define CHATFCGI_CONF_H
@@ -14,6 +16,7 @@
 enum conf_pool { CONF_POOL_STATIC, CONF_POOL_DYNAMIC, CONF_POOL_SINGLE };
 
 #define CONF_PROVIDERS_MAX 8
+#define CONF_DIGEST_LEN 32 /* SHA-256 */
 #define CONF_PROVIDER_NAME_MAX 32
 
 /* One model provider: a [provider NAME] section, or one of the URLs of
@@ -47,6 +50,8 @@ struct conf {
     char *status_listen; /* "off": none */
     char *status_allow;  /* client addresses for status and metrics */
     char *client_keys;     /* SHA-256 hex digests of client API keys */
+    unsigned char (*client_digests)[CONF_DIGEST_LEN]; /* the same, parsed */
+    size_t nclient_digests;
     char *trusted_proxies; /* addresses whose X-Forwarded-For is believed */
     char *cors_origins;    /* origins allowed by CORS; "" for none */
     long long idempotency_ttl_s;
@@ -125,5 +130,20 @@ int conf_load(struct conf *c, const char *path, char *const envp[],
               char err[CONF_ERR_LEN]);
 
 void conf_free(struct conf *c);
+
+/* Configured lists (client_keys, trusted_proxies, cors_origins,
+ * status_allow) separate their entries with commas or spaces. */
+
+/* The next entry of *list (len bytes), advancing *list; NULL at the end. */
+const char *conf_list_next(const char **list, size_t *len);
+
+/* 1 when s (n bytes) is an entry of list, or list has the entry "*". */
+int conf_list_has(const char *list, const char *s, size_t n);
+
+/* Parse a list of 64-hex-digit SHA-256 digests. Returns 0, or -1 when an
+ * entry is malformed (or memory runs out). The caller frees *out (NULL
+ * when the list is empty). */
+int conf_parse_digests(const char *list,
+                       unsigned char (**out)[CONF_DIGEST_LEN], size_t *n);
 
 #endif

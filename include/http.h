@@ -1,7 +1,8 @@
 /*
- * http: one request as the handlers see it (id, method, path, timings,
- * what was sent) and the responses of the contract: JSON bodies, the error
- * object, 204. Every response carries X-Request-Id. The worker owns the
+ * http: one request as the handlers see it (id, method, path, client,
+ * timings, what was sent) and the responses of the contract: JSON bodies,
+ * the error object (or another face's, such as OpenAI's on /v1), 204, and
+ * event streams. Every response carries X-Request-Id. The worker owns the
  * struct and resets it per request.
  */
 #ifndef CHATFCGI_HTTP_H
@@ -14,6 +15,14 @@
 #define HTTP_ID_LEN 65
 #define HTTP_STATUS_CLIENT_GONE 499 /* nginx's code, for the access log */
 #define HTTP_CORS_LEN 512
+#define HTTP_CLIENT_LEN 72
+
+/* How errors look on a face of the API other than the contract's. */
+struct http_error_style {
+    /* The error document for status, code and message, into g. */
+    int (*gen)(yajl_gen g, int status, const char *code, const char *message);
+    const char *event; /* a streamed error's event name; NULL: bare data */
+};
 
 struct http_request {
     FCGX_Request *fcgi;
@@ -25,7 +34,8 @@ struct http_request {
     int retry_after_s; /* for a 429 or 503; 0: one second */
     char cors[HTTP_CORS_LEN]; /* CORS header lines for an allowed origin */
     int streaming; /* an event stream has begun: errors become events */
-    int openai;    /* the /v1 face: OpenAI's error objects */
+    const struct http_error_style *errors; /* NULL: the contract's */
+    char client[HTTP_CLIENT_LEN]; /* who the request is from (guard) */
     size_t bytes_out;
     double start_ms, redis_ms, upstream_ms;
 };
@@ -60,9 +70,9 @@ int http_stream_begin(struct http_request *r);
  * -1 when the client went away. */
 int http_stream_event(struct http_request *r, const char *name);
 
-/* Write and flush raw text into a begun stream ("data: [DONE]\n\n").
- * Returns 0 or -1. */
-int http_stream_write(struct http_request *r, const char *text);
+/* The same with text as the data ("[DONE]"). Returns 0 or -1. */
+int http_stream_text(struct http_request *r, const char *name,
+                     const char *text);
 
 /* The path as routed: DOCUMENT_URI when the web server sends it, else
  * REQUEST_URI without its query string (into scratch). */

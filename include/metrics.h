@@ -7,12 +7,25 @@
 #ifndef CHATFCGI_METRICS_H
 #define CHATFCGI_METRICS_H
 
-struct worker;
+#include "buf.h"
 
-void metrics_serve_status(struct worker *w);
-void metrics_serve_prometheus(struct worker *w);
+struct conf;
+struct http_request;
+struct scoreboard;
 
-/* 1 when addr is in the comma-separated list allow ("*" allows all). */
-int metrics_client_allowed(const char *allow, const char *addr);
+/* What a worker keeps to serve them. */
+struct metrics {
+    const struct conf *conf;
+    struct scoreboard *pool;
+    int chat_fd;     /* the chat socket, for its listen queue */
+    struct buf text; /* the Prometheus exposition */
+};
+
+void metrics_init(struct metrics *m, const struct conf *c,
+                  struct scoreboard *pool, int chat_fd);
+void metrics_cleanup(struct metrics *m);
+
+void metrics_serve_status(struct metrics *m, struct http_request *r);
+void metrics_serve_prometheus(struct metrics *m, struct http_request *r);
 
 #endif

@@ -12,84 +12,90 @@
 #include <stdint.h>
 #include <sys/types.h>
 
-enum sb_state {
-    SB_STARTING, /* forked, not yet accepting */
-    SB_IDLE,
-    SB_READING,
-    SB_REDIS,
-    SB_UPSTREAM,
-    SB_STREAMING,
-    SB_WRITING,
-    SB_STATES
+/* What kind of worker holds a slot. */
+enum scoreboard_role {
+    SCOREBOARD_CHAT,    /* serves the chat socket */
+    SCOREBOARD_CONTROL, /* serves healthz, status and metrics */
+};
+
+enum scoreboard_state {
+    SCOREBOARD_STARTING, /* forked, not yet accepting */
+    SCOREBOARD_IDLE,
+    SCOREBOARD_READING,
+    SCOREBOARD_REDIS,
+    SCOREBOARD_UPSTREAM,
+    SCOREBOARD_STREAMING,
+    SCOREBOARD_WRITING,
+    SCOREBOARD_STATES
 };
 
 /* Statuses counted one by one; anything else is counted as "other". */
-#define SB_STATUS_CODES                                                        \
+#define SCOREBOARD_STATUS_CODES                                                \
     X(200) X(204) X(400) X(401) X(404) X(405) X(409) X(413) X(415) X(429)     \
     X(499) X(500) X(502) X(503) X(504)
-enum sb_status_index {
-#define X(code) SB_STATUS_##code,
-    SB_STATUS_CODES
+enum scoreboard_status_index {
+#define X(code) SCOREBOARD_STATUS_##code,
+    SCOREBOARD_STATUS_CODES
 #undef X
-    SB_STATUS_OTHER,
-    SB_STATUS_SLOTS
+    SCOREBOARD_STATUS_OTHER,
+    SCOREBOARD_STATUS_SLOTS
 };
 
 /* Kinds of upstream failure, as llm reports them. */
-enum sb_upstream_error {
-    SB_UP_TIMEOUT,
-    SB_UP_UNREACHABLE,
-    SB_UP_HTTP_ERROR,
-    SB_UP_BAD_ANSWER,
-    SB_UP_FAILED,
-    SB_UP_CLIENT_GONE,
-    SB_UP_KINDS
+enum scoreboard_upstream_error {
+    SCOREBOARD_UP_TIMEOUT,
+    SCOREBOARD_UP_UNREACHABLE,
+    SCOREBOARD_UP_HTTP_ERROR,
+    SCOREBOARD_UP_BAD_ANSWER,
+    SCOREBOARD_UP_FAILED,
+    SCOREBOARD_UP_CLIENT_GONE,
+    SCOREBOARD_UP_KINDS
 };
 
 /* Histogram bucket bounds in milliseconds; one more bucket is +Inf. */
-#define SB_BUCKET_BOUNDS_MS                                                    \
+#define SCOREBOARD_BUCKET_BOUNDS_MS                                            \
     {5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000}
-#define SB_BUCKETS 14
+#define SCOREBOARD_BUCKETS 14
 
-struct sb_histogram {
-    uint64_t buckets[SB_BUCKETS]; /* non-cumulative counts */
+struct scoreboard_histogram {
+    uint64_t buckets[SCOREBOARD_BUCKETS]; /* non-cumulative counts */
     uint64_t count;
     uint64_t sum_us;
 };
 
-#define SB_REQUEST_LEN 72
+#define SCOREBOARD_REQUEST_LEN 72
 
-struct sb_slot {
+struct scoreboard_slot {
     pid_t pid; /* 0: no worker */
-    int state; /* enum sb_state */
-    int role;  /* enum worker_role */
+    int state; /* enum scoreboard_state */
+    int role;  /* enum scoreboard_role */
     uint32_t generation; /* of the master that forked it (reloads) */
     uint64_t requests;   /* served by this process */
     int64_t started_at_ms;  /* when the process started (wall clock) */
     int64_t request_at_ms;  /* when the request in hand began; 0: none */
-    char request[SB_REQUEST_LEN]; /* "POST /api/chat req=…" */
+    char request[SCOREBOARD_REQUEST_LEN]; /* "POST /api/chat req=…" */
 };
 
 /* One model provider's health and counters, shared by every worker: a
  * provider failing again and again is skipped by all until it cools down. */
-#define SB_PROVIDERS 8
-#define SB_PROVIDER_NAME 32
-struct sb_provider {
-    char name[SB_PROVIDER_NAME];
+#define SCOREBOARD_PROVIDERS 8
+#define SCOREBOARD_PROVIDER_NAME 32
+struct scoreboard_provider {
+    char name[SCOREBOARD_PROVIDER_NAME];
     uint32_t failures;          /* in a row */
     int64_t cooldown_until_ms;  /* wall clock; 0: not cooling down */
     uint64_t attempts, successes, retries, hedges, hedges_won, cooldowns;
-    uint64_t errors[SB_UP_KINDS];
+    uint64_t errors[SCOREBOARD_UP_KINDS];
 };
 
-struct sb_pool {
+struct scoreboard {
     uint64_t magic;
     int64_t started_at_ms;
     uint32_t nslots;
     uint32_t generation;
     uint64_t accepted;
-    uint64_t by_status[SB_STATUS_SLOTS];
-    uint64_t upstream_errors[SB_UP_KINDS];
+    uint64_t by_status[SCOREBOARD_STATUS_SLOTS];
+    uint64_t upstream_errors[SCOREBOARD_UP_KINDS];
     uint64_t slow_requests;
     uint64_t queue_timeouts;     /* 503s because no worker came in time */
     uint64_t worker_deaths;      /* exits by signal or failure status */
@@ -97,39 +103,41 @@ struct sb_pool {
     uint64_t watchdog_kills;
     uint64_t max_active;
     uint64_t max_children_reached;
-    struct sb_histogram total, redis, upstream;
-    struct sb_provider providers[SB_PROVIDERS];
-    struct sb_slot slots[];
+    struct scoreboard_histogram total, redis, upstream;
+    struct scoreboard_provider providers[SCOREBOARD_PROVIDERS];
+    struct scoreboard_slot slots[];
 };
 
 /* Create the shared memory for nslots workers, or adopt the one inherited
  * on fd (after a reload's exec; -1: none), growing it when nslots is
  * larger. Returns the mapping or NULL (errno set). */
-struct sb_pool *scoreboard_open(int fd, uint32_t nslots, int *out_fd);
+struct scoreboard *scoreboard_open(int fd, uint32_t nslots, int *out_fd);
 
 /* A free slot's index, or -1 when all are taken. */
-int scoreboard_free_slot(const struct sb_pool *p);
+int scoreboard_free_slot(const struct scoreboard *p);
 
 /* Counts of the slots of workers with a role, by state, into
- * n[SB_STATES]. */
-void scoreboard_count_states(const struct sb_pool *p, int role,
-                             unsigned n[SB_STATES]);
+ * n[SCOREBOARD_STATES]. */
+void scoreboard_count_states(const struct scoreboard *p,
+                             enum scoreboard_role role,
+                             unsigned n[SCOREBOARD_STATES]);
 
 /* Worker side: the slot's state and the request in hand. */
-void scoreboard_set_state(struct sb_slot *s, enum sb_state state);
-void scoreboard_request_begin(struct sb_pool *p, struct sb_slot *s,
+void scoreboard_set_state(struct scoreboard_slot *s,
+                          enum scoreboard_state state);
+void scoreboard_request_begin(struct scoreboard *p, struct scoreboard_slot *s,
                               const char *method, const char *path,
                               const char *request_id);
-void scoreboard_request_end(struct sb_pool *p, struct sb_slot *s, int status,
-                            double total_ms, double redis_ms,
+void scoreboard_request_end(struct scoreboard *p, struct scoreboard_slot *s,
+                            int status, double total_ms, double redis_ms,
                             double upstream_ms);
 
-void scoreboard_count_upstream_error(struct sb_pool *p,
-                                     enum sb_upstream_error kind);
+void scoreboard_count_upstream_error(struct scoreboard *p,
+                                     enum scoreboard_upstream_error kind);
 
 /* Name the provider slots after the configured providers; a slot whose
  * name changed (a reload with other providers) starts from zero. */
-void scoreboard_name_providers(struct sb_pool *p, const char *const *names,
+void scoreboard_name_providers(struct scoreboard *p, const char *const *names,
                                size_t n);
 
 /* Atomic add to one pool counter. */
@@ -137,10 +145,10 @@ void scoreboard_add(uint64_t *counter, uint64_t n);
 uint64_t scoreboard_read(const uint64_t *counter);
 
 /* Index into by_status for an HTTP status. */
-enum sb_status_index scoreboard_status_index(int status);
-int scoreboard_status_code(enum sb_status_index i);
+enum scoreboard_status_index scoreboard_status_index(int status);
+int scoreboard_status_code(enum scoreboard_status_index i);
 
-const char *scoreboard_state_name(enum sb_state state);
+const char *scoreboard_state_name(enum scoreboard_state state);
 
 /* Upper bound of histogram bucket i in ms (0 for the last, +Inf). */
 unsigned scoreboard_bucket_bound_ms(size_t i);

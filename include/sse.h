@@ -1,9 +1,10 @@
 /*
- * sse: an incremental parser of Server-Sent Events as an upstream sends
- * them. Bytes arrive in arbitrary pieces (a line may be split anywhere,
- * several events may come in one read); the parser calls back once per
- * complete event with its data lines joined. Comments and fields other
- * than data are skipped. Line and event sizes are capped.
+ * sse: Server-Sent Events in both directions. Reading, an incremental
+ * parser of what an upstream sends: bytes arrive in arbitrary pieces (a
+ * line may be split anywhere, several events may come in one read); the
+ * parser calls back once per complete event with its data lines joined.
+ * Comments and fields other than data are skipped; line and event sizes
+ * are capped. Writing, the framing of the events a client reads.
  */
 #ifndef CHATFCGI_SSE_H
 #define CHATFCGI_SSE_H
@@ -34,5 +35,14 @@ void sse_cleanup(struct sse_parser *p);
 /* Feed n bytes. Returns 0, or -1 when a line or event is over its cap or
  * the callback stopped the parse. */
 int sse_feed(struct sse_parser *p, const char *bytes, size_t n);
+
+/* Writing an event: its head, then its data (one line: compact JSON has
+ * no raw newline), then SSE_EVENT_END. */
+#define SSE_HEAD_MAX 64
+#define SSE_EVENT_END "\n\n"
+
+/* "event: NAME\ndata: " into out, or "data: " alone when name is NULL (a
+ * bare event, as OpenAI streams them). Returns its length. */
+size_t sse_event_head(char out[SSE_HEAD_MAX], const char *name);
 
 #endif

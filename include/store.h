@@ -1,10 +1,10 @@
 /*
- * store: chat history in Redis over one persistent hiredis connection per
- * worker. Connects lazily, treats a context as dead after any I/O error and
- * reconnects with a short backoff, so a Redis restart needs no worker
- * restart; with Sentinels it asks them for the master at every reconnect,
- * so a failover needs none either. Reports failures with a reason in
- * s->err; mapping them to HTTP statuses is the caller's job.
+ * store: a worker's one persistent Redis connection (hiredis): the URL,
+ * Sentinels, authentication, and commands. It connects lazily, treats a
+ * context as dead after any I/O error and reconnects with a short backoff,
+ * so a Redis restart needs no worker restart; with Sentinels it asks them
+ * for the master at every reconnect, so a failover needs none either.
+ * Failures carry a reason in s->err. What the keys mean is chatdb's.
  */
 #ifndef CHATFCGI_STORE_H
 #define CHATFCGI_STORE_H
@@ -13,12 +13,10 @@
 #include <sys/time.h>
 
 struct conf;
-struct history;
 struct redisContext;
 struct redisReply;
 
 #define STORE_ERR_LEN 160
-#define STORE_KEY_MAX 320
 #define STORE_SENTINELS_MAX 16
 
 /* Where Redis is, from redis://[[user][:password]@]host[:port][/db] or
@@ -66,23 +64,13 @@ int store_sentinels_parse(const char *list,
                           char err[STORE_ERR_LEN]);
 
 /* Prepare (no connection yet), applying the rules of the [redis] keys;
- * conf_check calls it too, so that a bad value stops the startup rather
- * than every worker. Returns 0, or -1 with s->err set. */
+ * worker_check_conf runs it before any fork too, so that a bad value stops
+ * the startup rather than every worker. Returns 0, or -1 with s->err set. */
 int store_init(struct store *s, const struct conf *c);
 void store_cleanup(struct store *s);
 
-/* Each returns 0, or -1 with s->err set. */
+/* Returns 0, or -1 with s->err set. */
 int store_ping(struct store *s);
-
-/* Load a session's messages (none when it does not exist). */
-int store_history_load(struct store *s, const char *session_id,
-                       struct history *h);
-
-int store_history_delete(struct store *s, const char *session_id);
-
-/* chat:{id}:history; the braces are a Redis Cluster hash tag, so that
- * every key of a session lives in one slot. Returns the length. */
-size_t store_history_key(char key[STORE_KEY_MAX], const char *session_id);
 
 /* Run one command given as argv (binary-safe). Returns the reply, which
  * the caller frees with freeReplyObject(), or NULL with s->err set (an
@@ -98,10 +86,5 @@ struct redisReply *store_command_argv(struct store *s, int argc,
 struct redisReply *store_write_argv(struct store *s, int argc,
                                     const char **argv, const size_t *lens,
                                     const char *what);
-
-/* Replace h with the history items r->element[from..], skipping what
- * cannot be read and the oldest pairs that do not fit h's cap. */
-void store_fill_history(const struct redisReply *r, size_t from,
-                        struct history *h);
 
 #endif

@@ -1,6 +1,6 @@
 /*
- * fuzz_answer: what a model upstream sends back in one body, as llm.c reads
- * it: attempt_parse_answer() for a 2xx chat completion and attempt_error_message()
+ * fuzz_answer: what a model upstream sends back in one body, as exchange.c reads
+ * it: exchange_parse_answer() for a 2xx chat completion and exchange_error_message()
  * for an error body. The input is the raw body. The reply cap is small so
  * that "too long" is reached too.
  */
@@ -8,19 +8,12 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "exchange.h"
+#include "fuzz.h"
 #include "json.h"
-#include "attempt.h"
 
 #define REPLY_MAX 4096
-#define TOKENS_MAX (1LL << 40) /* llm.c's pick_usage() bound */
-
-#define check(cond)                                                            \
-    do {                                                                       \
-        if (!(cond))                                                           \
-            __builtin_trap();                                                  \
-    } while (0)
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+#define TOKENS_MAX (1LL << 40) /* exchange.c's pick_usage() bound */
 
 static int
 tokens_ok(long long n)
@@ -31,13 +24,13 @@ tokens_ok(long long n)
 static void
 fuzz_parse_answer(const char *body, size_t len)
 {
-    struct llm_answer a;
+    struct answer a;
 
-    llm_answer_init(&a, REPLY_MAX);
-    /* As llm_complete() leaves it before parsing. */
+    answer_init(&a, REPLY_MAX);
+    /* As exchange_start() leaves it before parsing. */
     memcpy(a.model, "preset", sizeof("preset"));
     a.prompt_tokens = a.completion_tokens = -1;
-    if (attempt_parse_answer(body, len, &a) == 0) {
+    if (exchange_parse_answer(body, len, &a) == 0) {
         /* The reply goes into JSON and SSE as is: it must be UTF-8. */
         check(a.reply.len <= REPLY_MAX);
         check(json_utf8_valid(a.reply.data, a.reply.len));
@@ -48,16 +41,16 @@ fuzz_parse_answer(const char *body, size_t len)
         check(a.message[0] != '\0');
         check(memchr(a.message, '\0', sizeof(a.message)) != NULL);
     }
-    llm_answer_cleanup(&a);
+    answer_cleanup(&a);
 }
 
 static void
 fuzz_error_message(const char *body, size_t len)
 {
-    char out[LLM_MESSAGE_LEN];
+    char out[ANSWER_MESSAGE_LEN];
 
     memset(out, 0x55, sizeof(out));
-    if (attempt_error_message(body, len, out, sizeof(out)) == 0)
+    if (exchange_error_message(body, len, out, sizeof(out)) == 0)
         check(out[0] != '\0' && memchr(out, '\0', sizeof(out)) != NULL);
 }
 

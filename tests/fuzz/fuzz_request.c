@@ -8,6 +8,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "fuzz.h"
 #include "buf.h"
 #include "chat.h"
 #include "json.h"
@@ -17,14 +18,6 @@
 #define ARENA_MAX (65536 + 64)
 
 enum { SID, MSG, STREAM, NFIELDS };
-
-#define check(cond)                                                            \
-    do {                                                                       \
-        if (!(cond))                                                           \
-            __builtin_trap();                                                  \
-    } while (0)
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 static void
 pick(const char *doc, size_t len, struct json_field *f, struct buf *arena,

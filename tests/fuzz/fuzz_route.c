@@ -9,18 +9,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fuzz.h"
 #include "chat.h"
 #include "route.h"
 
 #define SESSION_PREFIX "/api/chat/"
-
-#define check(cond)                                                            \
-    do {                                                                       \
-        if (!(cond))                                                           \
-            __builtin_trap();                                                  \
-    } while (0)
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 /* A heap copy of exactly n + 1 bytes, so that ASan sees reads past it. */
 static char *

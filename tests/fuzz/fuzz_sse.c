@@ -1,5 +1,5 @@
 /*
- * fuzz_sse: the incremental SSE parser as llm.c feeds it from curl's write
+ * fuzz_sse: the incremental SSE parser as exchange.c feeds it from curl's write
  * callback, where a stream may be cut anywhere. A differential check: the
  * stream fed in pieces, and one byte at a time, must give the same events
  * and the same outcome as the stream fed whole.
@@ -16,20 +16,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fuzz.h"
 #include "buf.h"
 #include "sse.h"
 
 #define MAX_CUTS 7
 #define STOP_AT 3
 #define RECORD_MAX (8u << 20)
-
-#define check(cond)                                                            \
-    do {                                                                       \
-        if (!(cond))                                                           \
-            __builtin_trap();                                                  \
-    } while (0)
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 static const size_t caps[] = {8, 64, 1024, 1u << 20};
 

@@ -1,4 +1,5 @@
-#include "attempt.h"
+/* exchange: one request to a model provider, read and judged. */
+#include "exchange.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,7 +16,7 @@
 static int on_event(void *arg, const char *data, size_t len);
 
 int
-attempt_init(struct attempt *a, size_t max_reply)
+exchange_init(struct exchange *a, size_t max_reply)
 {
     memset(a, 0, sizeof(*a));
     a->easy = curl_easy_init();
@@ -23,12 +24,12 @@ attempt_init(struct attempt *a, size_t max_reply)
     buf_init(&a->response, max_reply);
     buf_init(&a->arena, SSE_LINE_MAX);
     sse_init(&a->sse, SSE_LINE_MAX, SSE_LINE_MAX, on_event, a);
-    llm_answer_init(&a->ans, max_reply);
+    answer_init(&a->ans, max_reply);
     return a->easy ? 0 : -1;
 }
 
 void
-attempt_cleanup(struct attempt *a)
+exchange_cleanup(struct exchange *a)
 {
     if (a->easy != NULL)
         curl_easy_cleanup(a->easy);
@@ -37,12 +38,12 @@ attempt_cleanup(struct attempt *a)
     buf_cleanup(&a->response);
     buf_cleanup(&a->arena);
     sse_cleanup(&a->sse);
-    llm_answer_cleanup(&a->ans);
+    answer_cleanup(&a->ans);
 }
 
 /* Record why a stream broke; the transfer is then cancelled. */
 static int
-stream_fail(struct attempt *a, enum llm_status status, const char *why)
+stream_fail(struct exchange *a, enum answer_status status, const char *why)
 {
     a->stream_failed = 1;
     a->ans.status = status;
@@ -52,7 +53,7 @@ stream_fail(struct attempt *a, enum llm_status status, const char *why)
 
 static void
 pick_usage(const struct json_field *prompt, const struct json_field *done,
-           const struct buf *arena, struct llm_answer *ans)
+           const struct buf *arena, struct answer *ans)
 {
     if (json_field_int(prompt, arena, 0, 1LL << 40, &ans->prompt_tokens))
         ans->prompt_tokens = -1;
@@ -64,9 +65,9 @@ pick_usage(const struct json_field *prompt, const struct json_field *done,
  * configured one stays. */
 static void
 pick_model(const struct json_field *f, const struct buf *arena,
-           struct llm_answer *ans)
+           struct answer *ans)
 {
-    char name[LLM_MODEL_LEN];
+    char name[ANSWER_MODEL_LEN];
 
     if (f->type == JSON_STRING && f->len > 0 &&
         memchr(json_field_text(f, arena), '\0', f->len) == NULL &&
@@ -76,7 +77,7 @@ pick_model(const struct json_field *f, const struct buf *arena,
 }
 
 int
-attempt_parse_answer(const char *body, size_t len, struct llm_answer *ans)
+exchange_parse_answer(const char *body, size_t len, struct answer *ans)
 {
     enum { CONTENT, MODEL, PROMPT, COMPLETION };
     struct json_field f[] = {
@@ -116,7 +117,7 @@ attempt_parse_answer(const char *body, size_t len, struct llm_answer *ans)
 }
 
 int
-attempt_error_message(const char *body, size_t len, char *out, size_t size)
+exchange_error_message(const char *body, size_t len, char *out, size_t size)
 {
     /* In order of preference: OpenAI/vLLM/llama.cpp, Ollama, others. */
     struct json_field f[] = {
@@ -157,7 +158,7 @@ on_event(void *arg, const char *data, size_t len)
                         .accept = JSON_ANY},
         [ERROR] = {.path = "error", .accept = JSON_ANY},
     };
-    struct attempt *a = arg;
+    struct exchange *a = arg;
     char err[JSON_ERR_LEN];
 
     if (len == 6 && memcmp(data, "[DONE]", 6) == 0) {
@@ -166,13 +167,13 @@ on_event(void *arg, const char *data, size_t len)
     }
     buf_reset(&a->arena);
     if (json_pick(data, len, f, 6, &a->arena, ANSWER_DEPTH, 0, err))
-        return stream_fail(a, LLM_BAD_ANSWER, "the model's stream carries "
+        return stream_fail(a, ANSWER_BAD, "the model's stream carries "
                            "an event that is not JSON");
     if (f[ERROR].type != 0 && f[ERROR].type != JSON_NULL) {
-        if (attempt_error_message(data, len, err, sizeof(err)) == -1)
+        if (exchange_error_message(data, len, err, sizeof(err)) == -1)
             snprintf(err, sizeof(err), "the model's stream reported an "
                      "error");
-        return stream_fail(a, LLM_HTTP_ERROR, err);
+        return stream_fail(a, ANSWER_HTTP_ERROR, err);
     }
     pick_model(&f[MODEL], &a->arena, &a->ans);
     if (f[PROMPT].type == JSON_NUMBER || f[COMPLETION].type == JSON_NUMBER)
@@ -183,7 +184,7 @@ on_event(void *arg, const char *data, size_t len)
         return 0;
     if (buf_append(&a->ans.reply, json_field_text(&f[CONTENT], &a->arena),
                    f[CONTENT].len) == -1)
-        return stream_fail(a, LLM_BAD_ANSWER, "the model's reply is larger "
+        return stream_fail(a, ANSWER_BAD, "the model's reply is larger "
                            "than max_response_bytes");
     a->got_content = 1;
     return a->on_content(a, a->arg);
@@ -193,7 +194,7 @@ on_event(void *arg, const char *data, size_t len)
  * (a 2xx text/event-stream to a streaming call) or a whole body (a plain
  * answer, or an error, read whole and parsed at the end). */
 static void
-choose_body_mode(struct attempt *a)
+choose_body_mode(struct exchange *a)
 {
     const char *type = NULL;
     long status = 0;
@@ -208,7 +209,7 @@ choose_body_mode(struct attempt *a)
 static size_t
 on_body(char *data, size_t size, size_t n, void *arg)
 {
-    struct attempt *a = arg;
+    struct exchange *a = arg;
 
     a->last_bytes_ms = clock_ms();
     if (!a->got_bytes) {
@@ -251,7 +252,7 @@ request_headers(const char *auth_header, const char *request_id)
 }
 
 static void
-set_options(struct attempt *a, const struct attempt_spec *spec)
+set_options(struct exchange *a, const struct exchange_spec *spec)
 {
     CURL *e = a->easy;
 
@@ -276,11 +277,11 @@ set_options(struct attempt *a, const struct attempt_spec *spec)
 
 /* Ready for a new request: nothing of the last one is left. */
 static void
-attempt_reset(struct attempt *a, const char *model)
+exchange_reset(struct exchange *a, const char *model)
 {
-    struct llm_answer *ans = &a->ans;
+    struct answer *ans = &a->ans;
 
-    ans->status = LLM_FAILED;
+    ans->status = ANSWER_FAILED;
     ans->http_status = 0;
     buf_reset(&ans->reply);
     snprintf(ans->model, sizeof(ans->model), "%s", model);
@@ -297,10 +298,10 @@ attempt_reset(struct attempt *a, const char *model)
 }
 
 int
-attempt_start(struct attempt *a, CURLM *multi,
-              const struct attempt_spec *spec, const char *model)
+exchange_start(struct exchange *a, CURLM *multi,
+              const struct exchange_spec *spec, const char *model)
 {
-    attempt_reset(a, model);
+    exchange_reset(a, model);
     a->want_stream = spec->stream;
     buf_reset(&a->body);
     a->headers = request_headers(spec->auth_header, spec->request_id);
@@ -321,7 +322,7 @@ attempt_start(struct attempt *a, CURLM *multi,
 }
 
 void
-attempt_stop(struct attempt *a, CURLM *multi)
+exchange_stop(struct exchange *a, CURLM *multi)
 {
     if (!a->active)
         return;
@@ -330,40 +331,40 @@ attempt_stop(struct attempt *a, CURLM *multi)
 }
 
 void
-attempt_fail(struct attempt *a, CURLM *multi, enum llm_status status,
+exchange_fail(struct exchange *a, CURLM *multi, enum answer_status status,
              const char *why)
 {
-    attempt_stop(a, multi);
+    exchange_stop(a, multi);
     a->ans.status = status;
     snprintf(a->ans.message, sizeof(a->ans.message), "%s", why);
 }
 
 static void
-judge_curl_error(struct attempt *a, CURLcode rc)
+judge_curl_error(struct exchange *a, CURLcode rc)
 {
     const char *why = a->errbuf[0] ? a->errbuf : curl_easy_strerror(rc);
-    struct llm_answer *ans = &a->ans;
+    struct answer *ans = &a->ans;
 
     switch (rc) {
     case CURLE_OPERATION_TIMEDOUT:
-        ans->status = LLM_TIMEOUT;
+        ans->status = ANSWER_TIMEOUT;
         break;
     case CURLE_COULDNT_CONNECT:
     case CURLE_COULDNT_RESOLVE_HOST:
     case CURLE_COULDNT_RESOLVE_PROXY:
     case CURLE_SSL_CONNECT_ERROR:
     case CURLE_PEER_FAILED_VERIFICATION:
-        ans->status = LLM_UNREACHABLE;
+        ans->status = ANSWER_UNREACHABLE;
         break;
     case CURLE_WRITE_ERROR:
         if (a->response_too_large) {
-            ans->status = LLM_BAD_ANSWER;
+            ans->status = ANSWER_BAD;
             why = "the model's answer is larger than max_response_bytes";
             break;
         }
         /* fall through */
     default:
-        ans->status = LLM_FAILED;
+        ans->status = ANSWER_FAILED;
     }
     snprintf(ans->message, sizeof(ans->message), "%s", why);
 }
@@ -371,24 +372,25 @@ judge_curl_error(struct attempt *a, CURLcode rc)
 /* A whole 2xx body: a plain answer (also to a streaming call, from an
  * upstream that does not stream; its content then counts as one piece). */
 static void
-judge_whole_answer(struct attempt *a)
+judge_whole_answer(struct exchange *a)
 {
-    if (attempt_parse_answer(a->response.data, a->response.len, &a->ans) == -1) {
-        a->ans.status = LLM_BAD_ANSWER;
+    if (exchange_parse_answer(a->response.data, a->response.len,
+                              &a->ans) == -1) {
+        a->ans.status = ANSWER_BAD;
         return;
     }
-    a->ans.status = LLM_OK;
+    a->ans.status = ANSWER_OK;
     a->got_content = a->ans.reply.len > 0;
 }
 
 static void
-judge_http_answer(struct attempt *a)
+judge_http_answer(struct exchange *a)
 {
-    struct llm_answer *ans = &a->ans;
+    struct answer *ans = &a->ans;
 
     curl_easy_getinfo(a->easy, CURLINFO_RESPONSE_CODE, &ans->http_status);
     if (a->streaming) {
-        ans->status = a->stream_complete ? LLM_OK : LLM_FAILED;
+        ans->status = a->stream_complete ? ANSWER_OK : ANSWER_FAILED;
         if (!a->stream_complete)
             snprintf(ans->message, sizeof(ans->message),
                      "the model's stream ended before it was complete");
@@ -398,15 +400,15 @@ judge_http_answer(struct attempt *a)
         judge_whole_answer(a);
         return;
     }
-    ans->status = LLM_HTTP_ERROR;
-    if (attempt_error_message(a->response.data, a->response.len, ans->message,
+    ans->status = ANSWER_HTTP_ERROR;
+    if (exchange_error_message(a->response.data, a->response.len, ans->message,
                           sizeof(ans->message)) == -1)
         snprintf(ans->message, sizeof(ans->message),
                  "the model answered HTTP %ld", ans->http_status);
 }
 
 void
-attempt_judge(struct attempt *a, CURLcode rc)
+exchange_judge(struct exchange *a, CURLcode rc)
 {
     if (a->stream_failed)
         return; /* on_event has said why */
@@ -418,7 +420,7 @@ attempt_judge(struct attempt *a, CURLcode rc)
 
 /* Seconds the provider asked to wait (Retry-After), or 0. */
 long
-attempt_retry_after_s(struct attempt *a)
+exchange_retry_after_s(struct exchange *a)
 {
     curl_off_t s = 0;
 

@@ -1,6 +1,6 @@
 /*
- * Unit tests of attempt's pure parsers: attempt_parse_answer (an OpenAI-compatible
- * chat completion) and attempt_error_message (the provider's error text,
+ * Unit tests of exchange's pure parsers: exchange_parse_answer (an
+ * OpenAI-compatible chat completion) and exchange_error_message (the provider's error text,
  * whatever the provider's error shape).
  */
 #include <setjmp.h>
@@ -14,7 +14,7 @@
 #include <cmocka.h>
 
 #include "json.h"
-#include "attempt.h"
+#include "exchange.h"
 
 #define NELEM(a) (sizeof(a) / sizeof(*(a)))
 #define PRESET "preset-model"
@@ -22,21 +22,21 @@
 /* An answer as llm_complete prepares it: the configured model, tokens not
  * reported. */
 static void
-answer_init(struct llm_answer *a, size_t max_reply)
+preset_answer(struct answer *a, size_t max_reply)
 {
-    llm_answer_init(a, max_reply);
+    answer_init(a, max_reply);
     snprintf(a->model, sizeof(a->model), "%s", PRESET);
     a->prompt_tokens = a->completion_tokens = -1;
 }
 
 static int
-parse(struct llm_answer *a, const char *body)
+parse(struct answer *a, const char *body)
 {
-    return attempt_parse_answer(body, strlen(body), a);
+    return exchange_parse_answer(body, strlen(body), a);
 }
 
 static void
-expect_reply(struct llm_answer *a, const char *want, size_t len)
+expect_reply(struct answer *a, const char *want, size_t len)
 {
     assert_int_equal(a->reply.len, len);
     assert_memory_equal(a->reply.data, want, len);
@@ -55,16 +55,16 @@ static const char openai_answer[] =
 static void
 test_answer_openai(void **state)
 {
-    struct llm_answer a;
+    struct answer a;
 
     (void)state;
-    answer_init(&a, 4096);
+    preset_answer(&a, 4096);
     assert_int_equal(parse(&a, openai_answer), 0);
     expect_reply(&a, "Hello! How can I help?", 22);
     assert_string_equal(a.model, "gpt-4o-mini-2024-07-18");
     assert_true(a.prompt_tokens == 12);
     assert_true(a.completion_tokens == 7);
-    llm_answer_cleanup(&a);
+    answer_cleanup(&a);
 }
 
 /* Escapes in the reply are decoded: newlines, quotes, UTF-8, NUL. */
@@ -76,13 +76,13 @@ test_answer_escapes(void **state)
         "\\u00e9\\ud83d\\ude00 \xe2\x82\xac \\u0000end\"}}]}";
     static const char want[] = "line1\nline2 \"q\" \xc3\xa9\xf0\x9f\x98\x80 "
                                "\xe2\x82\xac \0end";
-    struct llm_answer a;
+    struct answer a;
 
     (void)state;
-    answer_init(&a, 4096);
-    assert_int_equal(attempt_parse_answer(body, sizeof(body) - 1, &a), 0);
+    preset_answer(&a, 4096);
+    assert_int_equal(exchange_parse_answer(body, sizeof(body) - 1, &a), 0);
     expect_reply(&a, want, sizeof(want) - 1);
-    llm_answer_cleanup(&a);
+    answer_cleanup(&a);
 }
 
 /* llama.cpp, vLLM and Ollama answer in the same shape, with their own
@@ -94,28 +94,28 @@ test_answer_first_choice_only(void **state)
         "{\"choices\":[{\"message\":{\"content\":\"first\"}},"
         "{\"message\":{\"content\":\"second\"}}],\"model\":\"m\","
         "\"timings\":{\"predicted_ms\":1.5}}";
-    struct llm_answer a;
+    struct answer a;
 
     (void)state;
-    answer_init(&a, 4096);
+    preset_answer(&a, 4096);
     assert_int_equal(parse(&a, body), 0);
     expect_reply(&a, "first", 5);
-    llm_answer_cleanup(&a);
+    answer_cleanup(&a);
 }
 
 /* An empty reply is still a reply. */
 static void
 test_answer_empty_content(void **state)
 {
-    struct llm_answer a;
+    struct answer a;
 
     (void)state;
-    answer_init(&a, 4096);
+    preset_answer(&a, 4096);
     assert_int_equal(parse(&a, "{\"choices\":[{\"message\":{\"content\":\"\""
                                "}}]}"),
                      0);
     assert_int_equal(a.reply.len, 0);
-    llm_answer_cleanup(&a);
+    answer_cleanup(&a);
 }
 
 /* Without usage, or with usage that is not two integers, the token
@@ -146,12 +146,12 @@ test_answer_usage(void **state)
     (void)state;
     for (size_t i = 0; i < NELEM(cases); i++) {
         char body[256];
-        struct llm_answer a;
+        struct answer a;
 
         snprintf(body, sizeof(body),
                  "{\"choices\":[{\"message\":{\"content\":\"x\"}}]%s}",
                  cases[i].usage);
-        answer_init(&a, 64);
+        preset_answer(&a, 64);
         a.prompt_tokens = a.completion_tokens = 77; /* must be overwritten */
         if (parse(&a, body) != 0)
             fail_msg("%s refused: %s", body, a.message);
@@ -160,7 +160,7 @@ test_answer_usage(void **state)
             fail_msg("%s: tokens %lld/%lld, want %lld/%lld", body,
                      a.prompt_tokens, a.completion_tokens, cases[i].prompt,
                      cases[i].completion);
-        llm_answer_cleanup(&a);
+        answer_cleanup(&a);
     }
 }
 
@@ -184,18 +184,18 @@ test_answer_model(void **state)
     (void)state;
     for (size_t i = 0; i < NELEM(cases); i++) {
         char body[256];
-        struct llm_answer a;
+        struct answer a;
 
         snprintf(body, sizeof(body),
                  "{\"choices\":[{\"message\":{\"content\":\"x\"}}]%s}",
                  cases[i].model);
-        answer_init(&a, 64);
+        preset_answer(&a, 64);
         if (parse(&a, body) != 0)
             fail_msg("%s refused: %s", body, a.message);
         if (strcmp(a.model, cases[i].want) != 0)
             fail_msg("%s: model \"%s\", want \"%s\"", body, a.model,
                      cases[i].want);
-        llm_answer_cleanup(&a);
+        answer_cleanup(&a);
     }
 }
 
@@ -204,7 +204,7 @@ static void
 test_answer_long_model(void **state)
 {
     char body[1024], name[600];
-    struct llm_answer a;
+    struct answer a;
 
     (void)state;
     memset(name, 'm', sizeof(name) - 1);
@@ -213,10 +213,10 @@ test_answer_long_model(void **state)
              "{\"model\":\"%s\",\"choices\":[{\"message\":{\"content\":"
              "\"x\"}}]}",
              name);
-    answer_init(&a, 64);
+    preset_answer(&a, 64);
     assert_int_equal(parse(&a, body), 0);
-    assert_int_equal(strlen(a.model), LLM_MODEL_LEN - 1);
-    llm_answer_cleanup(&a);
+    assert_int_equal(strlen(a.model), ANSWER_MODEL_LEN - 1);
+    answer_cleanup(&a);
 }
 
 /* Bodies that are not a chat completion: -1 with a message, and no
@@ -252,9 +252,9 @@ test_answer_refused(void **state)
 
     (void)state;
     for (size_t i = 0; i < NELEM(bodies); i++) {
-        struct llm_answer a;
+        struct answer a;
 
-        answer_init(&a, 4096);
+        preset_answer(&a, 4096);
         a.message[0] = '\0';
         if (parse(&a, bodies[i]) != -1)
             fail_msg("accepted: %s", bodies[i]);
@@ -262,7 +262,7 @@ test_answer_refused(void **state)
             fail_msg("%s: no message", bodies[i]);
         assert_int_equal(a.reply.len, 0);
         assert_string_equal(a.model, PRESET);
-        llm_answer_cleanup(&a);
+        answer_cleanup(&a);
     }
 }
 
@@ -273,15 +273,15 @@ test_answer_not_nul_terminated(void **state)
     static const char text[] =
         "{\"choices\":[{\"message\":{\"content\":\"ok\"}}]}";
     char *body = malloc(sizeof(text) - 1);
-    struct llm_answer a;
+    struct answer a;
 
     (void)state;
     assert_non_null(body);
     memcpy(body, text, sizeof(text) - 1);
-    answer_init(&a, 64);
-    assert_int_equal(attempt_parse_answer(body, sizeof(text) - 1, &a), 0);
+    preset_answer(&a, 64);
+    assert_int_equal(exchange_parse_answer(body, sizeof(text) - 1, &a), 0);
     expect_reply(&a, "ok", 2);
-    llm_answer_cleanup(&a);
+    answer_cleanup(&a);
     free(body);
 }
 
@@ -293,7 +293,7 @@ test_answer_reply_max(void **state)
     size_t max = 1000;
     size_t body_size = max + 128;
     char *body = malloc(body_size);
-    struct llm_answer a;
+    struct answer a;
     int n;
 
     (void)state;
@@ -303,16 +303,16 @@ test_answer_reply_max(void **state)
                      "{\"choices\":[{\"message\":{\"content\":\"%0*d\"}}]}",
                      (int)len, 0);
         assert_true(n > 0 && (size_t)n < body_size);
-        answer_init(&a, max);
+        preset_answer(&a, max);
         if (len <= max) {
-            assert_int_equal(attempt_parse_answer(body, (size_t)n, &a), 0);
+            assert_int_equal(exchange_parse_answer(body, (size_t)n, &a), 0);
             assert_int_equal(a.reply.len, len);
         } else {
-            assert_int_equal(attempt_parse_answer(body, (size_t)n, &a), -1);
+            assert_int_equal(exchange_parse_answer(body, (size_t)n, &a), -1);
             assert_non_null(strstr(a.message, "too long"));
             assert_int_equal(a.reply.len, 0);
         }
-        llm_answer_cleanup(&a);
+        answer_cleanup(&a);
     }
     free(body);
 }
@@ -323,7 +323,7 @@ test_answer_big_reply(void **state)
 {
     size_t len = 1 << 20;
     char *body = malloc(len + 128);
-    struct llm_answer a;
+    struct answer a;
     size_t o;
 
     (void)state;
@@ -332,14 +332,14 @@ test_answer_big_reply(void **state)
     memset(body + o, 'z', len);
     o += len;
     o += (size_t)sprintf(body + o, "\"}}]}");
-    answer_init(&a, len);
-    assert_int_equal(attempt_parse_answer(body, o, &a), 0);
+    preset_answer(&a, len);
+    assert_int_equal(exchange_parse_answer(body, o, &a), 0);
     assert_int_equal(a.reply.len, len);
     assert_int_equal(a.reply.data[len - 1], 'z');
-    llm_answer_cleanup(&a);
-    answer_init(&a, len - 1);
-    assert_int_equal(attempt_parse_answer(body, o, &a), -1);
-    llm_answer_cleanup(&a);
+    answer_cleanup(&a);
+    preset_answer(&a, len - 1);
+    assert_int_equal(exchange_parse_answer(body, o, &a), -1);
+    answer_cleanup(&a);
     free(body);
 }
 
@@ -362,18 +362,18 @@ test_answer_reply_is_utf8(void **state)
 
     (void)state;
     for (size_t i = 0; i < NELEM(bodies); i++) {
-        struct llm_answer a;
+        struct answer a;
 
-        answer_init(&a, 4096);
+        preset_answer(&a, 4096);
         if (parse(&a, bodies[i]) == 0 &&
             !json_utf8_valid(a.reply.data, a.reply.len) &&
             used < sizeof(bad))
             used += (size_t)snprintf(bad + used, sizeof(bad) - used,
                                      "%s#%zu", used ? ", " : "", i);
-        llm_answer_cleanup(&a);
+        answer_cleanup(&a);
     }
     if (used > 0)
-        fail_msg("BUG llm.c attempt_parse_answer: reply not valid UTF-8 for "
+        fail_msg("BUG exchange.c exchange_parse_answer: reply not valid UTF-8 for "
                  "bodies %s",
                  bad);
 }
@@ -435,11 +435,11 @@ test_error_message(void **state)
 
     (void)state;
     for (size_t i = 0; i < NELEM(cases); i++) {
-        char out[LLM_MESSAGE_LEN];
+        char out[ANSWER_MESSAGE_LEN];
         int rc;
 
         strcpy(out, "untouched");
-        rc = attempt_error_message(cases[i].body, strlen(cases[i].body), out,
+        rc = exchange_error_message(cases[i].body, strlen(cases[i].body), out,
                                sizeof(out));
         if (rc != cases[i].rc)
             fail_msg("%s: rc %d, want %d", cases[i].body, rc, cases[i].rc);
@@ -460,11 +460,11 @@ test_error_message_truncated(void **state)
 
     (void)state;
     memset(out, 'X', sizeof(out));
-    assert_int_equal(attempt_error_message(body, sizeof(body) - 1, out,
+    assert_int_equal(exchange_error_message(body, sizeof(body) - 1, out,
                                        sizeof(out)),
                      0);
     assert_string_equal(out, "01234");
-    assert_int_equal(attempt_error_message(accents, sizeof(accents) - 1, out,
+    assert_int_equal(exchange_error_message(accents, sizeof(accents) - 1, out,
                                        sizeof(out)),
                      0);
     assert_string_equal(out, "\xc3\xa9\xc3\xa9"); /* not 2.5 of them */

@@ -1,22 +1,22 @@
 /*
- * attempt: one HTTP request to one model provider, on the worker's curl
- * multi handle: its curl easy handle, its request body, the answer it
- * reads (whole, or as Server-Sent Events parsed as they arrive) and, when
- * it ends, what it amounts to (an answer, or a failure of some kind). The
- * llm module runs several attempts (retries, fallbacks, a hedge) and picks
- * the one that wins. Owned by struct llm; reused across requests.
+ * exchange: one HTTP request to one model provider and its response, on
+ * the worker's curl multi handle: the curl easy handle, the request body,
+ * the answer as it arrives (whole, or as Server-Sent Events parsed as
+ * they come) and, when it ends, what it amounts to (an answer, or a
+ * failure of some kind). llm runs several (retries, fallbacks, a hedge)
+ * and picks the one that wins. Owned by struct llm; reused across calls.
  */
-#ifndef CHATFCGI_ATTEMPT_H
-#define CHATFCGI_ATTEMPT_H
+#ifndef CHATFCGI_EXCHANGE_H
+#define CHATFCGI_EXCHANGE_H
 
 #include <curl/curl.h>
 
+#include "answer.h"
 #include "buf.h"
-#include "llm.h"
 #include "sse.h"
 
-/* What an attempt needs to start. */
-struct attempt_spec {
+/* What an exchange needs to start. */
+struct exchange_spec {
     const char *url;         /* {base}/chat/completions */
     const char *auth_header; /* "Authorization: Bearer ..." or NULL */
     const char *request_id;
@@ -27,7 +27,7 @@ struct attempt_spec {
     int stream;
 };
 
-struct attempt {
+struct exchange {
     CURL *easy;
     int active;          /* added to the multi handle */
     size_t provider;     /* index in conf->providers */
@@ -45,44 +45,44 @@ struct attempt {
     struct buf arena;    /* strings picked from one event */
     int stream_complete; /* [DONE] or a finish_reason arrived */
     int stream_failed;   /* the stream broke: ans says why */
-    struct llm_answer ans;
+    struct answer ans;
     struct curl_slist *headers;
     char errbuf[CURL_ERROR_SIZE];
     /* Called when content was appended to ans.reply; -1 cancels. */
-    int (*on_content)(struct attempt *a, void *arg);
+    int (*on_content)(struct exchange *a, void *arg);
     void *arg;
 };
 
 /* Returns 0, or -1 when out of memory. */
-int attempt_init(struct attempt *a, size_t max_reply);
-void attempt_cleanup(struct attempt *a);
+int exchange_init(struct exchange *a, size_t max_reply);
+void exchange_cleanup(struct exchange *a);
 
 /* Start the request on multi. Returns 0, or -1 with a->ans set. */
-int attempt_start(struct attempt *a, CURLM *multi,
-                  const struct attempt_spec *spec, const char *model);
+int exchange_start(struct exchange *a, CURLM *multi,
+                  const struct exchange_spec *spec, const char *model);
 
-/* Take the attempt off multi (closing its connection if it is still
+/* Take the exchange off multi (closing its connection if it is still
  * running, so the provider sees the request abandoned). */
-void attempt_stop(struct attempt *a, CURLM *multi);
+void exchange_stop(struct exchange *a, CURLM *multi);
 
 /* Judge a transfer that ended with rc: a->ans.status and message. */
-void attempt_judge(struct attempt *a, CURLcode rc);
+void exchange_judge(struct exchange *a, CURLcode rc);
 
 /* Parse a non-streaming answer body into ans (reply, model, usage).
  * Returns 0, or -1 with ans->message set. Pure; exposed for tests. */
-int attempt_parse_answer(const char *body, size_t len, struct llm_answer *ans);
+int exchange_parse_answer(const char *body, size_t len, struct answer *ans);
 
 /* The provider's error message from an error body, whatever its shape
  * ({"error":{"message"}}, {"error":"..."}, {"message"}, {"detail"}).
  * Returns 0 and fills out, or -1 when the body has none. */
-int attempt_error_message(const char *body, size_t len, char *out,
+int exchange_error_message(const char *body, size_t len, char *out,
                           size_t size);
 
 /* Seconds the provider asked to wait with Retry-After, or 0. */
-long attempt_retry_after_s(struct attempt *a);
+long exchange_retry_after_s(struct exchange *a);
 
-/* Fail a running attempt for a reason of the caller's (a timeout). */
-void attempt_fail(struct attempt *a, CURLM *multi, enum llm_status status,
+/* Fail a running exchange for a reason of the caller's (a timeout). */
+void exchange_fail(struct exchange *a, CURLM *multi, enum answer_status status,
                   const char *why);
 
 #endif

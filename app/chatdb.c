@@ -1,0 +1,609 @@
+/* chatdb: the chat's Redis keys, scripts and stored forms. */
+#include "chatdb.h"
+
+#include <hiredis/hiredis.h>
+#include <openssl/sha.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "buf.h"
+#include "clock.h"
+#include "conf.h"
+#include "json.h"
+#include "log.h"
+
+#define KEY_MAX 320
+#define WINDOW_S 60
+#define COUNTER_TTL "120" /* a window's counters outlive it a little */
+#define MAX_ARGS 20 /* EVALSHA sha nkeys, 4 keys, 10 args for commit */
+#define ITEM_DEPTH 4
+
+/* KEYS: history, lock, idempotency record, rpm counter, tpm counter.
+ * ARGV: token, lock ms, rpm, tpm, retry-after, has idempotency key. */
+static const char begin_lua[] =
+    "if ARGV[6] == '1' then\n"
+    "  local v = redis.call('GET', KEYS[3])\n"
+    "  if v then\n"
+    "    if string.sub(v, 1, 8) == 'pending:' then return {'running'} end\n"
+    "    return {'replay', v}\n"
+    "  end\n"
+    "end\n"
+    "local rpm, tpm = tonumber(ARGV[3]), tonumber(ARGV[4])\n"
+    "if (tpm > 0 and tonumber(redis.call('GET', KEYS[5]) or '0') >= tpm) or\n"
+    "   (rpm > 0 and tonumber(redis.call('GET', KEYS[4]) or '0') >= rpm) then\n"
+    "  return {'rate', ARGV[5]}\n"
+    "end\n"
+    "if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then\n"
+    "  return {'busy'}\n"
+    "end\n"
+    "if ARGV[6] == '1' then\n"
+    "  redis.call('SET', KEYS[3], 'pending:' .. ARGV[1], 'PX', ARGV[2])\n"
+    "end\n"
+    "if rpm > 0 then\n"
+    "  redis.call('INCR', KEYS[4])\n"
+    "  redis.call('EXPIRE', KEYS[4], " COUNTER_TTL ")\n"
+    "end\n"
+    "local t = redis.call('TIME')\n"
+    "local h = redis.call('LRANGE', KEYS[1], 0, -1)\n"
+    "table.insert(h, 1, tostring(t[1] * 1000 + math.floor(t[2] / 1000)))\n"
+    "table.insert(h, 1, 'go')\n"
+    "return h\n";
+
+/* KEYS: history, lock, idempotency record, tpm counter.
+ * ARGV: user item, assistant item, trim start, ttl, token,
+ *       has idempotency key, answer, idempotency ttl, tokens, deadline.
+ * Past the deadline (Redis's clock) the caller has given up and answered
+ * an error, so nothing may be stored: a Redis that stalled and then ran a
+ * queued commit would otherwise store a failed turn. */
+static const char commit_lua[] =
+    "local t = redis.call('TIME')\n"
+    "if t[1] * 1000 + math.floor(t[2] / 1000) > tonumber(ARGV[10]) then\n"
+    "  return 0\n"
+    "end\n"
+    "redis.call('RPUSH', KEYS[1], ARGV[1], ARGV[2])\n"
+    "if tonumber(ARGV[3]) > 0 then\n"
+    "  redis.call('LTRIM', KEYS[1], ARGV[3], -1)\n"
+    "end\n"
+    "redis.call('EXPIRE', KEYS[1], ARGV[4])\n"
+    "if redis.call('GET', KEYS[2]) == ARGV[5] then\n"
+    "  redis.call('DEL', KEYS[2])\n"
+    "end\n"
+    "if ARGV[6] == '1' then\n"
+    "  redis.call('SET', KEYS[3], ARGV[7], 'EX', ARGV[8])\n"
+    "end\n"
+    "if tonumber(ARGV[9]) > 0 then\n"
+    "  redis.call('INCRBY', KEYS[4], ARGV[9])\n"
+    "  redis.call('EXPIRE', KEYS[4], " COUNTER_TTL ")\n"
+    "end\n"
+    "return 1\n";
+
+/* KEYS: lock, idempotency record. ARGV: token, has idempotency key. */
+static const char abort_lua[] =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then\n"
+    "  redis.call('DEL', KEYS[1])\n"
+    "end\n"
+    "if ARGV[2] == '1' and\n"
+    "   redis.call('GET', KEYS[2]) == 'pending:' .. ARGV[1] then\n"
+    "  redis.call('DEL', KEYS[2])\n"
+    "end\n"
+    "return 1\n";
+
+/* Rate limits without a session (the /v1 face).
+ * KEYS: rpm counter, tpm counter. ARGV: rpm, tpm, retry-after. */
+static const char rate_lua[] =
+    "local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])\n"
+    "if (tpm > 0 and tonumber(redis.call('GET', KEYS[2]) or '0') >= tpm) or\n"
+    "   (rpm > 0 and tonumber(redis.call('GET', KEYS[1]) or '0') >= rpm) then\n"
+    "  return ARGV[3]\n"
+    "end\n"
+    "if rpm > 0 then\n"
+    "  redis.call('INCR', KEYS[1])\n"
+    "  redis.call('EXPIRE', KEYS[1], " COUNTER_TTL ")\n"
+    "end\n"
+    "return 0\n";
+
+/* KEYS: tpm counter. ARGV: tokens. */
+static const char tokens_lua[] =
+    "redis.call('INCRBY', KEYS[1], ARGV[1])\n"
+    "redis.call('EXPIRE', KEYS[1], " COUNTER_TTL ")\n"
+    "return 1\n";
+
+enum script { BEGIN, COMMIT, ABORT, RATE, TOKENS };
+
+static const char *const scripts[CHATDB_SCRIPTS] = {
+    [BEGIN] = begin_lua,
+    [COMMIT] = commit_lua,
+    [ABORT] = abort_lua,
+    [RATE] = rate_lua,
+    [TOKENS] = tokens_lua,
+};
+
+/* SHA-1 in hex, worked out once per process: the digest goes through
+ * OpenSSL's provider lookup, too slow for every call. */
+static void
+script_sha(const char *lua, char out[41])
+{
+    static const char hex[] = "0123456789abcdef";
+    unsigned char md[SHA_DIGEST_LENGTH];
+
+    SHA1((const unsigned char *)lua, strlen(lua), md);
+    for (int i = 0; i < SHA_DIGEST_LENGTH; i++) {
+        out[2 * i] = hex[md[i] >> 4];
+        out[2 * i + 1] = hex[md[i] & 0xf];
+    }
+    out[40] = '\0';
+}
+
+int
+chatdb_init(struct chatdb *db, const struct conf *c)
+{
+    db->conf = c;
+    for (int i = 0; i < CHATDB_SCRIPTS; i++)
+        script_sha(scripts[i], db->sha[i]);
+    return store_init(&db->store, c);
+}
+
+void
+chatdb_cleanup(struct chatdb *db)
+{
+    store_cleanup(&db->store);
+}
+
+const char *
+chatdb_error(const struct chatdb *db)
+{
+    return db->store.err;
+}
+
+int
+chatdb_ping(struct chatdb *db)
+{
+    return store_ping(&db->store);
+}
+
+/* ---- the keys */
+
+/* chat:{id}:history; the braces are a Redis Cluster hash tag, so that
+ * every key of a session lives in one slot. Returns the length. */
+static size_t
+history_key(char key[KEY_MAX], const char *session_id)
+{
+    int n = snprintf(key, KEY_MAX, "chat:{%s}:history", session_id);
+
+    return n < KEY_MAX ? (size_t)n : KEY_MAX - 1;
+}
+
+/* The keys of one turn, as C strings. */
+struct turn_keys {
+    char history[KEY_MAX];
+    char lock[KEY_MAX];
+    char record[KEY_MAX];
+    char rpm[KEY_MAX];
+    char tpm[KEY_MAX];
+};
+
+/* The client's rate-limit counters of the current minute. */
+static void
+client_keys(const struct chatdb_turn *t, struct turn_keys *k, long long window)
+{
+    snprintf(k->rpm, sizeof(k->rpm), "rl:{%s}:rpm:%lld", t->client, window);
+    snprintf(k->tpm, sizeof(k->tpm), "rl:{%s}:tpm:%lld", t->client, window);
+}
+
+static void
+turn_keys(const struct chatdb_turn *t, struct turn_keys *k, long long window)
+{
+    client_keys(t, k, window);
+    history_key(k->history, t->session_id);
+    snprintf(k->lock, sizeof(k->lock), "chat:{%s}:lock", t->session_id);
+    if (t->idempotency_key == NULL)
+        snprintf(k->record, sizeof(k->record), "chat:{%s}:idem",
+                 t->session_id);
+    else if (t->idempotency_by_client)
+        snprintf(k->record, sizeof(k->record), "idem:{%s}:%s", t->client,
+                 t->idempotency_key);
+    else
+        snprintf(k->record, sizeof(k->record), "chat:{%s}:idem:%s",
+                 t->session_id, t->idempotency_key);
+}
+
+/* ---- the stored form of a history */
+
+int
+chatdb_gen_item(yajl_gen g, enum message_role role, const char *content,
+                size_t len)
+{
+    json_gen_restart(g);
+    return yajl_gen_map_open(g) ||
+           json_gen_key_cstr(g, "role", messages_role_name(role)) ||
+           json_gen_key_str(g, "content", content, len) ||
+           yajl_gen_map_close(g);
+}
+
+int
+chatdb_add_item(struct messages *h, const char *json, size_t len)
+{
+    struct json_field f[] = {
+        {.path = "role", .accept = JSON_STRING},
+        {.path = "content", .accept = JSON_STRING},
+    };
+    char err[JSON_ERR_LEN];
+    struct buf arena;
+    enum message_role role;
+    const char *name;
+    int rc = -1;
+
+    buf_init(&arena, len + 2);
+    if (json_pick(json, len, f, 2, &arena, ITEM_DEPTH, 0, err) == -1 ||
+        f[0].type == 0 || f[1].type == 0)
+        goto out;
+    name = json_field_text(&f[0], &arena);
+    if (f[0].len == 4 && memcmp(name, "user", 4) == 0)
+        role = MESSAGE_USER;
+    else if (f[0].len == 9 && memcmp(name, "assistant", 9) == 0)
+        role = MESSAGE_ASSISTANT;
+    else
+        goto out;
+    rc = messages_add(h, role, json_field_text(&f[1], &arena), f[1].len);
+out:
+    buf_cleanup(&arena);
+    return rc;
+}
+
+/* Replace h with the stored items r->element[from..], skipping what
+ * cannot be read and the oldest pairs that do not fit h's cap. Returns
+ * how many were skipped. */
+static size_t
+fill_history(const redisReply *r, size_t from, struct messages *h)
+{
+    size_t i = r->elements, skipped;
+
+    messages_reset(h);
+    /* Newest first, for as long as items are readable and fit the cap: a
+     * lowered limit must not make an old session unreadable. */
+    for (; i > from; i--) {
+        const redisReply *item = r->element[i - 1];
+
+        if (item->type != REDIS_REPLY_STRING ||
+            chatdb_add_item(h, item->str, item->len) == -1)
+            break;
+    }
+    /* Whole pairs only: a reply whose question did not make it goes too. */
+    if (h->count % 2 == 1 && i > from) {
+        messages_drop_last(h);
+        i++;
+    }
+    skipped = i - from;
+    if (skipped > 0)
+        log_warnx("chatdb", "%zu older history items are over the cap or "
+                  "unreadable; the next turn trims them", skipped);
+    messages_reverse(h);
+    return skipped;
+}
+
+size_t
+chatdb_trim_start(const struct messages *h, size_t max_messages,
+                  size_t max_bytes)
+{
+    size_t bytes = 0, drop = 0;
+
+    for (size_t i = 0; i < h->count; i++)
+        bytes += h->msgs[i].len;
+    while (h->count - drop > 2 &&
+           (h->count - drop > max_messages || bytes > max_bytes)) {
+        bytes -= h->msgs[drop].len + h->msgs[drop + 1].len;
+        drop += 2;
+    }
+    return drop;
+}
+
+/* ---- commands and scripts */
+
+/* Arguments of one command, built up one by one. */
+struct args {
+    const char *argv[MAX_ARGS];
+    size_t lens[MAX_ARGS];
+    char numbers[MAX_ARGS][24];
+    int argc;
+};
+
+static void
+arg(struct args *c, const char *s, size_t n)
+{
+    c->argv[c->argc] = s;
+    c->lens[c->argc++] = n;
+}
+
+static void
+arg_str(struct args *c, const char *s)
+{
+    arg(c, s, strlen(s));
+}
+
+static void
+arg_int(struct args *c, long long v)
+{
+    int n = snprintf(c->numbers[c->argc], sizeof(c->numbers[0]), "%lld", v);
+
+    arg(c, c->numbers[c->argc], (size_t)n);
+}
+
+/* A script call with nkeys keys: argv[0..1] are left for the script. */
+static void
+script_args(struct args *c, int nkeys)
+{
+    c->argc = 2;
+    arg_int(c, nkeys);
+}
+
+/* One call as a plain command, or (acked) as a write that waits for
+ * [redis] wait_replicas in the same round trip. */
+static redisReply *
+send_args(struct store *s, struct args *c, int acked, const char *what)
+{
+    if (acked)
+        return store_write_argv(s, c->argc, c->argv, c->lens, what);
+    return store_command_argv(s, c->argc, c->argv, c->lens, what);
+}
+
+/* EVALSHA, or EVAL when Redis does not have the script yet (a restart, a
+ * flush, a replica just promoted): one round trip in the usual case. */
+static redisReply *
+run_script(struct chatdb *db, enum script sc, struct args *c, int acked,
+           const char *what)
+{
+    redisReply *r;
+
+    c->argv[0] = "EVALSHA";
+    c->lens[0] = 7;
+    c->argv[1] = db->sha[sc];
+    c->lens[1] = 40;
+    r = send_args(&db->store, c, acked, what);
+    if (r != NULL || strstr(db->store.err, "NOSCRIPT") == NULL)
+        return r;
+    c->argv[0] = "EVAL";
+    c->lens[0] = 4;
+    c->argv[1] = scripts[sc];
+    c->lens[1] = strlen(scripts[sc]);
+    return send_args(&db->store, c, acked, what);
+}
+
+/* ---- a session's history alone (GET, DELETE) */
+
+int
+chatdb_history_load(struct chatdb *db, const char *session_id,
+                    struct messages *h)
+{
+    struct args c = {.argc = 0};
+    char key[KEY_MAX];
+    redisReply *r;
+
+    messages_reset(h);
+    arg_str(&c, "LRANGE");
+    arg(&c, key, history_key(key, session_id));
+    arg_str(&c, "0");
+    arg_str(&c, "-1");
+    r = send_args(&db->store, &c, 0, "LRANGE");
+    if (r == NULL)
+        return -1;
+    if (r->type != REDIS_REPLY_ARRAY) {
+        snprintf(db->store.err, STORE_ERR_LEN, "LRANGE gave no list");
+        freeReplyObject(r);
+        return -1;
+    }
+    fill_history(r, 0, h);
+    freeReplyObject(r);
+    return 0;
+}
+
+int
+chatdb_history_delete(struct chatdb *db, const char *session_id)
+{
+    struct args c = {.argc = 0};
+    char key[KEY_MAX];
+    redisReply *r;
+
+    arg_str(&c, "DEL");
+    arg(&c, key, history_key(key, session_id));
+    r = send_args(&db->store, &c, 0, "DEL");
+    freeReplyObject(r);
+    return r != NULL ? 0 : -1;
+}
+
+/* ---- one turn */
+
+static int
+unexpected(struct chatdb *db)
+{
+    snprintf(db->store.err, STORE_ERR_LEN,
+             "unexpected reply to the turn script");
+    return -1;
+}
+
+static int
+begin_outcome(struct chatdb *db, struct chatdb_turn *t, const redisReply *r,
+              struct messages *h, struct buf *replay,
+              long long *retry_after_s)
+{
+    const redisReply *tag = r->type == REDIS_REPLY_ARRAY && r->elements > 0
+                                ? r->element[0]
+                                : NULL;
+
+    if (tag == NULL || tag->type != REDIS_REPLY_STRING)
+        return unexpected(db);
+    if (strcmp(tag->str, "go") == 0 && r->elements >= 2 &&
+        r->element[1]->type == REDIS_REPLY_STRING) {
+        t->redis_clock_ms = strtoll(r->element[1]->str, NULL, 10);
+        t->local_clock_ms = clock_ms();
+        t->skipped = fill_history(r, 2, h);
+        return CHATDB_GO;
+    }
+    if (strcmp(tag->str, "busy") == 0)
+        return CHATDB_BUSY;
+    if (strcmp(tag->str, "running") == 0)
+        return CHATDB_RUNNING;
+    if (r->elements != 2 || r->element[1]->type != REDIS_REPLY_STRING)
+        return unexpected(db);
+    if (strcmp(tag->str, "rate") == 0) {
+        *retry_after_s = strtoll(r->element[1]->str, NULL, 10);
+        return CHATDB_RATE_LIMITED;
+    }
+    if (strcmp(tag->str, "replay") == 0) {
+        buf_reset(replay);
+        if (buf_append(replay, r->element[1]->str, r->element[1]->len) == 0)
+            return CHATDB_REPLAY;
+    }
+    return unexpected(db);
+}
+
+int
+chatdb_turn_begin(struct chatdb *db, struct chatdb_turn *t,
+                  struct messages *h, struct buf *replay,
+                  long long *retry_after_s)
+{
+    long long now = (long long)time(NULL);
+    struct turn_keys k;
+    struct args c;
+    redisReply *r;
+    int rc;
+
+    turn_keys(t, &k, now / WINDOW_S);
+    script_args(&c, 5);
+    arg_str(&c, k.history);
+    arg_str(&c, k.lock);
+    arg_str(&c, k.record);
+    arg_str(&c, k.rpm);
+    arg_str(&c, k.tpm);
+    arg_str(&c, t->token);
+    arg_int(&c, t->lock_ms);
+    arg_int(&c, t->rpm);
+    arg_int(&c, t->tpm);
+    arg_int(&c, WINDOW_S - now % WINDOW_S);
+    arg_str(&c, t->idempotency_key ? "1" : "0");
+    r = run_script(db, BEGIN, &c, 0, "turn begin");
+    if (r == NULL)
+        return -1;
+    rc = begin_outcome(db, t, r, h, replay, retry_after_s);
+    freeReplyObject(r);
+    return rc;
+}
+
+/* In Redis's clock: when this worker will have given up on the commit
+ * (its command timeout), measured from the clock begin saw, so that the
+ * two hosts' clocks need not agree. */
+static long long
+commit_deadline(const struct store *s, const struct chatdb_turn *t)
+{
+    double timeout = (double)s->command_timeout.tv_sec * 1000.0 +
+                     (double)s->command_timeout.tv_usec / 1000.0;
+
+    return t->redis_clock_ms +
+           (long long)(clock_ms() - t->local_clock_ms + timeout);
+}
+
+int
+chatdb_turn_commit(struct chatdb *db, const struct chatdb_turn *t,
+                   const struct chatdb_result *res)
+{
+    const struct conf *cf = db->conf;
+    struct turn_keys k;
+    struct args c;
+    redisReply *r;
+    int stored;
+
+    turn_keys(t, &k, (long long)time(NULL) / WINDOW_S);
+    script_args(&c, 4);
+    arg_str(&c, k.history);
+    arg_str(&c, k.lock);
+    arg_str(&c, k.record);
+    arg_str(&c, k.tpm);
+    arg(&c, res->user_item, res->user_len);
+    arg(&c, res->assistant_item, res->assistant_len);
+    arg_int(&c, (long long)(t->skipped +
+                            chatdb_trim_start(res->history,
+                                (size_t)cf->chat.history_max_messages,
+                                (size_t)cf->chat.history_max_bytes)));
+    arg_int(&c, cf->chat.history_ttl_seconds);
+    arg_str(&c, t->token);
+    arg_str(&c, t->idempotency_key ? "1" : "0");
+    arg(&c, res->answer, res->answer_len);
+    arg_int(&c, cf->idempotency_ttl_s);
+    arg_int(&c, t->tpm > 0 ? res->tokens : 0);
+    arg_int(&c, commit_deadline(&db->store, t));
+    r = run_script(db, COMMIT, &c, 1, "turn commit");
+    if (r == NULL)
+        return -1;
+    stored = r->type == REDIS_REPLY_INTEGER && r->integer == 1;
+    freeReplyObject(r);
+    if (!stored)
+        snprintf(db->store.err, STORE_ERR_LEN, "Redis ran the store too "
+                 "late; nothing was stored");
+    return stored ? 0 : -1;
+}
+
+int
+chatdb_turn_abort(struct chatdb *db, const struct chatdb_turn *t)
+{
+    struct turn_keys k;
+    struct args c;
+    redisReply *r;
+
+    turn_keys(t, &k, 0);
+    script_args(&c, 2);
+    arg_str(&c, k.lock);
+    arg_str(&c, k.record);
+    arg_str(&c, t->token);
+    arg_str(&c, t->idempotency_key ? "1" : "0");
+    r = run_script(db, ABORT, &c, 0, "turn abort");
+    freeReplyObject(r);
+    return r != NULL ? 0 : -1;
+}
+
+/* ---- a client's rate counters alone (the /v1 face) */
+
+int
+chatdb_rate_check(struct chatdb *db, const struct chatdb_turn *t,
+                  long long *retry_s)
+{
+    long long now = (long long)time(NULL);
+    struct turn_keys k;
+    struct args c;
+    redisReply *r;
+    int rc = CHATDB_GO;
+
+    client_keys(t, &k, now / WINDOW_S);
+    script_args(&c, 2);
+    arg_str(&c, k.rpm);
+    arg_str(&c, k.tpm);
+    arg_int(&c, t->rpm);
+    arg_int(&c, t->tpm);
+    arg_int(&c, WINDOW_S - now % WINDOW_S);
+    r = run_script(db, RATE, &c, 0, "rate check");
+    if (r == NULL)
+        return -1;
+    if (r->type == REDIS_REPLY_STRING) {
+        *retry_s = strtoll(r->str, NULL, 10);
+        rc = CHATDB_RATE_LIMITED;
+    }
+    freeReplyObject(r);
+    return rc;
+}
+
+int
+chatdb_count_tokens(struct chatdb *db, const struct chatdb_turn *t,
+                    long long tokens)
+{
+    struct turn_keys k;
+    struct args c;
+    redisReply *r;
+
+    client_keys(t, &k, (long long)time(NULL) / WINDOW_S);
+    script_args(&c, 1);
+    arg_str(&c, k.tpm);
+    arg_int(&c, tokens);
+    r = run_script(db, TOKENS, &c, 0, "token count");
+    freeReplyObject(r);
+    return r != NULL ? 0 : -1;
+}

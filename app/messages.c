@@ -1,0 +1,92 @@
+/* messages: an in-memory list of chat messages. */
+#include "messages.h"
+
+#include <stdlib.h>
+
+void
+messages_init(struct messages *h, size_t max_text)
+{
+    h->msgs = NULL;
+    h->count = 0;
+    h->cap = 0;
+    buf_init(&h->text, max_text);
+}
+
+void
+messages_reset(struct messages *h)
+{
+    h->count = 0;
+    buf_reset(&h->text);
+}
+
+void
+messages_cleanup(struct messages *h)
+{
+    free(h->msgs);
+    buf_cleanup(&h->text);
+    h->msgs = NULL;
+    h->count = h->cap = 0;
+}
+
+int
+messages_add(struct messages *h, enum message_role role, const char *content,
+            size_t len)
+{
+    struct message *m;
+
+    if (h->count == h->cap) {
+        size_t cap = h->cap ? h->cap * 2 : 32;
+
+        m = realloc(h->msgs, cap * sizeof(*m));
+        if (m == NULL)
+            return -1;
+        h->msgs = m;
+        h->cap = cap;
+    }
+    m = &h->msgs[h->count];
+    m->role = role;
+    m->off = h->text.len;
+    m->len = len;
+    /* NUL after each content, so that it can be read as a C string too. */
+    if (buf_append(&h->text, content, len) == -1 ||
+        buf_append(&h->text, "", 1) == -1) {
+        h->text.len = m->off;
+        return -1;
+    }
+    h->count++;
+    return 0;
+}
+
+const char *
+messages_content(const struct messages *h, size_t i)
+{
+    return h->text.data + h->msgs[i].off;
+}
+
+void
+messages_drop_last(struct messages *h)
+{
+    if (h->count == 0)
+        return;
+    h->count--;
+    h->text.len = h->msgs[h->count].off;
+}
+
+void
+messages_reverse(struct messages *h)
+{
+    for (size_t i = 0, j = h->count; i + 1 < j; i++, j--) {
+        struct message m = h->msgs[i];
+
+        h->msgs[i] = h->msgs[j - 1];
+        h->msgs[j - 1] = m;
+    }
+}
+
+const char *
+messages_role_name(enum message_role role)
+{
+    static const char *const names[] = {"user", "assistant", "system"};
+
+    return names[role];
+}

@@ -1,0 +1,48 @@
+/*
+ * messages: a list of chat messages in memory (role and content, oldest
+ * first): a session's history as loaded from Redis, or the messages of a
+ * /v1 request. The caller owns the struct and reuses it across requests.
+ */
+#ifndef CHATFCGI_MESSAGES_H
+#define CHATFCGI_MESSAGES_H
+
+#include <stddef.h>
+
+#include "buf.h"
+
+/* Stored histories hold user and assistant messages; system messages come
+ * only from a /v1 request. */
+enum message_role { MESSAGE_USER, MESSAGE_ASSISTANT, MESSAGE_SYSTEM };
+
+struct message {
+    enum message_role role;
+    size_t off, len; /* content in messages.text */
+};
+
+struct messages {
+    struct message *msgs;
+    size_t count, cap;
+    struct buf text;
+};
+
+void messages_init(struct messages *h, size_t max_text);
+void messages_reset(struct messages *h);
+void messages_cleanup(struct messages *h);
+
+/* Append a message (content copied). Returns 0 or -1 (over the text cap
+ * or out of memory). */
+int messages_add(struct messages *h, enum message_role role,
+                 const char *content, size_t len);
+
+/* Message i's content, NUL-terminated (its length is msgs[i].len). */
+const char *messages_content(const struct messages *h, size_t i);
+
+/* Remove the message added last. */
+void messages_drop_last(struct messages *h);
+
+/* Reverse the order of the messages (a list read newest first). */
+void messages_reverse(struct messages *h);
+
+const char *messages_role_name(enum message_role role);
+
+#endif

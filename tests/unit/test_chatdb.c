@@ -1,0 +1,736 @@
+/*
+ * Unit tests of chatdb, the chat's Redis schema. The pure parts first:
+ * the stored form of a message (chatdb_add_item) and the trim rule that
+ * keeps a session under its message and byte limits by whole pairs. Then
+ * every script against a real redis-server that the test starts on a
+ * unix socket in a scratch directory and stops at the end: the turn lock,
+ * idempotency records, rate limits, the commit's trim and deadline, the
+ * EVAL fallback after a script flush, and history load and delete.
+ */
+#include <fcntl.h>
+#include <hiredis/hiredis.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "buf.h"
+#include "chatdb.h"
+#include "clock.h"
+#include "conf.h"
+#include "json.h"
+#include "log.h"
+#include "messages.h"
+
+#define NELEM(a) (sizeof(a) / sizeof(*(a)))
+
+struct json_item {
+    const char *json;
+    enum message_role role;
+    const char *content;
+    size_t len;
+};
+
+static void
+test_add_json_accepted(void **state)
+{
+    static const struct json_item items[] = {
+        {"{\"role\":\"user\",\"content\":\"hello\"}", MESSAGE_USER, "hello",
+         5},
+        {"{\"role\":\"assistant\",\"content\":\"hi\"}", MESSAGE_ASSISTANT,
+         "hi", 2},
+        {"{\"content\":\"order\",\"role\":\"user\"}", MESSAGE_USER, "order",
+         5},
+        {" { \"role\" : \"user\" , \"content\" : \"\" } ", MESSAGE_USER, "",
+         0},
+        {"{\"role\":\"user\",\"content\":\"a\\nb \\\"q\\\" \\u00e9\"}",
+         MESSAGE_USER, "a\nb \"q\" \xc3\xa9", 10},
+        {"{\"role\":\"user\",\"content\":\"nul\\u0000in\"}", MESSAGE_USER,
+         "nul\0in", 6},
+        {"{\"role\":\"user\",\"content\":\"\\ud83d\\ude00\"}", MESSAGE_USER,
+         "\xf0\x9f\x98\x80", 4},
+        /* later versions may store more fields */
+        {"{\"role\":\"assistant\",\"content\":\"x\",\"ts\":1,\"meta\":{}}",
+         MESSAGE_ASSISTANT, "x", 1},
+    };
+    struct messages h;
+
+    (void)state;
+    messages_init(&h, 4096);
+    for (size_t i = 0; i < NELEM(items); i++) {
+        if (chatdb_add_item(&h, items[i].json, strlen(items[i].json)) != 0)
+            fail_msg("refused: %s", items[i].json);
+        assert_int_equal(h.count, i + 1);
+        assert_int_equal(h.msgs[i].role, items[i].role);
+        assert_int_equal(h.msgs[i].len, items[i].len);
+        assert_memory_equal(messages_content(&h, i), items[i].content,
+                            items[i].len);
+    }
+    messages_cleanup(&h);
+}
+
+static void
+test_add_json_refused(void **state)
+{
+    static const char *const items[] = {
+        "{\"role\":\"system\",\"content\":\"x\"}",
+        "{\"role\":\"tool\",\"content\":\"x\"}",
+        "{\"role\":\"User\",\"content\":\"x\"}",
+        "{\"role\":\"user \",\"content\":\"x\"}",
+        "{\"role\":\"\",\"content\":\"x\"}",
+        "{\"role\":\"user\"}",
+        "{\"content\":\"x\"}",
+        "{}",
+        "{\"role\":\"user\",\"content\":null}",
+        "{\"role\":\"user\",\"content\":42}",
+        "{\"role\":\"user\",\"content\":[\"x\"]}",
+        "{\"role\":\"user\",\"content\":{\"text\":\"x\"}}",
+        "{\"role\":1,\"content\":\"x\"}",
+        "{\"role\":null,\"content\":\"x\"}",
+        "[\"user\",\"x\"]",
+        "[{\"role\":\"user\",\"content\":\"x\"}]",
+        "{\"msg\":{\"role\":\"user\",\"content\":\"x\"}}",
+        "\"user\"",
+        "",
+        "{",
+        "{\"role\":\"user\",\"content\":\"x\"",
+        "{\"role\":\"user\",\"content\":\"x\"}}",
+        "{\"role\":\"user\",\"content\":\"x\"} trailing",
+        "{\"role\":\"user\",\"content\":\"x\",}",
+        "{role:\"user\",content:\"x\"}",
+        "{\"role\":\"user\",\"content\":\"\xff\"}",
+        "{\"role\":\"user\",\"content\":\"x\" /* c */}",
+    };
+    struct messages h;
+
+    (void)state;
+    messages_init(&h, 4096);
+    for (size_t i = 0; i < NELEM(items); i++) {
+        if (chatdb_add_item(&h, items[i], strlen(items[i])) != -1)
+            fail_msg("accepted: %s", items[i]);
+        assert_int_equal(h.count, 0);
+    }
+    messages_cleanup(&h);
+}
+
+/* The role is compared whole, with its length: "user" followed by an
+ * escaped NUL is not "user". */
+static void
+test_add_json_role_with_nul_refused(void **state)
+{
+    static const char *const items[] = {
+        "{\"role\":\"user\\u0000\",\"content\":\"x\"}",
+        "{\"role\":\"assistant\\u0000junk\",\"content\":\"x\"}",
+    };
+    const char *accepted = NULL;
+    struct messages h;
+
+    (void)state;
+    messages_init(&h, 4096);
+    for (size_t i = 0; i < NELEM(items) && accepted == NULL; i++)
+        if (chatdb_add_item(&h, items[i], strlen(items[i])) != -1)
+            accepted = items[i];
+    messages_cleanup(&h); /* before failing, so that ASan reports no leak */
+    if (accepted != NULL)
+        fail_msg("BUG chatdb.c chatdb_add_item: role compared with "
+                 "strcmp, accepted: %s", accepted);
+}
+
+/* The JSON length is the bound: bytes after it are not part of the item,
+ * and the text need not be NUL-terminated. */
+static void
+test_add_json_uses_length(void **state)
+{
+    static const char text[] = "{\"role\":\"user\",\"content\":\"ok\"}XYZ";
+    struct messages h;
+
+    (void)state;
+    messages_init(&h, 64);
+    assert_int_equal(chatdb_add_item(&h, text, sizeof(text) - 4), 0);
+    assert_string_equal(messages_content(&h, 0), "ok");
+    assert_int_equal(chatdb_add_item(&h, text, sizeof(text) - 1), -1);
+    assert_int_equal(h.count, 1);
+    messages_cleanup(&h);
+}
+
+/* A content larger than the history's text cap is refused. */
+static void
+test_add_json_over_cap(void **state)
+{
+    static const char item[] =
+        "{\"role\":\"user\",\"content\":\"0123456789\"}";
+    struct messages h;
+
+    (void)state;
+    messages_init(&h, 10);
+    assert_int_equal(chatdb_add_item(&h, item, sizeof(item) - 1), -1);
+    assert_int_equal(h.count, 0);
+    messages_cleanup(&h);
+}
+
+/* Build a history of n messages, user first, of the given lengths. */
+static void
+fill(struct messages *h, const size_t *lens, size_t n)
+{
+    static const char text[256] = {0};
+
+    messages_init(h, 1 << 16);
+    for (size_t i = 0; i < n; i++) {
+        assert_true(lens[i] < sizeof(text));
+        assert_int_equal(messages_add(h, i % 2 ? MESSAGE_ASSISTANT
+                                              : MESSAGE_USER,
+                                     text, lens[i]),
+                         0);
+    }
+}
+
+struct trim_case {
+    size_t lens[12];
+    size_t n;
+    size_t max_messages, max_bytes;
+    size_t drop;
+    const char *what;
+};
+
+static const struct trim_case trim_cases[] = {
+    {{0}, 0, 20, 1000, 0, "empty"},
+    {{5, 5}, 2, 20, 1000, 0, "one pair, under both"},
+    {{5, 5, 5, 5}, 4, 4, 20, 0, "exactly at both limits"},
+    {{5, 5, 5, 5, 5, 5}, 6, 20, 1000, 0, "under both"},
+    /* over the message count */
+    {{1, 1, 1, 1, 1, 1}, 6, 4, 1000, 2, "6 messages, max 4"},
+    {{1, 1, 1, 1, 1, 1, 1, 1, 1, 1}, 10, 4, 1000, 6, "10 messages, max 4"},
+    {{1, 1, 1, 1, 1, 1}, 6, 2, 1000, 4, "6 messages, max 2"},
+    {{1, 1, 1, 1, 1, 1}, 6, 5, 1000, 2, "odd max: 6 messages, max 5"},
+    {{1, 1, 1, 1, 1, 1, 1, 1}, 8, 5, 1000, 4, "odd max: 8 messages, max 5"},
+    {{1, 1, 1, 1, 1, 1}, 6, 3, 1000, 4, "odd max: 6 messages, max 3"},
+    {{1, 1, 1, 1, 1, 1}, 6, 1, 1000, 4, "max 1 keeps the newest pair"},
+    {{1, 1, 1, 1, 1, 1}, 6, 0, 1000, 4, "max 0 keeps the newest pair"},
+    /* over max_bytes */
+    {{10, 10, 10, 10, 10, 10}, 6, 20, 59, 2, "60 bytes, max 59"},
+    {{10, 10, 10, 10, 10, 10}, 6, 20, 40, 2, "60 bytes, max 40"},
+    {{10, 10, 10, 10, 10, 10}, 6, 20, 39, 4, "60 bytes, max 39"},
+    {{100, 1, 1, 1, 1, 1}, 6, 20, 50, 2, "one big old message"},
+    {{1, 1, 100, 1, 1, 1}, 6, 20, 50, 4, "big message in the middle pair"},
+    {{1, 100, 1, 1}, 4, 20, 5, 2, "big old answer"},
+    /* the newest pair stays even when it alone is over */
+    {{1, 1, 100, 100}, 4, 20, 50, 2, "newest pair alone over max_bytes"},
+    {{100, 100}, 2, 20, 50, 0, "only the newest pair, over max_bytes"},
+    {{1, 1, 1, 1, 200, 0}, 6, 20, 10, 4, "newest user message over"},
+    {{5, 5, 5, 5}, 4, 20, 0, 2, "max_bytes 0"},
+    /* both limits: the stricter one decides */
+    {{1, 1, 1, 1, 50, 50, 1, 1}, 8, 6, 1000, 2, "count decides"},
+    {{1, 1, 50, 50, 1, 1, 1, 1}, 8, 6, 20, 4, "bytes decide"},
+};
+
+static void
+test_trim_start(void **state)
+{
+    (void)state;
+    for (size_t i = 0; i < NELEM(trim_cases); i++) {
+        const struct trim_case *c = &trim_cases[i];
+        struct messages h;
+        size_t drop;
+
+        fill(&h, c->lens, c->n);
+        drop = chatdb_trim_start(&h, c->max_messages, c->max_bytes);
+        if (drop != c->drop)
+            fail_msg("%s: dropped %zu, want %zu", c->what, drop, c->drop);
+        assert_int_equal(drop % 2, 0);
+        messages_cleanup(&h);
+    }
+}
+
+/* The result is whole pairs, never the newest pair, and after it the
+ * history is within both limits unless only the newest pair is left. */
+static void
+test_trim_start_properties(void **state)
+{
+    size_t lens[40];
+
+    (void)state;
+    for (size_t n = 2; n <= 40; n += 2) {
+        for (size_t i = 0; i < n; i++)
+            lens[i] = (i * 7 + n) % 23;
+        for (size_t maxm = 0; maxm <= 42; maxm += 3) {
+            for (size_t maxb = 0; maxb <= 300; maxb += 37) {
+                struct messages h;
+                size_t drop, bytes = 0;
+
+                fill(&h, lens, n);
+                drop = chatdb_trim_start(&h, maxm, maxb);
+                assert_int_equal(drop % 2, 0);
+                assert_true(drop + 2 <= n);
+                for (size_t i = drop; i < n; i++)
+                    bytes += lens[i];
+                if (n - drop > 2)
+                    assert_true(n - drop <= maxm && bytes <= maxb);
+                /* minimal: keeping one more pair would break a limit */
+                if (drop > 0)
+                    assert_true(n - drop + 2 > maxm ||
+                                bytes + lens[drop - 1] + lens[drop - 2] >
+                                    maxb);
+                messages_cleanup(&h);
+            }
+        }
+    }
+}
+
+
+/* ---- against a real Redis */
+
+static struct {
+    char dir[64];
+    char socket[128];
+    pid_t pid;
+} server;
+
+static redisContext *
+raw_connect(void)
+{
+    redisContext *c = redisConnectUnix(server.socket);
+
+    if (c != NULL && c->err != 0) {
+        redisFree(c);
+        return NULL;
+    }
+    return c;
+}
+
+/* A raw command's reply, for looking at the keys behind chatdb's back. */
+static redisReply *
+raw(const char *fmt, ...)
+{
+    redisContext *c = raw_connect();
+    redisReply *r;
+    va_list ap;
+
+    assert_non_null(c);
+    va_start(ap, fmt);
+    r = redisvCommand(c, fmt, ap);
+    va_end(ap);
+    redisFree(c);
+    assert_non_null(r);
+    return r;
+}
+
+static long long
+raw_int(const char *fmt, const char *arg)
+{
+    redisReply *r = raw(fmt, arg);
+    long long v = r->type == REDIS_REPLY_INTEGER ? r->integer : -1;
+
+    freeReplyObject(r);
+    return v;
+}
+
+static int
+start_redis(void **state)
+{
+    char err[LOG_ERR_LEN];
+
+    (void)state;
+    if (log_open("stderr", "off", LOG_ERROR, err) == -1)
+        return -1;
+    snprintf(server.dir, sizeof(server.dir), "/tmp/chatfcgi-test-XXXXXX");
+    if (mkdtemp(server.dir) == NULL)
+        return -1;
+    snprintf(server.socket, sizeof(server.socket), "%s/redis.sock",
+             server.dir);
+    server.pid = fork();
+    if (server.pid == 0) {
+        int null = open("/dev/null", O_WRONLY);
+
+        dup2(null, STDOUT_FILENO);
+        execlp("redis-server", "redis-server", "--port", "0",
+               "--unixsocket", server.socket, "--dir", server.dir,
+               "--save", "", "--appendonly", "no", "--loglevel", "warning",
+               (char *)NULL);
+        _exit(127);
+    }
+    for (int i = 0; i < 200; i++) {
+        redisContext *c = raw_connect();
+
+        if (c != NULL) {
+            redisFree(c);
+            return 0;
+        }
+        usleep(25000);
+    }
+    fprintf(stderr, "redis-server did not start on %s\n", server.socket);
+    return -1;
+}
+
+static int
+stop_redis(void **state)
+{
+    char path[160];
+
+    (void)state;
+    if (server.pid > 0) {
+        kill(server.pid, SIGTERM);
+        waitpid(server.pid, NULL, 0);
+    }
+    snprintf(path, sizeof(path), "%s/redis.sock", server.dir);
+    unlink(path);
+    rmdir(server.dir);
+    return 0;
+}
+
+/* A chatdb on the test's Redis, its conf, and buffers for one turn. */
+struct fixture {
+    struct conf conf;
+    struct chatdb db;
+    struct messages history;
+    struct buf replay;
+    yajl_gen gen;
+    struct buf user_item, assistant_item;
+};
+
+static void
+set_string(char **slot, const char *value)
+{
+    free(*slot);
+    *slot = strdup(value);
+    assert_non_null(*slot);
+}
+
+static void
+fixture_open(struct fixture *f, const char *url)
+{
+    char err[CONF_ERR_LEN], spec[160];
+
+    memset(f, 0, sizeof(*f));
+    assert_int_equal(conf_defaults(&f->conf, err), 0);
+    snprintf(spec, sizeof(spec), "unix://%s", server.socket);
+    set_string(&f->conf.redis.url, url ? url : spec);
+    f->conf.chat.history_max_messages = 4;
+    assert_int_equal(chatdb_init(&f->db, &f->conf), 0);
+    messages_init(&f->history, 1 << 16);
+    buf_init(&f->replay, 1 << 16);
+    buf_init(&f->user_item, 1 << 16);
+    buf_init(&f->assistant_item, 1 << 16);
+    f->gen = json_gen_new();
+    assert_non_null(f->gen);
+    redisReply *r = raw("FLUSHALL");
+    freeReplyObject(r);
+}
+
+static void
+fixture_close(struct fixture *f)
+{
+    yajl_gen_free(f->gen);
+    buf_cleanup(&f->user_item);
+    buf_cleanup(&f->assistant_item);
+    buf_cleanup(&f->replay);
+    messages_cleanup(&f->history);
+    chatdb_cleanup(&f->db);
+    conf_free(&f->conf);
+}
+
+static struct chatdb_turn
+turn_of(const char *session_id, const char *token)
+{
+    return (struct chatdb_turn){
+        .session_id = session_id,
+        .client = "addr:127.0.0.1",
+        .token = token,
+        .lock_ms = 60000,
+    };
+}
+
+static int
+begin(struct fixture *f, struct chatdb_turn *t, long long *retry)
+{
+    long long unused;
+
+    return chatdb_turn_begin(&f->db, t, &f->history, &f->replay,
+                             retry ? retry : &unused);
+}
+
+/* The stored form of one message, copied out of the generator. */
+static void
+item(struct fixture *f, enum message_role role, const char *text,
+     struct buf *out)
+{
+    const unsigned char *json;
+    size_t len;
+
+    assert_int_equal(chatdb_gen_item(f->gen, role, text, strlen(text)), 0);
+    yajl_gen_get_buf(f->gen, &json, &len);
+    buf_reset(out);
+    assert_int_equal(buf_append(out, json, len), 0);
+}
+
+/* Commit one turn (question, reply) after a begin, as the chat does: the
+ * pair joins the loaded history, which the commit trims. */
+static int
+commit(struct fixture *f, const struct chatdb_turn *t, const char *question,
+       const char *reply, const char *answer)
+{
+    struct chatdb_result res = {.history = &f->history,
+                                .answer = answer,
+                                .answer_len = strlen(answer)};
+
+    item(f, MESSAGE_USER, question, &f->user_item);
+    item(f, MESSAGE_ASSISTANT, reply, &f->assistant_item);
+    assert_int_equal(messages_add(&f->history, MESSAGE_USER, question,
+                                  strlen(question)), 0);
+    assert_int_equal(messages_add(&f->history, MESSAGE_ASSISTANT, reply,
+                                  strlen(reply)), 0);
+    res.user_item = f->user_item.data;
+    res.user_len = f->user_item.len;
+    res.assistant_item = f->assistant_item.data;
+    res.assistant_len = f->assistant_item.len;
+    return chatdb_turn_commit(&f->db, t, &res);
+}
+
+static void
+test_turn_locks_then_stores(void **state)
+{
+    struct fixture f;
+    struct chatdb_turn t = turn_of("s1", "req-1"), other = turn_of("s1",
+                                                                   "req-2");
+    redisReply *r;
+
+    (void)state;
+    fixture_open(&f, NULL);
+    assert_int_equal(begin(&f, &t, NULL), CHATDB_GO);
+    assert_int_equal(f.history.count, 0);
+    r = raw("GET chat:{s1}:lock");
+    assert_int_equal(r->type, REDIS_REPLY_STRING);
+    assert_string_equal(r->str, "req-1");
+    freeReplyObject(r);
+    assert_int_equal(begin(&f, &other, NULL), CHATDB_BUSY);
+    assert_int_equal(commit(&f, &t, "hello", "hi there", "{}"), 0);
+    assert_int_equal(raw_int("EXISTS %s", "chat:{s1}:lock"), 0);
+    assert_int_equal(raw_int("LLEN %s", "chat:{s1}:history"), 2);
+    assert_true(raw_int("TTL %s", "chat:{s1}:history") > 0);
+    assert_int_equal(chatdb_history_load(&f.db, "s1", &f.history), 0);
+    assert_int_equal(f.history.count, 2);
+    assert_int_equal(f.history.msgs[0].role, MESSAGE_USER);
+    assert_string_equal(messages_content(&f.history, 0), "hello");
+    assert_int_equal(f.history.msgs[1].role, MESSAGE_ASSISTANT);
+    assert_string_equal(messages_content(&f.history, 1), "hi there");
+    /* The next turn sees the history. */
+    assert_int_equal(begin(&f, &other, NULL), CHATDB_GO);
+    assert_int_equal(f.history.count, 2);
+    fixture_close(&f);
+}
+
+static void
+test_commit_trims_whole_pairs(void **state)
+{
+    static const char *const questions[] = {"q1", "q2", "q3", "q4"};
+    struct fixture f;
+
+    (void)state;
+    fixture_open(&f, NULL); /* history_max_messages = 4 */
+    for (size_t i = 0; i < NELEM(questions); i++) {
+        struct chatdb_turn t = turn_of("trim", questions[i]);
+
+        assert_int_equal(begin(&f, &t, NULL), CHATDB_GO);
+        assert_int_equal(commit(&f, &t, questions[i], "a", "{}"), 0);
+    }
+    assert_int_equal(chatdb_history_load(&f.db, "trim", &f.history), 0);
+    assert_int_equal(f.history.count, 4);
+    assert_string_equal(messages_content(&f.history, 0), "q3");
+    assert_string_equal(messages_content(&f.history, 2), "q4");
+    fixture_close(&f);
+}
+
+static void
+test_abort_releases_only_its_own_lock(void **state)
+{
+    struct fixture f;
+    struct chatdb_turn t = turn_of("s2", "owner"), thief = turn_of("s2",
+                                                                   "thief");
+
+    (void)state;
+    fixture_open(&f, NULL);
+    assert_int_equal(begin(&f, &t, NULL), CHATDB_GO);
+    assert_int_equal(chatdb_turn_abort(&f.db, &thief), 0);
+    assert_int_equal(begin(&f, &thief, NULL), CHATDB_BUSY);
+    assert_int_equal(chatdb_turn_abort(&f.db, &t), 0);
+    assert_int_equal(begin(&f, &thief, NULL), CHATDB_GO);
+    assert_int_equal(raw_int("LLEN %s", "chat:{s2}:history"), 0);
+    fixture_close(&f);
+}
+
+static void
+test_idempotency_running_then_replay(void **state)
+{
+    struct fixture f;
+    struct chatdb_turn t = turn_of("s3", "first"), again = turn_of("s3",
+                                                                   "again");
+
+    (void)state;
+    fixture_open(&f, NULL);
+    t.idempotency_key = again.idempotency_key = "key-1";
+    assert_int_equal(begin(&f, &t, NULL), CHATDB_GO);
+    assert_int_equal(begin(&f, &again, NULL), CHATDB_RUNNING);
+    assert_int_equal(commit(&f, &t, "q", "a", "{\"reply\":\"a\"}"), 0);
+    assert_int_equal(begin(&f, &again, NULL), CHATDB_REPLAY);
+    assert_int_equal(f.replay.len, strlen("{\"reply\":\"a\"}"));
+    assert_memory_equal(f.replay.data, "{\"reply\":\"a\"}", f.replay.len);
+    /* An aborted turn drops its pending record: a retry may run. */
+    t = turn_of("s3", "third");
+    t.idempotency_key = "key-2";
+    assert_int_equal(begin(&f, &t, NULL), CHATDB_GO);
+    assert_int_equal(chatdb_turn_abort(&f.db, &t), 0);
+    assert_int_equal(begin(&f, &t, NULL), CHATDB_GO);
+    fixture_close(&f);
+}
+
+static void
+test_rate_limits(void **state)
+{
+    struct fixture f;
+    struct chatdb_turn t = turn_of("s4", "r1");
+    long long retry = 0;
+
+    (void)state;
+    fixture_open(&f, NULL);
+    t.rpm = 2;
+    assert_int_equal(chatdb_rate_check(&f.db, &t, &retry), CHATDB_GO);
+    assert_int_equal(begin(&f, &t, &retry), CHATDB_GO);
+    assert_int_equal(chatdb_turn_abort(&f.db, &t), 0);
+    assert_int_equal(begin(&f, &t, &retry), CHATDB_RATE_LIMITED);
+    assert_true(retry >= 1 && retry <= 60);
+    assert_int_equal(chatdb_rate_check(&f.db, &t, &retry),
+                     CHATDB_RATE_LIMITED);
+    /* Another client has its own counters. */
+    t.client = "addr:10.0.0.2";
+    assert_int_equal(chatdb_rate_check(&f.db, &t, &retry), CHATDB_GO);
+    /* Tokens: over tpm after one big count. */
+    t.rpm = 0;
+    t.tpm = 50;
+    assert_int_equal(chatdb_rate_check(&f.db, &t, &retry), CHATDB_GO);
+    assert_int_equal(chatdb_count_tokens(&f.db, &t, 100), 0);
+    assert_int_equal(chatdb_rate_check(&f.db, &t, &retry),
+                     CHATDB_RATE_LIMITED);
+    fixture_close(&f);
+}
+
+static void
+test_commit_after_deadline_stores_nothing(void **state)
+{
+    struct fixture f;
+    struct chatdb_turn t = turn_of("late", "slow");
+
+    (void)state;
+    fixture_open(&f, NULL);
+    assert_int_equal(begin(&f, &t, NULL), CHATDB_GO);
+    t.redis_clock_ms -= 3600 * 1000; /* as if begin ran an hour ago */
+    assert_int_equal(commit(&f, &t, "q", "a", "{}"), -1);
+    assert_non_null(strstr(chatdb_error(&f.db), "too late"));
+    assert_int_equal(raw_int("LLEN %s", "chat:{late}:history"), 0);
+    fixture_close(&f);
+}
+
+static void
+test_scripts_survive_a_flush(void **state)
+{
+    struct fixture f;
+    struct chatdb_turn t = turn_of("flush", "a");
+    redisReply *r;
+
+    (void)state;
+    fixture_open(&f, NULL);
+    assert_int_equal(begin(&f, &t, NULL), CHATDB_GO);
+    r = raw("SCRIPT FLUSH");
+    freeReplyObject(r);
+    assert_int_equal(commit(&f, &t, "q", "a", "{}"), 0);
+    assert_int_equal(raw_int("LLEN %s", "chat:{flush}:history"), 2);
+    fixture_close(&f);
+}
+
+static void
+test_unreadable_items_are_skipped_then_trimmed(void **state)
+{
+    struct fixture f;
+    struct chatdb_turn t = turn_of("junk", "t");
+    redisReply *r;
+
+    (void)state;
+    fixture_open(&f, NULL);
+    r = raw("RPUSH chat:{junk}:history not-json "
+            "{\"role\":\"user\",\"content\":\"old\"} "
+            "{\"role\":\"assistant\",\"content\":\"reply\"}");
+    freeReplyObject(r);
+    assert_int_equal(begin(&f, &t, NULL), CHATDB_GO);
+    assert_int_equal(f.history.count, 2);
+    assert_int_equal(t.skipped, 1);
+    assert_int_equal(commit(&f, &t, "new", "answer", "{}"), 0);
+    assert_int_equal(chatdb_history_load(&f.db, "junk", &f.history), 0);
+    assert_int_equal(raw_int("LLEN %s", "chat:{junk}:history"), 4);
+    assert_string_equal(messages_content(&f.history, 0), "old");
+    fixture_close(&f);
+}
+
+static void
+test_history_delete(void **state)
+{
+    struct fixture f;
+    struct chatdb_turn t = turn_of("gone", "t");
+
+    (void)state;
+    fixture_open(&f, NULL);
+    assert_int_equal(begin(&f, &t, NULL), CHATDB_GO);
+    assert_int_equal(commit(&f, &t, "q", "a", "{}"), 0);
+    assert_int_equal(chatdb_history_delete(&f.db, "gone"), 0);
+    assert_int_equal(chatdb_history_load(&f.db, "gone", &f.history), 0);
+    assert_int_equal(f.history.count, 0);
+    fixture_close(&f);
+}
+
+static void
+test_redis_down_is_an_error(void **state)
+{
+    struct fixture f;
+    struct chatdb_turn t = turn_of("down", "t");
+
+    (void)state;
+    fixture_open(&f, "unix:///nonexistent/redis.sock");
+    assert_int_equal(begin(&f, &t, NULL), -1);
+    assert_non_null(strstr(chatdb_error(&f.db), "cannot connect"));
+    assert_int_equal(chatdb_ping(&f.db), -1);
+    fixture_close(&f);
+}
+
+int
+main(void)
+{
+    const struct CMUnitTest pure[] = {
+        cmocka_unit_test(test_add_json_accepted),
+        cmocka_unit_test(test_add_json_refused),
+        cmocka_unit_test(test_add_json_role_with_nul_refused),
+        cmocka_unit_test(test_add_json_uses_length),
+        cmocka_unit_test(test_add_json_over_cap),
+        cmocka_unit_test(test_trim_start),
+        cmocka_unit_test(test_trim_start_properties),
+    };
+    const struct CMUnitTest redis[] = {
+        cmocka_unit_test(test_turn_locks_then_stores),
+        cmocka_unit_test(test_commit_trims_whole_pairs),
+        cmocka_unit_test(test_abort_releases_only_its_own_lock),
+        cmocka_unit_test(test_idempotency_running_then_replay),
+        cmocka_unit_test(test_rate_limits),
+        cmocka_unit_test(test_commit_after_deadline_stores_nothing),
+        cmocka_unit_test(test_scripts_survive_a_flush),
+        cmocka_unit_test(test_unreadable_items_are_skipped_then_trimmed),
+        cmocka_unit_test(test_history_delete),
+        cmocka_unit_test(test_redis_down_is_an_error),
+    };
+
+    return cmocka_run_group_tests(pure, NULL, NULL) |
+           cmocka_run_group_tests(redis, start_redis, stop_redis);
+}
