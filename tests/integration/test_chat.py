@@ -13,6 +13,7 @@ import re
 
 import pytest
 
+from helpers import assert_json_error
 from redis_cluster import redis_command
 
 # The module's stack keeps every default (history_max_messages 20,
@@ -73,17 +74,6 @@ def pairs(*turns):
         out += [{"role": "user", "content": user},
                 {"role": "assistant", "content": assistant}]
     return out
-
-
-def assert_json_error(r, status, code):
-    assert r.status_code == status, r.text
-    assert r.headers["Content-Type"].startswith("application/json"), \
-        r.headers
-    body = r.json()
-    assert body["error"]["code"] == code, body
-    assert isinstance(body["error"]["message"], str)
-    assert body["error"]["message"]
-    return body
 
 
 class Control:

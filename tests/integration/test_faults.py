@@ -18,6 +18,7 @@ import time
 
 import pytest
 import requests
+from helpers import assert_json_error
 from polling import wait_for
 
 TIMEOUT_MS = 1500
@@ -33,17 +34,6 @@ CONNECT_TIMEOUT_MS = 300
 
 
 # ---------------------------------------------------------------- helpers
-
-def assert_json_error(r, status, code):
-    assert r.status_code == status, r.text
-    assert r.headers["Content-Type"].startswith("application/json"), \
-        r.headers
-    body = r.json()
-    assert body["error"]["code"] == code, body
-    assert isinstance(body["error"]["message"], str)
-    assert body["error"]["message"].strip(), body
-    return body
-
 
 def post_turn(http, st, message, session_id=None, timeout=15):
     body = {"message": message}

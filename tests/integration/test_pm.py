@@ -31,6 +31,7 @@ import pytest
 import requests
 
 import stack as stack_mod  # deploy/local/stack.py, on sys.path via conftest
+from helpers import assert_json_error
 from polling import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -143,15 +144,6 @@ def read_stream(st, message, timeout=15):
     text = "".join(json.loads(x[6:])["content"] for x in lines
                    if x.startswith("data: ") and '"content"' in x)
     return lines, done_at, text
-
-
-def assert_json_error(r, status_code, code):
-    assert r.status_code == status_code, (r.status_code, r.text)
-    assert r.headers.get("Content-Type", "").startswith("application/json"), \
-        r.headers
-    body = r.json()
-    assert body["error"]["code"] == code, body
-    return body
 
 
 def log_text(st):

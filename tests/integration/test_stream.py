@@ -22,6 +22,7 @@ import uuid
 
 import pytest
 
+import helpers
 from conftest import LocalModel  # tests/integration/conftest.py
 from sse_client import stream_chat
 from polling import wait_for
@@ -98,17 +99,8 @@ def assert_sse_ok(res):
 
 def assert_json_error(res, status, code):
     """An error answered before the first byte: plain JSON, no stream."""
-    assert res.status == status, (res.status, res.headers, res.body,
-                                  res.events)
-    assert res.headers.get("content-type", "").startswith(
-        "application/json"), res.headers
-    assert not res.events
-    assert res.headers.get("x-request-id"), res.headers
-    body = res.json()
-    assert set(body) == {"error"}, body
-    assert body["error"]["code"] == code, body
-    assert isinstance(body["error"]["message"], str) and \
-        body["error"]["message"], body
+    body = helpers.assert_json_error(res, status, code)
+    assert not res.events, res.events
     return body
 
 
