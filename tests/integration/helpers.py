@@ -3,10 +3,54 @@ the test files cannot drift apart. Fixtures stay in conftest.py; this is a
 plain module (pytest puts tests/integration on sys.path, as it does for
 polling.py and fcgi_client.py), imported as
 
-    from helpers import assert_json_error
+    from helpers import assert_json_error, LocalModel, new_session
 """
 
 import requests
+
+
+def new_session():
+    """A requests.Session that ignores the proxy settings of the
+    environment (everything the tests reach is on loopback)."""
+    s = requests.Session()
+    s.trust_env = False
+    return s
+
+
+class LocalModel:
+    """The local model's control API (app/localmodel.py) at base_url, for
+    any stack's model (st.model_url) or one a test started itself."""
+
+    def __init__(self, base_url, session):
+        self.base_url = base_url
+        self.session = session
+
+    @classmethod
+    def of(cls, st, session):
+        """The local model of stack st (one started without an external
+        upstream)."""
+        assert st.model_url, "this stack has no local model"
+        return cls(st.model_url, session)
+
+    def _call(self, method, path, **kw):
+        r = self.session.request(method, f"{self.base_url}{path}",
+                                 timeout=5, **kw)
+        r.raise_for_status()
+        if r.headers.get("Content-Type", "").startswith("application/json"):
+            return r.json()
+        return r.text
+
+    def set(self, **fields):
+        """POST /control with these fields (mode, status, delay_ms, ...)."""
+        return self._call("POST", "/control", json=fields)
+
+    def reset(self):
+        """POST /control/reset: back to normal answers, counters zeroed."""
+        return self._call("POST", "/control/reset")
+
+    def stats(self):
+        """GET /control/stats."""
+        return self._call("GET", "/control/stats")
 
 
 def _shown(r):

@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from helpers import assert_json_error
+from helpers import LocalModel, assert_json_error
 from redis_cluster import redis_command
 
 # The module's stack keeps every default (history_max_messages 20,
@@ -76,27 +76,6 @@ def pairs(*turns):
     return out
 
 
-class Control:
-    """The control API of another stack's local model (the model fixture
-    drives the module's stack only)."""
-
-    def __init__(self, http, st):
-        self.http, self.base = http, st.model_url
-
-    def set(self, **fields):
-        r = self.http.post(f"{self.base}/control", json=fields, timeout=5)
-        r.raise_for_status()
-
-    def reset(self):
-        self.http.post(f"{self.base}/control/reset",
-                       timeout=5).raise_for_status()
-
-    def stats(self):
-        r = self.http.get(f"{self.base}/control/stats", timeout=5)
-        r.raise_for_status()
-        return r.json()
-
-
 @pytest.fixture(scope="module")
 def configured(stack_factory):
     return stack_factory(CONFIGURED_ENV)
@@ -104,7 +83,7 @@ def configured(stack_factory):
 
 @pytest.fixture
 def cmodel(configured, http):
-    m = Control(http, configured)
+    m = LocalModel.of(configured, http)
     m.reset()
     yield m
     m.reset()
@@ -451,7 +430,7 @@ def test_heavily_escaped_history_is_kept_whole_and_trimmed(stack_factory,
     max_response_bytes shrinks the room for loading a history; the
     default leaves so much room that this needs megabytes.)"""
     st = stack_factory({"CHATFCGI_UPSTREAM_MAX_RESPONSE_BYTES": "16384"})
-    ctl = Control(http, st)
+    ctl = LocalModel.of(st, http)
     reply = "\x1b" * 2500
     ctl.set(reply=reply)
     sid = "escaped-replies"

@@ -17,8 +17,8 @@ import threading
 import time
 
 import pytest
-import requests
-from helpers import assert_json_error
+
+from helpers import assert_json_error, new_session
 from polling import wait_for
 
 TIMEOUT_MS = 1500
@@ -383,8 +383,7 @@ def test_redis_stalled_while_storing_stores_nothing(stack, http, model):
         result["r"], result["t"] = post_turn(http_thread, stack,
                                              "stored after all?", sid)
 
-    http_thread = requests.Session()
-    http_thread.trust_env = False
+    http_thread = new_session()
     t = threading.Thread(target=turn)
     t.start()
     pid = None

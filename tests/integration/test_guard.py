@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from helpers import assert_json_error
+from helpers import LocalModel, assert_json_error
 
 KEY = "sk-client-test-key"
 DIGEST = hashlib.sha256(KEY.encode()).hexdigest()
@@ -27,13 +27,11 @@ def chat(http, st, message="hello", session_id=None, headers=None,
 
 
 def model_requests(http, st):
-    return http.get(f"{st.model_url}/control/stats", timeout=5).json()[
-        "requests"]
+    return LocalModel.of(st, http).stats()["requests"]
 
 
 def set_model(http, st, **fields):
-    http.post(f"{st.model_url}/control", json=fields,
-              timeout=5).raise_for_status()
+    LocalModel.of(st, http).set(**fields)
 
 
 # ------------------------------------------------------------ client keys

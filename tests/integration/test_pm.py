@@ -31,7 +31,7 @@ import pytest
 import requests
 
 import stack as stack_mod  # deploy/local/stack.py, on sys.path via conftest
-from helpers import assert_json_error
+from helpers import LocalModel, assert_json_error, new_session
 from polling import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,12 +67,6 @@ def proc_ids(pid):
     uid = re.search(r"^Uid:\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", text, re.M)
     gid = re.search(r"^Gid:\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", text, re.M)
     return tuple(map(int, uid.groups())), tuple(map(int, gid.groups()))
-
-
-def new_session():
-    s = requests.Session()
-    s.trust_env = False
-    return s
 
 
 def status(http, st, timeout=5):
@@ -148,23 +142,6 @@ def read_stream(st, message, timeout=15):
 
 def log_text(st):
     return Path(st.log_path("chatfcgi")).read_text(errors="replace")
-
-
-class Model:
-    """The local model's control API, for any stack."""
-
-    def __init__(self, st, http):
-        assert st.model_url, "this stack has no local model"
-        self.base = st.model_url
-        self.http = http
-
-    def set(self, **fields):
-        r = self.http.post(f"{self.base}/control", json=fields, timeout=5)
-        r.raise_for_status()
-
-    def reset(self):
-        r = self.http.post(f"{self.base}/control/reset", timeout=5)
-        r.raise_for_status()
 
 
 @contextmanager
@@ -613,7 +590,7 @@ def test_reload_with_unusable_config_keeps_serving(stack, http, bad):
 
 def test_graceful_stop_finishes_streams(stack_factory, http):
     with own_stack(stack_factory, {"CHATFCGI_WORKERS": "6"}) as st:
-        model = Model(st, http)
+        model = LocalModel.of(st, http)
         reply = "one two three four five six seven eight nine ten"
         model.set(chunk_delay_ms=300, reply=reply)
         proc = st.procs["chatfcgi"]
@@ -673,7 +650,7 @@ def test_graceful_stop_refuses_queued_requests(stack_factory, http):
     503 at once, not when the streams end."""
     with own_stack(stack_factory, {"CHATFCGI_WORKERS": "2"}) as st:
         proc = st.procs["chatfcgi"]
-        Model(st, http).set(chunk_delay_ms=300, reply="one two three four "
+        LocalModel.of(st, http).set(chunk_delay_ms=300, reply="one two three four "
                             "five six seven eight nine ten")
         streams = Parallel(2, lambda i: read_stream(st, f"s{i}")).start()
         assert wait_for(lambda: len(rows_in(http, st, "streaming")) == 2,
@@ -724,7 +701,7 @@ def test_stop_after_reload_removes_sockets(stack_factory, http):
 
 def _one_long_stream(st, http):
     reply = "one two three four five six seven eight nine ten"
-    Model(st, http).set(chunk_delay_ms=300, reply=reply)
+    LocalModel.of(st, http).set(chunk_delay_ms=300, reply=reply)
     par = Parallel(1, lambda i: read_stream(st, "a long one")).start()
     assert wait_for(lambda: any(p["state"] == "streaming" for p in
                                 chat_rows(status(http, st))), 3, 0.02), \
@@ -839,7 +816,7 @@ def test_max_requests_recycles_workers(stack_factory, http):
 
 def test_request_timeout_answers_504_in_time(stack_factory, http):
     with own_stack(stack_factory, {"CHATFCGI_REQUEST_TIMEOUT_S": "1"}) as st:
-        Model(st, http).set(mode="hang")
+        LocalModel.of(st, http).set(mode="hang")
         sid = "pm-timeout-1"
         t = time.monotonic()
         r = chat(http, st, "hello there", session_id=sid, timeout=10)
@@ -854,7 +831,7 @@ def test_request_timeout_answers_504_in_time(stack_factory, http):
 
 def test_request_timeout_cuts_a_stream(stack_factory, http):
     with own_stack(stack_factory, {"CHATFCGI_REQUEST_TIMEOUT_S": "1"}) as st:
-        Model(st, http).set(chunk_delay_ms=300, reply="one two three four "
+        LocalModel.of(st, http).set(chunk_delay_ms=300, reply="one two three four "
                             "five six seven eight nine ten")
         sid = "pm-timeout-stream"
         t = time.monotonic()
@@ -882,7 +859,7 @@ def test_request_timeout_cuts_a_stream(stack_factory, http):
 
 def test_slowlog(stack_factory, http):
     with own_stack(stack_factory, {"CHATFCGI_SLOWLOG_MS": "200"}) as st:
-        Model(st, http).set(delay_ms=400)
+        LocalModel.of(st, http).set(delay_ms=400)
         m0 = metrics(http, st)
         r = chat(http, st, "slow one")
         assert r.status_code == 200, r.text
@@ -908,7 +885,7 @@ def test_dynamic_pool_grows_and_shrinks(stack_factory, http):
         s = status(http, st)
         assert s["process_manager"] == "dynamic"
         assert len(chat_rows(s)) == 2, s
-        Model(st, http).set(delay_ms=3000)
+        LocalModel.of(st, http).set(delay_ms=3000)
         samples = []  # (t, chat workers, busy)
 
         def turn(i):
@@ -955,7 +932,7 @@ def test_dynamic_pool_grows_and_shrinks(stack_factory, http):
 def test_backpressure_sheds_after_queue_timeout(stack_factory, http):
     env = {"CHATFCGI_WORKERS": "2", "CHATFCGI_QUEUE_TIMEOUT_MS": "500"}
     with own_stack(stack_factory, env) as st:
-        Model(st, http).set(delay_ms=3000)
+        LocalModel.of(st, http).set(delay_ms=3000)
 
         def turn(i):
             with new_session() as s:

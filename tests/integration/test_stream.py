@@ -23,7 +23,7 @@ import uuid
 import pytest
 
 import helpers
-from conftest import LocalModel  # tests/integration/conftest.py
+from helpers import LocalModel
 from sse_client import stream_chat
 from polling import wait_for
 
