@@ -546,6 +546,23 @@ def assert_worker_free(http, st, model, sid):
     return took
 
 
+def assert_upstream_cancelled(http, st, model, sid, res, what, how):
+    """After the client hung up (res, with a FIN or an RST: how): the one
+    upstream call was cancelled within 1 s, and the worker is free for the
+    next turn at once."""
+    stats, latency = wait_disconnect(model, res.wall_closed)
+    assert stats["requests"] == 1, stats
+    print(f"\n[abort/{how}] {what}: upstream cancelled "
+          f"{latency * 1000 if latency is not None else float('nan'):.1f}"
+          f" ms after the client hung up")
+    assert stats["disconnects"] == 1, \
+        f"the upstream call was not cancelled within 1 s: {stats}"
+    assert latency <= 1.0, latency
+    took = assert_worker_free(http, st, model, sid)
+    print(f"[abort/{how}] next turn on the same worker took "
+          f"{took * 1000:.0f} ms")
+
+
 @pytest.mark.parametrize("how", ["fin", "rst"])
 def test_client_abort_while_model_silent(solo, http, how):
     st, model = solo
@@ -555,17 +572,7 @@ def test_client_abort_while_model_silent(solo, http, how):
                       rst=(how == "rst"))
     assert res.closed_by_client
     assert res.status == 0 and not res.events  # nothing came before
-    stats, latency = wait_disconnect(model, res.wall_closed)
-    assert stats["requests"] == 1, stats
-    print(f"\n[abort/{how}] model silent: upstream cancelled "
-          f"{latency * 1000 if latency is not None else float('nan'):.1f}"
-          f" ms after the client hung up")
-    assert stats["disconnects"] == 1, \
-        f"the upstream call was not cancelled within 1 s: {stats}"
-    assert latency <= 1.0, latency
-    took = assert_worker_free(http, st, model, sid)
-    print(f"[abort/{how}] next turn on the same worker took "
-          f"{took * 1000:.0f} ms")
+    assert_upstream_cancelled(http, st, model, sid, res, "model silent", how)
 
 
 @pytest.mark.parametrize("how", ["fin", "rst"])
@@ -580,17 +587,7 @@ def test_client_abort_mid_stream(solo, http, how):
     assert res.status == 200
     assert res.names == ["delta", "delta"], res.events
     assert res.text == "".join(pieces(reply)[:2])
-    stats, latency = wait_disconnect(model, res.wall_closed)
-    assert stats["requests"] == 1, stats
-    print(f"\n[abort/{how}] mid-stream: upstream cancelled "
-          f"{latency * 1000 if latency is not None else float('nan'):.1f}"
-          f" ms after the client hung up")
-    assert stats["disconnects"] == 1, \
-        f"the upstream call was not cancelled within 1 s: {stats}"
-    assert latency <= 1.0, latency
-    took = assert_worker_free(http, st, model, sid)
-    print(f"[abort/{how}] next turn on the same worker took "
-          f"{took * 1000:.0f} ms")
+    assert_upstream_cancelled(http, st, model, sid, res, "mid-stream", how)
 
 
 def test_client_gone_after_done_changes_nothing(solo, http):
