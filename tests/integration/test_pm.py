@@ -320,8 +320,7 @@ def fcgi_chat(address, message="hello", timeout=10.0):
 def test_kill_busy_worker_fails_only_its_request(stack, http, model):
     master = stack.pid("chatfcgi")
     assert master
-    kids0 = wait_for(lambda: children(master) if len(children(master)) == 5
-                     else None, 3)
+    kids0 = wait_for(lambda: new_children(master, 5), 3)
     assert kids0 and len(kids0) == 5, children(master)  # 4 chat + control
     m0 = metrics(http, stack)
     model.set(delay_ms=2000)
@@ -376,8 +375,7 @@ def test_kill_busy_worker_fails_only_its_request(stack, http, model):
 def test_reload_under_load_drops_nothing(stack, http, model):
     master = stack.pid("chatfcgi")
     expected = 5  # 4 chat workers + the control worker
-    kids0 = wait_for(lambda: children(master)
-                     if len(children(master)) == expected else None, 3)
+    kids0 = wait_for(lambda: new_children(master, expected), 3)
     assert kids0, children(master)
     s0 = status(http, stack)
     m0 = metrics(http, stack)
@@ -435,8 +433,7 @@ def test_reload_under_load_drops_nothing(stack, http, model):
 
 def test_reload_lets_old_workers_finish_streams(stack, http, model):
     master = stack.pid("chatfcgi")
-    kids0 = wait_for(lambda: children(master)
-                     if len(children(master)) == 5 else None, 3)
+    kids0 = wait_for(lambda: new_children(master, 5), 3)
     assert kids0, children(master)
     reply = "alpha beta gamma delta epsilon zeta eta theta"
     model.set(chunk_delay_ms=250, reply=reply)
@@ -685,8 +682,7 @@ def test_stop_after_reload_removes_sockets(stack_factory, http):
     master, and the sockets are the same sockets."""
     with own_stack(stack_factory, {"CHATFCGI_WORKERS": "2"}) as st:
         proc = st.procs["chatfcgi"]
-        kids0 = wait_for(lambda: children(proc.pid)
-                         if len(children(proc.pid)) == 3 else None, 3)
+        kids0 = wait_for(lambda: new_children(proc.pid, 3), 3)
         assert kids0
         os.kill(proc.pid, signal.SIGHUP)
         assert wait_for(lambda: new_children(proc.pid, 3, kids0), 3), \
@@ -715,19 +711,27 @@ def _cut_short(value):
     return isinstance(value, Exception) or "event: done" not in value[0]
 
 
+def _stop_during_stream(st, http, sig):
+    """Send sig to the master while one long stream runs: (the master's
+    exit code, None if it did not exit within 5 s; seconds it took; the
+    stream's outcome, as Parallel gives it)."""
+    proc = st.procs["chatfcgi"]
+    par = _one_long_stream(st, http)
+    t = time.monotonic()
+    os.kill(proc.pid, sig)
+    try:
+        rc = proc.wait(5)
+    except subprocess.TimeoutExpired:
+        rc = None
+    took = time.monotonic() - t
+    (value, _, _), = par.join(10)
+    return rc, took, value
+
+
 def test_graceful_timeout_bounds_the_stop(stack_factory, http):
     with own_stack(stack_factory,
                    {"CHATFCGI_GRACEFUL_TIMEOUT_S": "1"}) as st:
-        proc = st.procs["chatfcgi"]
-        par = _one_long_stream(st, http)
-        t = time.monotonic()
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            rc = proc.wait(5)
-        except subprocess.TimeoutExpired:
-            rc = None
-        took = time.monotonic() - t
-        (value, _, _), = par.join(10)
+        rc, took, value = _stop_during_stream(st, http, signal.SIGTERM)
         measured("graceful_timeout_s=1 with a 3 s stream",
                  f"master exited {took:.2f} s after SIGTERM (rc {rc})")
         assert rc == 0
@@ -738,16 +742,7 @@ def test_graceful_timeout_bounds_the_stop(stack_factory, http):
 
 def test_fast_stop_on_sigint(stack_factory, http):
     with own_stack(stack_factory, {}) as st:
-        proc = st.procs["chatfcgi"]
-        par = _one_long_stream(st, http)
-        t = time.monotonic()
-        os.kill(proc.pid, signal.SIGINT)
-        try:
-            rc = proc.wait(5)
-        except subprocess.TimeoutExpired:
-            rc = None
-        took = time.monotonic() - t
-        (value, _, _), = par.join(10)
+        rc, took, value = _stop_during_stream(st, http, signal.SIGINT)
         measured("fast stop (SIGINT) during a stream",
                  f"master exited {took * 1000:.0f} ms after SIGINT (rc {rc})")
         assert rc == 0
@@ -761,8 +756,7 @@ def test_workers_exit_when_the_master_dies(stack_factory, http):
     another request with nobody left to replace or stop it."""
     with own_stack(stack_factory, {"CHATFCGI_WORKERS": "2"}) as st:
         proc = st.procs["chatfcgi"]
-        kids = wait_for(lambda: children(proc.pid)
-                        if len(children(proc.pid)) == 3 else None, 3)
+        kids = wait_for(lambda: new_children(proc.pid, 3), 3)
         assert kids
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(5)
@@ -994,8 +988,7 @@ def test_crash_loop_backoff(stack_factory, http):
         control = [p["pid"] for p in status(http, st)["processes"]
                    if p["role"] == "control"]
         assert len(control) == 1
-        kids0 = wait_for(lambda: children(master)
-                         if len(children(master)) == 3 else None, 3)
+        kids0 = wait_for(lambda: new_children(master, 3), 3)
         assert kids0
         delays = []
         t_first = time.monotonic()
