@@ -196,7 +196,7 @@ def test_failed_original_is_not_kept(http, slow):
     headers = {"Idempotency-Key": "fails-first"}
     set_model(http, slow, mode="fail", status=500, times=1)
     assert_json_error(chat(http, slow, "hi", "idem-failed", headers), 502,
-                 "upstream_error")
+                      "upstream_error")
     before = model_requests(http, slow)
     assert chat(http, slow, "hi", "idem-failed", headers).status_code == 200
     assert model_requests(http, slow) == before + 1

@@ -647,8 +647,9 @@ def test_graceful_stop_refuses_queued_requests(stack_factory, http):
     503 at once, not when the streams end."""
     with own_stack(stack_factory, {"CHATFCGI_WORKERS": "2"}) as st:
         proc = st.procs["chatfcgi"]
-        LocalModel.of(st, http).set(chunk_delay_ms=300, reply="one two three four "
-                            "five six seven eight nine ten")
+        LocalModel.of(st, http).set(
+            chunk_delay_ms=300,
+            reply="one two three four five six seven eight nine ten")
         streams = Parallel(2, lambda i: read_stream(st, f"s{i}")).start()
         assert wait_for(lambda: len(rows_in(http, st, "streaming")) == 2,
                         3, 0.02), status(http, st)
@@ -825,8 +826,9 @@ def test_request_timeout_answers_504_in_time(stack_factory, http):
 
 def test_request_timeout_cuts_a_stream(stack_factory, http):
     with own_stack(stack_factory, {"CHATFCGI_REQUEST_TIMEOUT_S": "1"}) as st:
-        LocalModel.of(st, http).set(chunk_delay_ms=300, reply="one two three four "
-                            "five six seven eight nine ten")
+        LocalModel.of(st, http).set(
+            chunk_delay_ms=300,
+            reply="one two three four five six seven eight nine ten")
         sid = "pm-timeout-stream"
         t = time.monotonic()
         lines = []
