@@ -172,31 +172,28 @@ def wide_stack(stack_factory):
     return stack_factory({"CHATFCGI_WORKERS": "40"})
 
 
-def model_of(st, http):
-    m = LocalModel(st.model_url, http)
+def with_model(st, http):
+    """For a fixture to yield from: (st, its local model), the model reset
+    before and after the test."""
+    m = LocalModel.of(st, http)
     m.reset()
-    return m
+    yield st, m
+    m.reset()
 
 
 @pytest.fixture
 def solo(solo_stack, http):
-    m = model_of(solo_stack, http)
-    yield solo_stack, m
-    m.reset()
+    yield from with_model(solo_stack, http)
 
 
 @pytest.fixture
 def quick(quick_stack, http):
-    m = model_of(quick_stack, http)
-    yield quick_stack, m
-    m.reset()
+    yield from with_model(quick_stack, http)
 
 
 @pytest.fixture
 def wide(wide_stack, http):
-    m = model_of(wide_stack, http)
-    yield wide_stack, m
-    m.reset()
+    yield from with_model(wide_stack, http)
 
 
 # ------------------------------------------------------------ happy path
