@@ -3,7 +3,7 @@ the test files cannot drift apart. Fixtures stay in conftest.py; this is a
 plain module (pytest puts tests/integration on sys.path, as it does for
 polling.py and fcgi_client.py), imported as
 
-    from helpers import assert_json_error, LocalModel, new_session
+    from helpers import assert_json_error, LocalModel, new_session, post_chat
 """
 
 import requests
@@ -15,6 +15,21 @@ def new_session():
     s = requests.Session()
     s.trust_env = False
     return s
+
+
+def post_chat(http, st, message=None, session_id=None, *, timeout=10,
+              headers=None, **fields):
+    """POST /api/chat on stack st (any object with .url) and return the
+    response. The body has the message and the session_id unless they are
+    None, and any other fields (stream=True, ...)."""
+    body = {}
+    if message is not None:
+        body["message"] = message
+    if session_id is not None:
+        body["session_id"] = session_id
+    body.update(fields)
+    return http.post(f"{st.url}/api/chat", json=body, headers=headers,
+                     timeout=timeout)
 
 
 class LocalModel:

@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from helpers import LocalModel, assert_json_error
+from helpers import LocalModel, assert_json_error, post_chat
 from redis_cluster import redis_command
 
 # The module's stack keeps every default (history_max_messages 20,
@@ -51,12 +51,7 @@ def stored(st, session_id):
 
 
 def chat(http, st, message=None, session_id=None, expect=200, **fields):
-    body = dict(fields)
-    if message is not None:
-        body["message"] = message
-    if session_id is not None:
-        body["session_id"] = session_id
-    r = http.post(f"{st.url}/api/chat", json=body, timeout=10)
+    r = post_chat(http, st, message, session_id, **fields)
     assert r.status_code == expect, r.text
     return r
 

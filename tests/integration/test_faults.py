@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from helpers import assert_json_error, new_session
+from helpers import assert_json_error, new_session, post_chat
 from polling import wait_for
 
 TIMEOUT_MS = 1500
@@ -36,11 +36,9 @@ CONNECT_TIMEOUT_MS = 300
 # ---------------------------------------------------------------- helpers
 
 def post_turn(http, st, message, session_id=None, timeout=15):
-    body = {"message": message}
-    if session_id:
-        body["session_id"] = session_id
+    """(response, seconds it took) of one turn."""
     start = time.monotonic()
-    r = http.post(f"{st.url}/api/chat", json=body, timeout=timeout)
+    r = post_chat(http, st, message, session_id, timeout=timeout)
     return r, time.monotonic() - start
 
 

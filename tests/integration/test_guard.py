@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from helpers import LocalModel, assert_json_error
+from helpers import LocalModel, assert_json_error, post_chat
 
 KEY = "sk-client-test-key"
 DIGEST = hashlib.sha256(KEY.encode()).hexdigest()
@@ -17,13 +17,9 @@ DIGEST = hashlib.sha256(KEY.encode()).hexdigest()
 
 def chat(http, st, message="hello", session_id=None, headers=None,
          stream=False, timeout=15):
-    body = {"message": message}
-    if session_id:
-        body["session_id"] = session_id
-    if stream:
-        body["stream"] = True
-    return http.post(f"{st.url}/api/chat", json=body, headers=headers or {},
-                     timeout=timeout)
+    fields = {"stream": True} if stream else {}
+    return post_chat(http, st, message, session_id, headers=headers,
+                     timeout=timeout, **fields)
 
 
 def model_requests(http, st):

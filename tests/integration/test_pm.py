@@ -31,7 +31,7 @@ import pytest
 import requests
 
 import stack as stack_mod  # deploy/local/stack.py, on sys.path via conftest
-from helpers import LocalModel, assert_json_error, new_session
+from helpers import LocalModel, assert_json_error, new_session, post_chat
 from polling import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -118,8 +118,7 @@ def assert_counters_monotonic(before, after):
 
 
 def chat(http, st, message="hello", timeout=10, **fields):
-    body = {"message": message, **fields}
-    return http.post(f"{st.url}/api/chat", json=body, timeout=timeout)
+    return post_chat(http, st, message, timeout=timeout, **fields)
 
 
 def read_stream(st, message, timeout=15):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import LocalModel, new_session
+from helpers import LocalModel, new_session, post_chat
 from sse_client import stream_chat
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,10 +61,7 @@ def make_stack(stack_factory, models, **env):
 
 
 def turn(http, st, message="hello", session_id=None, timeout=15):
-    body = {"message": message}
-    if session_id:
-        body["session_id"] = session_id
-    return http.post(f"{st.url}/api/chat", json=body, timeout=timeout)
+    return post_chat(http, st, message, session_id, timeout=timeout)
 
 
 def metric(http, st, name):

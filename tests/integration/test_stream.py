@@ -23,7 +23,7 @@ import uuid
 import pytest
 
 import helpers
-from helpers import LocalModel
+from helpers import LocalModel, post_chat
 from sse_client import stream_chat
 from polling import wait_for
 
@@ -56,8 +56,7 @@ def history(http, st, sid):
 
 def turn(http, st, message, sid, timeout=5):
     """A plain (non-streaming) turn that must succeed."""
-    r = http.post(f"{st.url}/api/chat", timeout=timeout,
-                  json={"message": message, "session_id": sid})
+    r = post_chat(http, st, message, sid, timeout=timeout)
     assert r.status_code == 200, r.text
     return r.json()
 
