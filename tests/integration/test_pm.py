@@ -18,8 +18,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
-import struct
 import subprocess
 import tempfile
 import threading
@@ -30,6 +28,7 @@ from pathlib import Path
 import pytest
 import requests
 
+import fcgi_client
 import stack as stack_mod  # deploy/local/stack.py, on sys.path via conftest
 from helpers import LocalModel, assert_json_error, new_session, post_chat
 from polling import wait_for
@@ -236,77 +235,24 @@ def temp_dir():
         shutil.rmtree(d, ignore_errors=True)
 
 
-# ------------------------------------------------- minimal FastCGI client
-
-FCGI_BEGIN_REQUEST, FCGI_END_REQUEST = 1, 3
-FCGI_PARAMS, FCGI_STDIN, FCGI_STDOUT, FCGI_STDERR = 4, 5, 6, 7
-FCGI_HEADER = struct.Struct(">BBHHBx")
-
-
-def _fcgi_record(rtype, content=b""):
-    pad = -len(content) % 8
-    return FCGI_HEADER.pack(1, rtype, 1, len(content), pad) + content + \
-        b"\0" * pad
-
-
-def _fcgi_pair(name, value):
-    def length(n):
-        return bytes([n]) if n < 128 else struct.pack(">I", n | 0x80000000)
-    name, value = name.encode(), value.encode()
-    return length(len(name)) + length(len(value)) + name + value
-
+# ------------------------------------------ FastCGI, straight to a socket
 
 def fcgi_request(address, method="POST", uri="/api/chat", body=b"",
-                 timeout=10.0, extra=None):
-    """One RESPONDER request on a unix socket path; returns (status,
-    {header: value}, body bytes)."""
-    params = {
-        "REQUEST_METHOD": method, "REQUEST_URI": uri, "SCRIPT_NAME": uri,
-        "DOCUMENT_URI": uri, "QUERY_STRING": "",
-        "CONTENT_TYPE": "application/json", "CONTENT_LENGTH": str(len(body)),
-        "SERVER_PROTOCOL": "HTTP/1.1", "GATEWAY_INTERFACE": "CGI/1.1",
-        "REMOTE_ADDR": "127.0.0.1", "REMOTE_PORT": "40000",
-        "SERVER_ADDR": "127.0.0.1", "SERVER_PORT": "80",
-        "SERVER_NAME": "localhost", "HTTP_HOST": "localhost",
-    }
-    params.update(extra or {})
-    data = b"".join(_fcgi_pair(k, v) for k, v in params.items())
-    deadline = time.monotonic() + timeout
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(str(address))
-        s.sendall(_fcgi_record(FCGI_BEGIN_REQUEST, struct.pack(">HB5x", 1, 0))
-                  + _fcgi_record(FCGI_PARAMS, data) + _fcgi_record(FCGI_PARAMS)
-                  + (_fcgi_record(FCGI_STDIN, body) if body else b"")
-                  + _fcgi_record(FCGI_STDIN))
-        buf, out = b"", b""
-
-        def fill(n):
-            nonlocal buf
-            while len(buf) < n:
-                s.settimeout(max(0.01, deadline - time.monotonic()))
-                chunk = s.recv(65536)
-                if not chunk:
-                    raise ConnectionError("closed inside a record")
-                buf += chunk
-
-        while True:
-            fill(FCGI_HEADER.size)
-            _, rtype, _, length, pad = FCGI_HEADER.unpack(buf[:8])
-            fill(8 + length + pad)
-            content = buf[8:8 + length]
-            buf = buf[8 + length + pad:]
-            if rtype == FCGI_STDOUT:
-                out += content
-            elif rtype == FCGI_END_REQUEST:
-                break
-    head, _, resp_body = out.partition(b"\r\n\r\n")
-    headers = {}
-    for line in head.decode("latin-1").splitlines():
-        k, _, v = line.partition(":")
-        headers[k.strip().lower()] = v.strip()
-    code = int(headers.get("status", "200").split()[0])
-    return code, headers, resp_body
+                 timeout=10.0):
+    """One request on a unix socket path, with fcgi_client.py; returns
+    (status, {lower-case header: value}, body bytes). A connection cut
+    inside the answer raises ConnectionError, no answer in time
+    TimeoutError: both OSError, as the callers that measure expect."""
+    try:
+        r = fcgi_client.fcgi_request(
+            address, fcgi_client.chat_params(method, uri,
+                                             content_length=len(body)),
+            body, timeout=timeout)
+    except fcgi_client.FcgiTimeout as e:
+        raise TimeoutError(str(e)) from e
+    except fcgi_client.FcgiError as e:
+        raise ConnectionError(str(e)) from e
+    return r.status, r.headers, r.body
 
 
 def fcgi_chat(address, message="hello", timeout=10.0):
