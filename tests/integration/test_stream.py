@@ -401,19 +401,21 @@ def test_garbage_stream(stack, model, http):
 
 # ------------------------------------------- errors before the first byte
 
-@pytest.mark.parametrize("status", [500, 400, 429, 503])
-def test_upstream_fail_before_stream_is_json_502(stack, model, http, status):
-    model.set(mode="fail", status=status)
-    sid = new_sid()
-    res = stream_chat(stack.url, "hello", sid)
-    assert_json_error(res, 502, "upstream_error")
-    assert_not_stored(http, stack, sid)
-
-
-def test_upstream_drop_before_first_event_is_json_502(stack, model, http):
-    """Headers of a 200 event stream, then the connection cut before any
-    event: nothing was sent to the client yet, so a JSON 502."""
-    model.set(mode="drop", drop_after=0, reply="never said")
+@pytest.mark.parametrize("behaviour", [
+    {"mode": "fail", "status": 500},
+    {"mode": "fail", "status": 400},
+    {"mode": "fail", "status": 429},
+    {"mode": "fail", "status": 503},
+    # Headers of a 200 event stream, then the connection cut before any
+    # event: nothing was sent to the client yet, so a JSON 502.
+    {"mode": "drop", "drop_after": 0, "reply": "never said"},
+    # A plain 200 that is not a completion at all.
+    {"mode": "fail", "status": 200, "body": "this is not json"},
+], ids=["500", "400", "429", "503", "drop-before-first-event",
+        "plain-200-garbage"])
+def test_upstream_fail_before_stream_is_json_502(stack, model, http,
+                                                 behaviour):
+    model.set(**behaviour)
     sid = new_sid()
     res = stream_chat(stack.url, "hello", sid)
     assert_json_error(res, 502, "upstream_error")
@@ -442,14 +444,6 @@ def test_upstream_that_does_not_stream(stack, model, http):
                                        "completion_tokens": 7}}
     msgs = history(http, stack, sid).json()["messages"]
     assert msgs[-1] == {"role": "assistant", "content": reply}
-
-
-def test_upstream_plain_200_garbage_is_json_502(stack, model, http):
-    model.set(mode="fail", status=200, body="this is not json")
-    sid = new_sid()
-    res = stream_chat(stack.url, "hello", sid)
-    assert_json_error(res, 502, "upstream_error")
-    assert_not_stored(http, stack, sid)
 
 
 def test_upstream_hang_before_stream_is_json_504(quick, http):
