@@ -162,15 +162,13 @@ def test_nesting_of_16_levels_is_allowed(stack, http, model):
 
 # ------------------------------------------------------------------- 413
 
-def test_message_over_max_message_bytes_is_413(stack, http):
-    body = json.dumps({"message": "a" * (MAX_MESSAGE + 1)}).encode()
-    assert_json_error(post_raw(http, stack, body), 413, "too_large")
-
-
-def test_message_over_max_message_bytes_in_multibyte_is_413(stack, http):
+@pytest.mark.parametrize("message", [
+    "a" * (MAX_MESSAGE + 1),
     # 16385 two-byte characters: 32770 bytes, though fewer characters.
-    body = json.dumps({"message": "é" * 16385},
-                      ensure_ascii=False).encode()
+    "é" * 16385,
+], ids=["ascii", "multibyte"])
+def test_message_over_max_message_bytes_is_413(stack, http, message):
+    body = json.dumps({"message": message}, ensure_ascii=False).encode()
     assert_json_error(post_raw(http, stack, body), 413, "too_large")
 
 
@@ -390,19 +388,14 @@ def test_raw_no_content_length_reads_the_body(stack, model):
         "role": "user", "content": "hello"}
 
 
-def test_raw_content_length_over_the_cap_is_413_unread(stack):
+@pytest.mark.parametrize("length", [MAX_BODY + 1, 10 ** 15],
+                         ids=["just-over", "huge"])
+def test_raw_content_length_over_the_cap_is_413_unread(stack, length):
     """The announced length alone decides: no body is sent at all (the
     STDIN stream stays open), so an application that waited for it would
     hang past the deadline."""
     r = fcgi_request(stack.socket_path,
-                     chat_params(content_length=MAX_BODY + 1), body=None,
-                     timeout=2)
-    assert_json_error(r, 413, "too_large")
-
-
-def test_raw_huge_content_length_is_413(stack):
-    r = fcgi_request(stack.socket_path,
-                     chat_params(content_length=10 ** 15), body=None,
+                     chat_params(content_length=length), body=None,
                      timeout=2)
     assert_json_error(r, 413, "too_large")
 
