@@ -263,15 +263,24 @@ def test_trimmed_to_history_max_messages(configured, http, cmodel):
         {"role": "user", "content": "message 3"}]
 
 
-def test_trimmed_by_history_max_bytes_whole_pairs(configured, http, cmodel):
+@pytest.mark.parametrize("first,second", [
+    # 100 B, then 101 B: 201 bytes > 200 (but only 171 characters), so
+    # the first pair goes.
+    (("é" * 30, "x" * 40), ("b" * 60, "y" * 41)),
+    # 300 B alone, over the cap: the newest pair is kept even so.
+    (("a" * 60, "x" * 40), ("c" * 150, "z" * 150)),
+], ids=["whole-pairs", "newest-pair-even-over-max-bytes"])
+def test_trimmed_by_history_max_bytes_whole_pairs(configured, http, cmodel,
+                                                   first, second):
     """history_max_bytes = 200 bytes of content (UTF-8 bytes, not
-    characters): a history over it loses its oldest pairs."""
-    cmodel.set(reply="x" * 40)
-    sid = chat(http, configured, "é" * 30).json()["session_id"]  # 100 B
-    cmodel.set(reply="y" * 41)
-    chat(http, configured, "b" * 60, sid)                         # 101 B
-    # 201 bytes > 200 (but only 171 characters): the first pair goes.
-    expected = pairs(("b" * 60, "y" * 41))
+    characters): a history over it loses its oldest pairs, but never the
+    newest."""
+    (message1, reply1), (message2, reply2) = first, second
+    cmodel.set(reply=reply1)
+    sid = chat(http, configured, message1).json()["session_id"]
+    cmodel.set(reply=reply2)
+    chat(http, configured, message2, sid)
+    expected = pairs(second)
     assert get_history(http, configured, sid).json()["messages"] == expected
     assert stored(configured, sid) == expected
 
@@ -282,16 +291,6 @@ def test_history_exactly_at_max_bytes_is_kept(configured, http, cmodel):
     chat(http, configured, "b" * 60, sid)                        # 100 B
     assert get_history(http, configured, sid).json()["messages"] == pairs(
         ("a" * 60, "x" * 40), ("b" * 60, "x" * 40))
-
-
-def test_newest_pair_is_kept_even_over_max_bytes(configured, http, cmodel):
-    cmodel.set(reply="x" * 40)
-    sid = chat(http, configured, "a" * 60).json()["session_id"]
-    cmodel.set(reply="z" * 150)
-    chat(http, configured, "c" * 150, sid)  # 300 B alone, over the cap
-    expected = pairs(("c" * 150, "z" * 150))
-    assert get_history(http, configured, sid).json()["messages"] == expected
-    assert stored(configured, sid) == expected
 
 
 def test_ttl_is_set_and_refreshed_on_every_turn(stack, http, model):
