@@ -35,6 +35,9 @@ what the tests see: a module says what it needs in STACK_ENV. Other variables
 On a failed test the last lines of every service's log are attached to its
 report. When a stack stops, chatfcgi's log is searched for sanitizer reports
 (ASan/LSan/UBSan); one fails the module's teardown and keeps the run dir.
+
+Helpers that are not fixtures (assert_json_error, LocalModel, new_session)
+live in helpers.py, a plain module the tests import.
 """
 
 import os
@@ -52,6 +55,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "deploy" / "local"))
 
 import stack as stack_mod  # noqa: E402  (deploy/local/stack.py)
+from helpers import LocalModel, new_session  # noqa: E402
 
 LOG_LINES = 30
 
@@ -129,8 +133,7 @@ def free_ports():
 
 @pytest.fixture(scope="session")
 def http():
-    s = requests.Session()
-    s.trust_env = False
+    s = new_session()
     yield s
     s.close()
 
@@ -170,34 +173,6 @@ def stack_factory(request):
 @pytest.fixture(scope="module")
 def stack(request, stack_factory):
     return stack_factory(getattr(request.module, "STACK_ENV", None))
-
-
-class LocalModel:
-    """The local model's control API (app/localmodel.py)."""
-
-    def __init__(self, base_url, session):
-        self.base_url = base_url
-        self.session = session
-
-    def _call(self, method, path, **kw):
-        r = self.session.request(method, f"{self.base_url}{path}",
-                                 timeout=5, **kw)
-        r.raise_for_status()
-        if r.headers.get("Content-Type", "").startswith("application/json"):
-            return r.json()
-        return r.text
-
-    def set(self, **fields):
-        """POST /control with these fields (mode, status, delay_ms, ...)."""
-        return self._call("POST", "/control", json=fields)
-
-    def reset(self):
-        """POST /control/reset: back to normal answers, counters zeroed."""
-        return self._call("POST", "/control/reset")
-
-    def stats(self):
-        """GET /control/stats."""
-        return self._call("GET", "/control/stats")
 
 
 @pytest.fixture

@@ -155,25 +155,26 @@ def alive(pid):
     return st is not None and st[0] not in ("Z", "X")
 
 
-def group_members(pgid):
+def _live_where(field, value):
+    """Live processes whose _proc_stat()[field] (1: ppid, 2: pgrp) is
+    value."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             st = _proc_stat(int(entry))
-            if st and st[2] == pgid and st[0] not in ("Z", "X"):
+            if st and st[field] == value and st[0] not in ("Z", "X"):
                 found.append(int(entry))
     return found
+
+
+def group_members(pgid):
+    """Live members of process group pgid."""
+    return _live_where(2, pgid)
 
 
 def children(pid):
     """Live direct children of pid."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            st = _proc_stat(int(entry))
-            if st and st[1] == pid and st[0] not in ("Z", "X"):
-                found.append(int(entry))
-    return found
+    return _live_where(1, pid)
 
 
 def cmdline(pid):

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import requests
+from helpers import new_session
 from polling import wait_for as wait_until
 
 REDIS_SERVER = "/usr/bin/redis-server"
@@ -107,8 +108,7 @@ class Load:
             "a load thread did not stop"
 
     def _run(self, i):
-        http = requests.Session()
-        http.trust_env = False
+        http = new_session()
         session, n, k = None, 0, 0
         try:
             while not self._stop.is_set():

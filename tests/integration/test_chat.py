@@ -13,6 +13,7 @@ import re
 
 import pytest
 
+from helpers import LocalModel, assert_json_error, post_chat
 from redis_cluster import redis_command
 
 # The module's stack keeps every default (history_max_messages 20,
@@ -50,12 +51,7 @@ def stored(st, session_id):
 
 
 def chat(http, st, message=None, session_id=None, expect=200, **fields):
-    body = dict(fields)
-    if message is not None:
-        body["message"] = message
-    if session_id is not None:
-        body["session_id"] = session_id
-    r = http.post(f"{st.url}/api/chat", json=body, timeout=10)
+    r = post_chat(http, st, message, session_id, **fields)
     assert r.status_code == expect, r.text
     return r
 
@@ -75,38 +71,6 @@ def pairs(*turns):
     return out
 
 
-def assert_json_error(r, status, code):
-    assert r.status_code == status, r.text
-    assert r.headers["Content-Type"].startswith("application/json"), \
-        r.headers
-    body = r.json()
-    assert body["error"]["code"] == code, body
-    assert isinstance(body["error"]["message"], str)
-    assert body["error"]["message"]
-    return body
-
-
-class Control:
-    """The control API of another stack's local model (the model fixture
-    drives the module's stack only)."""
-
-    def __init__(self, http, st):
-        self.http, self.base = http, st.model_url
-
-    def set(self, **fields):
-        r = self.http.post(f"{self.base}/control", json=fields, timeout=5)
-        r.raise_for_status()
-
-    def reset(self):
-        self.http.post(f"{self.base}/control/reset",
-                       timeout=5).raise_for_status()
-
-    def stats(self):
-        r = self.http.get(f"{self.base}/control/stats", timeout=5)
-        r.raise_for_status()
-        return r.json()
-
-
 @pytest.fixture(scope="module")
 def configured(stack_factory):
     return stack_factory(CONFIGURED_ENV)
@@ -114,7 +78,7 @@ def configured(stack_factory):
 
 @pytest.fixture
 def cmodel(configured, http):
-    m = Control(http, configured)
+    m = LocalModel.of(configured, http)
     m.reset()
     yield m
     m.reset()
@@ -299,15 +263,24 @@ def test_trimmed_to_history_max_messages(configured, http, cmodel):
         {"role": "user", "content": "message 3"}]
 
 
-def test_trimmed_by_history_max_bytes_whole_pairs(configured, http, cmodel):
+@pytest.mark.parametrize("first,second", [
+    # 100 B, then 101 B: 201 bytes > 200 (but only 171 characters), so
+    # the first pair goes.
+    (("é" * 30, "x" * 40), ("b" * 60, "y" * 41)),
+    # 300 B alone, over the cap: the newest pair is kept even so.
+    (("a" * 60, "x" * 40), ("c" * 150, "z" * 150)),
+], ids=["whole-pairs", "newest-pair-even-over-max-bytes"])
+def test_trimmed_by_history_max_bytes_whole_pairs(configured, http, cmodel,
+                                                   first, second):
     """history_max_bytes = 200 bytes of content (UTF-8 bytes, not
-    characters): a history over it loses its oldest pairs."""
-    cmodel.set(reply="x" * 40)
-    sid = chat(http, configured, "é" * 30).json()["session_id"]  # 100 B
-    cmodel.set(reply="y" * 41)
-    chat(http, configured, "b" * 60, sid)                         # 101 B
-    # 201 bytes > 200 (but only 171 characters): the first pair goes.
-    expected = pairs(("b" * 60, "y" * 41))
+    characters): a history over it loses its oldest pairs, but never the
+    newest."""
+    (message1, reply1), (message2, reply2) = first, second
+    cmodel.set(reply=reply1)
+    sid = chat(http, configured, message1).json()["session_id"]
+    cmodel.set(reply=reply2)
+    chat(http, configured, message2, sid)
+    expected = pairs(second)
     assert get_history(http, configured, sid).json()["messages"] == expected
     assert stored(configured, sid) == expected
 
@@ -318,16 +291,6 @@ def test_history_exactly_at_max_bytes_is_kept(configured, http, cmodel):
     chat(http, configured, "b" * 60, sid)                        # 100 B
     assert get_history(http, configured, sid).json()["messages"] == pairs(
         ("a" * 60, "x" * 40), ("b" * 60, "x" * 40))
-
-
-def test_newest_pair_is_kept_even_over_max_bytes(configured, http, cmodel):
-    cmodel.set(reply="x" * 40)
-    sid = chat(http, configured, "a" * 60).json()["session_id"]
-    cmodel.set(reply="z" * 150)
-    chat(http, configured, "c" * 150, sid)  # 300 B alone, over the cap
-    expected = pairs(("c" * 150, "z" * 150))
-    assert get_history(http, configured, sid).json()["messages"] == expected
-    assert stored(configured, sid) == expected
 
 
 def test_ttl_is_set_and_refreshed_on_every_turn(stack, http, model):
@@ -461,7 +424,7 @@ def test_heavily_escaped_history_is_kept_whole_and_trimmed(stack_factory,
     max_response_bytes shrinks the room for loading a history; the
     default leaves so much room that this needs megabytes.)"""
     st = stack_factory({"CHATFCGI_UPSTREAM_MAX_RESPONSE_BYTES": "16384"})
-    ctl = Control(http, st)
+    ctl = LocalModel.of(st, http)
     reply = "\x1b" * 2500
     ctl.set(reply=reply)
     sid = "escaped-replies"

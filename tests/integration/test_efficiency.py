@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import post_chat
 from redis_cluster import redis_command
 import requests
 
@@ -72,10 +73,7 @@ class Monitor:
 
 
 def turn(http, st, message, session_id=None):
-    body = {"message": message}
-    if session_id:
-        body["session_id"] = session_id
-    r = http.post(f"{st.url}/api/chat", json=body, timeout=10)
+    r = post_chat(http, st, message, session_id)
     assert r.status_code == 200, r.text
     return r.json()
 

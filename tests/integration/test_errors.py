@@ -17,6 +17,7 @@ import time
 import pytest
 
 from fcgi_client import chat_params, fcgi_request
+from helpers import assert_json_error
 
 TIMEOUT_MS = 1000
 STACK_ENV = {"CHATFCGI_UPSTREAM_TIMEOUT_MS": str(TIMEOUT_MS)}
@@ -24,19 +25,6 @@ STACK_ENV = {"CHATFCGI_UPSTREAM_TIMEOUT_MS": str(TIMEOUT_MS)}
 MAX_MESSAGE = 32768   # chat.max_message_bytes, default
 MAX_BODY = 65536      # chat.max_body_bytes, default
 JSON_CT = {"Content-Type": "application/json"}
-
-
-def assert_json_error(r, status, code):
-    assert r.status_code == status, r.text
-    assert r.headers["Content-Type"].startswith("application/json"), \
-        r.headers
-    body = r.json()
-    assert set(body) == {"error"}, body
-    assert body["error"]["code"] == code, body
-    assert isinstance(body["error"]["message"], str), body
-    assert body["error"]["message"].strip(), body
-    assert r.headers.get("X-Request-Id"), r.headers
-    return body
 
 
 def post_raw(http, st, data, headers=JSON_CT):
@@ -174,15 +162,13 @@ def test_nesting_of_16_levels_is_allowed(stack, http, model):
 
 # ------------------------------------------------------------------- 413
 
-def test_message_over_max_message_bytes_is_413(stack, http):
-    body = json.dumps({"message": "a" * (MAX_MESSAGE + 1)}).encode()
-    assert_json_error(post_raw(http, stack, body), 413, "too_large")
-
-
-def test_message_over_max_message_bytes_in_multibyte_is_413(stack, http):
+@pytest.mark.parametrize("message", [
+    "a" * (MAX_MESSAGE + 1),
     # 16385 two-byte characters: 32770 bytes, though fewer characters.
-    body = json.dumps({"message": "é" * 16385},
-                      ensure_ascii=False).encode()
+    "é" * 16385,
+], ids=["ascii", "multibyte"])
+def test_message_over_max_message_bytes_is_413(stack, http, message):
+    body = json.dumps({"message": message}, ensure_ascii=False).encode()
     assert_json_error(post_raw(http, stack, body), 413, "too_large")
 
 
@@ -367,16 +353,6 @@ def raw(stack, params, body=BODY, timeout=5.0):
     return fcgi_request(stack.socket_path, params, body, timeout=timeout)
 
 
-def assert_raw_error(r, status, code):
-    assert r.status == status, r
-    assert r.headers.get("content-type", "").startswith(
-        "application/json"), r
-    body = r.json()
-    assert body["error"]["code"] == code, body
-    assert body["error"]["message"], body
-    return body
-
-
 def test_raw_client_speaks_fastcgi(stack, model):
     """The baseline: a request as nginx would send it works; a long
     parameter value needs the 4-byte length form."""
@@ -389,20 +365,20 @@ def test_raw_client_speaks_fastcgi(stack, model):
 
 def test_raw_body_longer_than_content_length_is_400(stack, model):
     r = raw(stack, chat_params(content_length=len(BODY) - 3))
-    assert_raw_error(r, 400, "bad_request")
+    assert_json_error(r, 400, "bad_request")
     assert model.stats()["requests"] == 0
 
 
 def test_raw_body_shorter_than_content_length_is_400_at_once(stack, model):
     r = raw(stack, chat_params(content_length=len(BODY) + 10), timeout=2)
-    assert_raw_error(r, 400, "bad_request")
+    assert_json_error(r, 400, "bad_request")
     assert r.elapsed < 2
     assert model.stats()["requests"] == 0
 
 
 def test_raw_empty_body_with_a_content_length_is_400(stack):
     r = raw(stack, chat_params(content_length=100), body=b"", timeout=2)
-    assert_raw_error(r, 400, "bad_request")
+    assert_json_error(r, 400, "bad_request")
 
 
 def test_raw_no_content_length_reads_the_body(stack, model):
@@ -412,27 +388,22 @@ def test_raw_no_content_length_reads_the_body(stack, model):
         "role": "user", "content": "hello"}
 
 
-def test_raw_content_length_over_the_cap_is_413_unread(stack):
+@pytest.mark.parametrize("length", [MAX_BODY + 1, 10 ** 15],
+                         ids=["just-over", "huge"])
+def test_raw_content_length_over_the_cap_is_413_unread(stack, length):
     """The announced length alone decides: no body is sent at all (the
     STDIN stream stays open), so an application that waited for it would
     hang past the deadline."""
     r = fcgi_request(stack.socket_path,
-                     chat_params(content_length=MAX_BODY + 1), body=None,
+                     chat_params(content_length=length), body=None,
                      timeout=2)
-    assert_raw_error(r, 413, "too_large")
-
-
-def test_raw_huge_content_length_is_413(stack):
-    r = fcgi_request(stack.socket_path,
-                     chat_params(content_length=10 ** 15), body=None,
-                     timeout=2)
-    assert_raw_error(r, 413, "too_large")
+    assert_json_error(r, 413, "too_large")
 
 
 def test_raw_body_over_the_cap_without_content_length_is_413(stack):
     body = padded_body(MAX_BODY + 5000)
     r = raw(stack, chat_params(content_length=None), body=body)
-    assert_raw_error(r, 413, "too_large")
+    assert_json_error(r, 413, "too_large")
 
 
 @pytest.mark.parametrize("value", ["abc", "12abc", "-5", " 19", "1e3", "",
@@ -450,14 +421,14 @@ def test_raw_content_length_not_a_number_is_handled(stack, value):
 def test_raw_missing_request_method(stack):
     r = raw(stack, chat_params(content_length=len(BODY),
                                REQUEST_METHOD=None))
-    assert_raw_error(r, 405, "method_not_allowed")
+    assert_json_error(r, 405, "method_not_allowed")
     assert r.headers.get("allow") == "POST"
 
 
 def test_raw_missing_document_and_request_uri(stack):
     r = raw(stack, chat_params(content_length=len(BODY), DOCUMENT_URI=None,
                                REQUEST_URI=None, SCRIPT_NAME=None))
-    assert_raw_error(r, 404, "not_found")
+    assert_json_error(r, 404, "not_found")
 
 
 def test_raw_missing_document_uri_falls_back_to_request_uri(stack, model):
@@ -495,7 +466,7 @@ def test_raw_early_413_waits_for_the_web_server_to_close(stack):
     r = fcgi_request(stack.socket_path,
                      chat_params(content_length=MAX_BODY + 1), body=None,
                      end_stdin=False, wait_close=3)
-    assert_raw_error(r, 413, "too_large")
+    assert_json_error(r, 413, "too_large")
     assert r.closed_in is None or r.closed_in > 1, r.closed_in
 
 

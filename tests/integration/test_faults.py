@@ -17,7 +17,8 @@ import threading
 import time
 
 import pytest
-import requests
+
+from helpers import assert_json_error, new_session, post_chat
 from polling import wait_for
 
 TIMEOUT_MS = 1500
@@ -34,23 +35,10 @@ CONNECT_TIMEOUT_MS = 300
 
 # ---------------------------------------------------------------- helpers
 
-def assert_json_error(r, status, code):
-    assert r.status_code == status, r.text
-    assert r.headers["Content-Type"].startswith("application/json"), \
-        r.headers
-    body = r.json()
-    assert body["error"]["code"] == code, body
-    assert isinstance(body["error"]["message"], str)
-    assert body["error"]["message"].strip(), body
-    return body
-
-
 def post_turn(http, st, message, session_id=None, timeout=15):
-    body = {"message": message}
-    if session_id:
-        body["session_id"] = session_id
+    """(response, seconds it took) of one turn."""
     start = time.monotonic()
-    r = http.post(f"{st.url}/api/chat", json=body, timeout=timeout)
+    r = post_chat(http, st, message, session_id, timeout=timeout)
     return r, time.monotonic() - start
 
 
@@ -393,8 +381,7 @@ def test_redis_stalled_while_storing_stores_nothing(stack, http, model):
         result["r"], result["t"] = post_turn(http_thread, stack,
                                              "stored after all?", sid)
 
-    http_thread = requests.Session()
-    http_thread.trust_env = False
+    http_thread = new_session()
     t = threading.Thread(target=turn)
     t.start()
     pid = None

@@ -9,36 +9,25 @@ import time
 
 import pytest
 
+from helpers import LocalModel, assert_json_error, post_chat
+
 KEY = "sk-client-test-key"
 DIGEST = hashlib.sha256(KEY.encode()).hexdigest()
 
 
 def chat(http, st, message="hello", session_id=None, headers=None,
          stream=False, timeout=15):
-    body = {"message": message}
-    if session_id:
-        body["session_id"] = session_id
-    if stream:
-        body["stream"] = True
-    return http.post(f"{st.url}/api/chat", json=body, headers=headers or {},
-                     timeout=timeout)
-
-
-def assert_error(r, status, code):
-    assert r.status_code == status, r.text
-    assert r.headers["Content-Type"].startswith("application/json")
-    assert r.json()["error"]["code"] == code, r.text
-    assert r.json()["error"]["message"]
+    fields = {"stream": True} if stream else {}
+    return post_chat(http, st, message, session_id, headers=headers,
+                     timeout=timeout, **fields)
 
 
 def model_requests(http, st):
-    return http.get(f"{st.model_url}/control/stats", timeout=5).json()[
-        "requests"]
+    return LocalModel.of(st, http).stats()["requests"]
 
 
 def set_model(http, st, **fields):
-    http.post(f"{st.model_url}/control", json=fields,
-              timeout=5).raise_for_status()
+    LocalModel.of(st, http).set(**fields)
 
 
 # ------------------------------------------------------------ client keys
@@ -57,10 +46,10 @@ def test_missing_or_wrong_key_is_401(http, keyed, authorization):
     headers = {} if authorization is None else {
         "Authorization": authorization}
     r = chat(http, keyed, headers=headers)
-    assert_error(r, 401, "unauthorized")
+    assert_json_error(r, 401, "unauthorized")
     assert r.headers["WWW-Authenticate"] == "Bearer"
     r = http.get(f"{keyed.url}/api/chat/abc", headers=headers, timeout=5)
-    assert_error(r, 401, "unauthorized")
+    assert_json_error(r, 401, "unauthorized")
 
 
 def test_right_key_is_served(http, keyed):
@@ -91,7 +80,7 @@ def test_over_rpm_is_429_with_retry_after(http, limited):
     for _ in range(3):
         assert chat(http, limited, headers=forwarded).status_code == 200
     r = chat(http, limited, headers=forwarded)
-    assert_error(r, 429, "rate_limited")
+    assert_json_error(r, 429, "rate_limited")
     retry = int(r.headers["Retry-After"])
     assert 1 <= retry <= 60, retry
 
@@ -105,7 +94,7 @@ def test_forwarded_for_is_not_believed_from_untrusted_clients(http, limited):
         for _ in range(3):
             r = chat(http, limited,
                      headers={"X-Forwarded-For": "203.0.113.99"})
-    assert_error(r, 429, "rate_limited")
+    assert_json_error(r, 429, "rate_limited")
 
 
 def test_trusted_proxy_forwarded_for_scopes_the_limit(http, stack_factory):
@@ -115,7 +104,7 @@ def test_trusted_proxy_forwarded_for_scopes_the_limit(http, stack_factory):
     two = {"X-Forwarded-For": "192.0.2.2, 127.0.0.1"}
     assert chat(http, st, headers=one).status_code == 200
     assert chat(http, st, headers=one).status_code == 200
-    assert_error(chat(http, st, headers=one), 429, "rate_limited")
+    assert_json_error(chat(http, st, headers=one), 429, "rate_limited")
     # Another client behind the same proxies has its own budget.
     assert chat(http, st, headers=two).status_code == 200
 
@@ -125,7 +114,7 @@ def test_over_tpm_is_429(http, stack_factory):
     set_model(http, st, reply=" ".join(["word"] * 40))
     assert chat(http, st).status_code == 200  # 40+ tokens counted after it
     r = chat(http, st)
-    assert_error(r, 429, "rate_limited")
+    assert_json_error(r, 429, "rate_limited")
     assert int(r.headers["Retry-After"]) >= 1
 
 
@@ -151,7 +140,7 @@ def test_concurrent_turn_of_one_session_is_409(http, slow):
     time.sleep(0.4)
     second = chat(http, slow, "second", sid)
     t.join(10)
-    assert_error(second, 409, "conflict")
+    assert_json_error(second, 409, "conflict")
     assert results["first"].status_code == 200, results["first"].text
     # The history holds the first turn only, not interleaved.
     msgs = http.get(f"{slow.url}/api/chat/{sid}", timeout=5).json()["messages"]
@@ -164,7 +153,7 @@ def test_concurrent_turn_of_one_session_is_409(http, slow):
 def test_lock_is_released_after_a_failed_turn(http, slow):
     sid = "failed-then-retried"
     set_model(http, slow, mode="fail", status=500, times=1)
-    assert_error(chat(http, slow, "x", sid), 502, "upstream_error")
+    assert_json_error(chat(http, slow, "x", sid), 502, "upstream_error")
     assert chat(http, slow, "x", sid).status_code == 200
 
 
@@ -194,7 +183,7 @@ def test_idempotent_retry_while_running_is_409(http, slow):
     time.sleep(0.4)
     r = chat(http, slow, "hi", "idem-running", headers)
     t.join(10)
-    assert_error(r, 409, "conflict")
+    assert_json_error(r, 409, "conflict")
     assert "Idempotency-Key" in r.json()["error"]["message"]
     assert results["first"].status_code == 200
 
@@ -202,8 +191,8 @@ def test_idempotent_retry_while_running_is_409(http, slow):
 def test_failed_original_is_not_kept(http, slow):
     headers = {"Idempotency-Key": "fails-first"}
     set_model(http, slow, mode="fail", status=500, times=1)
-    assert_error(chat(http, slow, "hi", "idem-failed", headers), 502,
-                 "upstream_error")
+    assert_json_error(chat(http, slow, "hi", "idem-failed", headers), 502,
+                      "upstream_error")
     before = model_requests(http, slow)
     assert chat(http, slow, "hi", "idem-failed", headers).status_code == 200
     assert model_requests(http, slow) == before + 1
@@ -237,7 +226,7 @@ def test_key_without_session_is_scoped_to_the_client(http, slow):
 @pytest.mark.parametrize("key", ["x" * 129, "tab\there", "é"])
 def test_bad_idempotency_key_is_400(http, slow, key):
     r = chat(http, slow, headers={"Idempotency-Key": key.encode("utf-8")})
-    assert_error(r, 400, "bad_request")
+    assert_json_error(r, 400, "bad_request")
 
 
 # ------------------------------------------------------------------ CORS
@@ -275,13 +264,13 @@ def test_other_origin_gets_none(http, cors):
     r = http.options(f"{cors.url}/api/chat", headers={
         "Origin": "https://evil.example",
         "Access-Control-Request-Method": "POST"}, timeout=5)
-    assert_error(r, 405, "method_not_allowed")
+    assert_json_error(r, 405, "method_not_allowed")
 
 
 def test_no_cors_when_unset(http, stack):
     r = http.options(f"{stack.url}/api/chat", headers={
         "Origin": "https://chat.example",
         "Access-Control-Request-Method": "POST"}, timeout=5)
-    assert_error(r, 405, "method_not_allowed")
+    assert_json_error(r, 405, "method_not_allowed")
     r = chat(http, stack, headers={"Origin": "https://chat.example"})
     assert "Access-Control-Allow-Origin" not in r.headers

@@ -16,6 +16,8 @@ import time
 import pytest
 import requests
 
+from helpers import new_session
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SERVER = os.path.join(HERE, "..", "..", "app", "localmodel.py")
 SAD = [{"role": "user", "content": "I feel sad about my job"}]
@@ -47,13 +49,6 @@ def stop_server(proc):
         return proc.wait()
     finally:
         proc.stdout.close()
-
-
-def new_session():
-    """A requests session that ignores proxy settings: all is on loopback."""
-    s = requests.Session()
-    s.trust_env = False
-    return s
 
 
 def call(method, url, session=None, timeout=5, **kw):

@@ -18,8 +18,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
-import struct
 import subprocess
 import tempfile
 import threading
@@ -30,7 +28,9 @@ from pathlib import Path
 import pytest
 import requests
 
+import fcgi_client
 import stack as stack_mod  # deploy/local/stack.py, on sys.path via conftest
+from helpers import LocalModel, assert_json_error, new_session, post_chat
 from polling import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,12 +66,6 @@ def proc_ids(pid):
     uid = re.search(r"^Uid:\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", text, re.M)
     gid = re.search(r"^Gid:\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", text, re.M)
     return tuple(map(int, uid.groups())), tuple(map(int, gid.groups()))
-
-
-def new_session():
-    s = requests.Session()
-    s.trust_env = False
-    return s
 
 
 def status(http, st, timeout=5):
@@ -123,8 +117,7 @@ def assert_counters_monotonic(before, after):
 
 
 def chat(http, st, message="hello", timeout=10, **fields):
-    body = {"message": message, **fields}
-    return http.post(f"{st.url}/api/chat", json=body, timeout=timeout)
+    return post_chat(http, st, message, timeout=timeout, **fields)
 
 
 def read_stream(st, message, timeout=15):
@@ -145,34 +138,8 @@ def read_stream(st, message, timeout=15):
     return lines, done_at, text
 
 
-def assert_json_error(r, status_code, code):
-    assert r.status_code == status_code, (r.status_code, r.text)
-    assert r.headers.get("Content-Type", "").startswith("application/json"), \
-        r.headers
-    body = r.json()
-    assert body["error"]["code"] == code, body
-    return body
-
-
 def log_text(st):
     return Path(st.log_path("chatfcgi")).read_text(errors="replace")
-
-
-class Model:
-    """The local model's control API, for any stack."""
-
-    def __init__(self, st, http):
-        assert st.model_url, "this stack has no local model"
-        self.base = st.model_url
-        self.http = http
-
-    def set(self, **fields):
-        r = self.http.post(f"{self.base}/control", json=fields, timeout=5)
-        r.raise_for_status()
-
-    def reset(self):
-        r = self.http.post(f"{self.base}/control/reset", timeout=5)
-        r.raise_for_status()
 
 
 @contextmanager
@@ -268,77 +235,24 @@ def temp_dir():
         shutil.rmtree(d, ignore_errors=True)
 
 
-# ------------------------------------------------- minimal FastCGI client
-
-FCGI_BEGIN_REQUEST, FCGI_END_REQUEST = 1, 3
-FCGI_PARAMS, FCGI_STDIN, FCGI_STDOUT, FCGI_STDERR = 4, 5, 6, 7
-FCGI_HEADER = struct.Struct(">BBHHBx")
-
-
-def _fcgi_record(rtype, content=b""):
-    pad = -len(content) % 8
-    return FCGI_HEADER.pack(1, rtype, 1, len(content), pad) + content + \
-        b"\0" * pad
-
-
-def _fcgi_pair(name, value):
-    def length(n):
-        return bytes([n]) if n < 128 else struct.pack(">I", n | 0x80000000)
-    name, value = name.encode(), value.encode()
-    return length(len(name)) + length(len(value)) + name + value
-
+# ------------------------------------------ FastCGI, straight to a socket
 
 def fcgi_request(address, method="POST", uri="/api/chat", body=b"",
-                 timeout=10.0, extra=None):
-    """One RESPONDER request on a unix socket path; returns (status,
-    {header: value}, body bytes)."""
-    params = {
-        "REQUEST_METHOD": method, "REQUEST_URI": uri, "SCRIPT_NAME": uri,
-        "DOCUMENT_URI": uri, "QUERY_STRING": "",
-        "CONTENT_TYPE": "application/json", "CONTENT_LENGTH": str(len(body)),
-        "SERVER_PROTOCOL": "HTTP/1.1", "GATEWAY_INTERFACE": "CGI/1.1",
-        "REMOTE_ADDR": "127.0.0.1", "REMOTE_PORT": "40000",
-        "SERVER_ADDR": "127.0.0.1", "SERVER_PORT": "80",
-        "SERVER_NAME": "localhost", "HTTP_HOST": "localhost",
-    }
-    params.update(extra or {})
-    data = b"".join(_fcgi_pair(k, v) for k, v in params.items())
-    deadline = time.monotonic() + timeout
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(str(address))
-        s.sendall(_fcgi_record(FCGI_BEGIN_REQUEST, struct.pack(">HB5x", 1, 0))
-                  + _fcgi_record(FCGI_PARAMS, data) + _fcgi_record(FCGI_PARAMS)
-                  + (_fcgi_record(FCGI_STDIN, body) if body else b"")
-                  + _fcgi_record(FCGI_STDIN))
-        buf, out = b"", b""
-
-        def fill(n):
-            nonlocal buf
-            while len(buf) < n:
-                s.settimeout(max(0.01, deadline - time.monotonic()))
-                chunk = s.recv(65536)
-                if not chunk:
-                    raise ConnectionError("closed inside a record")
-                buf += chunk
-
-        while True:
-            fill(FCGI_HEADER.size)
-            _, rtype, _, length, pad = FCGI_HEADER.unpack(buf[:8])
-            fill(8 + length + pad)
-            content = buf[8:8 + length]
-            buf = buf[8 + length + pad:]
-            if rtype == FCGI_STDOUT:
-                out += content
-            elif rtype == FCGI_END_REQUEST:
-                break
-    head, _, resp_body = out.partition(b"\r\n\r\n")
-    headers = {}
-    for line in head.decode("latin-1").splitlines():
-        k, _, v = line.partition(":")
-        headers[k.strip().lower()] = v.strip()
-    code = int(headers.get("status", "200").split()[0])
-    return code, headers, resp_body
+                 timeout=10.0):
+    """One request on a unix socket path, with fcgi_client.py; returns
+    (status, {lower-case header: value}, body bytes). A connection cut
+    inside the answer raises ConnectionError, no answer in time
+    TimeoutError: both OSError, as the callers that measure expect."""
+    try:
+        r = fcgi_client.fcgi_request(
+            address, fcgi_client.chat_params(method, uri,
+                                             content_length=len(body)),
+            body, timeout=timeout)
+    except fcgi_client.FcgiTimeout as e:
+        raise TimeoutError(str(e)) from e
+    except fcgi_client.FcgiError as e:
+        raise ConnectionError(str(e)) from e
+    return r.status, r.headers, r.body
 
 
 def fcgi_chat(address, message="hello", timeout=10.0):
@@ -351,8 +265,7 @@ def fcgi_chat(address, message="hello", timeout=10.0):
 def test_kill_busy_worker_fails_only_its_request(stack, http, model):
     master = stack.pid("chatfcgi")
     assert master
-    kids0 = wait_for(lambda: children(master) if len(children(master)) == 5
-                     else None, 3)
+    kids0 = wait_for(lambda: new_children(master, 5), 3)
     assert kids0 and len(kids0) == 5, children(master)  # 4 chat + control
     m0 = metrics(http, stack)
     model.set(delay_ms=2000)
@@ -407,8 +320,7 @@ def test_kill_busy_worker_fails_only_its_request(stack, http, model):
 def test_reload_under_load_drops_nothing(stack, http, model):
     master = stack.pid("chatfcgi")
     expected = 5  # 4 chat workers + the control worker
-    kids0 = wait_for(lambda: children(master)
-                     if len(children(master)) == expected else None, 3)
+    kids0 = wait_for(lambda: new_children(master, expected), 3)
     assert kids0, children(master)
     s0 = status(http, stack)
     m0 = metrics(http, stack)
@@ -466,8 +378,7 @@ def test_reload_under_load_drops_nothing(stack, http, model):
 
 def test_reload_lets_old_workers_finish_streams(stack, http, model):
     master = stack.pid("chatfcgi")
-    kids0 = wait_for(lambda: children(master)
-                     if len(children(master)) == 5 else None, 3)
+    kids0 = wait_for(lambda: new_children(master, 5), 3)
     assert kids0, children(master)
     reply = "alpha beta gamma delta epsilon zeta eta theta"
     model.set(chunk_delay_ms=250, reply=reply)
@@ -621,7 +532,7 @@ def test_reload_with_unusable_config_keeps_serving(stack, http, bad):
 
 def test_graceful_stop_finishes_streams(stack_factory, http):
     with own_stack(stack_factory, {"CHATFCGI_WORKERS": "6"}) as st:
-        model = Model(st, http)
+        model = LocalModel.of(st, http)
         reply = "one two three four five six seven eight nine ten"
         model.set(chunk_delay_ms=300, reply=reply)
         proc = st.procs["chatfcgi"]
@@ -681,8 +592,9 @@ def test_graceful_stop_refuses_queued_requests(stack_factory, http):
     503 at once, not when the streams end."""
     with own_stack(stack_factory, {"CHATFCGI_WORKERS": "2"}) as st:
         proc = st.procs["chatfcgi"]
-        Model(st, http).set(chunk_delay_ms=300, reply="one two three four "
-                            "five six seven eight nine ten")
+        LocalModel.of(st, http).set(
+            chunk_delay_ms=300,
+            reply="one two three four five six seven eight nine ten")
         streams = Parallel(2, lambda i: read_stream(st, f"s{i}")).start()
         assert wait_for(lambda: len(rows_in(http, st, "streaming")) == 2,
                         3, 0.02), status(http, st)
@@ -716,8 +628,7 @@ def test_stop_after_reload_removes_sockets(stack_factory, http):
     master, and the sockets are the same sockets."""
     with own_stack(stack_factory, {"CHATFCGI_WORKERS": "2"}) as st:
         proc = st.procs["chatfcgi"]
-        kids0 = wait_for(lambda: children(proc.pid)
-                         if len(children(proc.pid)) == 3 else None, 3)
+        kids0 = wait_for(lambda: new_children(proc.pid, 3), 3)
         assert kids0
         os.kill(proc.pid, signal.SIGHUP)
         assert wait_for(lambda: new_children(proc.pid, 3, kids0), 3), \
@@ -732,7 +643,7 @@ def test_stop_after_reload_removes_sockets(stack_factory, http):
 
 def _one_long_stream(st, http):
     reply = "one two three four five six seven eight nine ten"
-    Model(st, http).set(chunk_delay_ms=300, reply=reply)
+    LocalModel.of(st, http).set(chunk_delay_ms=300, reply=reply)
     par = Parallel(1, lambda i: read_stream(st, "a long one")).start()
     assert wait_for(lambda: any(p["state"] == "streaming" for p in
                                 chat_rows(status(http, st))), 3, 0.02), \
@@ -746,19 +657,27 @@ def _cut_short(value):
     return isinstance(value, Exception) or "event: done" not in value[0]
 
 
+def _stop_during_stream(st, http, sig):
+    """Send sig to the master while one long stream runs: (the master's
+    exit code, None if it did not exit within 5 s; seconds it took; the
+    stream's outcome, as Parallel gives it)."""
+    proc = st.procs["chatfcgi"]
+    par = _one_long_stream(st, http)
+    t = time.monotonic()
+    os.kill(proc.pid, sig)
+    try:
+        rc = proc.wait(5)
+    except subprocess.TimeoutExpired:
+        rc = None
+    took = time.monotonic() - t
+    (value, _, _), = par.join(10)
+    return rc, took, value
+
+
 def test_graceful_timeout_bounds_the_stop(stack_factory, http):
     with own_stack(stack_factory,
                    {"CHATFCGI_GRACEFUL_TIMEOUT_S": "1"}) as st:
-        proc = st.procs["chatfcgi"]
-        par = _one_long_stream(st, http)
-        t = time.monotonic()
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            rc = proc.wait(5)
-        except subprocess.TimeoutExpired:
-            rc = None
-        took = time.monotonic() - t
-        (value, _, _), = par.join(10)
+        rc, took, value = _stop_during_stream(st, http, signal.SIGTERM)
         measured("graceful_timeout_s=1 with a 3 s stream",
                  f"master exited {took:.2f} s after SIGTERM (rc {rc})")
         assert rc == 0
@@ -769,16 +688,7 @@ def test_graceful_timeout_bounds_the_stop(stack_factory, http):
 
 def test_fast_stop_on_sigint(stack_factory, http):
     with own_stack(stack_factory, {}) as st:
-        proc = st.procs["chatfcgi"]
-        par = _one_long_stream(st, http)
-        t = time.monotonic()
-        os.kill(proc.pid, signal.SIGINT)
-        try:
-            rc = proc.wait(5)
-        except subprocess.TimeoutExpired:
-            rc = None
-        took = time.monotonic() - t
-        (value, _, _), = par.join(10)
+        rc, took, value = _stop_during_stream(st, http, signal.SIGINT)
         measured("fast stop (SIGINT) during a stream",
                  f"master exited {took * 1000:.0f} ms after SIGINT (rc {rc})")
         assert rc == 0
@@ -792,8 +702,7 @@ def test_workers_exit_when_the_master_dies(stack_factory, http):
     another request with nobody left to replace or stop it."""
     with own_stack(stack_factory, {"CHATFCGI_WORKERS": "2"}) as st:
         proc = st.procs["chatfcgi"]
-        kids = wait_for(lambda: children(proc.pid)
-                        if len(children(proc.pid)) == 3 else None, 3)
+        kids = wait_for(lambda: new_children(proc.pid, 3), 3)
         assert kids
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(5)
@@ -847,7 +756,7 @@ def test_max_requests_recycles_workers(stack_factory, http):
 
 def test_request_timeout_answers_504_in_time(stack_factory, http):
     with own_stack(stack_factory, {"CHATFCGI_REQUEST_TIMEOUT_S": "1"}) as st:
-        Model(st, http).set(mode="hang")
+        LocalModel.of(st, http).set(mode="hang")
         sid = "pm-timeout-1"
         t = time.monotonic()
         r = chat(http, st, "hello there", session_id=sid, timeout=10)
@@ -862,8 +771,9 @@ def test_request_timeout_answers_504_in_time(stack_factory, http):
 
 def test_request_timeout_cuts_a_stream(stack_factory, http):
     with own_stack(stack_factory, {"CHATFCGI_REQUEST_TIMEOUT_S": "1"}) as st:
-        Model(st, http).set(chunk_delay_ms=300, reply="one two three four "
-                            "five six seven eight nine ten")
+        LocalModel.of(st, http).set(
+            chunk_delay_ms=300,
+            reply="one two three four five six seven eight nine ten")
         sid = "pm-timeout-stream"
         t = time.monotonic()
         lines = []
@@ -890,7 +800,7 @@ def test_request_timeout_cuts_a_stream(stack_factory, http):
 
 def test_slowlog(stack_factory, http):
     with own_stack(stack_factory, {"CHATFCGI_SLOWLOG_MS": "200"}) as st:
-        Model(st, http).set(delay_ms=400)
+        LocalModel.of(st, http).set(delay_ms=400)
         m0 = metrics(http, st)
         r = chat(http, st, "slow one")
         assert r.status_code == 200, r.text
@@ -916,7 +826,7 @@ def test_dynamic_pool_grows_and_shrinks(stack_factory, http):
         s = status(http, st)
         assert s["process_manager"] == "dynamic"
         assert len(chat_rows(s)) == 2, s
-        Model(st, http).set(delay_ms=3000)
+        LocalModel.of(st, http).set(delay_ms=3000)
         samples = []  # (t, chat workers, busy)
 
         def turn(i):
@@ -963,7 +873,7 @@ def test_dynamic_pool_grows_and_shrinks(stack_factory, http):
 def test_backpressure_sheds_after_queue_timeout(stack_factory, http):
     env = {"CHATFCGI_WORKERS": "2", "CHATFCGI_QUEUE_TIMEOUT_MS": "500"}
     with own_stack(stack_factory, env) as st:
-        Model(st, http).set(delay_ms=3000)
+        LocalModel.of(st, http).set(delay_ms=3000)
 
         def turn(i):
             with new_session() as s:
@@ -1025,8 +935,7 @@ def test_crash_loop_backoff(stack_factory, http):
         control = [p["pid"] for p in status(http, st)["processes"]
                    if p["role"] == "control"]
         assert len(control) == 1
-        kids0 = wait_for(lambda: children(master)
-                         if len(children(master)) == 3 else None, 3)
+        kids0 = wait_for(lambda: new_children(master, 3), 3)
         assert kids0
         delays = []
         t_first = time.monotonic()

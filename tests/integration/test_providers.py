@@ -10,14 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 
+from helpers import LocalModel, new_session, post_chat
 from sse_client import stream_chat
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-class Model:
+class Model(LocalModel):
     """A local model on a free port, started and stopped by the test."""
 
     def __init__(self):
@@ -27,20 +27,10 @@ class Model:
             stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         self.url = re.search(r"(http://\S+)/v1", line).group(1)
-        self.http = requests.Session()
-        self.http.trust_env = False
-
-    def set(self, **fields):
-        self.http.post(f"{self.url}/control", json=fields,
-                       timeout=5).raise_for_status()
-
-    def reset(self):
-        self.http.post(f"{self.url}/control/reset",
-                       timeout=5).raise_for_status()
+        super().__init__(self.url, new_session())
 
     def requests(self):
-        return self.http.get(f"{self.url}/control/stats",
-                             timeout=5).json()["requests"]
+        return self.stats()["requests"]
 
     def stop(self):
         self.proc.terminate()
@@ -71,10 +61,7 @@ def make_stack(stack_factory, models, **env):
 
 
 def turn(http, st, message="hello", session_id=None, timeout=15):
-    body = {"message": message}
-    if session_id:
-        body["session_id"] = session_id
-    return http.post(f"{st.url}/api/chat", json=body, timeout=timeout)
+    return post_chat(http, st, message, session_id, timeout=timeout)
 
 
 def metric(http, st, name):
@@ -111,8 +98,7 @@ def test_no_client_error_under_load_and_cooldown(http, failover, models):
     stop = time.monotonic() + 10
 
     def load():
-        s = requests.Session()
-        s.trust_env = False
+        s = new_session()
         while time.monotonic() < stop:
             r = turn(s, failover)
             (done if r.status_code == 200 else errors).append(r.status_code)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import stack as stack_mod  # deploy/local/stack.py, on sys.path via conftest
+from helpers import assert_json_error
 from polling import wait_for
 
 STACK_PY = Path(stack_mod.__file__)
@@ -24,16 +25,6 @@ STACK_ENV = {"CHATFCGI_WORKERS": "2"}
 def healthz(http, st):
     r = http.get(f"{st.url}/api/healthz", timeout=5)
     return r.status_code, r
-
-
-def assert_json_error(r, status, code):
-    assert r.status_code == status, r.text
-    assert r.headers["Content-Type"].startswith("application/json"), \
-        r.headers
-    body = r.json()
-    assert body["error"]["code"] == code, body
-    assert body["error"]["message"]
-    return body
 
 
 def test_healthz_ok_through_nginx(stack, http):

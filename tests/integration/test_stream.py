@@ -22,7 +22,8 @@ import uuid
 
 import pytest
 
-from conftest import LocalModel  # tests/integration/conftest.py
+import helpers
+from helpers import LocalModel, post_chat
 from sse_client import stream_chat
 from polling import wait_for
 
@@ -55,8 +56,7 @@ def history(http, st, sid):
 
 def turn(http, st, message, sid, timeout=5):
     """A plain (non-streaming) turn that must succeed."""
-    r = http.post(f"{st.url}/api/chat", timeout=timeout,
-                  json={"message": message, "session_id": sid})
+    r = post_chat(http, st, message, sid, timeout=timeout)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -98,17 +98,8 @@ def assert_sse_ok(res):
 
 def assert_json_error(res, status, code):
     """An error answered before the first byte: plain JSON, no stream."""
-    assert res.status == status, (res.status, res.headers, res.body,
-                                  res.events)
-    assert res.headers.get("content-type", "").startswith(
-        "application/json"), res.headers
-    assert not res.events
-    assert res.headers.get("x-request-id"), res.headers
-    body = res.json()
-    assert set(body) == {"error"}, body
-    assert body["error"]["code"] == code, body
-    assert isinstance(body["error"]["message"], str) and \
-        body["error"]["message"], body
+    body = helpers.assert_json_error(res, status, code)
+    assert not res.events, res.events
     return body
 
 
@@ -180,31 +171,28 @@ def wide_stack(stack_factory):
     return stack_factory({"CHATFCGI_WORKERS": "40"})
 
 
-def model_of(st, http):
-    m = LocalModel(st.model_url, http)
+def with_model(st, http):
+    """For a fixture to yield from: (st, its local model), the model reset
+    before and after the test."""
+    m = LocalModel.of(st, http)
     m.reset()
-    return m
+    yield st, m
+    m.reset()
 
 
 @pytest.fixture
 def solo(solo_stack, http):
-    m = model_of(solo_stack, http)
-    yield solo_stack, m
-    m.reset()
+    yield from with_model(solo_stack, http)
 
 
 @pytest.fixture
 def quick(quick_stack, http):
-    m = model_of(quick_stack, http)
-    yield quick_stack, m
-    m.reset()
+    yield from with_model(quick_stack, http)
 
 
 @pytest.fixture
 def wide(wide_stack, http):
-    m = model_of(wide_stack, http)
-    yield wide_stack, m
-    m.reset()
+    yield from with_model(wide_stack, http)
 
 
 # ------------------------------------------------------------ happy path
@@ -413,19 +401,21 @@ def test_garbage_stream(stack, model, http):
 
 # ------------------------------------------- errors before the first byte
 
-@pytest.mark.parametrize("status", [500, 400, 429, 503])
-def test_upstream_fail_before_stream_is_json_502(stack, model, http, status):
-    model.set(mode="fail", status=status)
-    sid = new_sid()
-    res = stream_chat(stack.url, "hello", sid)
-    assert_json_error(res, 502, "upstream_error")
-    assert_not_stored(http, stack, sid)
-
-
-def test_upstream_drop_before_first_event_is_json_502(stack, model, http):
-    """Headers of a 200 event stream, then the connection cut before any
-    event: nothing was sent to the client yet, so a JSON 502."""
-    model.set(mode="drop", drop_after=0, reply="never said")
+@pytest.mark.parametrize("behaviour", [
+    {"mode": "fail", "status": 500},
+    {"mode": "fail", "status": 400},
+    {"mode": "fail", "status": 429},
+    {"mode": "fail", "status": 503},
+    # Headers of a 200 event stream, then the connection cut before any
+    # event: nothing was sent to the client yet, so a JSON 502.
+    {"mode": "drop", "drop_after": 0, "reply": "never said"},
+    # A plain 200 that is not a completion at all.
+    {"mode": "fail", "status": 200, "body": "this is not json"},
+], ids=["500", "400", "429", "503", "drop-before-first-event",
+        "plain-200-garbage"])
+def test_upstream_fail_before_stream_is_json_502(stack, model, http,
+                                                 behaviour):
+    model.set(**behaviour)
     sid = new_sid()
     res = stream_chat(stack.url, "hello", sid)
     assert_json_error(res, 502, "upstream_error")
@@ -454,14 +444,6 @@ def test_upstream_that_does_not_stream(stack, model, http):
                                        "completion_tokens": 7}}
     msgs = history(http, stack, sid).json()["messages"]
     assert msgs[-1] == {"role": "assistant", "content": reply}
-
-
-def test_upstream_plain_200_garbage_is_json_502(stack, model, http):
-    model.set(mode="fail", status=200, body="this is not json")
-    sid = new_sid()
-    res = stream_chat(stack.url, "hello", sid)
-    assert_json_error(res, 502, "upstream_error")
-    assert_not_stored(http, stack, sid)
 
 
 def test_upstream_hang_before_stream_is_json_504(quick, http):
@@ -554,6 +536,23 @@ def assert_worker_free(http, st, model, sid):
     return took
 
 
+def assert_upstream_cancelled(http, st, model, sid, res, what, how):
+    """After the client hung up (res, with a FIN or an RST: how): the one
+    upstream call was cancelled within 1 s, and the worker is free for the
+    next turn at once."""
+    stats, latency = wait_disconnect(model, res.wall_closed)
+    assert stats["requests"] == 1, stats
+    print(f"\n[abort/{how}] {what}: upstream cancelled "
+          f"{latency * 1000 if latency is not None else float('nan'):.1f}"
+          f" ms after the client hung up")
+    assert stats["disconnects"] == 1, \
+        f"the upstream call was not cancelled within 1 s: {stats}"
+    assert latency <= 1.0, latency
+    took = assert_worker_free(http, st, model, sid)
+    print(f"[abort/{how}] next turn on the same worker took "
+          f"{took * 1000:.0f} ms")
+
+
 @pytest.mark.parametrize("how", ["fin", "rst"])
 def test_client_abort_while_model_silent(solo, http, how):
     st, model = solo
@@ -563,17 +562,7 @@ def test_client_abort_while_model_silent(solo, http, how):
                       rst=(how == "rst"))
     assert res.closed_by_client
     assert res.status == 0 and not res.events  # nothing came before
-    stats, latency = wait_disconnect(model, res.wall_closed)
-    assert stats["requests"] == 1, stats
-    print(f"\n[abort/{how}] model silent: upstream cancelled "
-          f"{latency * 1000 if latency is not None else float('nan'):.1f}"
-          f" ms after the client hung up")
-    assert stats["disconnects"] == 1, \
-        f"the upstream call was not cancelled within 1 s: {stats}"
-    assert latency <= 1.0, latency
-    took = assert_worker_free(http, st, model, sid)
-    print(f"[abort/{how}] next turn on the same worker took "
-          f"{took * 1000:.0f} ms")
+    assert_upstream_cancelled(http, st, model, sid, res, "model silent", how)
 
 
 @pytest.mark.parametrize("how", ["fin", "rst"])
@@ -588,17 +577,7 @@ def test_client_abort_mid_stream(solo, http, how):
     assert res.status == 200
     assert res.names == ["delta", "delta"], res.events
     assert res.text == "".join(pieces(reply)[:2])
-    stats, latency = wait_disconnect(model, res.wall_closed)
-    assert stats["requests"] == 1, stats
-    print(f"\n[abort/{how}] mid-stream: upstream cancelled "
-          f"{latency * 1000 if latency is not None else float('nan'):.1f}"
-          f" ms after the client hung up")
-    assert stats["disconnects"] == 1, \
-        f"the upstream call was not cancelled within 1 s: {stats}"
-    assert latency <= 1.0, latency
-    took = assert_worker_free(http, st, model, sid)
-    print(f"[abort/{how}] next turn on the same worker took "
-          f"{took * 1000:.0f} ms")
+    assert_upstream_cancelled(http, st, model, sid, res, "mid-stream", how)
 
 
 def test_client_gone_after_done_changes_nothing(solo, http):
