@@ -100,10 +100,10 @@ def rss_kib(pid):
 
 def test_one_round_trip_to_load_and_one_to_store(stack, http, model):
     """Per turn exactly two commands: one EVALSHA that checks limits, takes
-    the turn lock and loads the history (app/turn.c turn_begin), and one
-    EVALSHA that stores, trims and unlocks (turn_commit). The first turn
-    made Redis cache both scripts (EVAL once each), so none of the ten
-    sends one again."""
+    the turn lock and loads the history (app/chatdb.c chatdb_turn_begin), and
+    one EVALSHA that stores, trims and unlocks (chatdb_turn_commit). The
+    first turn made Redis cache both scripts (EVAL once each), so none of
+    the ten sends one again."""
     sid = turn(http, stack, "hello")["session_id"]  # connections are up
     monitor = Monitor(stack.redis_port)
     for i in range(10):
