@@ -140,7 +140,7 @@ DOCDIR := $(PREFIX)/share/doc/chatfcgi
 CONF_DIR := $(SYSCONFDIR)/chatfcgi
 CONF_PATH := $(CONF_DIR)/chatfcgi.conf
 INSTALL := install
-UNIT_NAMES := chatfcgi.service chatfcgi.socket
+UNIT_NAMES := chatfcgi.service chatfcgi.socket chatfcgi-status.socket
 DOCS := README.md LICENSE
 
 # Every build compiles in the configuration path that `install` uses for

@@ -12,7 +12,7 @@
 # reopen logs.
 #
 # Settings (environment, all optional):
-#   SPAWN_BIN     chatfcgi binary        (/usr/local/bin/chatfcgi)
+#   SPAWN_BIN     chatfcgi binary        (/usr/sbin/chatfcgi)
 #   SPAWN_CONF    its configuration      (/etc/chatfcgi/chatfcgi.conf)
 #   SPAWN_SOCKET  the socket to create   (/run/chatfcgi/chatfcgi.sock)
 #   SPAWN_GROUP   group of the socket    (www-data)
@@ -24,7 +24,7 @@
 # by the workers' user, listen_mode 0660), or set status_listen = off.
 set -eu
 
-bin=${SPAWN_BIN:-/usr/local/bin/chatfcgi}
+bin=${SPAWN_BIN:-/usr/sbin/chatfcgi}
 conf=${SPAWN_CONF:-/etc/chatfcgi/chatfcgi.conf}
 socket=${SPAWN_SOCKET:-/run/chatfcgi/chatfcgi.sock}
 group=${SPAWN_GROUP:-www-data}

@@ -4,7 +4,7 @@ Apache, lighttpd), chatfcgi pools and helper programs under a temp dir on
 loopback ports, and stop every one of them by its pid.
 
 Rendering: a recipe is the file an administrator installs, with production
-values in it (/run/chatfcgi/..., port 80, /usr/local/bin/chatfcgi, ...).
+values in it (/run/chatfcgi/..., port 80, /usr/sbin/chatfcgi, ...).
 render() replaces each of a few of those values, listed in deploy/README.md
 ("What the tests change"), and fails when one is not found, so that the
 tests always run the shipped text and notice when it drifts.

@@ -68,7 +68,7 @@ DEFAULT_CONF = ds.REPO / "conf" / "chatfcgi.conf"
 
 # The production values the recipes hold, which the tests replace.
 RUN_DIR = "/run/chatfcgi/"
-BIN_PATH = "/usr/local/bin/chatfcgi"
+BIN_PATH = "/usr/sbin/chatfcgi"
 CONF_PATH = "/etc/chatfcgi/chatfcgi.conf"
 
 

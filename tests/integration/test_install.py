@@ -23,7 +23,8 @@ LAYOUT = {
     "/usr": {"sysconf": "/etc"},
     "/usr/local": {"sysconf": "/usr/local/etc"},
 }
-UNITS = ("chatfcgi.service", "chatfcgi.socket")
+UNITS = ("chatfcgi.service", "chatfcgi.socket", "chatfcgi-status.socket")
+SYSTEMD_ANALYZE = "/usr/bin/systemd-analyze"
 DOCS = ("README.md", "LICENSE")
 
 # Where a real install would go: a test run must change none of them.
@@ -33,7 +34,8 @@ REAL_PATHS = [
     for rel in ("sbin/chatfcgi", "share/man/man8/chatfcgi.8",
                 "share/doc/chatfcgi", "share/chatfcgi",
                 "lib/systemd/system/chatfcgi.service",
-                "lib/systemd/system/chatfcgi.socket")
+                "lib/systemd/system/chatfcgi.socket",
+                "lib/systemd/system/chatfcgi-status.socket")
 ] + [Path("/etc/chatfcgi"), Path("/usr/local/etc/chatfcgi")]
 
 
@@ -295,6 +297,51 @@ def test_units_and_web_page_are_installed_when_present(tree, tmp_path):
         assert files_under(d) == set()
         assert not (d / rel(LAYOUT[prefix]["sysconf"]) / "chatfcgi").exists()
         assert not (d / rel(prefix) / "share/chatfcgi").exists()
+
+
+def unit_values(text, key):
+    """Every value of key= in a unit's text, in order."""
+    return [line.split("=", 1)[1].strip() for line in text.splitlines()
+            if line.startswith(key + "=")]
+
+
+@pytest.mark.parametrize("prefix", ["/usr", "/usr/local"])
+def test_installed_units_start_the_installed_binary(tree, tmp_path, prefix):
+    """The real units of deploy/systemd, as make install leaves them: every
+    unit the service needs is there, its commands name the installed
+    binary and configuration, and systemd-analyze verify accepts them with
+    the staged binary standing in for the installed one."""
+    dest = tmp_path / "dest"
+    make(tree, "install", f"DESTDIR={dest}", f"PREFIX={prefix}")
+    units = dest / rel(prefix) / "lib/systemd/system"
+    service = (units / "chatfcgi.service").read_text()
+    binary = f"{prefix}/sbin/chatfcgi"
+    for needed in (unit_values(service, "Requires") +
+                   unit_values(service, "Sockets")):
+        for name in needed.split():
+            assert (units / name).is_file(), f"{name} is not installed"
+    for command in (unit_values(service, "ExecStartPre") +
+                    unit_values(service, "ExecStart")):
+        words = command.split()
+        assert words[0] == binary, command
+        assert os.access(dest / rel(binary), os.X_OK), binary
+        assert words[words.index("-c") + 1] == conf_path(prefix), command
+        assert (dest / rel(conf_path(prefix))).is_file()
+
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    for name in UNITS:
+        text = (units / name).read_text()
+        (staged / name).write_text(
+            text.replace(binary, str(dest / rel(binary))))
+    if not os.access(SYSTEMD_ANALYZE, os.X_OK):
+        pytest.skip("no systemd-analyze")
+    r = subprocess.run([SYSTEMD_ANALYZE, "verify",
+                        *[str(staged / n) for n in UNITS]],
+                       env=dict(clean_env(), SYSTEMD_LOG_LEVEL="notice"),
+                       capture_output=True, text=True, timeout=60)
+    output = (r.stdout + r.stderr).strip()
+    assert r.returncode == 0 and output == "", output
 
 
 def test_units_and_web_page_are_skipped_when_absent(tree, tmp_path):
