@@ -70,6 +70,7 @@ DEFAULT_CONF = ds.REPO / "conf" / "chatfcgi.conf"
 RUN_DIR = "/run/chatfcgi/"
 BIN_PATH = "/usr/sbin/chatfcgi"
 CONF_PATH = "/etc/chatfcgi/chatfcgi.conf"
+WWW_DIR = "/usr/share/chatfcgi/www"
 
 
 def need(*programs):
@@ -216,6 +217,7 @@ def nginx_site(d, port, sockets_dir):
         ("listen [::]:80;", ""),
         (RUN_DIR, f"{sockets_dir}/"),
         ("/var/log/nginx/", f"{d}/nginx/"),
+        (WWW_DIR, str(ds.REPO / "app" / "www")),
     ])
 
 
@@ -231,6 +233,12 @@ def test_nginx_site(stack, streaming_model, http, work, free_ports):
     # Status and metrics come from the status socket, for loopback.
     r = http.get(f"{base}/api/metrics", timeout=10)
     assert r.status_code == 200 and "chatfcgi" in r.text, r.text[:300]
+    # The chat page, with its Content-Security-Policy.
+    r = http.get(f"{base}/", timeout=10)
+    assert r.status_code == 200, r.text[:300]
+    assert r.headers["Content-Type"].startswith("text/html"), r.headers
+    assert "script-src 'self'" in r.headers["Content-Security-Policy"]
+    assert r.text == (ds.REPO / "app" / "www" / "index.html").read_text()
     # nginx's own errors are the API's JSON.
     assert_json_error(http.get(f"{base}/nothing/here", timeout=10), 404,
                       "not_found")
