@@ -241,7 +241,7 @@ CONTROL_FIELDS = {
     "status": lambda v: type(v) is int and 200 <= v <= 599,
     "body": _text, "reply": _text, "coalesce": _flag, "sse_comments": _flag,
     "delay_ms": _count, "chunk_delay_ms": _count, "split_bytes": _count,
-    "drop_after": _count, "times": _count,
+    "drop_after": _count, "times": _count, "retry_after": _count,
 }
 
 
@@ -257,6 +257,7 @@ class Behaviour:
     split_bytes: int = 0
     drop_after: int = 1
     times: int = 0
+    retry_after: int = 0    # mode fail: a Retry-After header (seconds)
     coalesce: bool = False
     sse_comments: bool = False
 
@@ -484,10 +485,13 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
 
     def fail(self, behaviour):
+        headers = ({"Retry-After": str(behaviour.retry_after)}
+                   if behaviour.retry_after else None)
         if behaviour.body is None:
             return self.send_json(behaviour.status, openai_error(
-                "local model told to fail", "server_error"))
-        self.send_body(behaviour.status, utf8(behaviour.body))
+                "local model told to fail", "server_error"), headers)
+        self.send_body(behaviour.status, utf8(behaviour.body),
+                       headers=headers)
 
     def garbage(self, behaviour, stream):
         """A 200 the client cannot use: not the JSON or the SSE it expects."""

@@ -1,0 +1,133 @@
+"""Configuration keys end to end, each set for a stack of its own and seen
+to change what the pool does: first_token_timeout_ms, idle_timeout_ms,
+retries (with the backoff and the provider's Retry-After),
+idempotency_ttl_s and log_level."""
+
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import LocalModel, assert_json_error, new_session, post_chat
+from sse_client import stream_chat
+
+TIMEOUT_S = 10  # the upstream's own timeout in these stacks
+
+
+@pytest.fixture(scope="module")
+def make(stack_factory):
+    """A stack with these CHATFCGI_* settings (values as strings) and its
+    local model, reset."""
+    def make_stack(**env):
+        settings = {"CHATFCGI_UPSTREAM_TIMEOUT_MS": str(TIMEOUT_S * 1000),
+                    "CHATFCGI_WORKERS": "2"}
+        settings.update({f"CHATFCGI_{k.upper()}": str(v)
+                         for k, v in env.items()})
+        st = stack_factory(settings)
+        model = LocalModel.of(st, new_session())
+        model.reset()
+        return st, model
+    return make_stack
+
+
+def timed(fn, *args, **kw):
+    start = time.monotonic()
+    result = fn(*args, **kw)
+    return result, time.monotonic() - start
+
+
+def test_first_token_timeout_ms(make, http):
+    """No first token within first_token_timeout_ms: 504 at that time,
+    not at the upstream's total timeout."""
+    st, model = make(upstream_first_token_timeout_ms=300,
+                     upstream_retries=0)
+    model.set(delay_ms=3000)
+    r, took = timed(post_chat, http, st, "hello", timeout=TIMEOUT_S)
+    assert_json_error(r, 504, "upstream_timeout")
+    assert "first_token_timeout_ms" in r.json()["error"]["message"]
+    assert 0.3 <= took < 2.5, took
+
+
+def test_idle_timeout_ms(make):
+    """A stream silent for idle_timeout_ms after it began ends with one
+    error event; the deltas before it arrived."""
+    st, model = make(upstream_idle_timeout_ms=400, upstream_retries=0)
+    model.set(reply="one two three", chunk_delay_ms=3000)
+    res, took = timed(stream_chat, st.url, "hello", read_timeout=TIMEOUT_S)
+    assert res.status == 200, res
+    assert res.names[-1] == "error", res.names
+    assert res.last("error").data["error"]["code"] == "upstream_timeout"
+    assert "idle_timeout_ms" in res.last("error").data["error"]["message"]
+    assert res.deltas, res.names
+    assert took < 2.5, took
+
+
+def test_retries_with_backoff(make, http):
+    """A provider failing twice with 503: with retries = 2 the third
+    request answers, after two backoffs of at least half of
+    retry_base_ms * 2^round each."""
+    st, model = make(upstream_retries=2, upstream_retry_base_ms=200)
+    model.set(mode="fail", status=503, times=2)
+    r, took = timed(post_chat, http, st, "hello", timeout=TIMEOUT_S)
+    assert r.status_code == 200, r.text
+    assert model.stats()["requests"] == 3
+    assert took >= 0.5 * 200 / 1000 + 0.5 * 400 / 1000, took
+
+
+def test_retries_spent(make, http):
+    """With retries = 1 a provider failing three times is asked twice,
+    then the client gets the failure."""
+    st, model = make(upstream_retries=1, upstream_retry_base_ms=50)
+    model.set(mode="fail", status=503, times=3)
+    r = post_chat(http, st, "hello", timeout=TIMEOUT_S)
+    assert_json_error(r, 502, "upstream_error")
+    assert model.stats()["requests"] == 2
+
+
+def test_retry_after_is_honoured(make, http):
+    """A 429 with Retry-After: 1 waits that second, not the 10 ms
+    backoff."""
+    st, model = make(upstream_retries=1, upstream_retry_base_ms=10)
+    model.set(mode="fail", status=429, retry_after=1, times=1)
+    r, took = timed(post_chat, http, st, "hello", timeout=TIMEOUT_S)
+    assert r.status_code == 200, r.text
+    assert model.stats()["requests"] == 2
+    assert 1.0 <= took < 3.0, took
+
+
+def test_idempotency_ttl_s(make, http):
+    """An Idempotency-Key is replayed within idempotency_ttl_s and is a
+    new turn after it."""
+    st, model = make(idempotency_ttl_s=1)
+    key = {"Idempotency-Key": "ttl-test-1"}
+    first = post_chat(http, st, "remember me", "ttl-session", headers=key)
+    assert first.status_code == 200, first.text
+    again = post_chat(http, st, "remember me", "ttl-session", headers=key)
+    assert again.status_code == 200, again.text
+    assert again.json() == first.json()
+    assert model.stats()["requests"] == 1
+    time.sleep(2.2)
+    later = post_chat(http, st, "remember me", "ttl-session", headers=key)
+    assert later.status_code == 200, later.text
+    assert model.stats()["requests"] == 2
+    history = http.get(f"{st.url}/api/chat/ttl-session", timeout=5).json()
+    assert len(history["messages"]) == 4
+
+
+@pytest.mark.parametrize("level, shown, hidden", [
+    ("debug", "404 not_found", None),
+    ("error", None, "404 not_found"),
+])
+def test_log_level(make, http, level, shown, hidden):
+    """log_level decides which lines reach the error log: a 4xx is logged
+    at debug only."""
+    st, _ = make(log_level=level)
+    r = http.get(f"{st.url}/api/chat/no-such-session", timeout=5)
+    assert_json_error(r, 404, "not_found")
+    time.sleep(0.2)
+    log = Path(st.log_path("chatfcgi")).read_text(errors="replace")
+    if shown:
+        assert shown in log, log[-2000:]
+    if hidden:
+        assert hidden not in log, log[-2000:]
+        assert " info " not in log, log[-2000:]
