@@ -1,15 +1,22 @@
 """Configuration keys end to end, each set for a stack of its own and seen
 to change what the pool does: first_token_timeout_ms, idle_timeout_ms,
 retries (with the backoff and the provider's Retry-After),
-idempotency_ttl_s and log_level."""
+idempotency_ttl_s, log_level and sentinel_password."""
 
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from helpers import LocalModel, assert_json_error, new_session, post_chat
+from polling import wait_for
 from sse_client import stream_chat
+
+REDIS_SERVER = "/usr/bin/redis-server"
+REDIS_CLI = "/usr/bin/redis-cli"
+SENTINEL_PASSWORD = "sentinel-secret"
+MASTER_NAME = "chatfcgi-keys"
 
 TIMEOUT_S = 10  # the upstream's own timeout in these stacks
 
@@ -131,3 +138,76 @@ def test_log_level(make, http, level, shown, hidden):
     if hidden:
         assert hidden not in log, log[-2000:]
         assert " info " not in log, log[-2000:]
+
+
+@pytest.fixture
+def guarded_sentinel(tmp_path, free_ports):
+    """A Redis master and one Sentinel (quorum 1) that asks for
+    SENTINEL_PASSWORD; both stopped by PID on the way out. Yields the
+    Sentinel's port."""
+    master_port, sentinel_port = free_ports(2)
+    procs = []
+    configs = {
+        "master": f"port {master_port}\n",
+        "sentinel": (f"port {sentinel_port}\n"
+                     f"requirepass {SENTINEL_PASSWORD}\n"
+                     f"sentinel monitor {MASTER_NAME} 127.0.0.1 "
+                     f"{master_port} 1\n"),
+    }
+    try:
+        for label, config in configs.items():
+            d = tmp_path / label
+            d.mkdir()
+            (d / "redis.conf").write_text(
+                config + f'bind 127.0.0.1\ndir "{d}"\nsave ""\n')
+            procs.append(subprocess.Popen(
+                [REDIS_SERVER, str(d / "redis.conf")] +
+                (["--sentinel"] if label == "sentinel" else []),
+                cwd=d, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        asked = [REDIS_CLI, "-p", str(sentinel_port), "--no-auth-warning",
+                 "-a", SENTINEL_PASSWORD, "SENTINEL",
+                 "get-master-addr-by-name", MASTER_NAME]
+        assert wait_for(lambda: str(master_port) in subprocess.run(
+            asked, capture_output=True, text=True).stdout, 10), \
+            "the Sentinel did not name the master"
+        yield sentinel_port
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+
+
+def sentinel_settings(port, password):
+    return {"redis_sentinels": f"127.0.0.1:{port}",
+            "redis_master_name": MASTER_NAME,
+            "redis_sentinel_password": password}
+
+
+def test_sentinel_password(make, http, guarded_sentinel):
+    """With sentinel_password the pool finds the master through a
+    Sentinel that asks for one."""
+    st, _ = make(**sentinel_settings(guarded_sentinel, SENTINEL_PASSWORD))
+    r = post_chat(http, st, "hello", timeout=TIMEOUT_S)
+    assert r.status_code == 200, r.text
+
+
+def test_wrong_sentinel_password(make, http, guarded_sentinel):
+    """When the Sentinel's password no longer matches, the next reconnect
+    cannot learn the master: 503, and the log says why."""
+    st, _ = make(**sentinel_settings(guarded_sentinel, SENTINEL_PASSWORD))
+    assert post_chat(http, st, "hello", timeout=TIMEOUT_S).status_code == 200
+    sentinel = [REDIS_CLI, "-p", str(guarded_sentinel), "--no-auth-warning",
+                "-a", SENTINEL_PASSWORD]
+    subprocess.run(sentinel + ["ACL", "SETUSER", "default", "resetpass",
+                               ">changed"], check=True, capture_output=True)
+    master = subprocess.run(
+        sentinel[:-1] + ["changed", "SENTINEL", "get-master-addr-by-name",
+                         MASTER_NAME], capture_output=True, text=True,
+        check=True).stdout.split()
+    # Close the workers' connections: the next command reconnects.
+    subprocess.run([REDIS_CLI, "-p", master[1], "CLIENT", "KILL", "TYPE",
+                    "normal"], check=True, capture_output=True)
+    r = post_chat(http, st, "hello again", timeout=TIMEOUT_S)
+    assert_json_error(r, 503, "unavailable")
+    log = Path(st.log_path("chatfcgi")).read_text(errors="replace")
+    assert "Sentinel AUTH failed" in log, log[-2000:]
