@@ -3,12 +3,16 @@ to change what the pool does: first_token_timeout_ms, idle_timeout_ms,
 retries (with the backoff and the provider's Retry-After),
 idempotency_ttl_s, log_level and sentinel_password."""
 
+import json
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from fcgi_client import chat_params, fcgi_request
 from helpers import LocalModel, assert_json_error, new_session, post_chat
 from polling import wait_for
 from sse_client import stream_chat
@@ -211,3 +215,56 @@ def test_wrong_sentinel_password(make, http, guarded_sentinel):
     assert_json_error(r, 503, "unavailable")
     log = Path(st.log_path("chatfcgi")).read_text(errors="replace")
     assert "Sentinel AUTH failed" in log, log[-2000:]
+
+
+def provider_conf(tmp_path, stack, dead_port):
+    """Two [provider NAME] sections: the first refuses connections, the
+    second is the stack's local model."""
+    conf = tmp_path / "chatfcgi.conf"
+    conf.write_text(f"""listen = {tmp_path}/chat.sock
+status_listen = off
+workers = 1
+access_log = off
+[redis]
+url = redis://127.0.0.1:{stack.redis_port}/0
+[upstream]
+retries = 0
+timeout_ms = {TIMEOUT_S * 1000}
+[provider dead]
+url = http://127.0.0.1:{dead_port}/v1
+model = dead-model
+[provider local]
+url = {stack.model_url}/v1
+model = section-model
+""")
+    return conf
+
+
+def test_provider_sections(stack, tmp_path, free_ports):
+    """[provider NAME] sections, tried in order: the unreachable first one
+    fails over to the second, which is asked for its own model; an
+    environment variable CHATFCGI_PROVIDER_<NAME>_<KEY> overrides a key."""
+    model = LocalModel.of(stack, new_session())
+    model.reset()
+    conf = provider_conf(tmp_path, stack, free_ports(1)[0])
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("CHATFCGI_")}
+    env.update(CHATFCGI_USER="www-data", CHATFCGI_GROUP="www-data",
+               CHATFCGI_PROVIDER_LOCAL_MODEL="env-model")
+    log = open(tmp_path / "chatfcgi.log", "wb")
+    proc = subprocess.Popen([str(stack.bin), "-c", str(conf)], env=env,
+                            stdout=log, stderr=log)
+    try:
+        sock = tmp_path / "chat.sock"
+        assert wait_for(sock.exists, 10), \
+            (tmp_path / "chatfcgi.log").read_text()
+        body = json.dumps({"message": "hello"}).encode()
+        r = fcgi_request(str(sock), chat_params(
+            content_length=str(len(body))), body, timeout=TIMEOUT_S)
+        assert r.status == 200, r
+        asked = model.stats()["recent"]
+        assert [q["body"]["model"] for q in asked] == ["env-model"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+        log.close()
