@@ -542,9 +542,9 @@ conf_apply_env(struct conf *c, char *const envp[], char err[CONF_ERR_LEN])
         if (k == NULL)
             k = provider_key_for_env(c, envp[i], len, &base);
         if (k == NULL) {
-            log_warnx("conf", "ignoring unknown variable %.*s", (int)len,
-                      envp[i]);
-            continue;
+            snprintf(err, CONF_ERR_LEN, "%.*s: no such setting (a typo?); "
+                     "see chatfcgi.conf for the keys", (int)len, envp[i]);
+            return -1;
         }
         if (key_set(base, k, eq + 1, why, sizeof(why)) == -1) {
             snprintf(err, CONF_ERR_LEN, "%.*s: %s", (int)len, envp[i], why);

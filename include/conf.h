@@ -119,9 +119,10 @@ int conf_defaults(struct conf *c, char err[CONF_ERR_LEN]);
 int conf_parse(struct conf *c, const char *text, const char *name,
                char err[CONF_ERR_LEN]);
 
-/* Apply CHATFCGI_* variables from envp (NULL-terminated). A bad value is an
- * error naming the variable; unknown CHATFCGI_ names are only warned about,
- * since launchers share the prefix. Returns 0 or -1. */
+/* Apply CHATFCGI_* variables from envp (NULL-terminated). A bad value and
+ * an unknown CHATFCGI_ name are errors naming the variable, as a typo in
+ * the file is (a launcher keeps its own CHATFCGI_ variables to itself).
+ * Returns 0 or -1. */
 int conf_apply_env(struct conf *c, char *const envp[], char err[CONF_ERR_LEN]);
 
 /* Defaults, then the file at path (NULL: none), then the environment;

@@ -48,7 +48,7 @@ REDIS_TEMPLATE = HERE / "redis.conf.in"
 # Start order; stop goes the other way.
 SERVICES = ("redis", "model", "chatfcgi", "nginx")
 
-# Read by this launcher only; chatfcgi warns about CHATFCGI_ variables it does
+# Read by this launcher only; chatfcgi refuses CHATFCGI_ variables it does
 # not know, so they never reach its environment.
 LAUNCHER_ONLY = ("CHATFCGI_PORT", "CHATFCGI_RUN_DIR", "CHATFCGI_MODEL_PORT",
                  "CHATFCGI_REDIS_PORT", "CHATFCGI_BIN",

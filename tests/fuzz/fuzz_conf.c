@@ -26,7 +26,7 @@ LLVMFuzzerInitialize(int *argc, char ***argv)
 
     (void)argc;
     (void)argv;
-    /* conf warns about unknown variables: format those lines (debug is the
+    /* conf may log (an exposed key): format those lines (debug is the
      * most that is formatted), but keep them out of the fuzzer's output. */
     if (log_open("/dev/null", "off", LOG_DEBUG, err) == -1)
         abort();

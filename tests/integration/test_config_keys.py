@@ -268,3 +268,19 @@ def test_provider_sections(stack, tmp_path, free_ports):
         proc.send_signal(signal.SIGTERM)
         proc.wait(15)
         log.close()
+
+
+def test_unknown_variable_stops_the_start(stack):
+    """A mistyped CHATFCGI_ variable is refused, by name, as a mistyped key
+    in the file is: `chatfcgi -t` exits 1 and says which."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("CHATFCGI_")}
+    conf = Path(__file__).resolve().parents[2] / "conf" / "chatfcgi.conf"
+    r = subprocess.run([str(stack.bin), "-t", "-c", str(conf)],
+                       env=dict(env, CHATFCGI_WORKRES="4"),
+                       capture_output=True, text=True, timeout=10)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "CHATFCGI_WORKRES" in r.stderr, r.stderr
+    r = subprocess.run([str(stack.bin), "-t", "-c", str(conf)], env=env,
+                       capture_output=True, text=True, timeout=10)
+    assert r.returncode == 0, (r.stdout, r.stderr)

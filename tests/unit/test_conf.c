@@ -17,7 +17,7 @@
 #include "conf.h"
 #include "log.h"
 
-/* Unknown CHATFCGI_ variables are warned about; keep the test output to
+/* conf logs warnings (a key readable by others); keep the test output to
  * the test results. */
 static int
 quiet_log(void **state)
@@ -439,6 +439,33 @@ test_env_basic(void **state)
     conf_free(&c);
 }
 
+/* An unknown CHATFCGI_ variable is an error naming it, like an unknown
+ * key in the file: a typo must not be ignored. */
+static void
+test_env_unknown_is_an_error(void **state)
+{
+    static const char *const unknown[] = {
+        "CHATFCGI_WORKRES", "CHATFCGI_BIN", "CHATFCGI_", "CHATFCGI_WORKERSX",
+        "CHATFCGI_REDIS_WORKERS", "CHATFCGI_CHAT_URL",
+    };
+
+    (void)state;
+    for (size_t i = 0; i < sizeof(unknown) / sizeof(*unknown); i++) {
+        char var[64], err[CONF_ERR_LEN] = "";
+        char *envp[] = {"CHATFCGI_WORKERS=3", var, NULL};
+        struct conf c;
+
+        snprintf(var, sizeof(var), "%s=4", unknown[i]);
+        load_defaults(&c);
+        if (conf_apply_env(&c, envp, err) != -1)
+            fail_msg("%s was accepted", unknown[i]);
+        if (strstr(err, unknown[i]) == NULL ||
+            strstr(err, "no such setting") == NULL)
+            fail_msg("%s: the error does not name it: %s", unknown[i], err);
+        conf_free(&c);
+    }
+}
+
 static void
 test_env_aliases(void **state)
 {
@@ -574,11 +601,6 @@ static void
 test_env_ignored(void **state)
 {
     char *envp[] = {
-        "CHATFCGI_BIN=/usr/bin/chatfcgi",
-        "CHATFCGI_=x",
-        "CHATFCGI_WORKERSX=3",
-        "CHATFCGI_REDIS_WORKERS=3",
-        "CHATFCGI_CHAT_URL=x",
         "chatfcgi_workers=3",
         "WORKERS=3",
         "PATH=/usr/bin:/bin",
@@ -749,6 +771,7 @@ main(void)
         cmocka_unit_test(test_parse_error_shows_line),
         cmocka_unit_test(test_parse_line_too_long),
         cmocka_unit_test(test_env_basic),
+        cmocka_unit_test(test_env_unknown_is_an_error),
         cmocka_unit_test(test_env_aliases),
         cmocka_unit_test(test_env_wins_over_file),
         cmocka_unit_test(test_load_order),
