@@ -372,7 +372,11 @@ prepare_turn(struct chat *ch, struct chat_turn *t)
     turn->session_id = t->session_id;
     turn->client = ch->req->client;
     turn->token = ch->req->id;
-    turn->lock_ms = ch->conf->request_timeout_s * 1000;
+    /* The model's deadline is request_timeout_s from the request's start:
+     * the lock outlives it by the commit's own timeout, so that a turn
+     * answered just in time still holds it when it stores. */
+    turn->lock_ms = ch->conf->request_timeout_s * 1000 +
+                    ch->conf->redis.command_timeout_ms;
     turn->rpm = ch->conf->rate_limit.rpm;
     turn->tpm = ch->conf->rate_limit.tpm;
     turn->idempotency_key = NULL;
@@ -566,6 +570,7 @@ commit_turn(struct chat *ch, const struct chat_turn *t)
 {
     struct chatdb_result res = {.history = &ch->history};
     const unsigned char *answer;
+    int rc;
 
     if (serialise_turn(ch, t) != 0) {
         http_send_error(ch->req, 502, "upstream_error", "the model's answer "
@@ -580,11 +585,14 @@ commit_turn(struct chat *ch, const struct chat_turn *t)
     res.assistant_len = ch->assistant_item.len;
     res.tokens = answer_tokens(t->message_len, &ch->answer);
     redis_begin(ch);
-    if (redis_end(ch, chatdb_turn_commit(&ch->db, &t->turn, &res)) == -1) {
+    rc = redis_end(ch, chatdb_turn_commit(&ch->db, &t->turn, &res));
+    if (rc == CHATDB_LOST)
+        http_send_error(ch->req, 409, "conflict", "the session was deleted "
+                        "or taken over during this turn; nothing was "
+                        "stored");
+    else if (rc == -1)
         fail_store(ch);
-        return -1;
-    }
-    return 0;
+    return rc == 0 ? 0 : -1;
 }
 
 /* The end of a stream: {session_id, model, usage} as `event: done`. */

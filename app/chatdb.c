@@ -56,20 +56,23 @@ static const char begin_lua[] =
  *       has idempotency key, answer, idempotency ttl, tokens, deadline.
  * Past the deadline (Redis's clock) the caller has given up and answered
  * an error, so nothing may be stored: a Redis that stalled and then ran a
- * queued commit would otherwise store a failed turn. */
+ * queued commit would otherwise store a failed turn. Without the lock
+ * (DELETE removed it, or it expired and another turn may hold it) the
+ * history may have changed since begin, and the trim start with it. */
 static const char commit_lua[] =
     "local t = redis.call('TIME')\n"
     "if t[1] * 1000 + math.floor(t[2] / 1000) > tonumber(ARGV[10]) then\n"
-    "  return 0\n"
+    "  return 'late'\n"
+    "end\n"
+    "if redis.call('GET', KEYS[2]) ~= ARGV[5] then\n"
+    "  return 'lost'\n"
     "end\n"
     "redis.call('RPUSH', KEYS[1], ARGV[1], ARGV[2])\n"
     "if tonumber(ARGV[3]) > 0 then\n"
     "  redis.call('LTRIM', KEYS[1], ARGV[3], -1)\n"
     "end\n"
     "redis.call('EXPIRE', KEYS[1], ARGV[4])\n"
-    "if redis.call('GET', KEYS[2]) == ARGV[5] then\n"
-    "  redis.call('DEL', KEYS[2])\n"
-    "end\n"
+    "redis.call('DEL', KEYS[2])\n"
     "if ARGV[6] == '1' then\n"
     "  redis.call('SET', KEYS[3], ARGV[7], 'EX', ARGV[8])\n"
     "end\n"
@@ -77,7 +80,7 @@ static const char commit_lua[] =
     "  redis.call('INCRBY', KEYS[4], ARGV[9])\n"
     "  redis.call('EXPIRE', KEYS[4], " COUNTER_TTL ")\n"
     "end\n"
-    "return 1\n";
+    "return 'stored'\n";
 
 /* KEYS: lock, idempotency record. ARGV: token, has idempotency key. */
 static const char abort_lua[] =
@@ -175,6 +178,15 @@ history_key(char key[KEY_MAX], const char *session_id)
     return n < KEY_MAX ? (size_t)n : KEY_MAX - 1;
 }
 
+/* chat:{id}:lock: held by the turn in progress (its request id). */
+static size_t
+lock_key(char key[KEY_MAX], const char *session_id)
+{
+    int n = snprintf(key, KEY_MAX, "chat:{%s}:lock", session_id);
+
+    return n < KEY_MAX ? (size_t)n : KEY_MAX - 1;
+}
+
 /* The keys of one turn, as C strings. */
 struct turn_keys {
     char history[KEY_MAX];
@@ -197,7 +209,7 @@ turn_keys(const struct chatdb_turn *t, struct turn_keys *k, long long window)
 {
     client_keys(t, k, window);
     history_key(k->history, t->session_id);
-    snprintf(k->lock, sizeof(k->lock), "chat:{%s}:lock", t->session_id);
+    lock_key(k->lock, t->session_id);
     if (t->idempotency_key == NULL)
         snprintf(k->record, sizeof(k->record), "chat:{%s}:idem",
                  t->session_id);
@@ -402,11 +414,12 @@ int
 chatdb_history_delete(struct chatdb *db, const char *session_id)
 {
     struct args c = {.argc = 0};
-    char key[KEY_MAX];
+    char key[KEY_MAX], lock[KEY_MAX];
     redisReply *r;
 
     arg_str(&c, "DEL");
     arg(&c, key, history_key(key, session_id));
+    arg(&c, lock, lock_key(lock, session_id));
     r = send_args(&db->store, &c, 0, "DEL");
     freeReplyObject(r);
     return r != NULL ? 0 : -1;
@@ -503,6 +516,21 @@ commit_deadline(const struct store *s, const struct chatdb_turn *t)
            (long long)(clock_ms() - t->local_clock_ms + timeout);
 }
 
+static int
+commit_outcome(struct chatdb *db, const redisReply *r)
+{
+    if (r->type == REDIS_REPLY_STRING && strcmp(r->str, "stored") == 0)
+        return 0;
+    if (r->type == REDIS_REPLY_STRING && strcmp(r->str, "lost") == 0)
+        return CHATDB_LOST;
+    if (r->type == REDIS_REPLY_STRING && strcmp(r->str, "late") == 0)
+        snprintf(db->store.err, STORE_ERR_LEN, "Redis ran the store too "
+                 "late; nothing was stored");
+    else
+        unexpected(db);
+    return -1;
+}
+
 int
 chatdb_turn_commit(struct chatdb *db, const struct chatdb_turn *t,
                    const struct chatdb_result *res)
@@ -511,7 +539,7 @@ chatdb_turn_commit(struct chatdb *db, const struct chatdb_turn *t,
     struct turn_keys k;
     struct args c;
     redisReply *r;
-    int stored;
+    int rc;
 
     turn_keys(t, &k, (long long)time(NULL) / WINDOW_S);
     script_args(&c, 4);
@@ -535,12 +563,9 @@ chatdb_turn_commit(struct chatdb *db, const struct chatdb_turn *t,
     r = run_script(db, COMMIT, &c, 1, "turn commit");
     if (r == NULL)
         return -1;
-    stored = r->type == REDIS_REPLY_INTEGER && r->integer == 1;
+    rc = commit_outcome(db, r);
     freeReplyObject(r);
-    if (!stored)
-        snprintf(db->store.err, STORE_ERR_LEN, "Redis ran the store too "
-                 "late; nothing was stored");
-    return stored ? 0 : -1;
+    return rc;
 }
 
 int

@@ -44,6 +44,9 @@ int chatdb_ping(struct chatdb *db);
 /* A session's messages (none when it does not exist). */
 int chatdb_history_load(struct chatdb *db, const char *session_id,
                         struct messages *h);
+
+/* Delete a session's history and its turn lock: a turn in progress then
+ * stores nothing (its commit finds the lock gone). */
 int chatdb_history_delete(struct chatdb *db, const char *session_id);
 
 /* One turn's bookkeeping. */
@@ -86,11 +89,16 @@ struct chatdb_result {
     long long tokens;        /* for the per-minute token limit */
 };
 
-/* Returns 0, or -1. Then nothing was stored, with two exceptions: the
- * connection died after Redis ran the script, or [redis] wait_replicas is
- * set and fewer replicas confirmed the write (it is on the master, which
- * a failover may lose). 0 with wait_replicas set means that many replicas
- * have the turn too: EVALSHA and WAIT go in one round trip. */
+/* The turn no longer holds its lock: a DELETE removed it, or it expired
+ * and another turn may hold it now. Nothing was stored. */
+#define CHATDB_LOST 1
+
+/* Returns 0, CHATDB_LOST, or -1. Then nothing was stored, with two
+ * exceptions: the connection died after Redis ran the script, or [redis]
+ * wait_replicas is set and fewer replicas confirmed the write (it is on
+ * the master, which a failover may lose). 0 with wait_replicas set means
+ * that many replicas have the turn too: EVALSHA and WAIT go in one round
+ * trip. */
 int chatdb_turn_commit(struct chatdb *db, const struct chatdb_turn *t,
                        const struct chatdb_result *r);
 

@@ -636,6 +636,56 @@ test_commit_after_deadline_stores_nothing(void **state)
     fixture_close(&f);
 }
 
+/* The commit stores only while the turn holds its lock: one that expired
+ * (and that another turn may hold now) or that DELETE removed means the
+ * history may have changed under the turn's trim index. */
+static void
+test_commit_without_the_lock_stores_nothing(void **state)
+{
+    struct fixture f;
+    struct chatdb_turn t = turn_of("lost", "mine"),
+                       other = turn_of("lost", "other");
+    redisReply *r;
+
+    (void)state;
+    fixture_open(&f, NULL);
+    assert_int_equal(begin(&f, &t, NULL), CHATDB_GO);
+    r = raw("DEL chat:{lost}:lock");
+    freeReplyObject(r);
+    assert_int_equal(commit(&f, &t, "q", "a", "{}"), CHATDB_LOST);
+    assert_int_equal(raw_int("EXISTS %s", "chat:{lost}:history"), 0);
+    /* Another turn took the lock: still nothing, and its lock stays. */
+    assert_int_equal(begin(&f, &other, NULL), CHATDB_GO);
+    assert_int_equal(commit(&f, &t, "q", "a", "{}"), CHATDB_LOST);
+    assert_int_equal(raw_int("EXISTS %s", "chat:{lost}:history"), 0);
+    r = raw("GET chat:{lost}:lock");
+    assert_string_equal(r->str, "other");
+    freeReplyObject(r);
+    fixture_close(&f);
+}
+
+/* DELETE during a turn removes the lock with the history, so that the
+ * turn in flight cannot bring the history back. */
+static void
+test_delete_during_a_turn(void **state)
+{
+    struct fixture f;
+    struct chatdb_turn t = turn_of("del", "first"),
+                       running = turn_of("del", "second");
+
+    (void)state;
+    fixture_open(&f, NULL);
+    assert_int_equal(begin(&f, &t, NULL), CHATDB_GO);
+    assert_int_equal(commit(&f, &t, "q1", "a1", "{}"), 0);
+    assert_int_equal(begin(&f, &running, NULL), CHATDB_GO);
+    assert_int_equal(f.history.count, 2);
+    assert_int_equal(chatdb_history_delete(&f.db, "del"), 0);
+    assert_int_equal(raw_int("EXISTS %s", "chat:{del}:lock"), 0);
+    assert_int_equal(commit(&f, &running, "q2", "a2", "{}"), CHATDB_LOST);
+    assert_int_equal(raw_int("EXISTS %s", "chat:{del}:history"), 0);
+    fixture_close(&f);
+}
+
 static void
 test_scripts_survive_a_flush(void **state)
 {
@@ -725,6 +775,8 @@ main(void)
         cmocka_unit_test(test_idempotency_running_then_replay),
         cmocka_unit_test(test_rate_limits),
         cmocka_unit_test(test_commit_after_deadline_stores_nothing),
+        cmocka_unit_test(test_commit_without_the_lock_stores_nothing),
+        cmocka_unit_test(test_delete_during_a_turn),
         cmocka_unit_test(test_scripts_survive_a_flush),
         cmocka_unit_test(test_unreadable_items_are_skipped_then_trimmed),
         cmocka_unit_test(test_history_delete),
