@@ -26,6 +26,7 @@
 #define SESSION_ID_BYTES 16
 #define ITEM_OVERHEAD 64
 #define JSON_ESCAPE_GROWTH 6 /* a byte may become \u00XX */
+#define ANSWER_OVERHEAD 1024 /* an answer's session id, model and usage */
 
 struct chat {
     const struct conf *conf;
@@ -64,12 +65,17 @@ init_buffers(struct chat *ch, const struct conf *c)
     size_t max_msg = (size_t)c->chat.max_message_bytes;
     size_t max_reply = (size_t)c->upstream.max_response_bytes;
     size_t max_item = max_reply * JSON_ESCAPE_GROWTH + ITEM_OVERHEAD;
+    size_t max_answer = max_item + ANSWER_OVERHEAD;
+    size_t max_body = (size_t)c->chat.max_body_bytes;
 
-    buf_init(&ch->body, (size_t)c->chat.max_body_bytes);
-    buf_init(&ch->arena, (size_t)c->chat.max_body_bytes + ITEM_OVERHEAD);
+    buf_init(&ch->body, max_body);
+    /* The arena holds the strings picked from a body, or from a stored
+     * answer replayed as a stream (load_answer), which may be larger. */
+    buf_init(&ch->arena,
+             (max_body > max_answer ? max_body : max_answer) + ITEM_OVERHEAD);
     buf_init(&ch->user_item, max_msg * JSON_ESCAPE_GROWTH + ITEM_OVERHEAD);
     buf_init(&ch->assistant_item, max_item);
-    buf_init(&ch->replay, max_item);
+    buf_init(&ch->replay, max_answer);
     messages_init(&ch->history, (size_t)c->chat.history_max_bytes +
                                     max_msg + max_reply + ITEM_OVERHEAD);
     answer_init(&ch->answer, max_reply);

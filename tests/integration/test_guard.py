@@ -4,6 +4,7 @@ replays (the model is called once), and CORS. Each behaviour gets a stack
 of its own, since each is a configuration."""
 
 import hashlib
+import json
 import threading
 import time
 
@@ -213,6 +214,22 @@ def test_streamed_original_replays_as_one_delta_and_done(http, slow):
     # And a non-streamed retry of it gets the JSON answer.
     plain = chat(http, slow, "hi", "idem-stream", headers)
     assert plain.json()["reply"] == "one two three"
+
+
+def test_streamed_replay_of_a_large_answer(http, slow):
+    """A stored answer larger than a request body (100 KiB > max_body_bytes,
+    64 KiB) replays as a stream too."""
+    reply = " ".join(f"word{i:05d}" for i in range(10240))  # 100 KiB
+    set_model(http, slow, reply=reply)
+    headers = {"Idempotency-Key": "large-answer"}
+    first = chat(http, slow, "say a lot", "idem-large", headers)
+    assert first.status_code == 200, first.text
+    again = chat(http, slow, "say a lot", "idem-large", headers, stream=True)
+    assert again.status_code == 200, again.text
+    events = [block.split("\n") for block in
+              again.text.strip().split("\n\n")]
+    assert [e[0] for e in events] == ["event: delta", "event: done"]
+    assert json.loads(events[0][1][len("data: "):]) == {"content": reply}
 
 
 def test_key_without_session_is_scoped_to_the_client(http, slow):
