@@ -219,6 +219,23 @@ send_rate_limited(struct chat *ch, long long retry_s)
                     "rate limit; retry in %lld s", retry_s);
 }
 
+/* The one answer for a session that does not exist and for another
+ * owner's, so that the two cannot be told apart. */
+static void
+send_no_session(struct chat *ch)
+{
+    http_send_error(ch->req, 404, "not_found", "no such session");
+}
+
+/* Who owns the sessions a request makes: its client key's identity. An
+ * address is no owner (people behind one NAT share it, a phone changes
+ * it), so without client keys a session is anyone's who knows its id. */
+static const char *
+session_owner(const struct chat *ch)
+{
+    return ch->conf->nclient_digests > 0 ? ch->req->client : "";
+}
+
 /* The JSON body within its cap (415, 413, 400). Returns 0, or -1 when
  * the request has been answered. */
 static int
@@ -377,6 +394,7 @@ prepare_turn(struct chat *ch, struct chat_turn *t)
 
     turn->session_id = t->session_id;
     turn->client = ch->req->client;
+    turn->owner = session_owner(ch);
     turn->token = ch->req->id;
     /* The model's deadline is request_timeout_s from the request's start:
      * the lock outlives it by the commit's own timeout, so that a turn
@@ -452,6 +470,9 @@ begin_turn(struct chat *ch, struct chat_turn *t)
         return -1;
     case CHATDB_REPLAY:
         replay_answer(ch, t);
+        return -1;
+    case CHATDB_NOT_FOUND:
+        send_no_session(ch);
         return -1;
     }
     fail_store(ch);
@@ -735,20 +756,47 @@ gen_history(yajl_gen g, const char *session_id, const struct messages *h)
     return yajl_gen_array_close(g) || yajl_gen_map_close(g);
 }
 
+/* GET and DELETE's round trip: the client's rate limit, the session's
+ * owner, then its history loaded into h, or deleted when h is NULL.
+ * Returns 0, or -1 when the request has been answered. */
+static int
+open_session(struct chat *ch, const char *session_id, struct messages *h)
+{
+    struct chatdb_turn t = {.session_id = session_id,
+                            .client = ch->req->client,
+                            .owner = session_owner(ch),
+                            .rpm = ch->conf->rate_limit.rpm};
+    long long retry = 1;
+    int rc;
+
+    if (check_path_id(ch, session_id) == -1)
+        return -1;
+    redis_begin(ch);
+    rc = redis_end(ch, h != NULL
+                           ? chatdb_history_load(&ch->db, &t, h, &retry)
+                           : chatdb_history_delete(&ch->db, &t, &retry));
+    switch (rc) {
+    case CHATDB_GO:
+        return 0;
+    case CHATDB_RATE_LIMITED:
+        send_rate_limited(ch, retry);
+        return -1;
+    case CHATDB_NOT_FOUND:
+        send_no_session(ch);
+        return -1;
+    }
+    fail_store(ch);
+    return -1;
+}
+
 void
 chat_get(struct chat *ch, struct http_request *r, const char *session_id)
 {
     ch->req = r;
-    if (check_path_id(ch, session_id) == -1)
+    if (open_session(ch, session_id, &ch->history) == -1)
         return;
-    redis_begin(ch);
-    if (redis_end(ch, chatdb_history_load(&ch->db, session_id,
-                                          &ch->history)) == -1) {
-        fail_store(ch);
-        return;
-    }
     if (ch->history.count == 0) {
-        http_send_error(r, 404, "not_found", "no such session");
+        send_no_session(ch);
         return;
     }
     if (gen_history(r->gen, session_id, &ch->history) != 0) {
@@ -763,14 +811,8 @@ void
 chat_delete(struct chat *ch, struct http_request *r, const char *session_id)
 {
     ch->req = r;
-    if (check_path_id(ch, session_id) == -1)
-        return;
-    redis_begin(ch);
-    if (redis_end(ch, chatdb_history_delete(&ch->db, session_id)) == -1) {
-        fail_store(ch);
-        return;
-    }
-    http_send_no_content(r);
+    if (open_session(ch, session_id, NULL) == 0)
+        http_send_no_content(r);
 }
 
 /* ---- POST /v1/chat/completions */

@@ -1,15 +1,17 @@
 /*
  * chatdb: every Redis key and script of the chat, over one store
  * connection. A session's history (the stored form of a message, load,
- * append, the trim rule, TTL, delete), its turn lock, idempotency records
- * and each client's per-minute rate counters. A turn takes two round
- * trips, each one Lua script: begin (idempotency replay, rate limits, the
- * lock, the history) and commit (append, trim, TTL, unlock, idempotency
- * record, token count); abort releases the lock after a failure. Every
- * key of a session shares the hash tag {session_id}; a client's counters
- * and idempotency records without a session use {client}, so the begin
- * script would need splitting to run on Redis Cluster. Failures carry a
- * reason (chatdb_error); mapping them to HTTP is the chat's job.
+ * append, the trim rule, TTL, delete), its owner, its turn lock,
+ * idempotency records and each client's per-minute rate counters. A turn
+ * takes two round trips, each one Lua script: begin (owner, idempotency
+ * replay, rate limits, the lock, the history) and commit (append, trim,
+ * TTL, unlock, idempotency record, token count); abort releases the lock
+ * after a failure. GET and DELETE take one (rate limit, owner, then load
+ * or delete). Every key of a session shares the hash tag {session_id}; a
+ * client's counters and idempotency records without a session use
+ * {client}, so the scripts would need splitting to run on Redis Cluster.
+ * Failures carry a reason (chatdb_error); mapping them to HTTP is the
+ * chat's job.
  */
 #ifndef CHATFCGI_CHATDB_H
 #define CHATFCGI_CHATDB_H
@@ -23,7 +25,7 @@
 struct buf;
 struct conf;
 
-#define CHATDB_SCRIPTS 5
+#define CHATDB_SCRIPTS 6
 
 struct chatdb {
     struct store store;
@@ -41,18 +43,14 @@ const char *chatdb_error(const struct chatdb *db);
 /* Each returns 0, or -1 with chatdb_error set. */
 int chatdb_ping(struct chatdb *db);
 
-/* A session's messages (none when it does not exist). */
-int chatdb_history_load(struct chatdb *db, const char *session_id,
-                        struct messages *h);
-
-/* Delete a session's history and its turn lock: a turn in progress then
- * stores nothing (its commit finds the lock gone). */
-int chatdb_history_delete(struct chatdb *db, const char *session_id);
-
-/* One turn's bookkeeping. */
+/* One turn's bookkeeping (GET and DELETE use the session, client, owner
+ * and rpm alone). */
 struct chatdb_turn {
     const char *session_id;
     const char *client;          /* scopes rate limits */
+    /* Who owns the session: a client key's identity, which the first turn
+     * stores, and which every other request must match; "": no owner. */
+    const char *owner;
     const char *token;           /* owns the lock: the request id */
     long long lock_ms;           /* lock and pending-record lifetime */
     const char *idempotency_key; /* NULL: none */
@@ -72,7 +70,20 @@ enum chatdb_begin {
     CHATDB_BUSY,         /* another turn of the session is in progress */
     CHATDB_RUNNING,      /* the same Idempotency-Key is in progress */
     CHATDB_REPLAY,       /* answered before: replay holds the answer */
+    CHATDB_NOT_FOUND,    /* the session is another owner's */
 };
+
+/* A session's messages for the caller (none when it does not exist),
+ * into h. Returns CHATDB_GO, CHATDB_RATE_LIMITED (the request counts in
+ * t->rpm), CHATDB_NOT_FOUND, or -1. */
+int chatdb_history_load(struct chatdb *db, const struct chatdb_turn *t,
+                        struct messages *h, long long *retry_after_s);
+
+/* Delete a session: its history, its turn lock (a turn in progress then
+ * stores nothing, its commit finding the lock gone) and its owner (the id
+ * is free again). Returns as chatdb_history_load. */
+int chatdb_history_delete(struct chatdb *db, const struct chatdb_turn *t,
+                          long long *retry_after_s);
 
 /* Returns an enum chatdb_begin, or -1. */
 int chatdb_turn_begin(struct chatdb *db, struct chatdb_turn *t,

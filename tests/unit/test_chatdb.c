@@ -442,6 +442,7 @@ turn_of(const char *session_id, const char *token)
     return (struct chatdb_turn){
         .session_id = session_id,
         .client = "addr:127.0.0.1",
+        .owner = "",
         .token = token,
         .lock_ms = 60000,
     };
@@ -454,6 +455,34 @@ begin(struct fixture *f, struct chatdb_turn *t, long long *retry)
 
     return chatdb_turn_begin(&f->db, t, &f->history, &f->replay,
                              retry ? retry : &unused);
+}
+
+/* GET's and DELETE's view of a session, as the owner or client given
+ * ("" : none), without a rate limit. */
+static int
+load_as(struct fixture *f, const char *session_id, const char *owner)
+{
+    struct chatdb_turn t = turn_of(session_id, "get");
+    long long unused;
+
+    t.owner = owner;
+    return chatdb_history_load(&f->db, &t, &f->history, &unused);
+}
+
+static int
+load(struct fixture *f, const char *session_id)
+{
+    return load_as(f, session_id, "");
+}
+
+static int
+delete_as(struct fixture *f, const char *session_id, const char *owner)
+{
+    struct chatdb_turn t = turn_of(session_id, "delete");
+    long long unused;
+
+    t.owner = owner;
+    return chatdb_history_delete(&f->db, &t, &unused);
 }
 
 /* The stored form of one message, copied out of the generator. */
@@ -514,7 +543,7 @@ test_turn_locks_then_stores(void **state)
     assert_int_equal(raw_int("EXISTS %s", "chat:{s1}:lock"), 0);
     assert_int_equal(raw_int("LLEN %s", "chat:{s1}:history"), 2);
     assert_true(raw_int("TTL %s", "chat:{s1}:history") > 0);
-    assert_int_equal(chatdb_history_load(&f.db, "s1", &f.history), 0);
+    assert_int_equal(load(&f, "s1"), CHATDB_GO);
     assert_int_equal(f.history.count, 2);
     assert_int_equal(f.history.msgs[0].role, MESSAGE_USER);
     assert_string_equal(messages_content(&f.history, 0), "hello");
@@ -540,7 +569,7 @@ test_commit_trims_whole_pairs(void **state)
         assert_int_equal(begin(&f, &t, NULL), CHATDB_GO);
         assert_int_equal(commit(&f, &t, questions[i], "a", "{}"), 0);
     }
-    assert_int_equal(chatdb_history_load(&f.db, "trim", &f.history), 0);
+    assert_int_equal(load(&f, "trim"), CHATDB_GO);
     assert_int_equal(f.history.count, 4);
     assert_string_equal(messages_content(&f.history, 0), "q3");
     assert_string_equal(messages_content(&f.history, 2), "q4");
@@ -679,7 +708,7 @@ test_delete_during_a_turn(void **state)
     assert_int_equal(commit(&f, &t, "q1", "a1", "{}"), 0);
     assert_int_equal(begin(&f, &running, NULL), CHATDB_GO);
     assert_int_equal(f.history.count, 2);
-    assert_int_equal(chatdb_history_delete(&f.db, "del"), 0);
+    assert_int_equal(delete_as(&f, "del", ""), CHATDB_GO);
     assert_int_equal(raw_int("EXISTS %s", "chat:{del}:lock"), 0);
     assert_int_equal(commit(&f, &running, "q2", "a2", "{}"), CHATDB_LOST);
     assert_int_equal(raw_int("EXISTS %s", "chat:{del}:history"), 0);
@@ -720,7 +749,7 @@ test_unreadable_items_are_skipped_then_trimmed(void **state)
     assert_int_equal(f.history.count, 2);
     assert_int_equal(t.skipped, 1);
     assert_int_equal(commit(&f, &t, "new", "answer", "{}"), 0);
-    assert_int_equal(chatdb_history_load(&f.db, "junk", &f.history), 0);
+    assert_int_equal(load(&f, "junk"), CHATDB_GO);
     assert_int_equal(raw_int("LLEN %s", "chat:{junk}:history"), 4);
     assert_string_equal(messages_content(&f.history, 0), "old");
     fixture_close(&f);
@@ -736,9 +765,93 @@ test_history_delete(void **state)
     fixture_open(&f, NULL);
     assert_int_equal(begin(&f, &t, NULL), CHATDB_GO);
     assert_int_equal(commit(&f, &t, "q", "a", "{}"), 0);
-    assert_int_equal(chatdb_history_delete(&f.db, "gone"), 0);
-    assert_int_equal(chatdb_history_load(&f.db, "gone", &f.history), 0);
+    assert_int_equal(delete_as(&f, "gone", ""), CHATDB_GO);
+    assert_int_equal(load(&f, "gone"), CHATDB_GO);
     assert_int_equal(f.history.count, 0);
+    fixture_close(&f);
+}
+
+/* With client keys, the first turn's key owns the session for as long
+ * as its history lives; other keys find nothing, whatever they try. */
+static void
+test_owner_claims_and_guards_a_session(void **state)
+{
+    struct fixture f;
+    struct chatdb_turn t = turn_of("own", "first"),
+                       thief = turn_of("own", "thief");
+    redisReply *r;
+
+    (void)state;
+    fixture_open(&f, NULL);
+    t.owner = "key:aaaa";
+    thief.owner = "key:bbbb";
+    assert_int_equal(begin(&f, &t, NULL), CHATDB_GO);
+    assert_int_equal(commit(&f, &t, "q", "a", "{}"), 0);
+    r = raw("GET chat:{own}:owner");
+    assert_string_equal(r->str, "key:aaaa");
+    freeReplyObject(r);
+    assert_true(raw_int("TTL %s", "chat:{own}:owner") >=
+                raw_int("TTL %s", "chat:{own}:history") - 1);
+    assert_int_equal(begin(&f, &thief, NULL), CHATDB_NOT_FOUND);
+    assert_int_equal(raw_int("EXISTS %s", "chat:{own}:lock"), 0);
+    assert_int_equal(load_as(&f, "own", "key:bbbb"), CHATDB_NOT_FOUND);
+    assert_int_equal(delete_as(&f, "own", "key:bbbb"), CHATDB_NOT_FOUND);
+    assert_int_equal(raw_int("LLEN %s", "chat:{own}:history"), 2);
+    /* Without client keys nobody is an owner, and nothing is checked. */
+    assert_int_equal(load(&f, "own"), CHATDB_GO);
+    assert_int_equal(f.history.count, 2);
+    assert_int_equal(load_as(&f, "own", "key:aaaa"), CHATDB_GO);
+    assert_int_equal(delete_as(&f, "own", "key:aaaa"), CHATDB_GO);
+    assert_int_equal(raw_int("EXISTS %s", "chat:{own}:owner"), 0);
+    /* The id is free again. */
+    assert_int_equal(begin(&f, &thief, NULL), CHATDB_GO);
+    fixture_close(&f);
+}
+
+/* A session made without client keys has no owner: a key may use it, and
+ * its first turn claims it. */
+static void
+test_unowned_session_is_claimed(void **state)
+{
+    struct fixture f;
+    struct chatdb_turn t = turn_of("old", "first"),
+                       keyed = turn_of("old", "keyed");
+    redisReply *r;
+
+    (void)state;
+    fixture_open(&f, NULL);
+    assert_int_equal(begin(&f, &t, NULL), CHATDB_GO);
+    assert_int_equal(commit(&f, &t, "q", "a", "{}"), 0);
+    assert_int_equal(raw_int("EXISTS %s", "chat:{old}:owner"), 0);
+    assert_int_equal(load_as(&f, "old", "key:aaaa"), CHATDB_GO);
+    keyed.owner = "key:aaaa";
+    assert_int_equal(begin(&f, &keyed, NULL), CHATDB_GO);
+    r = raw("GET chat:{old}:owner");
+    assert_string_equal(r->str, "key:aaaa");
+    freeReplyObject(r);
+    fixture_close(&f);
+}
+
+/* GET and DELETE count in the client's rpm like turns. */
+static void
+test_session_requests_count_in_rpm(void **state)
+{
+    struct fixture f;
+    struct chatdb_turn t = turn_of("counted", "get");
+    long long retry = 0;
+
+    (void)state;
+    fixture_open(&f, NULL);
+    t.rpm = 2;
+    assert_int_equal(chatdb_history_load(&f.db, &t, &f.history, &retry),
+                     CHATDB_GO);
+    assert_int_equal(chatdb_history_delete(&f.db, &t, &retry), CHATDB_GO);
+    assert_int_equal(chatdb_history_load(&f.db, &t, &f.history, &retry),
+                     CHATDB_RATE_LIMITED);
+    assert_true(retry >= 1 && retry <= 60);
+    assert_int_equal(chatdb_history_delete(&f.db, &t, &retry),
+                     CHATDB_RATE_LIMITED);
+    assert_int_equal(begin(&f, &t, &retry), CHATDB_RATE_LIMITED);
     fixture_close(&f);
 }
 
@@ -780,6 +893,9 @@ main(void)
         cmocka_unit_test(test_scripts_survive_a_flush),
         cmocka_unit_test(test_unreadable_items_are_skipped_then_trimmed),
         cmocka_unit_test(test_history_delete),
+        cmocka_unit_test(test_owner_claims_and_guards_a_session),
+        cmocka_unit_test(test_unowned_session_is_claimed),
+        cmocka_unit_test(test_session_requests_count_in_rpm),
         cmocka_unit_test(test_redis_down_is_an_error),
     };
 
