@@ -404,6 +404,8 @@ prepare_turn(struct chat *ch, struct chat_turn *t)
     turn->rpm = ch->conf->rate_limit.rpm;
     turn->tpm = ch->conf->rate_limit.tpm;
     turn->idempotency_key = NULL;
+    turn->message = t->message;
+    turn->message_len = t->message_len;
     if (*key == '\0')
         return 0;
     if (!guard_idempotency_key_valid(key)) {
@@ -473,6 +475,11 @@ begin_turn(struct chat *ch, struct chat_turn *t)
         return -1;
     case CHATDB_NOT_FOUND:
         send_no_session(ch);
+        return -1;
+    case CHATDB_MISMATCH:
+        http_send_error(ch->req, 422, "idempotency_mismatch", "this "
+                        "Idempotency-Key came with another request (client, "
+                        "session_id or message)");
         return -1;
     }
     fail_store(ch);

@@ -2,6 +2,7 @@
 #include "chatdb.h"
 
 #include <hiredis/hiredis.h>
+#include <openssl/evp.h>
 #include <openssl/sha.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,7 +18,7 @@
 #define KEY_MAX 320
 #define WINDOW_S 60
 #define COUNTER_TTL "120" /* a window's counters outlive it a little */
-#define MAX_ARGS 24 /* EVALSHA sha nkeys, 5 keys, 10 args for commit */
+#define MAX_ARGS 24 /* EVALSHA sha nkeys, 5 keys, 11 args for commit */
 #define ITEM_DEPTH 4
 
 /* Lua for the scripts that count a client's requests: whether a counter
@@ -48,15 +49,20 @@
 /* KEYS: history, lock, idempotency record, rpm counter, tpm counter,
  *       owner.
  * ARGV: token, lock ms, rpm, tpm, retry-after, has idempotency key,
- *       owner ('': none), history ttl.
+ *       owner ('': none), history ttl, request hash.
  * Another owner's session is not found, and counts in the rate limit as
  * any request does, so that probing ids costs the prober. The first turn
- * with an owner claims the session for as long as its history lives. */
+ * with an owner claims the session for as long as its history lives. An
+ * idempotency record starts with the hash of its request: a key reused
+ * for another request neither replays nor runs. */
 static const char begin_lua[] = LIMITS_LUA OWNER_LUA
     "local theirs = foreign(KEYS[6], ARGV[7])\n"
+    "local hash = ARGV[9]\n"
     "if ARGV[6] == '1' and not theirs then\n"
     "  local v = redis.call('GET', KEYS[3])\n"
     "  if v then\n"
+    "    if string.sub(v, 1, #hash) ~= hash then return {'mismatch'} end\n"
+    "    v = string.sub(v, #hash + 1)\n"
     "    if string.sub(v, 1, 8) == 'pending:' then return {'running'} end\n"
     "    return {'replay', v}\n"
     "  end\n"
@@ -73,7 +79,8 @@ static const char begin_lua[] = LIMITS_LUA OWNER_LUA
     "  return {'busy'}\n"
     "end\n"
     "if ARGV[6] == '1' then\n"
-    "  redis.call('SET', KEYS[3], 'pending:' .. ARGV[1], 'PX', ARGV[2])\n"
+    "  redis.call('SET', KEYS[3], hash .. 'pending:' .. ARGV[1],\n"
+    "             'PX', ARGV[2])\n"
     "end\n"
     "if ARGV[7] ~= '' then\n"
     "  redis.call('SET', KEYS[6], ARGV[7], 'NX', 'EX', ARGV[8])\n"
@@ -87,7 +94,8 @@ static const char begin_lua[] = LIMITS_LUA OWNER_LUA
 
 /* KEYS: history, lock, idempotency record, tpm counter, owner.
  * ARGV: user item, assistant item, trim start, ttl, token,
- *       has idempotency key, answer, idempotency ttl, tokens, deadline.
+ *       has idempotency key, answer, idempotency ttl, tokens, deadline,
+ *       request hash.
  * Past the deadline (Redis's clock) the caller has given up and answered
  * an error, so nothing may be stored: a Redis that stalled and then ran a
  * queued commit would otherwise store a failed turn. Without the lock
@@ -109,7 +117,7 @@ static const char commit_lua[] =
     "redis.call('EXPIRE', KEYS[5], ARGV[4])\n"
     "redis.call('DEL', KEYS[2])\n"
     "if ARGV[6] == '1' then\n"
-    "  redis.call('SET', KEYS[3], ARGV[7], 'EX', ARGV[8])\n"
+    "  redis.call('SET', KEYS[3], ARGV[11] .. ARGV[7], 'EX', ARGV[8])\n"
     "end\n"
     "if tonumber(ARGV[9]) > 0 then\n"
     "  redis.call('INCRBY', KEYS[4], ARGV[9])\n"
@@ -117,13 +125,14 @@ static const char commit_lua[] =
     "end\n"
     "return 'stored'\n";
 
-/* KEYS: lock, idempotency record. ARGV: token, has idempotency key. */
+/* KEYS: lock, idempotency record.
+ * ARGV: token, has idempotency key, request hash. */
 static const char abort_lua[] =
     "if redis.call('GET', KEYS[1]) == ARGV[1] then\n"
     "  redis.call('DEL', KEYS[1])\n"
     "end\n"
     "if ARGV[2] == '1' and\n"
-    "   redis.call('GET', KEYS[2]) == 'pending:' .. ARGV[1] then\n"
+    "   redis.call('GET', KEYS[2]) == ARGV[3] .. 'pending:' .. ARGV[1] then\n"
     "  redis.call('DEL', KEYS[2])\n"
     "end\n"
     "return 1\n";
@@ -173,20 +182,28 @@ static const char *const scripts[CHATDB_SCRIPTS] = {
     [TOKENS] = tokens_lua,
 };
 
+/* n bytes as 2n hex digits and a NUL. */
+static void
+to_hex(const unsigned char *md, size_t n, char *out)
+{
+    static const char hex[] = "0123456789abcdef";
+
+    for (size_t i = 0; i < n; i++) {
+        out[2 * i] = hex[md[i] >> 4];
+        out[2 * i + 1] = hex[md[i] & 0xf];
+    }
+    out[2 * n] = '\0';
+}
+
 /* SHA-1 in hex, worked out once per process: the digest goes through
  * OpenSSL's provider lookup, too slow for every call. */
 static void
 script_sha(const char *lua, char out[41])
 {
-    static const char hex[] = "0123456789abcdef";
     unsigned char md[SHA_DIGEST_LENGTH];
 
     SHA1((const unsigned char *)lua, strlen(lua), md);
-    for (int i = 0; i < SHA_DIGEST_LENGTH; i++) {
-        out[2 * i] = hex[md[i] >> 4];
-        out[2 * i + 1] = hex[md[i] & 0xf];
-    }
-    out[40] = '\0';
+    to_hex(md, SHA_DIGEST_LENGTH, out);
 }
 
 int
@@ -460,6 +477,8 @@ refusal(struct chatdb *db, const redisReply *r, long long *retry_after_s)
         return CHATDB_RUNNING;
     if (strcmp(tag, "notfound") == 0)
         return CHATDB_NOT_FOUND;
+    if (strcmp(tag, "mismatch") == 0)
+        return CHATDB_MISMATCH;
     if (strcmp(tag, "rate") == 0 && reply_value(r) != NULL) {
         *retry_after_s = strtoll(reply_value(r)->str, NULL, 10);
         return CHATDB_RATE_LIMITED;
@@ -546,6 +565,34 @@ begin_outcome(struct chatdb *db, struct chatdb_turn *t, const redisReply *r,
     return refusal(db, r, retry_after_s);
 }
 
+/* What an idempotency record is bound to, as t->request_hash: SHA-256 of
+ * the client, the session it named ("" for none) and its message, each
+ * but the last ended by a NUL that none of them holds. Not the body as
+ * sent: a retry may differ in "stream" and in fields the API ignores. */
+static int
+hash_request(struct chatdb *db, struct chatdb_turn *t)
+{
+    const char *sid = t->idempotency_by_client ? "" : t->session_id;
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned int n = 0;
+    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+    int ok = ctx != NULL &&
+             EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) == 1 &&
+             EVP_DigestUpdate(ctx, t->client, strlen(t->client) + 1) == 1 &&
+             EVP_DigestUpdate(ctx, sid, strlen(sid) + 1) == 1 &&
+             EVP_DigestUpdate(ctx, t->message, t->message_len) == 1 &&
+             EVP_DigestFinal_ex(ctx, md, &n) == 1 &&
+             2 * n == CHATDB_HASH_HEX;
+
+    EVP_MD_CTX_free(ctx);
+    if (!ok) {
+        snprintf(db->store.err, STORE_ERR_LEN, "cannot hash the request");
+        return -1;
+    }
+    to_hex(md, n, t->request_hash);
+    return 0;
+}
+
 int
 chatdb_turn_begin(struct chatdb *db, struct chatdb_turn *t,
                   struct messages *h, struct buf *replay,
@@ -557,6 +604,9 @@ chatdb_turn_begin(struct chatdb *db, struct chatdb_turn *t,
     redisReply *r;
     int rc;
 
+    t->request_hash[0] = '\0';
+    if (t->idempotency_key != NULL && hash_request(db, t) == -1)
+        return -1;
     turn_keys(t, &k, now / WINDOW_S);
     script_args(&c, 6);
     arg_str(&c, k.history);
@@ -573,6 +623,7 @@ chatdb_turn_begin(struct chatdb *db, struct chatdb_turn *t,
     arg_str(&c, t->idempotency_key ? "1" : "0");
     arg_str(&c, t->owner);
     arg_int(&c, db->conf->chat.history_ttl_seconds);
+    arg_str(&c, t->request_hash);
     r = run_script(db, BEGIN, &c, 0, "turn begin");
     if (r == NULL)
         return -1;
@@ -639,6 +690,7 @@ chatdb_turn_commit(struct chatdb *db, const struct chatdb_turn *t,
     arg_int(&c, cf->idempotency_ttl_s);
     arg_int(&c, t->tpm > 0 ? res->tokens : 0);
     arg_int(&c, commit_deadline(&db->store, t));
+    arg_str(&c, t->request_hash);
     r = run_script(db, COMMIT, &c, 1, "turn commit");
     if (r == NULL)
         return -1;
@@ -660,6 +712,7 @@ chatdb_turn_abort(struct chatdb *db, const struct chatdb_turn *t)
     arg_str(&c, k.record);
     arg_str(&c, t->token);
     arg_str(&c, t->idempotency_key ? "1" : "0");
+    arg_str(&c, t->request_hash);
     r = run_script(db, ABORT, &c, 0, "turn abort");
     freeReplyObject(r);
     return r != NULL ? 0 : -1;

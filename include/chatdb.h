@@ -26,6 +26,7 @@ struct buf;
 struct conf;
 
 #define CHATDB_SCRIPTS 6
+#define CHATDB_HASH_HEX 64 /* a request's SHA-256, in hex */
 
 struct chatdb {
     struct store store;
@@ -55,13 +56,19 @@ struct chatdb_turn {
     long long lock_ms;           /* lock and pending-record lifetime */
     const char *idempotency_key; /* NULL: none */
     int idempotency_by_client;   /* the request named no session */
+    /* With the client and the session named (if any), what the record of
+     * an idempotency key is bound to. */
+    const char *message;
+    size_t message_len;
     long long rpm, tpm;          /* per-minute limits; 0: off */
     /* Set by chatdb_turn_begin: Redis's clock then, and ours (monotonic);
      * stored items before the loaded history (unreadable or over the
-     * cap), which the commit trims. */
+     * cap), which the commit trims; the hash of the request ("" without
+     * an idempotency key). */
     long long redis_clock_ms;
     double local_clock_ms;
     size_t skipped;
+    char request_hash[CHATDB_HASH_HEX + 1];
 };
 
 enum chatdb_begin {
@@ -71,6 +78,7 @@ enum chatdb_begin {
     CHATDB_RUNNING,      /* the same Idempotency-Key is in progress */
     CHATDB_REPLAY,       /* answered before: replay holds the answer */
     CHATDB_NOT_FOUND,    /* the session is another owner's */
+    CHATDB_MISMATCH,     /* the Idempotency-Key came with another request */
 };
 
 /* A session's messages for the caller (none when it does not exist),

@@ -443,6 +443,8 @@ turn_of(const char *session_id, const char *token)
         .session_id = session_id,
         .client = "addr:127.0.0.1",
         .owner = "",
+        .message = "question",
+        .message_len = 8,
         .token = token,
         .lock_ms = 60000,
     };
@@ -616,6 +618,53 @@ test_idempotency_running_then_replay(void **state)
     assert_int_equal(begin(&f, &t, NULL), CHATDB_GO);
     assert_int_equal(chatdb_turn_abort(&f.db, &t), 0);
     assert_int_equal(begin(&f, &t, NULL), CHATDB_GO);
+    fixture_close(&f);
+}
+
+/* A record is bound to its request: the client, the session it named
+ * and the message. Another request with the key neither replays nor
+ * runs, while the first runs or after. */
+static void
+test_idempotency_bound_to_its_request(void **state)
+{
+    struct fixture f;
+    struct chatdb_turn t = turn_of("s5", "first"),
+                       other = turn_of("s5", "other");
+    redisReply *r;
+
+    (void)state;
+    fixture_open(&f, NULL);
+    t.idempotency_key = other.idempotency_key = "key-1";
+    other.message = "another question";
+    other.message_len = strlen(other.message);
+    assert_int_equal(begin(&f, &t, NULL), CHATDB_GO);
+    assert_int_equal(strlen(t.request_hash), CHATDB_HASH_HEX);
+    assert_int_equal(begin(&f, &other, NULL), CHATDB_MISMATCH);
+    assert_int_equal(commit(&f, &t, "q", "a", "{\"reply\":\"a\"}"), 0);
+    r = raw("GET chat:{s5}:idem:key-1");
+    assert_memory_equal(r->str, t.request_hash, CHATDB_HASH_HEX);
+    assert_string_equal(r->str + CHATDB_HASH_HEX, "{\"reply\":\"a\"}");
+    freeReplyObject(r);
+    assert_int_equal(begin(&f, &other, NULL), CHATDB_MISMATCH);
+    /* The same message from another client is another request too. */
+    other = turn_of("s5", "other");
+    other.idempotency_key = "key-1";
+    other.client = "addr:10.0.0.2";
+    assert_int_equal(begin(&f, &other, NULL), CHATDB_MISMATCH);
+    /* Without a session: two people behind one address. */
+    t = turn_of("random-1", "alice");
+    other = turn_of("random-2", "bob");
+    t.idempotency_key = other.idempotency_key = "nat";
+    t.idempotency_by_client = other.idempotency_by_client = 1;
+    other.message = "I am Bob";
+    other.message_len = strlen(other.message);
+    assert_int_equal(begin(&f, &t, NULL), CHATDB_GO);
+    assert_int_equal(commit(&f, &t, "q", "a", "{}"), 0);
+    assert_int_equal(begin(&f, &other, NULL), CHATDB_MISMATCH);
+    other = turn_of("random-3", "alice-again");
+    other.idempotency_key = "nat";
+    other.idempotency_by_client = 1;
+    assert_int_equal(begin(&f, &other, NULL), CHATDB_REPLAY);
     fixture_close(&f);
 }
 
@@ -886,6 +935,7 @@ main(void)
         cmocka_unit_test(test_commit_trims_whole_pairs),
         cmocka_unit_test(test_abort_releases_only_its_own_lock),
         cmocka_unit_test(test_idempotency_running_then_replay),
+        cmocka_unit_test(test_idempotency_bound_to_its_request),
         cmocka_unit_test(test_rate_limits),
         cmocka_unit_test(test_commit_after_deadline_stores_nothing),
         cmocka_unit_test(test_commit_without_the_lock_stores_nothing),
