@@ -26,6 +26,7 @@
 #define SESSION_ID_BYTES 16
 #define ITEM_OVERHEAD 64
 #define JSON_ESCAPE_GROWTH 6 /* a byte may become \u00XX */
+#define ANSWER_OVERHEAD 1024 /* an answer's session id, model and usage */
 
 struct chat {
     const struct conf *conf;
@@ -64,12 +65,17 @@ init_buffers(struct chat *ch, const struct conf *c)
     size_t max_msg = (size_t)c->chat.max_message_bytes;
     size_t max_reply = (size_t)c->upstream.max_response_bytes;
     size_t max_item = max_reply * JSON_ESCAPE_GROWTH + ITEM_OVERHEAD;
+    size_t max_answer = max_item + ANSWER_OVERHEAD;
+    size_t max_body = (size_t)c->chat.max_body_bytes;
 
-    buf_init(&ch->body, (size_t)c->chat.max_body_bytes);
-    buf_init(&ch->arena, (size_t)c->chat.max_body_bytes + ITEM_OVERHEAD);
+    buf_init(&ch->body, max_body);
+    /* The arena holds the strings picked from a body, or from a stored
+     * answer replayed as a stream (load_answer), which may be larger. */
+    buf_init(&ch->arena,
+             (max_body > max_answer ? max_body : max_answer) + ITEM_OVERHEAD);
     buf_init(&ch->user_item, max_msg * JSON_ESCAPE_GROWTH + ITEM_OVERHEAD);
     buf_init(&ch->assistant_item, max_item);
-    buf_init(&ch->replay, max_item);
+    buf_init(&ch->replay, max_answer);
     messages_init(&ch->history, (size_t)c->chat.history_max_bytes +
                                     max_msg + max_reply + ITEM_OVERHEAD);
     answer_init(&ch->answer, max_reply);
@@ -211,6 +217,23 @@ send_rate_limited(struct chat *ch, long long retry_s)
     ch->req->retry_after_s = (int)retry_s;
     http_send_error(ch->req, 429, "rate_limited", "this client is over its "
                     "rate limit; retry in %lld s", retry_s);
+}
+
+/* The one answer for a session that does not exist and for another
+ * owner's, so that the two cannot be told apart. */
+static void
+send_no_session(struct chat *ch)
+{
+    http_send_error(ch->req, 404, "not_found", "no such session");
+}
+
+/* Who owns the sessions a request makes: its client key's identity. An
+ * address is no owner (people behind one NAT share it, a phone changes
+ * it), so without client keys a session is anyone's who knows its id. */
+static const char *
+session_owner(const struct chat *ch)
+{
+    return ch->conf->nclient_digests > 0 ? ch->req->client : "";
 }
 
 /* The JSON body within its cap (415, 413, 400). Returns 0, or -1 when
@@ -371,11 +394,18 @@ prepare_turn(struct chat *ch, struct chat_turn *t)
 
     turn->session_id = t->session_id;
     turn->client = ch->req->client;
+    turn->owner = session_owner(ch);
     turn->token = ch->req->id;
-    turn->lock_ms = ch->conf->request_timeout_s * 1000;
+    /* The model's deadline is request_timeout_s from the request's start:
+     * the lock outlives it by the commit's own timeout, so that a turn
+     * answered just in time still holds it when it stores. */
+    turn->lock_ms = ch->conf->request_timeout_s * 1000 +
+                    ch->conf->redis.command_timeout_ms;
     turn->rpm = ch->conf->rate_limit.rpm;
     turn->tpm = ch->conf->rate_limit.tpm;
     turn->idempotency_key = NULL;
+    turn->message = t->message;
+    turn->message_len = t->message_len;
     if (*key == '\0')
         return 0;
     if (!guard_idempotency_key_valid(key)) {
@@ -442,6 +472,14 @@ begin_turn(struct chat *ch, struct chat_turn *t)
         return -1;
     case CHATDB_REPLAY:
         replay_answer(ch, t);
+        return -1;
+    case CHATDB_NOT_FOUND:
+        send_no_session(ch);
+        return -1;
+    case CHATDB_MISMATCH:
+        http_send_error(ch->req, 422, "idempotency_mismatch", "this "
+                        "Idempotency-Key came with another request (client, "
+                        "session_id or message)");
         return -1;
     }
     fail_store(ch);
@@ -566,6 +604,7 @@ commit_turn(struct chat *ch, const struct chat_turn *t)
 {
     struct chatdb_result res = {.history = &ch->history};
     const unsigned char *answer;
+    int rc;
 
     if (serialise_turn(ch, t) != 0) {
         http_send_error(ch->req, 502, "upstream_error", "the model's answer "
@@ -580,11 +619,14 @@ commit_turn(struct chat *ch, const struct chat_turn *t)
     res.assistant_len = ch->assistant_item.len;
     res.tokens = answer_tokens(t->message_len, &ch->answer);
     redis_begin(ch);
-    if (redis_end(ch, chatdb_turn_commit(&ch->db, &t->turn, &res)) == -1) {
+    rc = redis_end(ch, chatdb_turn_commit(&ch->db, &t->turn, &res));
+    if (rc == CHATDB_LOST)
+        http_send_error(ch->req, 409, "conflict", "the session was deleted "
+                        "or taken over during this turn; nothing was "
+                        "stored");
+    else if (rc == -1)
         fail_store(ch);
-        return -1;
-    }
-    return 0;
+    return rc == 0 ? 0 : -1;
 }
 
 /* The end of a stream: {session_id, model, usage} as `event: done`. */
@@ -721,20 +763,47 @@ gen_history(yajl_gen g, const char *session_id, const struct messages *h)
     return yajl_gen_array_close(g) || yajl_gen_map_close(g);
 }
 
+/* GET and DELETE's round trip: the client's rate limit, the session's
+ * owner, then its history loaded into h, or deleted when h is NULL.
+ * Returns 0, or -1 when the request has been answered. */
+static int
+open_session(struct chat *ch, const char *session_id, struct messages *h)
+{
+    struct chatdb_turn t = {.session_id = session_id,
+                            .client = ch->req->client,
+                            .owner = session_owner(ch),
+                            .rpm = ch->conf->rate_limit.rpm};
+    long long retry = 1;
+    int rc;
+
+    if (check_path_id(ch, session_id) == -1)
+        return -1;
+    redis_begin(ch);
+    rc = redis_end(ch, h != NULL
+                           ? chatdb_history_load(&ch->db, &t, h, &retry)
+                           : chatdb_history_delete(&ch->db, &t, &retry));
+    switch (rc) {
+    case CHATDB_GO:
+        return 0;
+    case CHATDB_RATE_LIMITED:
+        send_rate_limited(ch, retry);
+        return -1;
+    case CHATDB_NOT_FOUND:
+        send_no_session(ch);
+        return -1;
+    }
+    fail_store(ch);
+    return -1;
+}
+
 void
 chat_get(struct chat *ch, struct http_request *r, const char *session_id)
 {
     ch->req = r;
-    if (check_path_id(ch, session_id) == -1)
+    if (open_session(ch, session_id, &ch->history) == -1)
         return;
-    redis_begin(ch);
-    if (redis_end(ch, chatdb_history_load(&ch->db, session_id,
-                                          &ch->history)) == -1) {
-        fail_store(ch);
-        return;
-    }
     if (ch->history.count == 0) {
-        http_send_error(r, 404, "not_found", "no such session");
+        send_no_session(ch);
         return;
     }
     if (gen_history(r->gen, session_id, &ch->history) != 0) {
@@ -749,14 +818,8 @@ void
 chat_delete(struct chat *ch, struct http_request *r, const char *session_id)
 {
     ch->req = r;
-    if (check_path_id(ch, session_id) == -1)
-        return;
-    redis_begin(ch);
-    if (redis_end(ch, chatdb_history_delete(&ch->db, session_id)) == -1) {
-        fail_store(ch);
-        return;
-    }
-    http_send_no_content(r);
+    if (open_session(ch, session_id, NULL) == 0)
+        http_send_no_content(r);
 }
 
 /* ---- POST /v1/chat/completions */

@@ -2,6 +2,7 @@
 #include "chatdb.h"
 
 #include <hiredis/hiredis.h>
+#include <openssl/evp.h>
 #include <openssl/sha.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,92 +18,152 @@
 #define KEY_MAX 320
 #define WINDOW_S 60
 #define COUNTER_TTL "120" /* a window's counters outlive it a little */
-#define MAX_ARGS 20 /* EVALSHA sha nkeys, 4 keys, 10 args for commit */
+#define MAX_ARGS 24 /* EVALSHA sha nkeys, 5 keys, 11 args for commit */
 #define ITEM_DEPTH 4
 
-/* KEYS: history, lock, idempotency record, rpm counter, tpm counter.
- * ARGV: token, lock ms, rpm, tpm, retry-after, has idempotency key. */
-static const char begin_lua[] =
-    "if ARGV[6] == '1' then\n"
+/* Lua for the scripts that count a client's requests: whether a counter
+ * of this minute has reached its limit (0: none), and one more request. */
+#define LIMITS_LUA                                                         \
+    "local function over(key, limit)\n"                                    \
+    "  return limit > 0 and\n"                                             \
+    "         tonumber(redis.call('GET', key) or '0') >= limit\n"          \
+    "end\n"                                                                \
+    "local function count(key, limit)\n"                                   \
+    "  if limit > 0 then\n"                                                \
+    "    redis.call('INCR', key)\n"                                        \
+    "    redis.call('EXPIRE', key, " COUNTER_TTL ")\n"                     \
+    "  end\n"                                                              \
+    "end\n"
+
+/* Lua for the scripts that open a session: whether it belongs to another
+ * owner than the caller ('': the caller is no owner, as without client
+ * keys). A session without an owner, made without client keys, is
+ * anyone's; the next turn with a key claims it. */
+#define OWNER_LUA                                                          \
+    "local function foreign(key, owner)\n"                                 \
+    "  if owner == '' then return false end\n"                             \
+    "  local o = redis.call('GET', key)\n"                                 \
+    "  return o and o ~= owner\n"                                          \
+    "end\n"
+
+/* KEYS: history, lock, idempotency record, rpm counter, tpm counter,
+ *       owner.
+ * ARGV: token, lock ms, rpm, tpm, retry-after, has idempotency key,
+ *       owner ('': none), history ttl, request hash.
+ * Another owner's session is not found, and counts in the rate limit as
+ * any request does, so that probing ids costs the prober. The first turn
+ * with an owner claims the session for as long as its history lives. An
+ * idempotency record starts with the hash of its request: a key reused
+ * for another request neither replays nor runs. */
+static const char begin_lua[] = LIMITS_LUA OWNER_LUA
+    "local theirs = foreign(KEYS[6], ARGV[7])\n"
+    "local hash = ARGV[9]\n"
+    "if ARGV[6] == '1' and not theirs then\n"
     "  local v = redis.call('GET', KEYS[3])\n"
     "  if v then\n"
+    "    if string.sub(v, 1, #hash) ~= hash then return {'mismatch'} end\n"
+    "    v = string.sub(v, #hash + 1)\n"
     "    if string.sub(v, 1, 8) == 'pending:' then return {'running'} end\n"
     "    return {'replay', v}\n"
     "  end\n"
     "end\n"
     "local rpm, tpm = tonumber(ARGV[3]), tonumber(ARGV[4])\n"
-    "if (tpm > 0 and tonumber(redis.call('GET', KEYS[5]) or '0') >= tpm) or\n"
-    "   (rpm > 0 and tonumber(redis.call('GET', KEYS[4]) or '0') >= rpm) then\n"
+    "if over(KEYS[5], tpm) or over(KEYS[4], rpm) then\n"
     "  return {'rate', ARGV[5]}\n"
+    "end\n"
+    "if theirs then\n"
+    "  count(KEYS[4], rpm)\n"
+    "  return {'notfound'}\n"
     "end\n"
     "if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then\n"
     "  return {'busy'}\n"
     "end\n"
     "if ARGV[6] == '1' then\n"
-    "  redis.call('SET', KEYS[3], 'pending:' .. ARGV[1], 'PX', ARGV[2])\n"
+    "  redis.call('SET', KEYS[3], hash .. 'pending:' .. ARGV[1],\n"
+    "             'PX', ARGV[2])\n"
     "end\n"
-    "if rpm > 0 then\n"
-    "  redis.call('INCR', KEYS[4])\n"
-    "  redis.call('EXPIRE', KEYS[4], " COUNTER_TTL ")\n"
+    "if ARGV[7] ~= '' then\n"
+    "  redis.call('SET', KEYS[6], ARGV[7], 'NX', 'EX', ARGV[8])\n"
     "end\n"
+    "count(KEYS[4], rpm)\n"
     "local t = redis.call('TIME')\n"
     "local h = redis.call('LRANGE', KEYS[1], 0, -1)\n"
     "table.insert(h, 1, tostring(t[1] * 1000 + math.floor(t[2] / 1000)))\n"
     "table.insert(h, 1, 'go')\n"
     "return h\n";
 
-/* KEYS: history, lock, idempotency record, tpm counter.
+/* KEYS: history, lock, idempotency record, tpm counter, owner.
  * ARGV: user item, assistant item, trim start, ttl, token,
- *       has idempotency key, answer, idempotency ttl, tokens, deadline.
+ *       has idempotency key, answer, idempotency ttl, tokens, deadline,
+ *       request hash.
  * Past the deadline (Redis's clock) the caller has given up and answered
  * an error, so nothing may be stored: a Redis that stalled and then ran a
- * queued commit would otherwise store a failed turn. */
+ * queued commit would otherwise store a failed turn. Without the lock
+ * (DELETE removed it, or it expired and another turn may hold it) the
+ * history may have changed since begin, and the trim start with it. */
 static const char commit_lua[] =
     "local t = redis.call('TIME')\n"
     "if t[1] * 1000 + math.floor(t[2] / 1000) > tonumber(ARGV[10]) then\n"
-    "  return 0\n"
+    "  return 'late'\n"
+    "end\n"
+    "if redis.call('GET', KEYS[2]) ~= ARGV[5] then\n"
+    "  return 'lost'\n"
     "end\n"
     "redis.call('RPUSH', KEYS[1], ARGV[1], ARGV[2])\n"
     "if tonumber(ARGV[3]) > 0 then\n"
     "  redis.call('LTRIM', KEYS[1], ARGV[3], -1)\n"
     "end\n"
     "redis.call('EXPIRE', KEYS[1], ARGV[4])\n"
-    "if redis.call('GET', KEYS[2]) == ARGV[5] then\n"
-    "  redis.call('DEL', KEYS[2])\n"
-    "end\n"
+    "redis.call('EXPIRE', KEYS[5], ARGV[4])\n"
+    "redis.call('DEL', KEYS[2])\n"
     "if ARGV[6] == '1' then\n"
-    "  redis.call('SET', KEYS[3], ARGV[7], 'EX', ARGV[8])\n"
+    "  redis.call('SET', KEYS[3], ARGV[11] .. ARGV[7], 'EX', ARGV[8])\n"
     "end\n"
     "if tonumber(ARGV[9]) > 0 then\n"
     "  redis.call('INCRBY', KEYS[4], ARGV[9])\n"
     "  redis.call('EXPIRE', KEYS[4], " COUNTER_TTL ")\n"
     "end\n"
-    "return 1\n";
+    "return 'stored'\n";
 
-/* KEYS: lock, idempotency record. ARGV: token, has idempotency key. */
+/* KEYS: lock, idempotency record.
+ * ARGV: token, has idempotency key, request hash. */
 static const char abort_lua[] =
     "if redis.call('GET', KEYS[1]) == ARGV[1] then\n"
     "  redis.call('DEL', KEYS[1])\n"
     "end\n"
     "if ARGV[2] == '1' and\n"
-    "   redis.call('GET', KEYS[2]) == 'pending:' .. ARGV[1] then\n"
+    "   redis.call('GET', KEYS[2]) == ARGV[3] .. 'pending:' .. ARGV[1] then\n"
     "  redis.call('DEL', KEYS[2])\n"
     "end\n"
     "return 1\n";
 
 /* Rate limits without a session (the /v1 face).
  * KEYS: rpm counter, tpm counter. ARGV: rpm, tpm, retry-after. */
-static const char rate_lua[] =
+static const char rate_lua[] = LIMITS_LUA
     "local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])\n"
-    "if (tpm > 0 and tonumber(redis.call('GET', KEYS[2]) or '0') >= tpm) or\n"
-    "   (rpm > 0 and tonumber(redis.call('GET', KEYS[1]) or '0') >= rpm) then\n"
+    "if over(KEYS[2], tpm) or over(KEYS[1], rpm) then\n"
     "  return ARGV[3]\n"
     "end\n"
-    "if rpm > 0 then\n"
-    "  redis.call('INCR', KEYS[1])\n"
-    "  redis.call('EXPIRE', KEYS[1], " COUNTER_TTL ")\n"
-    "end\n"
+    "count(KEYS[1], rpm)\n"
     "return 0\n";
+
+/* GET or DELETE of a session, counted in the client's rpm like a turn.
+ * KEYS: history, lock, owner, rpm counter.
+ * ARGV: owner ('': none), rpm, retry-after, 'load' or 'delete'.
+ * DELETE removes the lock and the owner with the history: a turn in
+ * flight then stores nothing, and the id is free again. */
+static const char session_lua[] = LIMITS_LUA OWNER_LUA
+    "local rpm = tonumber(ARGV[2])\n"
+    "if over(KEYS[4], rpm) then return {'rate', ARGV[3]} end\n"
+    "count(KEYS[4], rpm)\n"
+    "if foreign(KEYS[3], ARGV[1]) then return {'notfound'} end\n"
+    "if ARGV[4] == 'delete' then\n"
+    "  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])\n"
+    "  return {'go'}\n"
+    "end\n"
+    "local h = redis.call('LRANGE', KEYS[1], 0, -1)\n"
+    "table.insert(h, 1, 'go')\n"
+    "return h\n";
 
 /* KEYS: tpm counter. ARGV: tokens. */
 static const char tokens_lua[] =
@@ -110,30 +171,39 @@ static const char tokens_lua[] =
     "redis.call('EXPIRE', KEYS[1], " COUNTER_TTL ")\n"
     "return 1\n";
 
-enum script { BEGIN, COMMIT, ABORT, RATE, TOKENS };
+enum script { BEGIN, COMMIT, ABORT, RATE, SESSION, TOKENS };
 
 static const char *const scripts[CHATDB_SCRIPTS] = {
     [BEGIN] = begin_lua,
     [COMMIT] = commit_lua,
     [ABORT] = abort_lua,
     [RATE] = rate_lua,
+    [SESSION] = session_lua,
     [TOKENS] = tokens_lua,
 };
+
+/* n bytes as 2n hex digits and a NUL. */
+static void
+to_hex(const unsigned char *md, size_t n, char *out)
+{
+    static const char hex[] = "0123456789abcdef";
+
+    for (size_t i = 0; i < n; i++) {
+        out[2 * i] = hex[md[i] >> 4];
+        out[2 * i + 1] = hex[md[i] & 0xf];
+    }
+    out[2 * n] = '\0';
+}
 
 /* SHA-1 in hex, worked out once per process: the digest goes through
  * OpenSSL's provider lookup, too slow for every call. */
 static void
 script_sha(const char *lua, char out[41])
 {
-    static const char hex[] = "0123456789abcdef";
     unsigned char md[SHA_DIGEST_LENGTH];
 
     SHA1((const unsigned char *)lua, strlen(lua), md);
-    for (int i = 0; i < SHA_DIGEST_LENGTH; i++) {
-        out[2 * i] = hex[md[i] >> 4];
-        out[2 * i + 1] = hex[md[i] & 0xf];
-    }
-    out[40] = '\0';
+    to_hex(md, SHA_DIGEST_LENGTH, out);
 }
 
 int
@@ -165,20 +235,11 @@ chatdb_ping(struct chatdb *db)
 
 /* ---- the keys */
 
-/* chat:{id}:history; the braces are a Redis Cluster hash tag, so that
- * every key of a session lives in one slot. Returns the length. */
-static size_t
-history_key(char key[KEY_MAX], const char *session_id)
-{
-    int n = snprintf(key, KEY_MAX, "chat:{%s}:history", session_id);
-
-    return n < KEY_MAX ? (size_t)n : KEY_MAX - 1;
-}
-
-/* The keys of one turn, as C strings. */
+/* The keys of a session and of a client, as C strings. */
 struct turn_keys {
     char history[KEY_MAX];
     char lock[KEY_MAX];
+    char owner[KEY_MAX];
     char record[KEY_MAX];
     char rpm[KEY_MAX];
     char tpm[KEY_MAX];
@@ -192,21 +253,24 @@ client_keys(const struct chatdb_turn *t, struct turn_keys *k, long long window)
     snprintf(k->tpm, sizeof(k->tpm), "rl:{%s}:tpm:%lld", t->client, window);
 }
 
+/* A session's keys share the hash tag {id}, a Redis Cluster slot. */
 static void
 turn_keys(const struct chatdb_turn *t, struct turn_keys *k, long long window)
 {
+    const char *sid = t->session_id;
+
     client_keys(t, k, window);
-    history_key(k->history, t->session_id);
-    snprintf(k->lock, sizeof(k->lock), "chat:{%s}:lock", t->session_id);
+    snprintf(k->history, sizeof(k->history), "chat:{%s}:history", sid);
+    snprintf(k->lock, sizeof(k->lock), "chat:{%s}:lock", sid);
+    snprintf(k->owner, sizeof(k->owner), "chat:{%s}:owner", sid);
     if (t->idempotency_key == NULL)
-        snprintf(k->record, sizeof(k->record), "chat:{%s}:idem",
-                 t->session_id);
+        snprintf(k->record, sizeof(k->record), "chat:{%s}:idem", sid);
     else if (t->idempotency_by_client)
         snprintf(k->record, sizeof(k->record), "idem:{%s}:%s", t->client,
                  t->idempotency_key);
     else
-        snprintf(k->record, sizeof(k->record), "chat:{%s}:idem:%s",
-                 t->session_id, t->idempotency_key);
+        snprintf(k->record, sizeof(k->record), "chat:{%s}:idem:%s", sid,
+                 t->idempotency_key);
 }
 
 /* ---- the stored form of a history */
@@ -370,92 +434,163 @@ run_script(struct chatdb *db, enum script sc, struct args *c, int acked,
     return send_args(&db->store, c, acked, what);
 }
 
-/* ---- a session's history alone (GET, DELETE) */
-
-int
-chatdb_history_load(struct chatdb *db, const char *session_id,
-                    struct messages *h)
-{
-    struct args c = {.argc = 0};
-    char key[KEY_MAX];
-    redisReply *r;
-
-    messages_reset(h);
-    arg_str(&c, "LRANGE");
-    arg(&c, key, history_key(key, session_id));
-    arg_str(&c, "0");
-    arg_str(&c, "-1");
-    r = send_args(&db->store, &c, 0, "LRANGE");
-    if (r == NULL)
-        return -1;
-    if (r->type != REDIS_REPLY_ARRAY) {
-        snprintf(db->store.err, STORE_ERR_LEN, "LRANGE gave no list");
-        freeReplyObject(r);
-        return -1;
-    }
-    fill_history(r, 0, h);
-    freeReplyObject(r);
-    return 0;
-}
-
-int
-chatdb_history_delete(struct chatdb *db, const char *session_id)
-{
-    struct args c = {.argc = 0};
-    char key[KEY_MAX];
-    redisReply *r;
-
-    arg_str(&c, "DEL");
-    arg(&c, key, history_key(key, session_id));
-    r = send_args(&db->store, &c, 0, "DEL");
-    freeReplyObject(r);
-    return r != NULL ? 0 : -1;
-}
-
-/* ---- one turn */
+/* ---- the replies of the scripts */
 
 static int
 unexpected(struct chatdb *db)
 {
     snprintf(db->store.err, STORE_ERR_LEN,
-             "unexpected reply to the turn script");
+             "unexpected reply from a chat script");
     return -1;
 }
+
+/* The tag of a script's {tag, ...} reply, or NULL. */
+static const char *
+reply_tag(const redisReply *r)
+{
+    if (r->type != REDIS_REPLY_ARRAY || r->elements == 0 ||
+        r->element[0]->type != REDIS_REPLY_STRING)
+        return NULL;
+    return r->element[0]->str;
+}
+
+/* The value of a {tag, value} reply, or NULL. */
+static const redisReply *
+reply_value(const redisReply *r)
+{
+    if (r->elements != 2 || r->element[1]->type != REDIS_REPLY_STRING)
+        return NULL;
+    return r->element[1];
+}
+
+/* Why a script refused to go on: an enum chatdb_begin, or -1. */
+static int
+refusal(struct chatdb *db, const redisReply *r, long long *retry_after_s)
+{
+    const char *tag = reply_tag(r);
+
+    if (tag == NULL)
+        return unexpected(db);
+    if (strcmp(tag, "busy") == 0)
+        return CHATDB_BUSY;
+    if (strcmp(tag, "running") == 0)
+        return CHATDB_RUNNING;
+    if (strcmp(tag, "notfound") == 0)
+        return CHATDB_NOT_FOUND;
+    if (strcmp(tag, "mismatch") == 0)
+        return CHATDB_MISMATCH;
+    if (strcmp(tag, "rate") == 0 && reply_value(r) != NULL) {
+        *retry_after_s = strtoll(reply_value(r)->str, NULL, 10);
+        return CHATDB_RATE_LIMITED;
+    }
+    return unexpected(db);
+}
+
+/* ---- a session alone (GET, DELETE) */
+
+/* Load the session into h, or delete it when h is NULL. */
+static int
+run_session(struct chatdb *db, const struct chatdb_turn *t,
+            struct messages *h, long long *retry_after_s)
+{
+    long long now = (long long)time(NULL);
+    const char *tag;
+    struct turn_keys k;
+    struct args c;
+    redisReply *r;
+    int rc;
+
+    turn_keys(t, &k, now / WINDOW_S);
+    script_args(&c, 4);
+    arg_str(&c, k.history);
+    arg_str(&c, k.lock);
+    arg_str(&c, k.owner);
+    arg_str(&c, k.rpm);
+    arg_str(&c, t->owner);
+    arg_int(&c, t->rpm);
+    arg_int(&c, WINDOW_S - now % WINDOW_S);
+    arg_str(&c, h != NULL ? "load" : "delete");
+    r = run_script(db, SESSION, &c, 0, h != NULL ? "load" : "delete");
+    if (r == NULL)
+        return -1;
+    tag = reply_tag(r);
+    if (tag != NULL && strcmp(tag, "go") == 0) {
+        if (h != NULL)
+            fill_history(r, 1, h);
+        rc = CHATDB_GO;
+    } else {
+        rc = refusal(db, r, retry_after_s);
+    }
+    freeReplyObject(r);
+    return rc;
+}
+
+int
+chatdb_history_load(struct chatdb *db, const struct chatdb_turn *t,
+                    struct messages *h, long long *retry_after_s)
+{
+    messages_reset(h);
+    return run_session(db, t, h, retry_after_s);
+}
+
+int
+chatdb_history_delete(struct chatdb *db, const struct chatdb_turn *t,
+                      long long *retry_after_s)
+{
+    return run_session(db, t, NULL, retry_after_s);
+}
+
+/* ---- one turn */
 
 static int
 begin_outcome(struct chatdb *db, struct chatdb_turn *t, const redisReply *r,
               struct messages *h, struct buf *replay,
               long long *retry_after_s)
 {
-    const redisReply *tag = r->type == REDIS_REPLY_ARRAY && r->elements > 0
-                                ? r->element[0]
-                                : NULL;
+    const char *tag = reply_tag(r);
+    const redisReply *v = tag != NULL ? reply_value(r) : NULL;
 
-    if (tag == NULL || tag->type != REDIS_REPLY_STRING)
-        return unexpected(db);
-    if (strcmp(tag->str, "go") == 0 && r->elements >= 2 &&
+    if (tag != NULL && strcmp(tag, "go") == 0 && r->elements >= 2 &&
         r->element[1]->type == REDIS_REPLY_STRING) {
         t->redis_clock_ms = strtoll(r->element[1]->str, NULL, 10);
         t->local_clock_ms = clock_ms();
         t->skipped = fill_history(r, 2, h);
         return CHATDB_GO;
     }
-    if (strcmp(tag->str, "busy") == 0)
-        return CHATDB_BUSY;
-    if (strcmp(tag->str, "running") == 0)
-        return CHATDB_RUNNING;
-    if (r->elements != 2 || r->element[1]->type != REDIS_REPLY_STRING)
-        return unexpected(db);
-    if (strcmp(tag->str, "rate") == 0) {
-        *retry_after_s = strtoll(r->element[1]->str, NULL, 10);
-        return CHATDB_RATE_LIMITED;
-    }
-    if (strcmp(tag->str, "replay") == 0) {
+    if (tag != NULL && strcmp(tag, "replay") == 0 && v != NULL) {
         buf_reset(replay);
-        if (buf_append(replay, r->element[1]->str, r->element[1]->len) == 0)
-            return CHATDB_REPLAY;
+        return buf_append(replay, v->str, v->len) == 0 ? CHATDB_REPLAY
+                                                        : unexpected(db);
     }
-    return unexpected(db);
+    return refusal(db, r, retry_after_s);
+}
+
+/* What an idempotency record is bound to, as t->request_hash: SHA-256 of
+ * the client, the session it named ("" for none) and its message, each
+ * but the last ended by a NUL that none of them holds. Not the body as
+ * sent: a retry may differ in "stream" and in fields the API ignores. */
+static int
+hash_request(struct chatdb *db, struct chatdb_turn *t)
+{
+    const char *sid = t->idempotency_by_client ? "" : t->session_id;
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned int n = 0;
+    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+    int ok = ctx != NULL &&
+             EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) == 1 &&
+             EVP_DigestUpdate(ctx, t->client, strlen(t->client) + 1) == 1 &&
+             EVP_DigestUpdate(ctx, sid, strlen(sid) + 1) == 1 &&
+             EVP_DigestUpdate(ctx, t->message, t->message_len) == 1 &&
+             EVP_DigestFinal_ex(ctx, md, &n) == 1 &&
+             2 * n == CHATDB_HASH_HEX;
+
+    EVP_MD_CTX_free(ctx);
+    if (!ok) {
+        snprintf(db->store.err, STORE_ERR_LEN, "cannot hash the request");
+        return -1;
+    }
+    to_hex(md, n, t->request_hash);
+    return 0;
 }
 
 int
@@ -469,19 +604,26 @@ chatdb_turn_begin(struct chatdb *db, struct chatdb_turn *t,
     redisReply *r;
     int rc;
 
+    t->request_hash[0] = '\0';
+    if (t->idempotency_key != NULL && hash_request(db, t) == -1)
+        return -1;
     turn_keys(t, &k, now / WINDOW_S);
-    script_args(&c, 5);
+    script_args(&c, 6);
     arg_str(&c, k.history);
     arg_str(&c, k.lock);
     arg_str(&c, k.record);
     arg_str(&c, k.rpm);
     arg_str(&c, k.tpm);
+    arg_str(&c, k.owner);
     arg_str(&c, t->token);
     arg_int(&c, t->lock_ms);
     arg_int(&c, t->rpm);
     arg_int(&c, t->tpm);
     arg_int(&c, WINDOW_S - now % WINDOW_S);
     arg_str(&c, t->idempotency_key ? "1" : "0");
+    arg_str(&c, t->owner);
+    arg_int(&c, db->conf->chat.history_ttl_seconds);
+    arg_str(&c, t->request_hash);
     r = run_script(db, BEGIN, &c, 0, "turn begin");
     if (r == NULL)
         return -1;
@@ -503,6 +645,21 @@ commit_deadline(const struct store *s, const struct chatdb_turn *t)
            (long long)(clock_ms() - t->local_clock_ms + timeout);
 }
 
+static int
+commit_outcome(struct chatdb *db, const redisReply *r)
+{
+    if (r->type == REDIS_REPLY_STRING && strcmp(r->str, "stored") == 0)
+        return 0;
+    if (r->type == REDIS_REPLY_STRING && strcmp(r->str, "lost") == 0)
+        return CHATDB_LOST;
+    if (r->type == REDIS_REPLY_STRING && strcmp(r->str, "late") == 0)
+        snprintf(db->store.err, STORE_ERR_LEN, "Redis ran the store too "
+                 "late; nothing was stored");
+    else
+        unexpected(db);
+    return -1;
+}
+
 int
 chatdb_turn_commit(struct chatdb *db, const struct chatdb_turn *t,
                    const struct chatdb_result *res)
@@ -511,14 +668,15 @@ chatdb_turn_commit(struct chatdb *db, const struct chatdb_turn *t,
     struct turn_keys k;
     struct args c;
     redisReply *r;
-    int stored;
+    int rc;
 
     turn_keys(t, &k, (long long)time(NULL) / WINDOW_S);
-    script_args(&c, 4);
+    script_args(&c, 5);
     arg_str(&c, k.history);
     arg_str(&c, k.lock);
     arg_str(&c, k.record);
     arg_str(&c, k.tpm);
+    arg_str(&c, k.owner);
     arg(&c, res->user_item, res->user_len);
     arg(&c, res->assistant_item, res->assistant_len);
     arg_int(&c, (long long)(t->skipped +
@@ -532,15 +690,13 @@ chatdb_turn_commit(struct chatdb *db, const struct chatdb_turn *t,
     arg_int(&c, cf->idempotency_ttl_s);
     arg_int(&c, t->tpm > 0 ? res->tokens : 0);
     arg_int(&c, commit_deadline(&db->store, t));
+    arg_str(&c, t->request_hash);
     r = run_script(db, COMMIT, &c, 1, "turn commit");
     if (r == NULL)
         return -1;
-    stored = r->type == REDIS_REPLY_INTEGER && r->integer == 1;
+    rc = commit_outcome(db, r);
     freeReplyObject(r);
-    if (!stored)
-        snprintf(db->store.err, STORE_ERR_LEN, "Redis ran the store too "
-                 "late; nothing was stored");
-    return stored ? 0 : -1;
+    return rc;
 }
 
 int
@@ -556,6 +712,7 @@ chatdb_turn_abort(struct chatdb *db, const struct chatdb_turn *t)
     arg_str(&c, k.record);
     arg_str(&c, t->token);
     arg_str(&c, t->idempotency_key ? "1" : "0");
+    arg_str(&c, t->request_hash);
     r = run_script(db, ABORT, &c, 0, "turn abort");
     freeReplyObject(r);
     return r != NULL ? 0 : -1;

@@ -455,7 +455,8 @@ swap_reply(struct answer *a, struct answer *b)
 }
 
 /* Hand the winner's answer to the caller. A whole answer to a streaming
- * call (an upstream that does not stream) goes out as one piece now. */
+ * call (an upstream that does not stream) goes out as one piece now; when
+ * that first write finds the client gone, ans is left to the caller. */
 static void
 take_answer(struct llm *l, struct plan *p, struct exchange *a,
             struct answer *ans)
@@ -533,13 +534,15 @@ llm_complete(struct llm *l, const struct llm_call *call,
             run_timers(l, &p);
     }
     stop_losers(l, NULL);
+    if (winner != NULL)
+        take_answer(l, &p, winner, ans);
+    /* Also after take_answer: its write may be the one that finds the
+     * client gone, and ans must not keep the status of an earlier call. */
     if (l->client_gone) {
         ans->status = ANSWER_CLIENT_GONE;
         snprintf(ans->message, sizeof(ans->message),
                  "the client went away while the model was answering");
-    } else if (winner != NULL) {
-        take_answer(l, &p, winner, ans);
-    } else {
+    } else if (winner == NULL) {
         take_failure(l, ans);
     }
     ans->ms = clock_ms() - start;

@@ -1,15 +1,17 @@
 /*
  * chatdb: every Redis key and script of the chat, over one store
  * connection. A session's history (the stored form of a message, load,
- * append, the trim rule, TTL, delete), its turn lock, idempotency records
- * and each client's per-minute rate counters. A turn takes two round
- * trips, each one Lua script: begin (idempotency replay, rate limits, the
- * lock, the history) and commit (append, trim, TTL, unlock, idempotency
- * record, token count); abort releases the lock after a failure. Every
- * key of a session shares the hash tag {session_id}; a client's counters
- * and idempotency records without a session use {client}, so the begin
- * script would need splitting to run on Redis Cluster. Failures carry a
- * reason (chatdb_error); mapping them to HTTP is the chat's job.
+ * append, the trim rule, TTL, delete), its owner, its turn lock,
+ * idempotency records and each client's per-minute rate counters. A turn
+ * takes two round trips, each one Lua script: begin (owner, idempotency
+ * replay, rate limits, the lock, the history) and commit (append, trim,
+ * TTL, unlock, idempotency record, token count); abort releases the lock
+ * after a failure. GET and DELETE take one (rate limit, owner, then load
+ * or delete). Every key of a session shares the hash tag {session_id}; a
+ * client's counters and idempotency records without a session use
+ * {client}, so the scripts would need splitting to run on Redis Cluster.
+ * Failures carry a reason (chatdb_error); mapping them to HTTP is the
+ * chat's job.
  */
 #ifndef CHATFCGI_CHATDB_H
 #define CHATFCGI_CHATDB_H
@@ -23,7 +25,8 @@
 struct buf;
 struct conf;
 
-#define CHATDB_SCRIPTS 5
+#define CHATDB_SCRIPTS 6
+#define CHATDB_HASH_HEX 64 /* a request's SHA-256, in hex */
 
 struct chatdb {
     struct store store;
@@ -41,26 +44,31 @@ const char *chatdb_error(const struct chatdb *db);
 /* Each returns 0, or -1 with chatdb_error set. */
 int chatdb_ping(struct chatdb *db);
 
-/* A session's messages (none when it does not exist). */
-int chatdb_history_load(struct chatdb *db, const char *session_id,
-                        struct messages *h);
-int chatdb_history_delete(struct chatdb *db, const char *session_id);
-
-/* One turn's bookkeeping. */
+/* One turn's bookkeeping (GET and DELETE use the session, client, owner
+ * and rpm alone). */
 struct chatdb_turn {
     const char *session_id;
     const char *client;          /* scopes rate limits */
+    /* Who owns the session: a client key's identity, which the first turn
+     * stores, and which every other request must match; "": no owner. */
+    const char *owner;
     const char *token;           /* owns the lock: the request id */
     long long lock_ms;           /* lock and pending-record lifetime */
     const char *idempotency_key; /* NULL: none */
     int idempotency_by_client;   /* the request named no session */
+    /* With the client and the session named (if any), what the record of
+     * an idempotency key is bound to. */
+    const char *message;
+    size_t message_len;
     long long rpm, tpm;          /* per-minute limits; 0: off */
     /* Set by chatdb_turn_begin: Redis's clock then, and ours (monotonic);
      * stored items before the loaded history (unreadable or over the
-     * cap), which the commit trims. */
+     * cap), which the commit trims; the hash of the request ("" without
+     * an idempotency key). */
     long long redis_clock_ms;
     double local_clock_ms;
     size_t skipped;
+    char request_hash[CHATDB_HASH_HEX + 1];
 };
 
 enum chatdb_begin {
@@ -69,7 +77,21 @@ enum chatdb_begin {
     CHATDB_BUSY,         /* another turn of the session is in progress */
     CHATDB_RUNNING,      /* the same Idempotency-Key is in progress */
     CHATDB_REPLAY,       /* answered before: replay holds the answer */
+    CHATDB_NOT_FOUND,    /* the session is another owner's */
+    CHATDB_MISMATCH,     /* the Idempotency-Key came with another request */
 };
+
+/* A session's messages for the caller (none when it does not exist),
+ * into h. Returns CHATDB_GO, CHATDB_RATE_LIMITED (the request counts in
+ * t->rpm), CHATDB_NOT_FOUND, or -1. */
+int chatdb_history_load(struct chatdb *db, const struct chatdb_turn *t,
+                        struct messages *h, long long *retry_after_s);
+
+/* Delete a session: its history, its turn lock (a turn in progress then
+ * stores nothing, its commit finding the lock gone) and its owner (the id
+ * is free again). Returns as chatdb_history_load. */
+int chatdb_history_delete(struct chatdb *db, const struct chatdb_turn *t,
+                          long long *retry_after_s);
 
 /* Returns an enum chatdb_begin, or -1. */
 int chatdb_turn_begin(struct chatdb *db, struct chatdb_turn *t,
@@ -86,11 +108,16 @@ struct chatdb_result {
     long long tokens;        /* for the per-minute token limit */
 };
 
-/* Returns 0, or -1. Then nothing was stored, with two exceptions: the
- * connection died after Redis ran the script, or [redis] wait_replicas is
- * set and fewer replicas confirmed the write (it is on the master, which
- * a failover may lose). 0 with wait_replicas set means that many replicas
- * have the turn too: EVALSHA and WAIT go in one round trip. */
+/* The turn no longer holds its lock: a DELETE removed it, or it expired
+ * and another turn may hold it now. Nothing was stored. */
+#define CHATDB_LOST 1
+
+/* Returns 0, CHATDB_LOST, or -1. Then nothing was stored, with two
+ * exceptions: the connection died after Redis ran the script, or [redis]
+ * wait_replicas is set and fewer replicas confirmed the write (it is on
+ * the master, which a failover may lose). 0 with wait_replicas set means
+ * that many replicas have the turn too: EVALSHA and WAIT go in one round
+ * trip. */
 int chatdb_turn_commit(struct chatdb *db, const struct chatdb_turn *t,
                        const struct chatdb_result *r);
 

@@ -31,8 +31,8 @@ enum scoreboard_state {
 
 /* Statuses counted one by one; anything else is counted as "other". */
 #define SCOREBOARD_STATUS_CODES                                                \
-    X(200) X(204) X(400) X(401) X(404) X(405) X(409) X(413) X(415) X(429)     \
-    X(499) X(500) X(502) X(503) X(504)
+    X(200) X(204) X(400) X(401) X(404) X(405) X(409) X(413) X(415) X(422)     \
+    X(429) X(499) X(500) X(502) X(503) X(504)
 enum scoreboard_status_index {
 #define X(code) SCOREBOARD_STATUS_##code,
     SCOREBOARD_STATUS_CODES

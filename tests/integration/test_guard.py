@@ -4,6 +4,7 @@ replays (the model is called once), and CORS. Each behaviour gets a stack
 of its own, since each is a configuration."""
 
 import hashlib
+import json
 import threading
 import time
 
@@ -215,12 +216,71 @@ def test_streamed_original_replays_as_one_delta_and_done(http, slow):
     assert plain.json()["reply"] == "one two three"
 
 
+def test_streamed_replay_of_a_large_answer(http, slow):
+    """A stored answer larger than a request body (100 KiB > max_body_bytes,
+    64 KiB) replays as a stream too."""
+    reply = " ".join(f"word{i:05d}" for i in range(10240))  # 100 KiB
+    set_model(http, slow, reply=reply)
+    headers = {"Idempotency-Key": "large-answer"}
+    first = chat(http, slow, "say a lot", "idem-large", headers)
+    assert first.status_code == 200, first.text
+    again = chat(http, slow, "say a lot", "idem-large", headers, stream=True)
+    assert again.status_code == 200, again.text
+    events = [block.split("\n") for block in
+              again.text.strip().split("\n\n")]
+    assert [e[0] for e in events] == ["event: delta", "event: done"]
+    assert json.loads(events[0][1][len("data: "):]) == {"content": reply}
+
+
 def test_key_without_session_is_scoped_to_the_client(http, slow):
     set_model(http, slow, reply="fresh")
     headers = {"Idempotency-Key": "no-session-key"}
     first = chat(http, slow, "hi", None, headers).json()
     again = chat(http, slow, "hi", None, headers).json()
     assert again["session_id"] == first["session_id"]
+
+
+def requests_counted(http, st, status):
+    """chatfcgi_requests_total of a status in /api/metrics, or None when
+    the status is not counted on its own."""
+    name = f'chatfcgi_requests_total{{status="{status}"}} '
+    for line in http.get(f"{st.url}/api/metrics", timeout=5).text.splitlines():
+        if line.startswith(name):
+            return int(line[len(name):])
+    return None
+
+
+def test_key_reused_for_another_message_is_422(http, slow):
+    """The record is bound to its request (session and message): a reuse
+    for another one is refused, neither replayed nor run."""
+    set_model(http, slow, delay_ms=0)
+    headers = {"Idempotency-Key": "reused-key"}
+    sid = "idem-reused"
+    first = chat(http, slow, "I feel sad", sid, headers)
+    assert first.status_code == 200, first.text
+    before = model_requests(http, slow)
+    r = chat(http, slow, "I feel happy", sid, headers)
+    assert_json_error(r, 422, "idempotency_mismatch")
+    assert model_requests(http, slow) == before
+    assert (requests_counted(http, slow, 422) or 0) >= 1
+    # The same request again still replays.
+    assert chat(http, slow, "I feel sad", sid, headers).json() == \
+        first.json()
+    msgs = http.get(f"{slow.url}/api/chat/{sid}", timeout=5).json()["messages"]
+    assert [m["content"] for m in msgs if m["role"] == "user"] == [
+        "I feel sad"]
+
+
+def test_key_without_session_is_bound_to_the_message(http, slow):
+    """Two people behind one NAT (one address) pick the same key: the
+    second does not get the first one's answer and session."""
+    set_model(http, slow, delay_ms=0)
+    headers = {"Idempotency-Key": "behind-one-nat"}
+    first = chat(http, slow, "I am Alice", None, headers)
+    assert first.status_code == 200, first.text
+    r = chat(http, slow, "I am Bob", None, headers)
+    assert_json_error(r, 422, "idempotency_mismatch")
+    assert first.json()["session_id"] not in r.text
 
 
 @pytest.mark.parametrize("key", ["x" * 129, "tab\there", "é"])

@@ -16,12 +16,14 @@ to see them.
 
 import json
 import re
+import socket
 import threading
 import time
 import uuid
 
 import pytest
 
+import fcgi_client
 import helpers
 from helpers import LocalModel, post_chat
 from sse_client import stream_chat
@@ -589,6 +591,60 @@ def test_client_gone_after_done_changes_nothing(solo, http):
     assert "done" in res.names, res.events
     msgs = history(http, st, sid).json()["messages"]
     assert msgs[-1] == {"role": "assistant", "content": "Short and sweet."}
+
+
+def send_then_stop_reading(st, payload, request_id):
+    """A raw FastCGI request for payload that shuts down its read side once
+    sent: the worker reads the whole request, and its first write fails
+    (EPIPE) without its poll ever seeing the client leave. Returns the
+    socket, for the caller to close."""
+    body = json.dumps(payload).encode()
+    params = fcgi_client.chat_params(content_length=len(body),
+                                     REQUEST_ID=request_id)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(st.socket_path))
+    sock.sendall(
+        fcgi_client.record(fcgi_client.FCGI_BEGIN_REQUEST,
+                           fcgi_client.BEGIN_BODY.pack(
+                               fcgi_client.FCGI_RESPONDER, 0)) +
+        fcgi_client.stream_records(fcgi_client.FCGI_PARAMS,
+                                   fcgi_client.encode_params(params)) +
+        fcgi_client.stream_records(fcgi_client.FCGI_STDIN, body))
+    sock.shutdown(socket.SHUT_RD)
+    return sock
+
+
+def access_status(st, request_id, timeout=5.0):
+    """The status of chatfcgi's access log line for request_id, once
+    written, else None."""
+    pattern = re.compile(r" access req=%s \S+ \S+ (\d+) " %
+                         re.escape(request_id))
+
+    def logged():
+        text = st.log_path("chatfcgi").read_text(errors="replace")
+        found = pattern.search(text)
+        return int(found.group(1)) if found else None
+    return wait_for(logged, timeout)
+
+
+def test_client_gone_before_a_whole_answer_is_sent_stores_nothing(solo,
+                                                                   http):
+    """A streamed turn whose upstream answers in one piece (it ignores
+    "stream"), for a client that has stopped reading: writing that piece
+    is the first write, and it fails. The turn must end as a client gone
+    (499), not be stored with an empty reply as a success."""
+    st, model = solo
+    model.set(mode="fail", status=200, body=json.dumps({
+        "model": "whole-model", "choices": [{"index": 0, "message": {
+            "role": "assistant", "content": "never read"}}]}))
+    sid, request_id = new_sid(), "gone-" + uuid.uuid4().hex
+    sock = send_then_stop_reading(st, {"session_id": sid, "stream": True,
+                                       "message": "hello?"}, request_id)
+    try:
+        assert access_status(st, request_id) == 499
+    finally:
+        sock.close()
+    assert_worker_free(http, st, model, sid)  # and the turn is not stored
 
 
 # ------------------------------------------------------------ many at once

@@ -442,6 +442,9 @@ turn_of(const char *session_id, const char *token)
     return (struct chatdb_turn){
         .session_id = session_id,
         .client = "addr:127.0.0.1",
+        .owner = "",
+        .message = "question",
+        .message_len = 8,
         .token = token,
         .lock_ms = 60000,
     };
@@ -454,6 +457,34 @@ begin(struct fixture *f, struct chatdb_turn *t, long long *retry)
 
     return chatdb_turn_begin(&f->db, t, &f->history, &f->replay,
                              retry ? retry : &unused);
+}
+
+/* GET's and DELETE's view of a session, as the owner or client given
+ * ("" : none), without a rate limit. */
+static int
+load_as(struct fixture *f, const char *session_id, const char *owner)
+{
+    struct chatdb_turn t = turn_of(session_id, "get");
+    long long unused;
+
+    t.owner = owner;
+    return chatdb_history_load(&f->db, &t, &f->history, &unused);
+}
+
+static int
+load(struct fixture *f, const char *session_id)
+{
+    return load_as(f, session_id, "");
+}
+
+static int
+delete_as(struct fixture *f, const char *session_id, const char *owner)
+{
+    struct chatdb_turn t = turn_of(session_id, "delete");
+    long long unused;
+
+    t.owner = owner;
+    return chatdb_history_delete(&f->db, &t, &unused);
 }
 
 /* The stored form of one message, copied out of the generator. */
@@ -514,7 +545,7 @@ test_turn_locks_then_stores(void **state)
     assert_int_equal(raw_int("EXISTS %s", "chat:{s1}:lock"), 0);
     assert_int_equal(raw_int("LLEN %s", "chat:{s1}:history"), 2);
     assert_true(raw_int("TTL %s", "chat:{s1}:history") > 0);
-    assert_int_equal(chatdb_history_load(&f.db, "s1", &f.history), 0);
+    assert_int_equal(load(&f, "s1"), CHATDB_GO);
     assert_int_equal(f.history.count, 2);
     assert_int_equal(f.history.msgs[0].role, MESSAGE_USER);
     assert_string_equal(messages_content(&f.history, 0), "hello");
@@ -540,7 +571,7 @@ test_commit_trims_whole_pairs(void **state)
         assert_int_equal(begin(&f, &t, NULL), CHATDB_GO);
         assert_int_equal(commit(&f, &t, questions[i], "a", "{}"), 0);
     }
-    assert_int_equal(chatdb_history_load(&f.db, "trim", &f.history), 0);
+    assert_int_equal(load(&f, "trim"), CHATDB_GO);
     assert_int_equal(f.history.count, 4);
     assert_string_equal(messages_content(&f.history, 0), "q3");
     assert_string_equal(messages_content(&f.history, 2), "q4");
@@ -590,6 +621,53 @@ test_idempotency_running_then_replay(void **state)
     fixture_close(&f);
 }
 
+/* A record is bound to its request: the client, the session it named
+ * and the message. Another request with the key neither replays nor
+ * runs, while the first runs or after. */
+static void
+test_idempotency_bound_to_its_request(void **state)
+{
+    struct fixture f;
+    struct chatdb_turn t = turn_of("s5", "first"),
+                       other = turn_of("s5", "other");
+    redisReply *r;
+
+    (void)state;
+    fixture_open(&f, NULL);
+    t.idempotency_key = other.idempotency_key = "key-1";
+    other.message = "another question";
+    other.message_len = strlen(other.message);
+    assert_int_equal(begin(&f, &t, NULL), CHATDB_GO);
+    assert_int_equal(strlen(t.request_hash), CHATDB_HASH_HEX);
+    assert_int_equal(begin(&f, &other, NULL), CHATDB_MISMATCH);
+    assert_int_equal(commit(&f, &t, "q", "a", "{\"reply\":\"a\"}"), 0);
+    r = raw("GET chat:{s5}:idem:key-1");
+    assert_memory_equal(r->str, t.request_hash, CHATDB_HASH_HEX);
+    assert_string_equal(r->str + CHATDB_HASH_HEX, "{\"reply\":\"a\"}");
+    freeReplyObject(r);
+    assert_int_equal(begin(&f, &other, NULL), CHATDB_MISMATCH);
+    /* The same message from another client is another request too. */
+    other = turn_of("s5", "other");
+    other.idempotency_key = "key-1";
+    other.client = "addr:10.0.0.2";
+    assert_int_equal(begin(&f, &other, NULL), CHATDB_MISMATCH);
+    /* Without a session: two people behind one address. */
+    t = turn_of("random-1", "alice");
+    other = turn_of("random-2", "bob");
+    t.idempotency_key = other.idempotency_key = "nat";
+    t.idempotency_by_client = other.idempotency_by_client = 1;
+    other.message = "I am Bob";
+    other.message_len = strlen(other.message);
+    assert_int_equal(begin(&f, &t, NULL), CHATDB_GO);
+    assert_int_equal(commit(&f, &t, "q", "a", "{}"), 0);
+    assert_int_equal(begin(&f, &other, NULL), CHATDB_MISMATCH);
+    other = turn_of("random-3", "alice-again");
+    other.idempotency_key = "nat";
+    other.idempotency_by_client = 1;
+    assert_int_equal(begin(&f, &other, NULL), CHATDB_REPLAY);
+    fixture_close(&f);
+}
+
 static void
 test_rate_limits(void **state)
 {
@@ -636,6 +714,56 @@ test_commit_after_deadline_stores_nothing(void **state)
     fixture_close(&f);
 }
 
+/* The commit stores only while the turn holds its lock: one that expired
+ * (and that another turn may hold now) or that DELETE removed means the
+ * history may have changed under the turn's trim index. */
+static void
+test_commit_without_the_lock_stores_nothing(void **state)
+{
+    struct fixture f;
+    struct chatdb_turn t = turn_of("lost", "mine"),
+                       other = turn_of("lost", "other");
+    redisReply *r;
+
+    (void)state;
+    fixture_open(&f, NULL);
+    assert_int_equal(begin(&f, &t, NULL), CHATDB_GO);
+    r = raw("DEL chat:{lost}:lock");
+    freeReplyObject(r);
+    assert_int_equal(commit(&f, &t, "q", "a", "{}"), CHATDB_LOST);
+    assert_int_equal(raw_int("EXISTS %s", "chat:{lost}:history"), 0);
+    /* Another turn took the lock: still nothing, and its lock stays. */
+    assert_int_equal(begin(&f, &other, NULL), CHATDB_GO);
+    assert_int_equal(commit(&f, &t, "q", "a", "{}"), CHATDB_LOST);
+    assert_int_equal(raw_int("EXISTS %s", "chat:{lost}:history"), 0);
+    r = raw("GET chat:{lost}:lock");
+    assert_string_equal(r->str, "other");
+    freeReplyObject(r);
+    fixture_close(&f);
+}
+
+/* DELETE during a turn removes the lock with the history, so that the
+ * turn in flight cannot bring the history back. */
+static void
+test_delete_during_a_turn(void **state)
+{
+    struct fixture f;
+    struct chatdb_turn t = turn_of("del", "first"),
+                       running = turn_of("del", "second");
+
+    (void)state;
+    fixture_open(&f, NULL);
+    assert_int_equal(begin(&f, &t, NULL), CHATDB_GO);
+    assert_int_equal(commit(&f, &t, "q1", "a1", "{}"), 0);
+    assert_int_equal(begin(&f, &running, NULL), CHATDB_GO);
+    assert_int_equal(f.history.count, 2);
+    assert_int_equal(delete_as(&f, "del", ""), CHATDB_GO);
+    assert_int_equal(raw_int("EXISTS %s", "chat:{del}:lock"), 0);
+    assert_int_equal(commit(&f, &running, "q2", "a2", "{}"), CHATDB_LOST);
+    assert_int_equal(raw_int("EXISTS %s", "chat:{del}:history"), 0);
+    fixture_close(&f);
+}
+
 static void
 test_scripts_survive_a_flush(void **state)
 {
@@ -670,7 +798,7 @@ test_unreadable_items_are_skipped_then_trimmed(void **state)
     assert_int_equal(f.history.count, 2);
     assert_int_equal(t.skipped, 1);
     assert_int_equal(commit(&f, &t, "new", "answer", "{}"), 0);
-    assert_int_equal(chatdb_history_load(&f.db, "junk", &f.history), 0);
+    assert_int_equal(load(&f, "junk"), CHATDB_GO);
     assert_int_equal(raw_int("LLEN %s", "chat:{junk}:history"), 4);
     assert_string_equal(messages_content(&f.history, 0), "old");
     fixture_close(&f);
@@ -686,9 +814,93 @@ test_history_delete(void **state)
     fixture_open(&f, NULL);
     assert_int_equal(begin(&f, &t, NULL), CHATDB_GO);
     assert_int_equal(commit(&f, &t, "q", "a", "{}"), 0);
-    assert_int_equal(chatdb_history_delete(&f.db, "gone"), 0);
-    assert_int_equal(chatdb_history_load(&f.db, "gone", &f.history), 0);
+    assert_int_equal(delete_as(&f, "gone", ""), CHATDB_GO);
+    assert_int_equal(load(&f, "gone"), CHATDB_GO);
     assert_int_equal(f.history.count, 0);
+    fixture_close(&f);
+}
+
+/* With client keys, the first turn's key owns the session for as long
+ * as its history lives; other keys find nothing, whatever they try. */
+static void
+test_owner_claims_and_guards_a_session(void **state)
+{
+    struct fixture f;
+    struct chatdb_turn t = turn_of("own", "first"),
+                       thief = turn_of("own", "thief");
+    redisReply *r;
+
+    (void)state;
+    fixture_open(&f, NULL);
+    t.owner = "key:aaaa";
+    thief.owner = "key:bbbb";
+    assert_int_equal(begin(&f, &t, NULL), CHATDB_GO);
+    assert_int_equal(commit(&f, &t, "q", "a", "{}"), 0);
+    r = raw("GET chat:{own}:owner");
+    assert_string_equal(r->str, "key:aaaa");
+    freeReplyObject(r);
+    assert_true(raw_int("TTL %s", "chat:{own}:owner") >=
+                raw_int("TTL %s", "chat:{own}:history") - 1);
+    assert_int_equal(begin(&f, &thief, NULL), CHATDB_NOT_FOUND);
+    assert_int_equal(raw_int("EXISTS %s", "chat:{own}:lock"), 0);
+    assert_int_equal(load_as(&f, "own", "key:bbbb"), CHATDB_NOT_FOUND);
+    assert_int_equal(delete_as(&f, "own", "key:bbbb"), CHATDB_NOT_FOUND);
+    assert_int_equal(raw_int("LLEN %s", "chat:{own}:history"), 2);
+    /* Without client keys nobody is an owner, and nothing is checked. */
+    assert_int_equal(load(&f, "own"), CHATDB_GO);
+    assert_int_equal(f.history.count, 2);
+    assert_int_equal(load_as(&f, "own", "key:aaaa"), CHATDB_GO);
+    assert_int_equal(delete_as(&f, "own", "key:aaaa"), CHATDB_GO);
+    assert_int_equal(raw_int("EXISTS %s", "chat:{own}:owner"), 0);
+    /* The id is free again. */
+    assert_int_equal(begin(&f, &thief, NULL), CHATDB_GO);
+    fixture_close(&f);
+}
+
+/* A session made without client keys has no owner: a key may use it, and
+ * its first turn claims it. */
+static void
+test_unowned_session_is_claimed(void **state)
+{
+    struct fixture f;
+    struct chatdb_turn t = turn_of("old", "first"),
+                       keyed = turn_of("old", "keyed");
+    redisReply *r;
+
+    (void)state;
+    fixture_open(&f, NULL);
+    assert_int_equal(begin(&f, &t, NULL), CHATDB_GO);
+    assert_int_equal(commit(&f, &t, "q", "a", "{}"), 0);
+    assert_int_equal(raw_int("EXISTS %s", "chat:{old}:owner"), 0);
+    assert_int_equal(load_as(&f, "old", "key:aaaa"), CHATDB_GO);
+    keyed.owner = "key:aaaa";
+    assert_int_equal(begin(&f, &keyed, NULL), CHATDB_GO);
+    r = raw("GET chat:{old}:owner");
+    assert_string_equal(r->str, "key:aaaa");
+    freeReplyObject(r);
+    fixture_close(&f);
+}
+
+/* GET and DELETE count in the client's rpm like turns. */
+static void
+test_session_requests_count_in_rpm(void **state)
+{
+    struct fixture f;
+    struct chatdb_turn t = turn_of("counted", "get");
+    long long retry = 0;
+
+    (void)state;
+    fixture_open(&f, NULL);
+    t.rpm = 2;
+    assert_int_equal(chatdb_history_load(&f.db, &t, &f.history, &retry),
+                     CHATDB_GO);
+    assert_int_equal(chatdb_history_delete(&f.db, &t, &retry), CHATDB_GO);
+    assert_int_equal(chatdb_history_load(&f.db, &t, &f.history, &retry),
+                     CHATDB_RATE_LIMITED);
+    assert_true(retry >= 1 && retry <= 60);
+    assert_int_equal(chatdb_history_delete(&f.db, &t, &retry),
+                     CHATDB_RATE_LIMITED);
+    assert_int_equal(begin(&f, &t, &retry), CHATDB_RATE_LIMITED);
     fixture_close(&f);
 }
 
@@ -723,11 +935,17 @@ main(void)
         cmocka_unit_test(test_commit_trims_whole_pairs),
         cmocka_unit_test(test_abort_releases_only_its_own_lock),
         cmocka_unit_test(test_idempotency_running_then_replay),
+        cmocka_unit_test(test_idempotency_bound_to_its_request),
         cmocka_unit_test(test_rate_limits),
         cmocka_unit_test(test_commit_after_deadline_stores_nothing),
+        cmocka_unit_test(test_commit_without_the_lock_stores_nothing),
+        cmocka_unit_test(test_delete_during_a_turn),
         cmocka_unit_test(test_scripts_survive_a_flush),
         cmocka_unit_test(test_unreadable_items_are_skipped_then_trimmed),
         cmocka_unit_test(test_history_delete),
+        cmocka_unit_test(test_owner_claims_and_guards_a_session),
+        cmocka_unit_test(test_unowned_session_is_claimed),
+        cmocka_unit_test(test_session_requests_count_in_rpm),
         cmocka_unit_test(test_redis_down_is_an_error),
     };
 
