@@ -427,8 +427,9 @@ collect(struct llm *l, struct plan *p)
         exchange_judge(a, rc);
         if (l->client_gone)
             return NULL;
-        if (a->ans.status == ANSWER_OK && winner == NULL &&
-            (l->committed == NULL || l->committed == a))
+        if (l->committed != NULL && l->committed != a)
+            continue; /* lost the race: stopped, not failed */
+        if (a->ans.status == ANSWER_OK && winner == NULL)
             winner = a;
         else if (a->ans.status != ANSWER_OK)
             after_failure(l, p, a);
@@ -473,13 +474,14 @@ take_answer(struct llm *l, struct plan *p, struct exchange *a,
     swap_reply(ans, &a->ans);
 }
 
-/* No winner: the last failure is the answer. */
+/* No winner: the failure of the stream that reached the client, else the
+ * last failure, is the answer. */
 static void
 take_failure(const struct llm *l, struct answer *ans)
 {
-    const struct exchange *last = NULL;
+    const struct exchange *last = l->committed;
 
-    for (size_t i = 0; i < LLM_ATTEMPTS; i++)
+    for (size_t i = 0; last == NULL && i < LLM_ATTEMPTS; i++)
         if (l->attempts[i].ans.status != ANSWER_OK &&
             (last == NULL ||
              l->attempts[i].started_ms > last->started_ms))
