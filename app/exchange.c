@@ -187,7 +187,10 @@ on_event(void *arg, const char *data, size_t len)
         return stream_fail(a, ANSWER_BAD, "the model's reply is larger "
                            "than max_response_bytes");
     a->got_content = 1;
-    return a->on_content(a, a->arg);
+    if (a->on_content(a, a->arg) == 0)
+        return 0;
+    a->stopped = !a->stream_failed;
+    return -1;
 }
 
 /* Decide, at the first bytes of the body, whether it is an event stream
@@ -206,6 +209,21 @@ choose_body_mode(struct exchange *a)
                    strncasecmp(type, "text/event-stream", 17) == 0;
 }
 
+/* Events as they come. A parse that stops was stopped by on_event (which
+ * judged the stream), by on_content (the caller's doing), or else by a
+ * line or event over SSE_LINE_MAX: a bad answer, not a broken transfer
+ * worth another try. */
+static size_t
+feed_stream(struct exchange *a, const char *data, size_t n)
+{
+    if (sse_feed(&a->sse, data, n) == 0)
+        return n;
+    if (!a->stream_failed && !a->stopped)
+        stream_fail(a, ANSWER_BAD, "the model's stream has a line or an "
+                    "event over 256 KiB");
+    return 0;
+}
+
 static size_t
 on_body(char *data, size_t size, size_t n, void *arg)
 {
@@ -217,7 +235,7 @@ on_body(char *data, size_t size, size_t n, void *arg)
         choose_body_mode(a);
     }
     if (a->streaming)
-        return sse_feed(&a->sse, data, size * n) == 0 ? size * n : 0;
+        return feed_stream(a, data, size * n);
     if (buf_append(&a->response, data, size * n) == -1) {
         a->response_too_large = 1;
         return 0; /* makes curl stop with CURLE_WRITE_ERROR */
@@ -292,6 +310,7 @@ exchange_reset(struct exchange *a, const char *model)
     curl_slist_free_all(a->headers);
     a->headers = NULL;
     a->response_too_large = a->stream_complete = a->stream_failed = 0;
+    a->stopped = 0;
     a->got_bytes = a->got_content = a->streaming = a->hedge = 0;
     a->errbuf[0] = '\0';
     a->started_ms = a->last_bytes_ms = clock_ms();

@@ -332,3 +332,17 @@ def test_a_hedge_that_loses_the_race_is_no_failure(http, stack_factory,
     assert up.requests == 10
     assert provider_errors(http, st) == {}
 
+
+def test_an_over_long_stream_line_is_a_bad_answer_not_retried(
+        http, stack_factory, models):
+    """A stream line over the parser's cap (256 KiB) is a bad answer: not a
+    broken transfer worth another round."""
+    first = models[0]
+    st = stack_factory({"CHATFCGI_UPSTREAM_URL": f"{first.url}/v1",
+                        "CHATFCGI_UPSTREAM_RETRIES": "1"})
+    first.set(reply="x" * (300 * 1024))
+    res = stream_chat(st.url, "hello")
+    assert res.status == 502, res
+    assert first.requests() == 1
+    assert provider_errors(http, st) == {("upstream1", "bad_answer"): 1}
+
