@@ -346,3 +346,18 @@ def test_an_over_long_stream_line_is_a_bad_answer_not_retried(
     assert first.requests() == 1
     assert provider_errors(http, st) == {("upstream1", "bad_answer"): 1}
 
+
+def test_an_error_object_mid_stream(http, stack_factory, scripted):
+    """An error object in a 200 stream, before any content: an error of
+    the stream's HTTP status (200) worth another round, as a 5xx is."""
+    secret = "quota exceeded for org-4Kq9 (billing@example.com)"
+    up = scripted([json.dumps({"error": {"message": secret,
+                                         "type": "server_error"}})])
+    st = stack_factory({"CHATFCGI_UPSTREAM_URL": up.url,
+                        "CHATFCGI_UPSTREAM_RETRIES": "1"})
+    res = stream_chat(st.url, "hello")
+    assert res.status == 502, res
+    message = res.json()["error"]["message"]
+    assert "mid-stream" in message and "200" in message, message
+    assert up.requests == 2
+    assert provider_errors(http, st) == {("upstream1", "http_error"): 2}
