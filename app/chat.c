@@ -243,37 +243,57 @@ read_body(struct chat *ch)
     return -1;
 }
 
+/* What a client is told of a failed model call: its kind, and the
+ * provider's HTTP status. */
+static const char *
+failure_kind(const struct answer *a)
+{
+    long s = a->http_status;
+
+    switch (a->status) {
+    case ANSWER_TIMEOUT:
+        return "the model did not answer in time";
+    case ANSWER_UNREACHABLE:
+        return "the model provider cannot be reached";
+    case ANSWER_BAD:
+        return "the model's answer cannot be used";
+    case ANSWER_HTTP_ERROR:
+        if (s >= 200 && s < 300)
+            return "the model reported an error mid-stream";
+        return s >= 400 && s < 500 ? "the model provider refused the request"
+                                   : "the model provider failed";
+    default:
+        return "the model call failed";
+    }
+}
+
+/* The provider's own words never reach the client: they can quote the
+ * server's API key (OpenAI's 401 shows a masked form of it) or name its
+ * account, and curl's name its hosts. They go to the error log, whose
+ * lines carry the request id the client got in X-Request-Id. */
 static void
 fail_model(struct chat *ch, const struct answer *a)
 {
     struct http_request *r = ch->req;
+    int timeout = a->status == ANSWER_TIMEOUT;
+    char text[96];
 
-    switch (a->status) {
-    case ANSWER_OK:
+    if (a->status == ANSWER_OK)
         return;
-    case ANSWER_CLIENT_GONE:
+    if (a->status == ANSWER_CLIENT_GONE) {
         log_info("chat", "%s; upstream call cancelled", a->message);
         r->status = HTTP_STATUS_CLIENT_GONE;
         return;
-    case ANSWER_TIMEOUT:
-        http_send_error(r, 504, "upstream_timeout",
-                        "the model did not answer in time (%s)", a->message);
-        return;
-    case ANSWER_HTTP_ERROR:
-        http_send_error(r, 502, "upstream_error",
-                        "the model answered %ld: %s", a->http_status,
-                        a->message);
-        return;
-    case ANSWER_UNREACHABLE:
-        http_send_error(r, 502, "upstream_error",
-                        "the model cannot be reached (%s)", a->message);
-        return;
-    case ANSWER_BAD:
-    case ANSWER_FAILED:
-        break;
     }
-    http_send_error(r, 502, "upstream_error", "the model failed: %s",
-                    a->message);
+    if (a->status == ANSWER_HTTP_ERROR)
+        snprintf(text, sizeof(text), "%s (HTTP %ld)", failure_kind(a),
+                 a->http_status);
+    else
+        snprintf(text, sizeof(text), "%s", failure_kind(a));
+    log_warnx("chat", "%s: %s", text, a->message);
+    http_send_error(r, timeout ? 504 : 502,
+                    timeout ? "upstream_timeout" : "upstream_error", "%s",
+                    text);
 }
 
 /* Run call into ch->answer, within the request's deadline and watching

@@ -108,7 +108,31 @@ def test_error_after_stream_began_is_an_error_chunk(http, stack, model):
     assert json.loads(events[0])["choices"][0]["delta"]["content"]
     last = json.loads(events[-1])
     assert last["error"]["type"] == "api_error", events
+    assert last["error"]["message"] == "the model call failed", events
     assert "[DONE]" not in events
+
+
+# OpenAI's answer to a wrong key quotes a masked form of it.
+OPENAI_401 = json.dumps({"error": {
+    "message": "Incorrect API key provided: sk-live-****wxyz. You can find "
+               "your API key at https://platform.openai.com/account/api-keys.",
+    "type": "invalid_request_error", "param": None,
+    "code": "invalid_api_key"}})
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_the_providers_words_go_to_the_log_not_the_client(http, stack, model,
+                                                         stream):
+    model.set(mode="fail", status=401, body=OPENAI_401)
+    r = completions(http, stack, dict(user(), stream=stream))
+    err = openai_error(r, 502, "api_error")
+    assert err["message"] == \
+        "the model provider refused the request (HTTP 401)", err
+    assert "sk-live" not in r.text
+    log = stack.log_path("chatfcgi").read_text(errors="replace")
+    req = f"req={r.headers['X-Request-Id']}"
+    assert any("sk-live-****wxyz" in line and req in line
+               for line in log.splitlines()), log[-2000:]
 
 
 def test_client_keys_and_limits_apply(http, stack_factory):

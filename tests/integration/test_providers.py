@@ -349,7 +349,8 @@ def test_an_over_long_stream_line_is_a_bad_answer_not_retried(
 
 def test_an_error_object_mid_stream(http, stack_factory, scripted):
     """An error object in a 200 stream, before any content: an error of
-    the stream's HTTP status (200) worth another round, as a 5xx is."""
+    the stream's HTTP status (200) worth another round, as a 5xx is; the
+    client learns the kind, the log the provider's words."""
     secret = "quota exceeded for org-4Kq9 (billing@example.com)"
     up = scripted([json.dumps({"error": {"message": secret,
                                          "type": "server_error"}})])
@@ -359,5 +360,29 @@ def test_an_error_object_mid_stream(http, stack_factory, scripted):
     assert res.status == 502, res
     message = res.json()["error"]["message"]
     assert "mid-stream" in message and "200" in message, message
+    assert b"org-4Kq9" not in res.body
     assert up.requests == 2
     assert provider_errors(http, st) == {("upstream1", "http_error"): 2}
+    log = Path(st.log_path("chatfcgi")).read_text()
+    assert f"req={res.headers['x-request-id']}" in log
+    assert secret in log
+
+
+def test_an_error_object_after_content_is_an_error_event(http,
+                                                        stack_factory,
+                                                        scripted):
+    """Once content reached the client, an error object mid-stream ends
+    the stream with an error event that names the kind, not the
+    provider's words, and is not tried again."""
+    secret = "content filter of account acct_7Hx2 triggered"
+    up = scripted([chunk("Hel"), chunk("lo"),
+                   json.dumps({"error": {"message": secret}})])
+    st = stack_factory({"CHATFCGI_UPSTREAM_URL": up.url})
+    res = stream_chat(st.url, "hello")
+    assert res.status == 200 and res.text == "Hello", res.events
+    assert res.names[-1] == "error", res.names
+    assert res.events[-1].data["error"]["message"] == \
+        "the model reported an error mid-stream (HTTP 200)", res.events
+    assert b"acct_7Hx2" not in res.events[-1].raw
+    assert up.requests == 1
+    assert secret in Path(st.log_path("chatfcgi")).read_text()
