@@ -875,6 +875,22 @@ send_completion(struct completion *c)
     http_send_json(r, 200);
 }
 
+/* The operator's policy over what the client asked: the configured
+ * system prompt goes first, and [upstream] max_tokens, when set, is the
+ * most a client may ask for (as well as the default). */
+static void
+set_up_call(struct chat *ch, const struct completion *c,
+            struct llm_call *call)
+{
+    long long cap = ch->conf->upstream.max_tokens;
+
+    call->system_prompt = ch->conf->upstream.system_prompt;
+    call->temperature = c->q.temperature;
+    call->max_tokens = cap > 0 && c->q.max_tokens > cap ? cap
+                                                         : c->q.max_tokens;
+    call->on_delta = c->q.stream ? send_chunk : NULL;
+}
+
 void
 chat_completions(struct chat *ch, struct http_request *r)
 {
@@ -893,9 +909,7 @@ chat_completions(struct chat *ch, struct http_request *r)
     snprintf(c.v1.id, sizeof(c.v1.id), "chatcmpl-%s", r->id);
     if (parse_completion(ch, &c) == -1 || check_rate(ch, &t) == -1)
         return;
-    call.temperature = c.q.temperature;
-    call.max_tokens = c.q.max_tokens;
-    call.on_delta = c.q.stream ? send_chunk : NULL;
+    set_up_call(ch, &c, &call);
     if (ask_model(ch, &call) == -1)
         return;
     count_tokens(ch, &t);

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import LocalModel
+
 REPO = Path(__file__).resolve().parents[2]
 SDK_DIR = REPO / "tests" / "sdk"
 KEY = "sk-v1-client"
@@ -65,6 +67,29 @@ def test_history_is_not_kept_and_system_prompt_is_the_clients(http, stack,
     sent = model.stats()["recent"][-1]["body"]["messages"]
     assert sent == [{"role": "system", "content": "Be brief."},
                     {"role": "user", "content": "I need sleep"}]
+
+
+def test_the_operators_system_prompt_and_max_tokens_apply(http,
+                                                         stack_factory):
+    """[upstream] system_prompt goes first on /v1 too, and [upstream]
+    max_tokens, when set, is the default and the most a client may ask."""
+    st = stack_factory({"CHATFCGI_UPSTREAM_SYSTEM_PROMPT": "Be kind.",
+                        "CHATFCGI_UPSTREAM_MAX_TOKENS": "100"})
+    model = LocalModel.of(st, http)
+    for field, asked, sent in [(None, None, 100), ("max_tokens", 50, 50),
+                               ("max_tokens", 2 ** 30, 100),
+                               ("max_completion_tokens", 101, 100)]:
+        body = {"messages": [{"role": "system", "content": "Be rude."},
+                             {"role": "user", "content": "hi"}]}
+        if field:
+            body[field] = asked
+        r = completions(http, st, body)
+        assert r.status_code == 200, r.text
+        sent_body = model.stats()["recent"][-1]["body"]
+        assert sent_body["messages"][:2] == [
+            {"role": "system", "content": "Be kind."},
+            {"role": "system", "content": "Be rude."}], sent_body
+        assert sent_body["max_tokens"] == sent, (field, asked, sent_body)
 
 
 @pytest.mark.parametrize("body, fragment", [
