@@ -92,6 +92,20 @@ load_messages(yajl_val doc, struct buf *scratch, struct messages *h,
     return 0;
 }
 
+/* A temperature within OpenAI's 0 to 2 (1e400 reads as infinite). One
+ * outside would be refused by the provider, counting the request's own
+ * fault against it, or, being negative, silently not sent. */
+static int
+parse_temperature(const char *text, double *out)
+{
+    double t = strtod(text, NULL);
+
+    if (!(t >= 0 && t <= 2))
+        return -1;
+    *out = t;
+    return 0;
+}
+
 /* The scalar options, picked in one strict pass. */
 static int
 parse_options(const struct buf *body, struct buf *arena,
@@ -116,9 +130,10 @@ parse_options(const struct buf *body, struct buf *arena,
         return -1;
     q->stream = f[STREAM].type == JSON_BOOL && f[STREAM].boolean;
     q->include_usage = f[USAGE].type == JSON_BOOL && f[USAGE].boolean;
-    if (f[TEMPERATURE].type == JSON_NUMBER)
-        q->temperature = strtod(json_field_text(&f[TEMPERATURE], arena),
-                                NULL);
+    if (f[TEMPERATURE].type == JSON_NUMBER &&
+        parse_temperature(json_field_text(&f[TEMPERATURE], arena),
+                          &q->temperature) == -1)
+        return refuse(err, "temperature must be a number from 0 to 2");
     for (int i = MAX_TOKENS; i <= MAX_COMPLETION; i++)
         if (f[i].type == JSON_NUMBER &&
             json_field_int(&f[i], arena, 1, 1LL << 30, &q->max_tokens))

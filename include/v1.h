@@ -25,7 +25,7 @@ struct messages;
 struct v1_request {
     int stream;
     int include_usage;     /* stream_options.include_usage */
-    double temperature;    /* the caller's default unless given */
+    double temperature;    /* the caller's default unless given (0-2) */
     long long max_tokens;  /* the caller's default unless given */
 };
 

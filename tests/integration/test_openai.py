@@ -110,6 +110,21 @@ def test_bad_requests_get_openai_errors(http, stack, body, fragment):
     assert fragment in err["message"]
 
 
+@pytest.mark.parametrize("temperature", ["5", "-5", "2.5", "1e400"])
+def test_temperature_outside_0_to_2_is_refused(http, stack, model,
+                                               temperature):
+    """Not forwarded: a provider would refuse it (or, 1e400, it could not
+    be sent at all) and the request's own fault would count against the
+    provider; nor dropped, as -5 was."""
+    body = ('{"messages":[{"role":"user","content":"hi"}],'
+            '"temperature":%s}' % temperature).encode()
+    r = http.post(f"{stack.url}/v1/chat/completions", data=body,
+                  headers={"Content-Type": "application/json"}, timeout=5)
+    err = openai_error(r, 400, "invalid_request_error")
+    assert "temperature" in err["message"]
+    assert model.stats()["requests"] == 0
+
+
 def test_malformed_json_and_wrong_method(http, stack):
     r = http.post(f"{stack.url}/v1/chat/completions", data=b"{nope",
                   headers={"Content-Type": "application/json"}, timeout=5)
