@@ -141,6 +141,23 @@ parse_options(const struct buf *body, struct buf *arena,
     return 0;
 }
 
+/* A \u0000 escape in the body: a NUL in some string. yajl's tree keeps
+ * strings as C strings, so a NUL would silently cut a message (or a role)
+ * short; /api/chat refuses a NUL in its message too. The body passed the
+ * strict parse, so every backslash begins an escape of its own. */
+static int
+has_nul(const struct buf *body)
+{
+    for (size_t i = 0; i + 1 < body->len; i++) {
+        if (body->data[i] != '\\')
+            continue;
+        if (body->len - i >= 6 && memcmp(body->data + i, "\\u0000", 6) == 0)
+            return 1;
+        i++; /* past the escaped character, which may be a backslash */
+    }
+    return 0;
+}
+
 int
 v1_parse_request(struct buf *body, struct buf *arena, struct buf *scratch,
                  struct messages *h, struct v1_request *q,
@@ -152,6 +169,8 @@ v1_parse_request(struct buf *body, struct buf *arena, struct buf *scratch,
 
     if (parse_options(body, arena, q, err) == -1)
         return -1;
+    if (has_nul(body))
+        return refuse(err, "a string of the body contains NUL (\\u0000)");
     text = buf_cstr(body);
     doc = text ? yajl_tree_parse(text, NULL, 0) : NULL;
     if (doc == NULL)

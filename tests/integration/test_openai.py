@@ -103,6 +103,10 @@ def test_the_operators_system_prompt_and_max_tokens_apply(http,
      "max_tokens"),
     ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"},
      "stream"),
+    ({"messages": [{"role": "user", "content": "cut \u0000 here"}]}, "NUL"),
+    ({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "a"}, {"type": "text", "text": "\u0000"}]}]},
+     "NUL"),
 ])
 def test_bad_requests_get_openai_errors(http, stack, body, fragment):
     err = openai_error(completions(http, stack, body), 400,

@@ -153,6 +153,12 @@ static const struct accept_case accept_cases[] = {
      {MSG(MESSAGE_USER, "a\nb \"q\" \\ caf\xc3\xa9 \xf0\x9f\x98\x80 "
                         "\xe2\x82\xac")},
      DEFAULTS},
+    {"an escaped backslash before u0000 is no NUL",
+     "{\"messages\":[{\"role\":\"user\",\"content\":\"\\\\u0000\"}]}",
+     1, {MSG(MESSAGE_USER, "\\u0000")}, DEFAULTS},
+    {"other escapes of control characters",
+     "{\"messages\":[{\"role\":\"user\",\"content\":\"\\u0001\\u001f\"}]}",
+     1, {MSG(MESSAGE_USER, "\x01\x1f")}, DEFAULTS},
     {"whitespace around the document",
      " \n\t{ \"messages\" : [ { \"role\" : \"user\" , \"content\" : \"hi\" "
      "} ] }\n ",
@@ -437,6 +443,15 @@ static const struct refuse_case refuse_cases[] = {
      "temperature"},
     {"temperature an array", WITH_HI(",\"temperature\":[0.5]"), 0,
      "temperature"},
+    /* NUL, which yajl's tree strings would silently cut the text at */
+    {"NUL in content", CONTENT("\"a\\u0000b\""), 0, "NUL"},
+    {"NUL at the start of content", CONTENT("\"\\u0000 rest\""), 0, "NUL"},
+    {"NUL in a text part",
+     CONTENT("[{\"type\":\"text\",\"text\":\"x\\u0000\"}]"), 0, "NUL"},
+    {"NUL after an escaped backslash", CONTENT("\"\\\\\\u0000\""), 0,
+     "NUL"},
+    {"NUL in a role", MSGS("{\"role\":\"user\\u0000\",\"content\":\"x\"}"),
+     0, "NUL"},
     /* temperature outside OpenAI's 0 to 2 */
     {"temperature 5", WITH_HI(",\"temperature\":5"), 0, "temperature"},
     {"temperature just above 2", WITH_HI(",\"temperature\":2.0001"), 0,
