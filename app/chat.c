@@ -803,6 +803,26 @@ parse_completion(struct chat *ch, struct completion *c)
     return -1;
 }
 
+/* Client system and developer messages, unless [v1]
+ * allow_system_messages says no: then a 400 rather than dropping them, so
+ * that the client knows its instructions would not be followed. */
+static int
+check_roles(struct chat *ch)
+{
+    const struct messages *h = &ch->history;
+
+    if (ch->conf->v1.allow_system_messages)
+        return 0;
+    for (size_t i = 0; i < h->count; i++) {
+        if (h->msgs[i].role == MESSAGE_SYSTEM) {
+            http_send_error(ch->req, 400, "invalid_request", "system and "
+                            "developer messages are not allowed here");
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* Per-client limits, when configured: one round trip before the model. */
 static int
 check_rate(struct chat *ch, const struct chatdb_turn *t)
@@ -907,7 +927,8 @@ chat_completions(struct chat *ch, struct http_request *r)
 
     ch->req = r;
     snprintf(c.v1.id, sizeof(c.v1.id), "chatcmpl-%s", r->id);
-    if (parse_completion(ch, &c) == -1 || check_rate(ch, &t) == -1)
+    if (parse_completion(ch, &c) == -1 || check_roles(ch) == -1 ||
+        check_rate(ch, &t) == -1)
         return;
     set_up_call(ch, &c, &call);
     if (ask_model(ch, &call) == -1)

@@ -29,11 +29,12 @@ struct conf_key {
     const char *const *choices; /* CONF_CHOICE: the words, index = value */
 };
 
-/* In the order of enum log_level and enum conf_pool. */
+/* In the order of enum log_level and enum conf_pool; no is 0, yes 1. */
 static const char *const level_words[] = {"debug", "info", "warn", "error",
                                           NULL};
 static const char *const pool_words[] = {"static", "dynamic", "single",
                                          NULL};
+static const char *const yes_no_words[] = {"no", "yes", NULL};
 
 #define F(field) offsetof(struct conf, field)
 #define MS_MAX (24LL * 3600 * 1000)
@@ -125,6 +126,9 @@ static const struct conf_key keys[] = {
 
     INT("rate_limit", "rpm", 0, 1LL << 40, "0", rate_limit.rpm),
     INT("rate_limit", "tpm", 0, 1LL << 40, "0", rate_limit.tpm),
+
+    CHOICE("v1", "allow_system_messages", yes_no_words, "yes",
+           v1.allow_system_messages),
 };
 
 #define NKEYS (sizeof(keys) / sizeof(*keys))

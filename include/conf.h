@@ -109,6 +109,10 @@ struct conf {
         long long rpm; /* turns per minute per client; 0: off */
         long long tpm; /* model tokens per minute per client; 0: off */
     } rate_limit;
+
+    struct {
+        long long allow_system_messages; /* 1 yes, 0 no (then a 400) */
+    } v1;
 };
 
 /* Fill every key with its default. Returns 0, or -1 when memory runs out. */

@@ -86,6 +86,8 @@ test_defaults(void **state)
     assert_int_equal(c.chat.history_max_messages, 20);
     assert_int_equal(c.chat.history_max_bytes, 65536);
     assert_int_equal(c.chat.history_ttl_seconds, 86400);
+
+    assert_int_equal(c.v1.allow_system_messages, 1);
     conf_free(&c);
 }
 
@@ -418,6 +420,7 @@ test_env_basic(void **state)
         "CHATFCGI_LOG_LEVEL=warn",
         "CHATFCGI_UPSTREAM_TEMPERATURE=1.5",
         "CHATFCGI_CHAT_HISTORY_MAX_MESSAGES=10",
+        "CHATFCGI_V1_ALLOW_SYSTEM_MESSAGES=no",
         NULL,
     };
     char err[CONF_ERR_LEN] = "";
@@ -436,6 +439,7 @@ test_env_basic(void **state)
     assert_true(c.upstream.temperature > 1.49 &&
                 c.upstream.temperature < 1.51);
     assert_int_equal(c.chat.history_max_messages, 10);
+    assert_int_equal(c.v1.allow_system_messages, 0);
     conf_free(&c);
 }
 
@@ -543,6 +547,8 @@ static const struct env_bad_case env_bad_cases[] = {
     {"CHATFCGI_LOG_LEVEL=loud", "CHATFCGI_LOG_LEVEL"},
     {"CHATFCGI_UPSTREAM_TEMPERATURE=3", "CHATFCGI_UPSTREAM_TEMPERATURE"},
     {"CHATFCGI_CHAT_MAX_BODY_BYTES=1", "CHATFCGI_CHAT_MAX_BODY_BYTES"},
+    {"CHATFCGI_V1_ALLOW_SYSTEM_MESSAGES=maybe",
+     "CHATFCGI_V1_ALLOW_SYSTEM_MESSAGES"},
 };
 
 static void
