@@ -823,6 +823,32 @@ check_roles(struct chat *ch)
     return 0;
 }
 
+/* The model asked for, one of those [v1] models offers: the first (also
+ * when the request names none) asks each provider for its own model,
+ * another is asked of every provider by its name. Returns 0, or -1 when
+ * the request has been answered (400 model_not_found). */
+static int
+choose_model(struct chat *ch, const struct completion *c,
+             struct llm_call *call)
+{
+    const char *offered = ch->conf->v1.models, *name;
+    size_t len;
+    int first = 1;
+
+    while ((name = conf_list_next(&offered, &len)) != NULL) {
+        if (c->q.model == NULL ||
+            (len == c->q.model_len && memcmp(name, c->q.model, len) == 0)) {
+            call->model = first ? NULL : c->q.model;
+            return 0;
+        }
+        first = 0;
+    }
+    http_send_error(ch->req, 400, "model_not_found", "the model asked for "
+                    "is not offered here; GET /v1/models lists those that "
+                    "are");
+    return -1;
+}
+
 /* Per-client limits, when configured: one round trip before the model. */
 static int
 check_rate(struct chat *ch, const struct chatdb_turn *t)
@@ -928,7 +954,7 @@ chat_completions(struct chat *ch, struct http_request *r)
     ch->req = r;
     snprintf(c.v1.id, sizeof(c.v1.id), "chatcmpl-%s", r->id);
     if (parse_completion(ch, &c) == -1 || check_roles(ch) == -1 ||
-        check_rate(ch, &t) == -1)
+        choose_model(ch, &c, &call) == -1 || check_rate(ch, &t) == -1)
         return;
     set_up_call(ch, &c, &call);
     if (ask_model(ch, &call) == -1)

@@ -238,6 +238,7 @@ start_next(struct llm *l, struct plan *p, int hedge)
 {
     size_t provider = plan_take(p);
     const struct conf_provider *cp = &l->conf->providers[provider];
+    const char *model = l->call->model ? l->call->model : cp->model;
     struct exchange *a = idle_attempt(l);
     struct exchange_spec spec = {
         .url = l->urls[provider],
@@ -248,7 +249,7 @@ start_next(struct llm *l, struct plan *p, int hedge)
         .stream = streaming_call(l),
     };
 
-    if (a == NULL || gen_request(l, l->call, cp->model) == -1)
+    if (a == NULL || gen_request(l, l->call, model) == -1)
         return NULL;
     yajl_gen_get_buf(l->gen, (const unsigned char **)&spec.body,
                      &spec.body_len);
@@ -256,7 +257,7 @@ start_next(struct llm *l, struct plan *p, int hedge)
     a->on_content = on_content;
     a->arg = l;
     plan_note_start(p, provider, hedge);
-    if (exchange_start(a, l->multi, &spec, cp->model) == -1)
+    if (exchange_start(a, l->multi, &spec, model) == -1)
         return a;
     a->hedge = hedge;
     return a;
@@ -504,7 +505,7 @@ begin_call(struct llm *l, const struct llm_call *call,
         l->attempts[i].ans.status = ANSWER_OK; /* not failed: not tried */
     buf_reset(&ans->reply);
     snprintf(ans->model, sizeof(ans->model), "%s",
-             l->conf->providers[0].model);
+             call->model ? call->model : l->conf->providers[0].model);
     ans->prompt_tokens = ans->completion_tokens = -1;
 }
 

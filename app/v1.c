@@ -8,6 +8,7 @@
 
 #include "answer.h"
 #include "buf.h"
+#include "conf.h"
 #include "json.h"
 #include "messages.h"
 
@@ -111,7 +112,7 @@ static int
 parse_options(const struct buf *body, struct buf *arena,
               struct v1_request *q, char err[V1_ERR_LEN])
 {
-    enum { STREAM, USAGE, TEMPERATURE, MAX_TOKENS, MAX_COMPLETION };
+    enum { STREAM, USAGE, TEMPERATURE, MAX_TOKENS, MAX_COMPLETION, MODEL };
     struct json_field f[] = {
         [STREAM] = {.path = "stream", .accept = JSON_BOOL | JSON_NULL},
         [USAGE] = {.path = "stream_options.include_usage",
@@ -122,12 +123,17 @@ parse_options(const struct buf *body, struct buf *arena,
                         .accept = JSON_NUMBER | JSON_NULL},
         [MAX_COMPLETION] = {.path = "max_completion_tokens",
                             .accept = JSON_NUMBER | JSON_NULL},
+        [MODEL] = {.path = "model", .accept = JSON_STRING | JSON_NULL},
     };
 
     buf_reset(arena);
-    if (json_pick(body->data, body->len, f, 5, arena, REQUEST_DEPTH,
+    if (json_pick(body->data, body->len, f, 6, arena, REQUEST_DEPTH,
                   JSON_STRICT, err) == -1)
         return -1;
+    q->model = f[MODEL].type == JSON_STRING
+                   ? json_field_text(&f[MODEL], arena)
+                   : NULL;
+    q->model_len = f[MODEL].len;
     q->stream = f[STREAM].type == JSON_BOOL && f[STREAM].boolean;
     q->include_usage = f[USAGE].type == JSON_BOOL && f[USAGE].boolean;
     if (f[TEMPERATURE].type == JSON_NUMBER &&
@@ -247,18 +253,30 @@ v1_gen_completion(yajl_gen g, const struct v1_completion *c,
            gen_openai_usage(g, a) || yajl_gen_map_close(g);
 }
 
-int
-v1_gen_models(yajl_gen g, const char *model)
+static int
+gen_model(yajl_gen g, const char *id, size_t len)
 {
-    json_gen_restart(g);
-    return yajl_gen_map_open(g) || json_gen_key_cstr(g, "object", "list") ||
-           json_gen_cstr(g, "data") || yajl_gen_array_open(g) ||
-           yajl_gen_map_open(g) || json_gen_key_cstr(g, "id", model) ||
+    return yajl_gen_map_open(g) || json_gen_key_str(g, "id", id, len) ||
            json_gen_key_cstr(g, "object", "model") ||
            json_gen_key_int(g, "created", 0) ||
            json_gen_key_cstr(g, "owned_by", "chatfcgi") ||
-           yajl_gen_map_close(g) || yajl_gen_array_close(g) ||
            yajl_gen_map_close(g);
+}
+
+int
+v1_gen_models(yajl_gen g, const char *models)
+{
+    const char *id;
+    size_t len;
+
+    json_gen_restart(g);
+    if (yajl_gen_map_open(g) || json_gen_key_cstr(g, "object", "list") ||
+        json_gen_cstr(g, "data") || yajl_gen_array_open(g))
+        return -1;
+    while ((id = conf_list_next(&models, &len)) != NULL)
+        if (gen_model(g, id, len))
+            return -1;
+    return yajl_gen_array_close(g) || yajl_gen_map_close(g);
 }
 
 /* OpenAI's error type for a status. */

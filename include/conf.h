@@ -112,6 +112,9 @@ struct conf {
 
     struct {
         long long allow_system_messages; /* 1 yes, 0 no (then a 400) */
+        char *models; /* offered, the first as the providers' own; filled
+                         by conf_load with the first provider's model
+                         when left empty */
     } v1;
 };
 
@@ -136,7 +139,8 @@ int conf_load(struct conf *c, const char *path, char *const envp[],
 void conf_free(struct conf *c);
 
 /* Configured lists (client_keys, trusted_proxies, cors_origins,
- * status_allow) separate their entries with commas or spaces. */
+ * status_allow, [v1] models) separate their entries with commas or
+ * spaces. */
 
 /* The next entry of *list (len bytes), advancing *list; NULL at the end. */
 const char *conf_list_next(const char **list, size_t *len);

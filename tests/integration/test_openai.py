@@ -52,9 +52,40 @@ def test_official_sdk(stack):
 
 
 def test_models(http, stack):
+    """Without [v1] models, the first provider's model alone."""
     r = http.get(f"{stack.url}/v1/models", timeout=5)
     assert r.status_code == 200
-    assert r.json()["data"][0]["id"] == "local-eliza"
+    assert [m["id"] for m in r.json()["data"]] == ["local-eliza"]
+
+
+def test_a_model_not_offered_is_400_model_not_found(http, stack, model):
+    """The model field is no longer dropped: a model not offered is
+    refused, before any provider is asked."""
+    r = completions(http, stack, dict(user(), model="gpt-4-32k"))
+    err = openai_error(r, 400, "invalid_request_error")
+    assert err["code"] == "model_not_found", err
+    assert model.stats()["requests"] == 0
+    r = completions(http, stack, dict(user(), model="local-eliza"))
+    assert r.status_code == 200, r.text
+
+
+def test_the_models_offered_map_to_what_is_asked(http, stack_factory):
+    """[v1] models: the first name (and a request naming none) asks each
+    provider for its own model; another name is asked for as it is."""
+    st = stack_factory({"CHATFCGI_V1_MODELS": "chat, big-model"})
+    model = LocalModel.of(st, http)
+    r = http.get(f"{st.url}/v1/models", timeout=5)
+    assert [m["id"] for m in r.json()["data"]] == ["chat", "big-model"]
+    for asked, sent in [(None, "local-eliza"), ("chat", "local-eliza"),
+                        ("big-model", "big-model")]:
+        body = user() if asked is None else dict(user(), model=asked)
+        r = completions(http, st, body)
+        assert r.status_code == 200, r.text
+        assert model.stats()["recent"][-1]["body"]["model"] == sent, asked
+    for asked in ("local-eliza", "", "chat, big-model"):
+        r = completions(http, st, dict(user(), model=asked))
+        assert openai_error(r, 400, "invalid_request_error")["code"] == \
+            "model_not_found"
 
 
 def test_history_is_not_kept_and_system_prompt_is_the_clients(http, stack,
