@@ -266,37 +266,57 @@ read_body(struct chat *ch)
     return -1;
 }
 
+/* What a client is told of a failed model call: its kind, and the
+ * provider's HTTP status. */
+static const char *
+failure_kind(const struct answer *a)
+{
+    long s = a->http_status;
+
+    switch (a->status) {
+    case ANSWER_TIMEOUT:
+        return "the model did not answer in time";
+    case ANSWER_UNREACHABLE:
+        return "the model provider cannot be reached";
+    case ANSWER_BAD:
+        return "the model's answer cannot be used";
+    case ANSWER_HTTP_ERROR:
+        if (s >= 200 && s < 300)
+            return "the model reported an error mid-stream";
+        return s >= 400 && s < 500 ? "the model provider refused the request"
+                                   : "the model provider failed";
+    default:
+        return "the model call failed";
+    }
+}
+
+/* The provider's own words never reach the client: they can quote the
+ * server's API key (OpenAI's 401 shows a masked form of it) or name its
+ * account, and curl's name its hosts. They go to the error log, whose
+ * lines carry the request id the client got in X-Request-Id. */
 static void
 fail_model(struct chat *ch, const struct answer *a)
 {
     struct http_request *r = ch->req;
+    int timeout = a->status == ANSWER_TIMEOUT;
+    char text[96];
 
-    switch (a->status) {
-    case ANSWER_OK:
+    if (a->status == ANSWER_OK)
         return;
-    case ANSWER_CLIENT_GONE:
+    if (a->status == ANSWER_CLIENT_GONE) {
         log_info("chat", "%s; upstream call cancelled", a->message);
         r->status = HTTP_STATUS_CLIENT_GONE;
         return;
-    case ANSWER_TIMEOUT:
-        http_send_error(r, 504, "upstream_timeout",
-                        "the model did not answer in time (%s)", a->message);
-        return;
-    case ANSWER_HTTP_ERROR:
-        http_send_error(r, 502, "upstream_error",
-                        "the model answered %ld: %s", a->http_status,
-                        a->message);
-        return;
-    case ANSWER_UNREACHABLE:
-        http_send_error(r, 502, "upstream_error",
-                        "the model cannot be reached (%s)", a->message);
-        return;
-    case ANSWER_BAD:
-    case ANSWER_FAILED:
-        break;
     }
-    http_send_error(r, 502, "upstream_error", "the model failed: %s",
-                    a->message);
+    if (a->status == ANSWER_HTTP_ERROR)
+        snprintf(text, sizeof(text), "%s (HTTP %ld)", failure_kind(a),
+                 a->http_status);
+    else
+        snprintf(text, sizeof(text), "%s", failure_kind(a));
+    log_warnx("chat", "%s: %s", text, a->message);
+    http_send_error(r, timeout ? 504 : 502,
+                    timeout ? "upstream_timeout" : "upstream_error", "%s",
+                    text);
 }
 
 /* Run call into ch->answer, within the request's deadline and watching
@@ -846,6 +866,52 @@ parse_completion(struct chat *ch, struct completion *c)
     return -1;
 }
 
+/* Client system and developer messages, unless [v1]
+ * allow_system_messages says no: then a 400 rather than dropping them, so
+ * that the client knows its instructions would not be followed. */
+static int
+check_roles(struct chat *ch)
+{
+    const struct messages *h = &ch->history;
+
+    if (ch->conf->v1.allow_system_messages)
+        return 0;
+    for (size_t i = 0; i < h->count; i++) {
+        if (h->msgs[i].role == MESSAGE_SYSTEM) {
+            http_send_error(ch->req, 400, "invalid_request", "system and "
+                            "developer messages are not allowed here");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* The model asked for, one of those [v1] models offers: the first (also
+ * when the request names none) asks each provider for its own model,
+ * another is asked of every provider by its name. Returns 0, or -1 when
+ * the request has been answered (400 model_not_found). */
+static int
+choose_model(struct chat *ch, const struct completion *c,
+             struct llm_call *call)
+{
+    const char *offered = ch->conf->v1.models, *name;
+    size_t len;
+    int first = 1;
+
+    while ((name = conf_list_next(&offered, &len)) != NULL) {
+        if (c->q.model == NULL ||
+            (len == c->q.model_len && memcmp(name, c->q.model, len) == 0)) {
+            call->model = first ? NULL : c->q.model;
+            return 0;
+        }
+        first = 0;
+    }
+    http_send_error(ch->req, 400, "model_not_found", "the model asked for "
+                    "is not offered here; GET /v1/models lists those that "
+                    "are");
+    return -1;
+}
+
 /* Per-client limits, when configured: one round trip before the model. */
 static int
 check_rate(struct chat *ch, const struct chatdb_turn *t)
@@ -918,6 +984,22 @@ send_completion(struct completion *c)
     http_send_json(r, 200);
 }
 
+/* The operator's policy over what the client asked: the configured
+ * system prompt goes first, and [upstream] max_tokens, when set, is the
+ * most a client may ask for (as well as the default). */
+static void
+set_up_call(struct chat *ch, const struct completion *c,
+            struct llm_call *call)
+{
+    long long cap = ch->conf->upstream.max_tokens;
+
+    call->system_prompt = ch->conf->upstream.system_prompt;
+    call->temperature = c->q.temperature;
+    call->max_tokens = cap > 0 && c->q.max_tokens > cap ? cap
+                                                         : c->q.max_tokens;
+    call->on_delta = c->q.stream ? send_chunk : NULL;
+}
+
 void
 chat_completions(struct chat *ch, struct http_request *r)
 {
@@ -934,11 +1016,10 @@ chat_completions(struct chat *ch, struct http_request *r)
 
     ch->req = r;
     snprintf(c.v1.id, sizeof(c.v1.id), "chatcmpl-%s", r->id);
-    if (parse_completion(ch, &c) == -1 || check_rate(ch, &t) == -1)
+    if (parse_completion(ch, &c) == -1 || check_roles(ch) == -1 ||
+        choose_model(ch, &c, &call) == -1 || check_rate(ch, &t) == -1)
         return;
-    call.temperature = c.q.temperature;
-    call.max_tokens = c.q.max_tokens;
-    call.on_delta = c.q.stream ? send_chunk : NULL;
+    set_up_call(ch, &c, &call);
     if (ask_model(ch, &call) == -1)
         return;
     count_tokens(ch, &t);

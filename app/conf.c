@@ -29,11 +29,12 @@ struct conf_key {
     const char *const *choices; /* CONF_CHOICE: the words, index = value */
 };
 
-/* In the order of enum log_level and enum conf_pool. */
+/* In the order of enum log_level and enum conf_pool; no is 0, yes 1. */
 static const char *const level_words[] = {"debug", "info", "warn", "error",
                                           NULL};
 static const char *const pool_words[] = {"static", "dynamic", "single",
                                          NULL};
+static const char *const yes_no_words[] = {"no", "yes", NULL};
 
 #define F(field) offsetof(struct conf, field)
 #define MS_MAX (24LL * 3600 * 1000)
@@ -125,6 +126,10 @@ static const struct conf_key keys[] = {
 
     INT("rate_limit", "rpm", 0, 1LL << 40, "0", rate_limit.rpm),
     INT("rate_limit", "tpm", 0, 1LL << 40, "0", rate_limit.tpm),
+
+    CHOICE("v1", "allow_system_messages", yes_no_words, "yes",
+           v1.allow_system_messages),
+    STR("v1", "models", "", v1.models),
 };
 
 #define NKEYS (sizeof(keys) / sizeof(*keys))
@@ -689,6 +694,18 @@ finish_providers(struct conf *c, char err[CONF_ERR_LEN])
     return 0;
 }
 
+/* [v1] models left empty offers the model of the first provider, the one
+ * an answer names when the provider does not. */
+static int
+finish_v1(struct conf *c, char err[CONF_ERR_LEN])
+{
+    if (c->v1.models[0] != '\0' ||
+        set_string(&c->v1.models, c->providers[0].model) == 0)
+        return 0;
+    snprintf(err, CONF_ERR_LEN, "out of memory");
+    return -1;
+}
+
 const char *
 conf_list_next(const char **list, size_t *len)
 {
@@ -797,7 +814,8 @@ conf_load(struct conf *c, const char *path, char *const envp[],
             return -1;
         warn_if_key_exposed(c, path);
     }
-    if (conf_apply_env(c, envp, err) == -1 || finish_providers(c, err) == -1)
+    if (conf_apply_env(c, envp, err) == -1 ||
+        finish_providers(c, err) == -1 || finish_v1(c, err) == -1)
         return -1;
     return conf_check(c, err);
 }

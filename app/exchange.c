@@ -144,6 +144,21 @@ exchange_error_message(const char *body, size_t len, char *out, size_t size)
     return rc;
 }
 
+/* An error object in a 2xx stream: an HTTP error of the stream's status
+ * (not 0: the provider did answer), which the plan retries as a 5xx. */
+static int
+error_mid_stream(struct exchange *a, const char *data, size_t len)
+{
+    char why[ANSWER_MESSAGE_LEN - 48], message[ANSWER_MESSAGE_LEN];
+
+    if (exchange_error_message(data, len, why, sizeof(why)) == -1)
+        snprintf(why, sizeof(why), "no message");
+    /* why is short enough that no character is cut here */
+    snprintf(message, sizeof(message), "the model reported an error "
+             "mid-stream: %s", why);
+    return stream_fail(a, ANSWER_HTTP_ERROR, message);
+}
+
 /* One event of an upstream stream: a chunk, [DONE], or an error object. */
 static int
 on_event(void *arg, const char *data, size_t len)
@@ -169,12 +184,8 @@ on_event(void *arg, const char *data, size_t len)
     if (json_pick(data, len, f, 6, &a->arena, ANSWER_DEPTH, 0, err))
         return stream_fail(a, ANSWER_BAD, "the model's stream carries "
                            "an event that is not JSON");
-    if (f[ERROR].type != 0 && f[ERROR].type != JSON_NULL) {
-        if (exchange_error_message(data, len, err, sizeof(err)) == -1)
-            snprintf(err, sizeof(err), "the model's stream reported an "
-                     "error");
-        return stream_fail(a, ANSWER_HTTP_ERROR, err);
-    }
+    if (f[ERROR].type != 0 && f[ERROR].type != JSON_NULL)
+        return error_mid_stream(a, data, len);
     pick_model(&f[MODEL], &a->arena, &a->ans);
     if (f[PROMPT].type == JSON_NUMBER || f[COMPLETION].type == JSON_NUMBER)
         pick_usage(&f[PROMPT], &f[COMPLETION], &a->arena, &a->ans);
@@ -187,7 +198,10 @@ on_event(void *arg, const char *data, size_t len)
         return stream_fail(a, ANSWER_BAD, "the model's reply is larger "
                            "than max_response_bytes");
     a->got_content = 1;
-    return a->on_content(a, a->arg);
+    if (a->on_content(a, a->arg) == 0)
+        return 0;
+    a->stopped = !a->stream_failed;
+    return -1;
 }
 
 /* Decide, at the first bytes of the body, whether it is an event stream
@@ -204,6 +218,22 @@ choose_body_mode(struct exchange *a)
     a->streaming = a->want_stream && status >= 200 && status < 300 &&
                    type != NULL &&
                    strncasecmp(type, "text/event-stream", 17) == 0;
+    a->ans.http_status = status; /* what a failure mid-stream reports */
+}
+
+/* Events as they come. A parse that stops was stopped by on_event (which
+ * judged the stream), by on_content (the caller's doing), or else by a
+ * line or event over SSE_LINE_MAX: a bad answer, not a broken transfer
+ * worth another try. */
+static size_t
+feed_stream(struct exchange *a, const char *data, size_t n)
+{
+    if (sse_feed(&a->sse, data, n) == 0)
+        return n;
+    if (!a->stream_failed && !a->stopped)
+        stream_fail(a, ANSWER_BAD, "the model's stream has a line or an "
+                    "event over 256 KiB");
+    return 0;
 }
 
 static size_t
@@ -217,7 +247,7 @@ on_body(char *data, size_t size, size_t n, void *arg)
         choose_body_mode(a);
     }
     if (a->streaming)
-        return sse_feed(&a->sse, data, size * n) == 0 ? size * n : 0;
+        return feed_stream(a, data, size * n);
     if (buf_append(&a->response, data, size * n) == -1) {
         a->response_too_large = 1;
         return 0; /* makes curl stop with CURLE_WRITE_ERROR */
@@ -292,6 +322,7 @@ exchange_reset(struct exchange *a, const char *model)
     curl_slist_free_all(a->headers);
     a->headers = NULL;
     a->response_too_large = a->stream_complete = a->stream_failed = 0;
+    a->stopped = 0;
     a->got_bytes = a->got_content = a->streaming = a->hedge = 0;
     a->errbuf[0] = '\0';
     a->started_ms = a->last_bytes_ms = clock_ms();

@@ -238,6 +238,7 @@ start_next(struct llm *l, struct plan *p, int hedge)
 {
     size_t provider = plan_take(p);
     const struct conf_provider *cp = &l->conf->providers[provider];
+    const char *model = l->call->model ? l->call->model : cp->model;
     struct exchange *a = idle_attempt(l);
     struct exchange_spec spec = {
         .url = l->urls[provider],
@@ -248,7 +249,7 @@ start_next(struct llm *l, struct plan *p, int hedge)
         .stream = streaming_call(l),
     };
 
-    if (a == NULL || gen_request(l, l->call, cp->model) == -1)
+    if (a == NULL || gen_request(l, l->call, model) == -1)
         return NULL;
     yajl_gen_get_buf(l->gen, (const unsigned char **)&spec.body,
                      &spec.body_len);
@@ -256,7 +257,7 @@ start_next(struct llm *l, struct plan *p, int hedge)
     a->on_content = on_content;
     a->arg = l;
     plan_note_start(p, provider, hedge);
-    if (exchange_start(a, l->multi, &spec, cp->model) == -1)
+    if (exchange_start(a, l->multi, &spec, model) == -1)
         return a;
     a->hedge = hedge;
     return a;
@@ -427,8 +428,9 @@ collect(struct llm *l, struct plan *p)
         exchange_judge(a, rc);
         if (l->client_gone)
             return NULL;
-        if (a->ans.status == ANSWER_OK && winner == NULL &&
-            (l->committed == NULL || l->committed == a))
+        if (l->committed != NULL && l->committed != a)
+            continue; /* lost the race: stopped, not failed */
+        if (a->ans.status == ANSWER_OK && winner == NULL)
             winner = a;
         else if (a->ans.status != ANSWER_OK)
             after_failure(l, p, a);
@@ -474,13 +476,14 @@ take_answer(struct llm *l, struct plan *p, struct exchange *a,
     swap_reply(ans, &a->ans);
 }
 
-/* No winner: the last failure is the answer. */
+/* No winner: the failure of the stream that reached the client, else the
+ * last failure, is the answer. */
 static void
 take_failure(const struct llm *l, struct answer *ans)
 {
-    const struct exchange *last = NULL;
+    const struct exchange *last = l->committed;
 
-    for (size_t i = 0; i < LLM_ATTEMPTS; i++)
+    for (size_t i = 0; last == NULL && i < LLM_ATTEMPTS; i++)
         if (l->attempts[i].ans.status != ANSWER_OK &&
             (last == NULL ||
              l->attempts[i].started_ms > last->started_ms))
@@ -503,7 +506,7 @@ begin_call(struct llm *l, const struct llm_call *call,
         l->attempts[i].ans.status = ANSWER_OK; /* not failed: not tried */
     buf_reset(&ans->reply);
     snprintf(ans->model, sizeof(ans->model), "%s",
-             l->conf->providers[0].model);
+             call->model ? call->model : l->conf->providers[0].model);
     ans->prompt_tokens = ans->completion_tokens = -1;
 }
 

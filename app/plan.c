@@ -76,7 +76,8 @@ final_failure(enum answer_status status, long http_status)
 }
 
 /* Worth asking the same provider again after a pause: it could not be
- * reached, was overloaded (429, 5xx) or broke off. A timeout or a
+ * reached, was overloaded (429, 5xx), broke off, or reported an error in
+ * the middle of a 2xx stream (its failure, as a 5xx is). A timeout or a
  * nonsense answer is not: waiting again would only double the wait. */
 static int
 retryable(enum answer_status status, long http_status)
@@ -86,7 +87,8 @@ retryable(enum answer_status status, long http_status)
     case ANSWER_FAILED:
         return 1;
     case ANSWER_HTTP_ERROR:
-        return http_status == 429 || http_status >= 500;
+        return http_status == 429 || http_status >= 500 ||
+               (http_status >= 200 && http_status < 300);
     default:
         return 0;
     }

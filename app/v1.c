@@ -8,6 +8,7 @@
 
 #include "answer.h"
 #include "buf.h"
+#include "conf.h"
 #include "json.h"
 #include "messages.h"
 
@@ -92,12 +93,26 @@ load_messages(yajl_val doc, struct buf *scratch, struct messages *h,
     return 0;
 }
 
+/* A temperature within OpenAI's 0 to 2 (1e400 reads as infinite). One
+ * outside would be refused by the provider, counting the request's own
+ * fault against it, or, being negative, silently not sent. */
+static int
+parse_temperature(const char *text, double *out)
+{
+    double t = strtod(text, NULL);
+
+    if (!(t >= 0 && t <= 2))
+        return -1;
+    *out = t;
+    return 0;
+}
+
 /* The scalar options, picked in one strict pass. */
 static int
 parse_options(const struct buf *body, struct buf *arena,
               struct v1_request *q, char err[V1_ERR_LEN])
 {
-    enum { STREAM, USAGE, TEMPERATURE, MAX_TOKENS, MAX_COMPLETION };
+    enum { STREAM, USAGE, TEMPERATURE, MAX_TOKENS, MAX_COMPLETION, MODEL };
     struct json_field f[] = {
         [STREAM] = {.path = "stream", .accept = JSON_BOOL | JSON_NULL},
         [USAGE] = {.path = "stream_options.include_usage",
@@ -108,21 +123,44 @@ parse_options(const struct buf *body, struct buf *arena,
                         .accept = JSON_NUMBER | JSON_NULL},
         [MAX_COMPLETION] = {.path = "max_completion_tokens",
                             .accept = JSON_NUMBER | JSON_NULL},
+        [MODEL] = {.path = "model", .accept = JSON_STRING | JSON_NULL},
     };
 
     buf_reset(arena);
-    if (json_pick(body->data, body->len, f, 5, arena, REQUEST_DEPTH,
+    if (json_pick(body->data, body->len, f, 6, arena, REQUEST_DEPTH,
                   JSON_STRICT, err) == -1)
         return -1;
+    q->model = f[MODEL].type == JSON_STRING
+                   ? json_field_text(&f[MODEL], arena)
+                   : NULL;
+    q->model_len = f[MODEL].len;
     q->stream = f[STREAM].type == JSON_BOOL && f[STREAM].boolean;
     q->include_usage = f[USAGE].type == JSON_BOOL && f[USAGE].boolean;
-    if (f[TEMPERATURE].type == JSON_NUMBER)
-        q->temperature = strtod(json_field_text(&f[TEMPERATURE], arena),
-                                NULL);
+    if (f[TEMPERATURE].type == JSON_NUMBER &&
+        parse_temperature(json_field_text(&f[TEMPERATURE], arena),
+                          &q->temperature) == -1)
+        return refuse(err, "temperature must be a number from 0 to 2");
     for (int i = MAX_TOKENS; i <= MAX_COMPLETION; i++)
         if (f[i].type == JSON_NUMBER &&
             json_field_int(&f[i], arena, 1, 1LL << 30, &q->max_tokens))
             return refuse(err, "max_tokens must be a positive integer");
+    return 0;
+}
+
+/* A \u0000 escape in the body: a NUL in some string. yajl's tree keeps
+ * strings as C strings, so a NUL would silently cut a message (or a role)
+ * short; /api/chat refuses a NUL in its message too. The body passed the
+ * strict parse, so every backslash begins an escape of its own. */
+static int
+has_nul(const struct buf *body)
+{
+    for (size_t i = 0; i + 1 < body->len; i++) {
+        if (body->data[i] != '\\')
+            continue;
+        if (body->len - i >= 6 && memcmp(body->data + i, "\\u0000", 6) == 0)
+            return 1;
+        i++; /* past the escaped character, which may be a backslash */
+    }
     return 0;
 }
 
@@ -137,6 +175,8 @@ v1_parse_request(struct buf *body, struct buf *arena, struct buf *scratch,
 
     if (parse_options(body, arena, q, err) == -1)
         return -1;
+    if (has_nul(body))
+        return refuse(err, "a string of the body contains NUL (\\u0000)");
     text = buf_cstr(body);
     doc = text ? yajl_tree_parse(text, NULL, 0) : NULL;
     if (doc == NULL)
@@ -213,18 +253,30 @@ v1_gen_completion(yajl_gen g, const struct v1_completion *c,
            gen_openai_usage(g, a) || yajl_gen_map_close(g);
 }
 
-int
-v1_gen_models(yajl_gen g, const char *model)
+static int
+gen_model(yajl_gen g, const char *id, size_t len)
 {
-    json_gen_restart(g);
-    return yajl_gen_map_open(g) || json_gen_key_cstr(g, "object", "list") ||
-           json_gen_cstr(g, "data") || yajl_gen_array_open(g) ||
-           yajl_gen_map_open(g) || json_gen_key_cstr(g, "id", model) ||
+    return yajl_gen_map_open(g) || json_gen_key_str(g, "id", id, len) ||
            json_gen_key_cstr(g, "object", "model") ||
            json_gen_key_int(g, "created", 0) ||
            json_gen_key_cstr(g, "owned_by", "chatfcgi") ||
-           yajl_gen_map_close(g) || yajl_gen_array_close(g) ||
            yajl_gen_map_close(g);
+}
+
+int
+v1_gen_models(yajl_gen g, const char *models)
+{
+    const char *id;
+    size_t len;
+
+    json_gen_restart(g);
+    if (yajl_gen_map_open(g) || json_gen_key_cstr(g, "object", "list") ||
+        json_gen_cstr(g, "data") || yajl_gen_array_open(g))
+        return -1;
+    while ((id = conf_list_next(&models, &len)) != NULL)
+        if (gen_model(g, id, len))
+            return -1;
+    return yajl_gen_array_close(g) || yajl_gen_map_close(g);
 }
 
 /* OpenAI's error type for a status. */

@@ -160,7 +160,7 @@ worker_check_conf(const struct conf *c, char *err, size_t size)
 static void
 serve_models(struct worker *w)
 {
-    if (v1_gen_models(w->gen, w->conf->upstream.model) != 0) {
+    if (v1_gen_models(w->gen, w->conf->v1.models) != 0) {
         http_send_error(&w->req, 500, "internal_error", "out of memory");
         return;
     }

@@ -109,6 +109,13 @@ struct conf {
         long long rpm; /* turns per minute per client; 0: off */
         long long tpm; /* model tokens per minute per client; 0: off */
     } rate_limit;
+
+    struct {
+        long long allow_system_messages; /* 1 yes, 0 no (then a 400) */
+        char *models; /* offered, the first as the providers' own; filled
+                         by conf_load with the first provider's model
+                         when left empty */
+    } v1;
 };
 
 /* Fill every key with its default. Returns 0, or -1 when memory runs out. */
@@ -133,7 +140,8 @@ int conf_load(struct conf *c, const char *path, char *const envp[],
 void conf_free(struct conf *c);
 
 /* Configured lists (client_keys, trusted_proxies, cors_origins,
- * status_allow) separate their entries with commas or spaces. */
+ * status_allow, [v1] models) separate their entries with commas or
+ * spaces. */
 
 /* The next entry of *list (len bytes), advancing *list; NULL at the end. */
 const char *conf_list_next(const char **list, size_t *len);

@@ -45,6 +45,7 @@ struct exchange {
     struct buf arena;    /* strings picked from one event */
     int stream_complete; /* [DONE] or a finish_reason arrived */
     int stream_failed;   /* the stream broke: ans says why */
+    int stopped;         /* on_content stopped it: not the provider's doing */
     struct answer ans;
     struct curl_slist *headers;
     char errbuf[CURL_ERROR_SIZE];

@@ -31,6 +31,8 @@ struct llm_call {
     const struct messages *messages;
     const char *message;       /* the new user message; NULL: none */
     size_t message_len;
+    const char *model;         /* asked of every provider; NULL: each
+                                  provider's own */
     double temperature;        /* < 0: the model's default */
     long long max_tokens;      /* 0: the model's default */
     const char *request_id;

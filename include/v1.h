@@ -25,8 +25,10 @@ struct messages;
 struct v1_request {
     int stream;
     int include_usage;     /* stream_options.include_usage */
-    double temperature;    /* the caller's default unless given */
+    double temperature;    /* the caller's default unless given (0-2) */
     long long max_tokens;  /* the caller's default unless given */
+    const char *model;     /* the model asked for, in arena; NULL: none */
+    size_t model_len;
 };
 
 /* Read body into q (whose temperature and max_tokens hold the defaults)
@@ -57,8 +59,9 @@ int v1_gen_usage_chunk(yajl_gen g, const struct v1_completion *c,
 int v1_gen_completion(yajl_gen g, const struct v1_completion *c,
                       const struct answer *a);
 
-/* GET /v1/models: the one configured model. */
-int v1_gen_models(yajl_gen g, const char *model);
+/* GET /v1/models: the models offered, a configured list (see
+ * conf_list_next), in its order. */
+int v1_gen_models(yajl_gen g, const char *models);
 
 /* OpenAI's error object, {"error": {message, type, param, code}}, and
  * errors in a stream as bare data events. */

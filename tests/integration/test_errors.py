@@ -304,7 +304,7 @@ def test_upstream_error_is_502(stack, http, model):
     model.set(mode="fail", status=500)
     body = assert_json_error(post_raw(http, stack, b'{"message":"hi"}'),
                              502, "upstream_error")
-    assert "local model told to fail" in body["error"]["message"]
+    assert body["error"]["message"] == "the model provider failed (HTTP 500)"
 
 
 def test_upstream_garbage_is_502(stack, http, model):

@@ -85,6 +85,11 @@ def failing_turn(http, st, model, want_status, want_code, **behaviour):
     return body, elapsed
 
 
+def error_log(st):
+    """chatfcgi's error log so far."""
+    return st.log_path("chatfcgi").read_text(errors="replace")
+
+
 def healthz_status(http, st):
     return http.get(f"{st.url}/api/healthz", timeout=5).status_code
 
@@ -103,14 +108,18 @@ def healthz_status(http, st):
     (503, '{"error":{"message":"overloaded","code":null}}', "overloaded"),
 ], ids=["openai-500", "wrapped-429", "integer-code-429", "ollama-404",
         "detail-422", "message-400", "null-code-503"])
-def test_upstream_error_is_502_with_the_providers_message(
+def test_upstream_error_is_502_and_the_providers_message_is_logged(
         stack, http, model, status, body, expect):
+    """The client learns the provider's status; its words, which can quote
+    the server's key or name its account, go to the error log only."""
     behaviour = {"mode": "fail", "status": status}
     if body is not None:
         behaviour["body"] = body
     err, _ = failing_turn(http, stack, model, 502, "upstream_error",
                           **behaviour)
-    assert expect in err["error"]["message"], err
+    assert f"(HTTP {status})" in err["error"]["message"], err
+    assert expect not in err["error"]["message"], err
+    assert expect in error_log(stack)
 
 
 @pytest.mark.parametrize("status,body", [
@@ -138,14 +147,12 @@ def test_upstream_error_without_a_usable_message_is_502(
 def test_long_non_ascii_provider_message_is_kept(stack, http, model, text):
     """A provider message longer than the room kept for it must be cut at a
     character boundary. A cut through a character made the whole message
-    invalid UTF-8, and the client got a placeholder instead of any of the
-    provider's words. (Whatever the room, one of these texts has a
-    character across it.)"""
-    err, _ = failing_turn(http, stack, model, 502, "upstream_error",
-                          mode="fail", status=429, body=json.dumps(
-                              {"error": {"message": text}},
-                              ensure_ascii=False))
-    assert text[:30] in err["error"]["message"], err
+    invalid UTF-8, and none of the provider's words reached the log.
+    (Whatever the room, one of these texts has a character across it.)"""
+    failing_turn(http, stack, model, 502, "upstream_error", mode="fail",
+                 status=429, body=json.dumps({"error": {"message": text}},
+                                             ensure_ascii=False))
+    assert text[:30] in error_log(stack)
 
 
 # ------------------------------------------------ upstream 200s that are bad

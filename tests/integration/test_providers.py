@@ -3,7 +3,9 @@ pool, hedging a provider that hangs, streams that fall over before their
 first delta (and never after), and everything down. Two local models of
 the test's own are the providers, so each can be told to misbehave."""
 
+import json
 import re
+import socket
 import subprocess
 import threading
 import time
@@ -205,3 +207,182 @@ def test_stream_never_falls_over_after_a_delta(stack_factory, models):
     assert res.status == 200
     assert res.names[-1] == "error", res.names
     assert second.requests() == 0
+
+
+def provider_errors(http, st):
+    """chatfcgi_provider_errors_total as {(provider, kind): count}, the
+    kinds that are not 0 only."""
+    text = http.get(f"{st.url}/api/metrics", timeout=5).text
+    found = re.findall(r'^chatfcgi_provider_errors_total\{provider="(\w+)",'
+                       r'kind="(\w+)"\} (\d+)$', text, re.M)
+    return {(p, k): int(n) for p, k, n in found if int(n)}
+
+
+def chunk(text):
+    return json.dumps({"choices": [{"index": 0, "delta": {"content": text},
+                                    "finish_reason": None}]})
+
+
+FINISH = json.dumps({"choices": [{"index": 0, "delta": {},
+                                  "finish_reason": "stop"}]})
+
+
+def read_request(conn):
+    """Read one HTTP request (head and Content-Length body) from conn."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        more = conn.recv(65536)
+        if not more:
+            return
+        data += more
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+    need = int(length.group(1)) if length else 0
+    while len(body) < need:
+        more = conn.recv(65536)
+        if not more:
+            return
+        body += more
+
+
+class ScriptedUpstream:
+    """A model provider for what the local model cannot be told to do: a
+    stream with an error object in it, and answers held back until `hold`
+    requests are in (or a second has passed), then begun to all of them in
+    one go, so that two attempts of one call race. Each request gets a 200
+    event stream of the SSE data values `events`, one every 50 ms, then the
+    connection is closed."""
+
+    HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Connection: close\r\n\r\n")
+
+    def __init__(self, events, hold=1):
+        self.events = [b"data: %s\n\n" % e.encode() for e in events]
+        self.hold = hold
+        self.requests = 0
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.1)
+        self.url = "http://127.0.0.1:%d/v1" % self.server.getsockname()[1]
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _accept_held(self):
+        conns, deadline = [], None
+        while not self.stopping and len(conns) < self.hold and \
+                (deadline is None or time.monotonic() < deadline):
+            try:
+                conn, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(5)
+            read_request(conn)
+            conns.append(conn)
+            deadline = deadline or time.monotonic() + 1
+        return conns
+
+    def _send_all(self, conns, data):
+        for c in conns:
+            try:
+                c.sendall(data)
+            except OSError:
+                pass  # the attempt was stopped: curl closed it
+
+    def _run(self):
+        while not self.stopping:
+            conns = self._accept_held()
+            self.requests += len(conns)
+            for i, event in enumerate(self.events):
+                self._send_all(conns, (self.HEAD if i == 0 else b"") + event)
+                time.sleep(0.05)
+            for c in conns:
+                c.close()
+
+    def stop(self):
+        self.stopping = True
+        self.thread.join(5)
+        self.server.close()
+
+
+@pytest.fixture
+def scripted():
+    made = []
+
+    def make(events, hold=1):
+        made.append(ScriptedUpstream(events, hold))
+        return made[-1]
+
+    yield make
+    for up in made:
+        up.stop()
+
+
+def test_a_hedge_that_loses_the_race_is_no_failure(http, stack_factory,
+                                                   scripted):
+    """Both attempts begin to stream at the same moment: one wins, the
+    other is stopped, and neither provider is charged a failure."""
+    up = scripted([chunk("Hello"), chunk(" there"), FINISH, "[DONE]"],
+                  hold=2)
+    st = stack_factory({"CHATFCGI_UPSTREAM_URL": f"{up.url}, {up.url}",
+                        "CHATFCGI_UPSTREAM_HEDGE_AFTER_MS": "100",
+                        "CHATFCGI_UPSTREAM_TIMEOUT_MS": "3000"})
+    for i in range(5):
+        res = stream_chat(st.url, "hello")
+        assert res.status == 200 and res.text == "Hello there", res.events
+    assert up.requests == 10
+    assert provider_errors(http, st) == {}
+
+
+def test_an_over_long_stream_line_is_a_bad_answer_not_retried(
+        http, stack_factory, models):
+    """A stream line over the parser's cap (256 KiB) is a bad answer: not a
+    broken transfer worth another round."""
+    first = models[0]
+    st = stack_factory({"CHATFCGI_UPSTREAM_URL": f"{first.url}/v1",
+                        "CHATFCGI_UPSTREAM_RETRIES": "1"})
+    first.set(reply="x" * (300 * 1024))
+    res = stream_chat(st.url, "hello")
+    assert res.status == 502, res
+    assert first.requests() == 1
+    assert provider_errors(http, st) == {("upstream1", "bad_answer"): 1}
+
+
+def test_an_error_object_mid_stream(http, stack_factory, scripted):
+    """An error object in a 200 stream, before any content: an error of
+    the stream's HTTP status (200) worth another round, as a 5xx is; the
+    client learns the kind, the log the provider's words."""
+    secret = "quota exceeded for org-4Kq9 (billing@example.com)"
+    up = scripted([json.dumps({"error": {"message": secret,
+                                         "type": "server_error"}})])
+    st = stack_factory({"CHATFCGI_UPSTREAM_URL": up.url,
+                        "CHATFCGI_UPSTREAM_RETRIES": "1"})
+    res = stream_chat(st.url, "hello")
+    assert res.status == 502, res
+    message = res.json()["error"]["message"]
+    assert "mid-stream" in message and "200" in message, message
+    assert b"org-4Kq9" not in res.body
+    assert up.requests == 2
+    assert provider_errors(http, st) == {("upstream1", "http_error"): 2}
+    log = Path(st.log_path("chatfcgi")).read_text()
+    assert f"req={res.headers['x-request-id']}" in log
+    assert secret in log
+
+
+def test_an_error_object_after_content_is_an_error_event(http,
+                                                        stack_factory,
+                                                        scripted):
+    """Once content reached the client, an error object mid-stream ends
+    the stream with an error event that names the kind, not the
+    provider's words, and is not tried again."""
+    secret = "content filter of account acct_7Hx2 triggered"
+    up = scripted([chunk("Hel"), chunk("lo"),
+                   json.dumps({"error": {"message": secret}})])
+    st = stack_factory({"CHATFCGI_UPSTREAM_URL": up.url})
+    res = stream_chat(st.url, "hello")
+    assert res.status == 200 and res.text == "Hello", res.events
+    assert res.names[-1] == "error", res.names
+    assert res.events[-1].data["error"]["message"] == \
+        "the model reported an error mid-stream (HTTP 200)", res.events
+    assert b"acct_7Hx2" not in res.events[-1].raw
+    assert up.requests == 1
+    assert secret in Path(st.log_path("chatfcgi")).read_text()

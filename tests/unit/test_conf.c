@@ -86,6 +86,9 @@ test_defaults(void **state)
     assert_int_equal(c.chat.history_max_messages, 20);
     assert_int_equal(c.chat.history_max_bytes, 65536);
     assert_int_equal(c.chat.history_ttl_seconds, 86400);
+
+    assert_int_equal(c.v1.allow_system_messages, 1);
+    assert_string_equal(c.v1.models, "");
     conf_free(&c);
 }
 
@@ -418,6 +421,8 @@ test_env_basic(void **state)
         "CHATFCGI_LOG_LEVEL=warn",
         "CHATFCGI_UPSTREAM_TEMPERATURE=1.5",
         "CHATFCGI_CHAT_HISTORY_MAX_MESSAGES=10",
+        "CHATFCGI_V1_ALLOW_SYSTEM_MESSAGES=no",
+        "CHATFCGI_V1_MODELS=chat, big",
         NULL,
     };
     char err[CONF_ERR_LEN] = "";
@@ -436,6 +441,8 @@ test_env_basic(void **state)
     assert_true(c.upstream.temperature > 1.49 &&
                 c.upstream.temperature < 1.51);
     assert_int_equal(c.chat.history_max_messages, 10);
+    assert_int_equal(c.v1.allow_system_messages, 0);
+    assert_string_equal(c.v1.models, "chat, big");
     conf_free(&c);
 }
 
@@ -570,6 +577,8 @@ static const struct env_bad_case env_bad_cases[] = {
     {"CHATFCGI_LOG_LEVEL=loud", "CHATFCGI_LOG_LEVEL"},
     {"CHATFCGI_UPSTREAM_TEMPERATURE=3", "CHATFCGI_UPSTREAM_TEMPERATURE"},
     {"CHATFCGI_CHAT_MAX_BODY_BYTES=1", "CHATFCGI_CHAT_MAX_BODY_BYTES"},
+    {"CHATFCGI_V1_ALLOW_SYSTEM_MESSAGES=maybe",
+     "CHATFCGI_V1_ALLOW_SYSTEM_MESSAGES"},
 };
 
 static void
@@ -709,6 +718,39 @@ test_providers(void **state)
     unlink(path);
 }
 
+/* [v1] models left empty offers the first provider's model, whether
+ * that comes from a [provider] section or from [upstream]. */
+static void
+test_v1_models(void **state)
+{
+    static const struct {
+        const char *text;
+        const char *models;
+    } cases[] = {
+        {"", "gpt-4o-mini"},
+        {"[upstream]\nmodel = m0\n", "m0"},
+        {"[upstream]\nmodel = m0\n[provider a]\nmodel = ma\n"
+         "[provider b]\nmodel = mb\n", "ma"},
+        {"[v1]\nmodels = chat, big\nallow_system_messages = no\n",
+         "chat, big"},
+    };
+
+    (void)state;
+    for (size_t i = 0; i < sizeof(cases) / sizeof(*cases); i++) {
+        char path[] = "/tmp/chatfcgi-test-conf-XXXXXX";
+        char err[CONF_ERR_LEN] = "";
+        char *envp[] = {NULL};
+        struct conf c;
+
+        write_conf(path, cases[i].text);
+        if (conf_load(&c, path, envp, err) != 0)
+            fail_msg("conf_load: %s", err);
+        assert_string_equal(c.v1.models, cases[i].models);
+        conf_free(&c);
+        unlink(path);
+    }
+}
+
 /* Without sections: one provider per URL of [upstream] url. */
 static void
 test_providers_from_url_list(void **state)
@@ -781,6 +823,7 @@ main(void)
         cmocka_unit_test(test_strings_replaced_without_leak),
         cmocka_unit_test(test_providers),
         cmocka_unit_test(test_providers_from_url_list),
+        cmocka_unit_test(test_v1_models),
         cmocka_unit_test(test_provider_errors),
     };
 

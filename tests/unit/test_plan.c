@@ -340,6 +340,9 @@ static const struct failed_case failed_cases[] = {
     {"503", ANSWER_HTTP_ERROR, 503, 0, 0, 1, 0},
     {"504", ANSWER_HTTP_ERROR, 504, 0, 0, 1, 0},
     {"599", ANSWER_HTTP_ERROR, 599, 0, 0, 1, 0},
+    /* An error object in a 200 stream: the provider's failure, as a 5xx
+     * is, not the request's. */
+    {"an error mid-stream", ANSWER_HTTP_ERROR, 200, 0, 0, 1, 0},
     {"unreachable", ANSWER_UNREACHABLE, 0, 0, 0, 1, 0},
     {"broken transfer", ANSWER_FAILED, 0, 0, 0, 1, 0},
     /* Waiting again would only double the wait, or get the same. */

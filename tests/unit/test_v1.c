@@ -153,6 +153,12 @@ static const struct accept_case accept_cases[] = {
      {MSG(MESSAGE_USER, "a\nb \"q\" \\ caf\xc3\xa9 \xf0\x9f\x98\x80 "
                         "\xe2\x82\xac")},
      DEFAULTS},
+    {"an escaped backslash before u0000 is no NUL",
+     "{\"messages\":[{\"role\":\"user\",\"content\":\"\\\\u0000\"}]}",
+     1, {MSG(MESSAGE_USER, "\\u0000")}, DEFAULTS},
+    {"other escapes of control characters",
+     "{\"messages\":[{\"role\":\"user\",\"content\":\"\\u0001\\u001f\"}]}",
+     1, {MSG(MESSAGE_USER, "\x01\x1f")}, DEFAULTS},
     {"whitespace around the document",
      " \n\t{ \"messages\" : [ { \"role\" : \"user\" , \"content\" : \"hi\" "
      "} ] }\n ",
@@ -175,6 +181,12 @@ static const struct accept_case accept_cases[] = {
     {"temperature 0", WITH_HI(",\"temperature\":0"), HI_ONLY, 0, 0, 0.0,
      DEF_MAX_TOKENS},
     {"temperature 1.5", WITH_HI(",\"temperature\":1.5"), HI_ONLY, 0, 0, 1.5,
+     DEF_MAX_TOKENS},
+    {"temperature 2", WITH_HI(",\"temperature\":2"), HI_ONLY, 0, 0, 2.0,
+     DEF_MAX_TOKENS},
+    {"temperature 2e0", WITH_HI(",\"temperature\":2e0"), HI_ONLY, 0, 0,
+     2.0, DEF_MAX_TOKENS},
+    {"temperature -0", WITH_HI(",\"temperature\":-0"), HI_ONLY, 0, 0, 0.0,
      DEF_MAX_TOKENS},
     {"temperature null", WITH_HI(",\"temperature\":null"), HI_ONLY,
      DEFAULTS},
@@ -249,6 +261,40 @@ test_parse_accepted(void **state)
         if (q->max_tokens != c->max_tokens)
             fail_msg("%s: max_tokens %lld, want %lld", c->what,
                      q->max_tokens, c->max_tokens);
+    }
+    parse_cleanup(&p);
+}
+
+/* The model asked for: NULL when absent or null, else its text (which
+ * may be empty: the chat finds no such model). */
+static void
+test_parse_model(void **state)
+{
+    static const struct {
+        const char *body;
+        const char *model;
+    } cases[] = {
+        {WITH_HI(""), NULL},
+        {WITH_HI(",\"model\":null"), NULL},
+        {WITH_HI(",\"model\":\"gpt-4o\""), "gpt-4o"},
+        {WITH_HI(",\"model\":\"caf\\u00e9 \\\"x\\\"\""), "caf\xc3\xa9 \"x\""},
+        {WITH_HI(",\"model\":\"\""), ""},
+    };
+    struct parse p;
+
+    (void)state;
+    parse_init(&p, TEXT_MAX);
+    for (size_t i = 0; i < NELEM(cases); i++) {
+        if (parse_run(&p, cases[i].body, strlen(cases[i].body)) != 0)
+            fail_msg("%s: refused: %s", cases[i].body, p.err);
+        if (cases[i].model == NULL && p.q.model != NULL)
+            fail_msg("%s: model \"%s\", want none", cases[i].body,
+                     p.q.model);
+        if (cases[i].model != NULL &&
+            (p.q.model == NULL || strcmp(p.q.model, cases[i].model) != 0 ||
+             p.q.model_len != strlen(cases[i].model)))
+            fail_msg("%s: model \"%s\", want \"%s\"", cases[i].body,
+                     p.q.model ? p.q.model : "(none)", cases[i].model);
     }
     parse_cleanup(&p);
 }
@@ -430,6 +476,29 @@ static const struct refuse_case refuse_cases[] = {
     {"temperature a string", WITH_HI(",\"temperature\":\"0.5\""), 0,
      "temperature"},
     {"temperature an array", WITH_HI(",\"temperature\":[0.5]"), 0,
+     "temperature"},
+    {"model a number", WITH_HI(",\"model\":4"), 0, "model"},
+    {"model an object", WITH_HI(",\"model\":{\"id\":\"m\"}"), 0, "model"},
+    /* NUL, which yajl's tree strings would silently cut the text at */
+    {"NUL in content", CONTENT("\"a\\u0000b\""), 0, "NUL"},
+    {"NUL at the start of content", CONTENT("\"\\u0000 rest\""), 0, "NUL"},
+    {"NUL in a text part",
+     CONTENT("[{\"type\":\"text\",\"text\":\"x\\u0000\"}]"), 0, "NUL"},
+    {"NUL after an escaped backslash", CONTENT("\"\\\\\\u0000\""), 0,
+     "NUL"},
+    {"NUL in a role", MSGS("{\"role\":\"user\\u0000\",\"content\":\"x\"}"),
+     0, "NUL"},
+    /* temperature outside OpenAI's 0 to 2 */
+    {"temperature 5", WITH_HI(",\"temperature\":5"), 0, "temperature"},
+    {"temperature just above 2", WITH_HI(",\"temperature\":2.0001"), 0,
+     "temperature"},
+    {"temperature negative", WITH_HI(",\"temperature\":-5"), 0,
+     "temperature"},
+    {"temperature just below 0", WITH_HI(",\"temperature\":-0.001"), 0,
+     "temperature"},
+    {"temperature beyond a double", WITH_HI(",\"temperature\":1e400"), 0,
+     "temperature"},
+    {"temperature far below", WITH_HI(",\"temperature\":-1e400"), 0,
      "temperature"},
 };
 
@@ -868,31 +937,49 @@ test_completion(void **state)
     yajl_gen_free(g);
 }
 
+struct models_case {
+    const char *list; /* a configured list, as [v1] models holds it */
+    const char *ids[4];
+    size_t n;
+};
+
+static const struct models_case models_cases[] = {
+    {"gpt-4o-mini", {"gpt-4o-mini"}, 1},
+    {MODEL, {MODEL}, 1},
+    {"caf\xc3\xa9/\"m\"", {"caf\xc3\xa9/\"m\""}, 1},
+    {"chat, big", {"chat", "big"}, 2},
+    {" a,b  c ,", {"a", "b", "c"}, 3},
+    {"", {NULL}, 0},
+};
+
 static void
 test_models(void **state)
 {
-    static const char *const models[] = {"gpt-4o-mini", MODEL,
-                                         "caf\xc3\xa9/\"m\"", ""};
     yajl_gen g = json_gen_new();
 
     (void)state;
     assert_non_null(g);
-    for (size_t i = 0; i < NELEM(models); i++) {
+    for (size_t i = 0; i < NELEM(models_cases); i++) {
+        const struct models_case *k = &models_cases[i];
         yajl_val doc, data, m;
 
-        if (v1_gen_models(g, models[i]) != 0)
-            fail_msg("model \"%s\": the generator failed", models[i]);
-        doc = doc_of(g, models[i]);
-        expect_str(models[i], doc, "object", "list");
-        data = expect_array(models[i], doc, "data", 1);
-        m = data->u.array.values[0];
-        if (!YAJL_IS_OBJECT(m))
-            fail_msg("model \"%s\": data[0] is not an object", models[i]);
-        expect_str(models[i], m, "id", models[i]);
-        expect_str(models[i], m, "object", "model");
-        expect_str(models[i], m, "owned_by", "chatfcgi");
-        if (!YAJL_IS_INTEGER(field(m, "created")))
-            fail_msg("model \"%s\": created is not an integer", models[i]);
+        if (v1_gen_models(g, k->list) != 0)
+            fail_msg("models \"%s\": the generator failed", k->list);
+        doc = doc_of(g, k->list);
+        expect_str(k->list, doc, "object", "list");
+        data = expect_array(k->list, doc, "data", k->n);
+        for (size_t j = 0; j < k->n; j++) {
+            m = data->u.array.values[j];
+            if (!YAJL_IS_OBJECT(m))
+                fail_msg("models \"%s\": data[%zu] is not an object",
+                         k->list, j);
+            expect_str(k->list, m, "id", k->ids[j]);
+            expect_str(k->list, m, "object", "model");
+            expect_str(k->list, m, "owned_by", "chatfcgi");
+            if (!YAJL_IS_INTEGER(field(m, "created")))
+                fail_msg("models \"%s\": created is not an integer",
+                         k->list);
+        }
         yajl_tree_free(doc);
     }
     yajl_gen_free(g);
@@ -1043,6 +1130,7 @@ main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_parse_accepted),
+        cmocka_unit_test(test_parse_model),
         cmocka_unit_test(test_parse_many_messages),
         cmocka_unit_test(test_parse_refused),
         cmocka_unit_test(test_parse_text_cap),
