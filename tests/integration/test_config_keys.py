@@ -41,6 +41,13 @@ def make(stack_factory):
     return make_stack
 
 
+def assert_logged(st, text):
+    """The error log says text (the client gets only the kind of a model
+    failure; the detail is for the operator)."""
+    log = Path(st.log_path("chatfcgi")).read_text(errors="replace")
+    assert text in log, log[-2000:]
+
+
 def timed(fn, *args, **kw):
     start = time.monotonic()
     result = fn(*args, **kw)
@@ -55,8 +62,8 @@ def test_first_token_timeout_ms(make, http):
     model.set(delay_ms=3000)
     r, took = timed(post_chat, http, st, "hello", timeout=TIMEOUT_S)
     assert_json_error(r, 504, "upstream_timeout")
-    assert "first_token_timeout_ms" in r.json()["error"]["message"]
     assert 0.3 <= took < 2.5, took
+    assert_logged(st, "first_token_timeout_ms")
 
 
 def test_idle_timeout_ms(make):
@@ -68,9 +75,9 @@ def test_idle_timeout_ms(make):
     assert res.status == 200, res
     assert res.names[-1] == "error", res.names
     assert res.last("error").data["error"]["code"] == "upstream_timeout"
-    assert "idle_timeout_ms" in res.last("error").data["error"]["message"]
     assert res.deltas, res.names
     assert took < 2.5, took
+    assert_logged(st, "idle_timeout_ms")
 
 
 def test_retries_with_backoff(make, http):
@@ -213,8 +220,7 @@ def test_wrong_sentinel_password(make, http, guarded_sentinel):
                     "normal"], check=True, capture_output=True)
     r = post_chat(http, st, "hello again", timeout=TIMEOUT_S)
     assert_json_error(r, 503, "unavailable")
-    log = Path(st.log_path("chatfcgi")).read_text(errors="replace")
-    assert "Sentinel AUTH failed" in log, log[-2000:]
+    assert_logged(st, "Sentinel AUTH failed")
 
 
 def provider_conf(tmp_path, stack, dead_port):
