@@ -18,6 +18,7 @@ import pwd
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import threading
@@ -414,6 +415,7 @@ class DirectMaster:
         self.sock, self.log = d / "c.sock", d / "chatfcgi.log"
         self.conf = d / "c.conf"
         self.proc = None
+        self.wrapped = False
 
     def write_conf(self, **keys):
         """Top-level keys; a value of None leaves the key out."""
@@ -429,19 +431,38 @@ class DirectMaster:
                  f"model = local-eliza\n")
         self.conf.write_text(text)
 
-    def start(self, workers):
+    def spawn(self, wrapper=(), umask=None):
+        """Start the master, through a wrapper command (strace, unshare)
+        when one is given, which then is self.proc and the master its
+        only child; umask: the one chatfcgi starts with."""
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("CHATFCGI_") and k != "_CHATFCGI_REEXEC"}
+        self.wrapped = bool(wrapper)
         with open(self.dir / "stderr", "wb") as err:
-            self.proc = subprocess.Popen([chatfcgi_bin(), "-c",
-                                          str(self.conf)],
-                                         env=env, stdin=subprocess.DEVNULL,
-                                         stdout=err, stderr=err,
-                                         start_new_session=True)
-        kids = wait_for(lambda: children(self.proc.pid)
-                        if len(children(self.proc.pid)) == workers
-                        and self.sock.exists() else None, 5)
-        assert kids, (children(self.proc.pid), self.log_text())
+            self.proc = subprocess.Popen(
+                [*wrapper, chatfcgi_bin(), "-c", str(self.conf)],
+                env=env, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                start_new_session=True,
+                preexec_fn=None if umask is None else lambda: os.umask(umask))
+
+    def master_pid(self):
+        """The master's pid (as this test sees it), or None."""
+        if not self.wrapped:
+            return self.proc.pid
+        kids = children(self.proc.pid)
+        return kids[0] if len(kids) == 1 else None
+
+    def workers(self, n):
+        """The master's n children once it has that many and its socket
+        exists (for wait_for), else None."""
+        pid = self.master_pid()
+        kids = children(pid) if pid else []
+        return kids if len(kids) == n and self.sock.exists() else None
+
+    def start(self, workers, wrapper=()):
+        self.spawn(wrapper)
+        kids = wait_for(lambda: self.workers(workers), 5)
+        assert kids, (self.master_pid(), self.log_text())
         return kids
 
     def log_text(self):
@@ -1097,3 +1118,77 @@ def test_refuses_to_serve_as_root(stack, args):
         assert r.returncode == 1, (r.returncode, r.stderr)
         assert b"refusing to serve requests as root" in r.stderr, r.stderr
         assert not (d / "root.sock").exists()
+
+
+# --------------------------- 13. what the socket's directory can reach
+#
+# The master runs as root. What it does to a path, it must do to the file it
+# made, not to whatever a local user puts there (issue 17).
+
+STRACE = shutil.which("strace")
+
+
+def strace_holding_bind(trace, hold_s=1.5):
+    """A wrapper that runs chatfcgi under strace, each bind() held for
+    hold_s after it returns: the socket file then exists and nothing else
+    has been done to it yet. The calls that change a file's mode or owner
+    go to the file trace."""
+    return [STRACE, "-qq", "-o", str(trace), "-e",
+            "trace=bind,chmod,fchmod,fchmodat,chown,fchown,lchown,fchownat",
+            "-e", f"inject=bind:delay_exit={int(hold_s * 1e6)}"]
+
+
+def lstat_or_none(path):
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+@pytest.mark.skipif(not IS_ROOT or STRACE is None,
+                    reason="needs root (the owner changes) and strace")
+def test_unix_socket_has_its_mode_from_the_bind(stack):
+    """The socket file never shows a looser mode than listen_mode (a umask
+    around bind(), not a chmod() after it), and nothing changes it by
+    path: chmod() and chown() follow a symlink put in its place."""
+    with direct_master(stack) as m:
+        m.write_conf(listen_mode="0660")
+        trace = m.dir / "trace"
+        m.spawn(strace_holding_bind(trace), umask=0o022)
+        first = wait_for(lambda: lstat_or_none(m.sock), 5, 0.005)
+        assert first, m.log_text()
+        assert oct(stat.S_IMODE(first.st_mode)) == oct(0o660)
+        assert wait_for(lambda: m.workers(2), 10), m.log_text()
+        final = os.lstat(m.sock)
+        pw = pwd.getpwnam(WEB_USER)
+        assert oct(stat.S_IMODE(final.st_mode)) == oct(0o660)
+        assert (final.st_uid, final.st_gid) == (pw.pw_uid, pw.pw_gid)
+        by_path = [ln for ln in trace.read_text().splitlines()
+                   if str(m.sock) in ln and not ln.startswith("bind(")]
+        assert not by_path, by_path
+        assert fcgi_chat(m.sock)[0] == 200
+
+
+@pytest.mark.skipif(not IS_ROOT or STRACE is None,
+                    reason="needs root (the owner changes) and strace")
+def test_unix_socket_swapped_for_a_symlink(stack):
+    """A symlink put in the socket's place right after the bind: the file
+    it points to keeps its mode and owner, and the master refuses to
+    listen there."""
+    with direct_master(stack) as m:
+        m.write_conf(listen_mode="0666")
+        victim = m.dir / "victim"
+        victim.write_text("root's own\n")
+        victim.chmod(0o600)
+        m.spawn(strace_holding_bind(m.dir / "trace"))
+        assert wait_for(lambda: lstat_or_none(m.sock), 5, 0.005), \
+            m.log_text()
+        link = m.dir / "link"
+        link.symlink_to(victim)
+        link.replace(m.sock)
+        exited = wait_for(lambda: m.proc.poll() is not None, 5)
+        after = os.stat(victim)
+        assert (oct(stat.S_IMODE(after.st_mode)), after.st_uid) == \
+            (oct(0o600), 0)
+        assert exited and m.proc.returncode != 0, m.log_text()
+        assert "replaced right after the bind" in m.log_text()
