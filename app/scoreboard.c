@@ -170,11 +170,11 @@ raise_max_active(struct scoreboard *p)
 
 void
 scoreboard_request_begin(struct scoreboard *p, struct scoreboard_slot *s,
-                         const char *method, const char *path,
+                         const char *method, const char *route,
                          const char *request_id)
 {
-    snprintf(s->request, sizeof(s->request), "%s %.40s req=%s", method, path,
-             request_id);
+    snprintf(s->request, sizeof(s->request), "%s %.40s req=%s", method,
+             route, request_id);
     s->request_at_ms = clock_wall_ms();
     scoreboard_set_state(s, SCOREBOARD_READING);
     scoreboard_add(&p->accepted, 1);

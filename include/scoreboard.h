@@ -73,7 +73,7 @@ struct scoreboard_slot {
     uint64_t requests;   /* served by this process */
     int64_t started_at_ms;  /* when the process started (wall clock) */
     int64_t request_at_ms;  /* when the request in hand began; 0: none */
-    char request[SCOREBOARD_REQUEST_LEN]; /* "POST /api/chat req=…" */
+    char request[SCOREBOARD_REQUEST_LEN]; /* "GET /api/chat/{id} req=…" */
 };
 
 /* One model provider's health and counters, shared by every worker: a
@@ -122,11 +122,13 @@ void scoreboard_count_states(const struct scoreboard *p,
                              enum scoreboard_role role,
                              unsigned n[SCOREBOARD_STATES]);
 
-/* Worker side: the slot's state and the request in hand. */
+/* Worker side: the slot's state and the request in hand. The request is
+ * shown by its route ("/api/chat/{id}"), never by its path, which may
+ * hold a session id. */
 void scoreboard_set_state(struct scoreboard_slot *s,
                           enum scoreboard_state state);
 void scoreboard_request_begin(struct scoreboard *p, struct scoreboard_slot *s,
-                              const char *method, const char *path,
+                              const char *method, const char *route,
                               const char *request_id);
 void scoreboard_request_end(struct scoreboard *p, struct scoreboard_slot *s,
                             int status, double total_ms, double redis_ms,

@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,6 +34,7 @@ import fcgi_client
 import stack as stack_mod  # deploy/local/stack.py, on sys.path via conftest
 from helpers import LocalModel, assert_json_error, new_session, post_chat
 from polling import wait_for
+from redis_cluster import redis_command
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf" / "chatfcgi.conf"
@@ -1120,10 +1122,51 @@ def test_refuses_to_serve_as_root(stack, args):
         assert not (d / "root.sock").exists()
 
 
-# --------------------------- 13. what the socket's directory can reach
+# ----------------------------- 13. what others can reach (issue 17)
 #
-# The master runs as root. What it does to a path, it must do to the file it
-# made, not to whatever a local user puts there (issue 17).
+# The status page is for operators, not for the holders of sessions. The
+# master runs as root: what it does to a path it must do to the file it
+# made, not to whatever a local user puts there.
+
+def test_status_shows_routes_not_session_ids(stack, http, model):
+    """A turn streaming and a GET /api/chat/{id} held in Redis (CLIENT
+    PAUSE), both of one known session: /api/status names their routes and
+    shows no part of the id."""
+    sid = uuid.uuid4().hex
+    model.set(chunk_delay_ms=300, reply="one two three four five six")
+
+    def stream(i):
+        with new_session() as s:
+            r = post_chat(s, stack, "hello", sid, stream=True, timeout=15)
+            return r.status_code, r.text
+
+    def get(i):
+        with new_session() as s:
+            return s.get(f"{stack.url}/api/chat/{sid}", timeout=15)
+
+    streaming = Parallel(1, stream).start()
+    assert wait_for(lambda: rows_in(http, stack, "streaming"), 3, 0.02), \
+        status(http, stack)
+    # Ends by itself (within the workers' command_timeout_ms): a paused
+    # Redis takes no UNPAUSE from a new connection either.
+    redis_command(stack.redis_port, "CLIENT", "PAUSE", "1500", "ALL")
+    reading = Parallel(1, get).start()
+    held = wait_for(lambda: [p for p in chat_rows(status(http, stack))
+                             if p["request"].startswith("GET ")], 1, 0.02)
+    text = json.dumps(status(http, stack))
+    (got, _, _), = reading.join(15)
+    (streamed, _, _), = streaming.join(15)
+    assert held, text
+    assert sid[:8] not in text, text
+    requests_shown = sorted(p["request"].rpartition(" req=")[0]
+                            for p in chat_rows(json.loads(text))
+                            if p["request"])
+    assert requests_shown == ["GET /api/chat/{id}", "POST /api/chat"], text
+    # 404 while the streaming turn is not stored yet: either is an answer.
+    assert not isinstance(got, Exception) and got.status_code in (200, 404)
+    assert not isinstance(streamed, Exception) and streamed[0] == 200, \
+        streamed
+
 
 STRACE = shutil.which("strace")
 
