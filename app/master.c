@@ -238,6 +238,20 @@ drop_privileges(const struct identity *id)
         fatal("worker", "still able to regain root after switching user");
 }
 
+/* After the fork a worker keeps only the descriptors it serves on: a chat
+ * worker the chat socket, the control worker the status socket too. None
+ * keeps the scoreboard's memfd, as its mapping is all it writes through,
+ * and whoever holds the fd could shrink the memory under the master. */
+static void
+close_unused(const struct listeners *ls, int scoreboard_fd,
+             enum scoreboard_role role)
+{
+    if (scoreboard_fd >= 0)
+        close(scoreboard_fd);
+    if (role != SCOREBOARD_CONTROL && ls->status_fd >= 0)
+        close(ls->status_fd);
+}
+
 static void
 run_child(struct master *m, int slot, enum scoreboard_role role)
 {
@@ -251,6 +265,7 @@ run_child(struct master *m, int slot, enum scoreboard_role role)
         .master_pid = getppid(),
     };
 
+    close_unused(&m->ls, m->scoreboard_fd, role);
     drop_privileges(&m->worker_id);
     worker_main(&ws);
 }
@@ -903,6 +918,7 @@ master_run_single(const struct conf *c)
     ws.pool = scoreboard_open(-1, 1, &scoreboard_fd);
     if (m.ls.chat_fd == -1 || ws.pool == NULL)
         return 1;
+    close_unused(&m.ls, scoreboard_fd, SCOREBOARD_CHAT);
     name_providers(ws.pool, c);
     ws.chat_fd = m.ls.chat_fd;
     ws.pool->slots[0].pid = getpid();

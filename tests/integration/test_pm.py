@@ -1168,6 +1168,50 @@ def test_status_shows_routes_not_session_ids(stack, http, model):
         streamed
 
 
+def fd_targets(pid):
+    """What each open fd of pid is (readlink of /proc/<pid>/fd/*)."""
+    d = f"/proc/{pid}/fd"
+    out = []
+    for fd in os.listdir(d):
+        try:
+            out.append(os.readlink(f"{d}/{fd}"))
+        except FileNotFoundError:
+            pass  # closed meanwhile
+    return out
+
+
+def unix_socket_inodes(path):
+    """The inodes of the unix sockets bound to path (the listening one and
+    the connections it accepted), from /proc/net/unix."""
+    inodes = set()
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) == 8 and fields[7] == str(path):
+            inodes.add(fields[6])
+    return inodes
+
+
+def test_workers_hold_only_what_they_use(stack, http):
+    """After the fork a chat worker keeps the chat socket only, the
+    control worker the chat and status sockets, and none of them the
+    scoreboard's memfd: a worker writes through its mapping, and whoever
+    holds the fd could shrink the memory under the master."""
+    rows = status(http, stack)["processes"]
+    chat_sock = unix_socket_inodes(stack.socket_path)
+    status_sock = unix_socket_inodes(stack.status_socket_path)
+    assert chat_sock and status_sock
+    for row in rows:
+        held = fd_targets(row["pid"])
+        sockets = {t[len("socket:["):-1] for t in held
+                   if t.startswith("socket:[")}
+        assert not [t for t in held if t.startswith("/memfd:")], (row, held)
+        assert sockets & chat_sock, (row, held)
+        if row["role"] == "control":
+            assert sockets & status_sock, (row, held)
+        else:
+            assert not sockets & status_sock, (row, held)
+
+
 STRACE = shutil.which("strace")
 
 
