@@ -450,7 +450,6 @@ worker_main(const struct worker_setup *ws)
     listen_fd_to_close = ws->master_pid != 0 ? ws->chat_fd : -1;
     install_signals();
     worker_setup(&w, ws);
-    w.slot->pid = getpid();
     scoreboard_set_state(w.slot, SCOREBOARD_IDLE);
     if (ws->role == SCOREBOARD_CONTROL)
         control_loop(&w);

@@ -12,13 +12,16 @@ Every wait is bounded; every process started here is stopped by pid in a
 finally block (stacks from stack_factory are also stopped by the fixture).
 """
 
+import functools
 import json
+import mmap
 import os
 import pwd
 import re
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import tempfile
 import threading
@@ -1279,3 +1282,218 @@ def test_unix_socket_swapped_for_a_symlink(stack):
             (oct(0o600), 0)
         assert exited and m.proc.returncode != 0, m.log_text()
         assert "replaced right after the bind" in m.log_text()
+
+
+# -------------------------- 14. what a compromised worker can reach
+#
+# Every worker can write the whole scoreboard. The master (root) must act on
+# its own records of what it forked, never on a pid or a count read back
+# from there (issue 17). The tests write where a worker would, through a
+# worker's own mapping. Where the old master's reading could reach kill(-1)
+# or memory past the mapping, the pool runs in a PID namespace of its own,
+# so that a regression cannot signal anything outside it.
+
+PIDNS = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
+OLD_REQUEST_MS = 3600 * 1000  # far past any watchdog limit
+
+
+@functools.lru_cache(maxsize=None)
+def scoreboard_layout():
+    """Offsets of struct scoreboard as the compiler lays out
+    include/scoreboard.h for chatfcgi (the layout is not an interface:
+    asking the compiler keeps the test honest when fields change)."""
+    program = r"""
+#include <stddef.h>
+#include <stdio.h>
+#include "scoreboard.h"
+int main(void)
+{
+    printf("%zu %zu %zu %zu %zu %zu\n", offsetof(struct scoreboard, magic),
+           offsetof(struct scoreboard, nslots),
+           offsetof(struct scoreboard, slots),
+           sizeof(struct scoreboard_slot),
+           offsetof(struct scoreboard_slot, pid),
+           offsetof(struct scoreboard_slot, request_at_ms));
+    return 0;
+}
+"""
+    with tempfile.TemporaryDirectory() as d:
+        src, exe = Path(d) / "layout.c", Path(d) / "layout"
+        src.write_text(program)
+        subprocess.run(["cc", "-std=gnu11", f"-I{REPO / 'include'}", "-o",
+                        str(exe), str(src)], check=True, timeout=60)
+        out = subprocess.run([str(exe)], capture_output=True, text=True,
+                             check=True, timeout=10).stdout.split()
+    return dict(zip(("magic", "nslots", "slots", "slot_size", "pid",
+                     "request_at_ms"), map(int, out)))
+
+
+class Scoreboard:
+    """A worker's mapping of the scoreboard, written as that worker could
+    (root reaches it through /proc/<pid>/map_files)."""
+
+    def __init__(self, mem):
+        self.mem, self.at = mem, scoreboard_layout()
+
+    def nslots(self):
+        return struct.unpack_from("<I", self.mem, self.at["nslots"])[0]
+
+    def set_nslots(self, n):
+        struct.pack_into("<I", self.mem, self.at["nslots"], n)
+
+    def set_magic(self, n):
+        struct.pack_into("<Q", self.mem, self.at["magic"], n)
+
+    def _slot(self, i, field):
+        return self.at["slots"] + i * self.at["slot_size"] + self.at[field]
+
+    def pid(self, i):
+        return struct.unpack_from("<i", self.mem, self._slot(i, "pid"))[0]
+
+    def slot_of(self, pid):
+        return next(i for i in range(self.nslots()) if self.pid(i) == pid)
+
+    def write_slot(self, i, pid, request_at_ms=0):
+        struct.pack_into("<i", self.mem, self._slot(i, "pid"), pid)
+        struct.pack_into("<q", self.mem, self._slot(i, "request_at_ms"),
+                         request_at_ms)
+
+
+@contextmanager
+def worker_scoreboard(pid):
+    span = next(line.split()[0] for line in
+                Path(f"/proc/{pid}/maps").read_text().splitlines()
+                if "/memfd:chatfcgi-scoreboard" in line)
+    fd = os.open(f"/proc/{pid}/map_files/{span}", os.O_RDWR)
+    try:
+        with mmap.mmap(fd, 0) as mem:  # the whole memfd
+            yield Scoreboard(mem)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def sleeper():
+    """A process of the test's own, which chatfcgi must never signal."""
+    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        yield proc
+    finally:
+        stop_pid(proc)
+
+
+def stuck_request_start():
+    return int(time.time() * 1000) - OLD_REQUEST_MS
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="reads a worker's mapping as root")
+def test_watchdog_kills_only_the_worker_it_forked(stack):
+    """A worker puts another process's pid in its slot, with a request
+    begun an hour ago: the watchdog ends that worker, the one the master
+    forked for the slot, and leaves the other process alone."""
+    with direct_master(stack) as m, sleeper() as other:
+        m.write_conf(workers=2)
+        kids = m.start(2)
+        worker = kids[0]
+        with worker_scoreboard(worker) as sb:
+            sb.write_slot(sb.slot_of(worker), other.pid,
+                          stuck_request_start())
+        wait_for(lambda: other.poll() is not None or
+                 worker not in children(m.proc.pid), 4)
+        assert other.poll() is None, \
+            "the watchdog killed a process the master did not fork"
+        assert worker not in children(m.proc.pid), m.log_text()
+        assert "has been in one request" in m.log_text()
+        assert wait_for(lambda: m.workers(2), 3), m.log_text()
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="reads a worker's mapping as root")
+def test_watchdog_never_signals_minus_one(stack):
+    """pid -1 with an old request start in a free slot: kill(-1, SIGKILL)
+    from root would end every process there is. Nothing is signalled."""
+    with direct_master(stack) as m:
+        m.write_conf(workers=2)
+        kids = m.start(2, wrapper=PIDNS)
+        with worker_scoreboard(kids[0]) as sb:
+            free = sb.slot_of(0)
+            sb.write_slot(free, -1, stuck_request_start())
+        changed = wait_for(lambda: sorted(children(m.master_pid())) !=
+                           sorted(kids), 2.5)
+        assert not changed, (kids, children(m.master_pid()), m.log_text())
+        assert fcgi_chat(m.sock)[0] == 200
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="reads a worker's mapping as root")
+def test_huge_slot_count_is_not_trusted(stack):
+    """nslots = 2^32 - 1: neither the master nor a worker reads past the
+    memory mapped; the pool serves, and serves after a reload (whose new
+    master adopts the old workers from this very scoreboard)."""
+    with direct_master(stack) as m:
+        m.write_conf(workers=2)
+        kids = m.start(2, wrapper=PIDNS)
+        with worker_scoreboard(kids[0]) as sb:
+            sb.set_nslots(0xFFFFFFFF)
+        time.sleep(2.5)  # two of the master's ticks
+        assert m.proc.poll() is None and m.master_pid(), m.log_text()
+        for i in range(3):
+            assert fcgi_chat(m.sock, f"still there {i}")[0] == 200
+        os.kill(m.master_pid(), signal.SIGHUP)
+        assert wait_for(lambda: new_children(m.master_pid(), 2, kids), 5), \
+            (kids, children(m.master_pid()), m.log_text())
+        assert fcgi_chat(m.sock, "after the reload")[0] == 200
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="reads a worker's mapping as root")
+def test_foreign_pid_does_not_hold_up_a_stop(stack):
+    """A pid in a free slot is no worker of the master's: a graceful stop
+    waits for its own workers only, and signals nothing else."""
+    with direct_master(stack) as m, sleeper() as other:
+        m.write_conf(workers=2)
+        kids = m.start(2)
+        with worker_scoreboard(kids[0]) as sb:
+            sb.write_slot(sb.slot_of(0), other.pid)
+        os.kill(m.proc.pid, signal.SIGTERM)
+        try:
+            rc = m.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            rc = None
+        assert rc == 0, ("the stop did not finish", m.log_text()[-1500:])
+        assert other.poll() is None
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="reads a worker's mapping as root")
+def test_reload_adopts_only_its_own_children(stack):
+    """After a reload's exec the new master takes the old workers over from
+    the scoreboard: a pid there that is not its child is not adopted, so
+    it is neither told to stop nor waited for."""
+    with direct_master(stack) as m, sleeper() as other:
+        m.write_conf(workers=2)
+        kids = m.start(2)
+        with worker_scoreboard(kids[0]) as sb:
+            sb.write_slot(sb.slot_of(0), other.pid)
+        os.kill(m.proc.pid, signal.SIGHUP)
+        assert wait_for(lambda: new_children(m.proc.pid, 2, kids), 5), \
+            (kids, children(m.proc.pid), m.log_text())
+        assert other.poll() is None, "the reload signalled a stranger"
+        assert fcgi_chat(m.sock, "after the reload")[0] == 200
+        os.kill(m.proc.pid, signal.SIGTERM)
+        assert m.proc.wait(5) == 0, m.log_text()[-1500:]
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="reads a worker's mapping as root")
+def test_reload_over_a_broken_scoreboard_keeps_serving(stack):
+    """A worker overwrote the scoreboard's magic: the master a reload execs
+    cannot take the old workers over from it, but it starts a scoreboard of
+    its own and new workers, rather than exit and take the pool down."""
+    with direct_master(stack) as m:
+        m.write_conf(workers=2)
+        kids = m.start(2)
+        with worker_scoreboard(kids[0]) as sb:
+            sb.set_magic(0)
+        os.kill(m.proc.pid, signal.SIGHUP)
+        started = wait_for(lambda: len(set(children(m.proc.pid)) -
+                                       set(kids)) == 2, 5)
+        assert started and m.proc.poll() is None, m.log_text()[-1500:]
+        assert "scoreboard handed over is unusable" in m.log_text()
+        for i in range(3):
+            assert fcgi_chat(m.sock, f"after the reload {i}")[0] == 200
