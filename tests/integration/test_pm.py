@@ -3,7 +3,8 @@ app/scoreboard.c, app/metrics.c) through the real stack: a worker killed
 in the middle of a request, reloads under load, a graceful stop during
 streams, recycling, the request deadline, the slow log, the dynamic pool,
 backpressure, status access, the crash-loop backoff, pm single behind
-spawn-fcgi, systemd socket activation and the privilege drop.
+spawn-fcgi, systemd socket activation and the privilege drop; and what
+the status page, a local user and a compromised worker can reach.
 
 Measured figures (respawn time, reload failures, stop timings, backoff
 delays) are printed as "MEASURED ..." lines: run with -s to see them.
@@ -1136,7 +1137,8 @@ def test_status_shows_routes_not_session_ids(stack, http, model):
     PAUSE), both of one known session: /api/status names their routes and
     shows no part of the id."""
     sid = uuid.uuid4().hex
-    model.set(chunk_delay_ms=300, reply="one two three four five six")
+    model.set(chunk_delay_ms=300,
+              reply="one two three four five six seven eight nine ten")
 
     def stream(i):
         with new_session() as s:
@@ -1147,6 +1149,11 @@ def test_status_shows_routes_not_session_ids(stack, http, model):
         with new_session() as s:
             return s.get(f"{stack.url}/api/chat/{sid}", timeout=15)
 
+    def with_get_held():
+        shown = status(http, stack)
+        return shown if [p for p in chat_rows(shown)
+                         if p["request"].startswith("GET ")] else None
+
     streaming = Parallel(1, stream).start()
     assert wait_for(lambda: rows_in(http, stack, "streaming"), 3, 0.02), \
         status(http, stack)
@@ -1154,65 +1161,19 @@ def test_status_shows_routes_not_session_ids(stack, http, model):
     # Redis takes no UNPAUSE from a new connection either.
     redis_command(stack.redis_port, "CLIENT", "PAUSE", "1500", "ALL")
     reading = Parallel(1, get).start()
-    held = wait_for(lambda: [p for p in chat_rows(status(http, stack))
-                             if p["request"].startswith("GET ")], 1, 0.02)
-    text = json.dumps(status(http, stack))
+    shown = wait_for(with_get_held, 1.4, 0.02)
     (got, _, _), = reading.join(15)
     (streamed, _, _), = streaming.join(15)
-    assert held, text
+    assert shown, status(http, stack)
+    text = json.dumps(shown)
     assert sid[:8] not in text, text
     requests_shown = sorted(p["request"].rpartition(" req=")[0]
-                            for p in chat_rows(json.loads(text))
-                            if p["request"])
+                            for p in chat_rows(shown) if p["request"])
     assert requests_shown == ["GET /api/chat/{id}", "POST /api/chat"], text
     # 404 while the streaming turn is not stored yet: either is an answer.
     assert not isinstance(got, Exception) and got.status_code in (200, 404)
     assert not isinstance(streamed, Exception) and streamed[0] == 200, \
         streamed
-
-
-def fd_targets(pid):
-    """What each open fd of pid is (readlink of /proc/<pid>/fd/*)."""
-    d = f"/proc/{pid}/fd"
-    out = []
-    for fd in os.listdir(d):
-        try:
-            out.append(os.readlink(f"{d}/{fd}"))
-        except FileNotFoundError:
-            pass  # closed meanwhile
-    return out
-
-
-def unix_socket_inodes(path):
-    """The inodes of the unix sockets bound to path (the listening one and
-    the connections it accepted), from /proc/net/unix."""
-    inodes = set()
-    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
-        fields = line.split()
-        if len(fields) == 8 and fields[7] == str(path):
-            inodes.add(fields[6])
-    return inodes
-
-
-def test_workers_hold_only_what_they_use(stack, http):
-    """After the fork a chat worker keeps the chat socket only, the
-    control worker the chat and status sockets, and none of them the
-    scoreboard's memfd: a worker writes through its mapping, and whoever
-    holds the fd could shrink the memory under the master."""
-    rows = status(http, stack)["processes"]
-    chat_sock = unix_socket_inodes(stack.socket_path)
-    status_sock = unix_socket_inodes(stack.status_socket_path)
-    assert chat_sock and status_sock
-    for row in rows:
-        held = fd_targets(row["pid"])
-        sockets = {t[len("socket:["):-1] for t in held
-                   if t.startswith("socket:[")}
-        assert not [t for t in held if t.startswith("/memfd:")], (row, held)
-        assert sockets & chat_sock, (row, held)
-        if row["role"] == "control":
-            assert sockets & status_sock, (row, held)
-        else:
-            assert not sockets & status_sock, (row, held)
 
 
 STRACE = shutil.which("strace")
@@ -1286,7 +1247,8 @@ def test_unix_socket_swapped_for_a_symlink(stack):
 
 # -------------------------- 14. what a compromised worker can reach
 #
-# Every worker can write the whole scoreboard. The master (root) must act on
+# A worker holds only the descriptors it serves on. It can still write the
+# whole scoreboard through its mapping: the master (root) must act on
 # its own records of what it forked, never on a pid or a count read back
 # from there (issue 17). The tests write where a worker would, through a
 # worker's own mapping. Where the old master's reading could reach kill(-1)
@@ -1384,6 +1346,50 @@ def sleeper():
 
 def stuck_request_start():
     return int(time.time() * 1000) - OLD_REQUEST_MS
+
+
+def fd_targets(pid):
+    """What each open fd of pid is (readlink of /proc/<pid>/fd/*)."""
+    d = f"/proc/{pid}/fd"
+    out = []
+    for fd in os.listdir(d):
+        try:
+            out.append(os.readlink(f"{d}/{fd}"))
+        except FileNotFoundError:
+            pass  # closed meanwhile
+    return out
+
+
+def unix_socket_inodes(path):
+    """The inodes of the unix sockets bound to path (the listening one and
+    the connections it accepted), from /proc/net/unix."""
+    inodes = set()
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) == 8 and fields[7] == str(path):
+            inodes.add(fields[6])
+    return inodes
+
+
+def test_workers_hold_only_what_they_use(stack, http):
+    """After the fork a chat worker keeps the chat socket only, the
+    control worker the chat and status sockets, and none of them the
+    scoreboard's memfd: a worker writes through its mapping, and whoever
+    holds the fd could shrink the memory under the master."""
+    rows = status(http, stack)["processes"]
+    chat_sock = unix_socket_inodes(stack.socket_path)
+    status_sock = unix_socket_inodes(stack.status_socket_path)
+    assert chat_sock and status_sock
+    for row in rows:
+        held = fd_targets(row["pid"])
+        sockets = {t[len("socket:["):-1] for t in held
+                   if t.startswith("socket:[")}
+        assert not [t for t in held if t.startswith("/memfd:")], (row, held)
+        assert sockets & chat_sock, (row, held)
+        if row["role"] == "control":
+            assert sockets & status_sock, (row, held)
+        else:
+            assert not sockets & status_sock, (row, held)
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="reads a worker's mapping as root")
