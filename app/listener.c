@@ -157,10 +157,68 @@ clear_stale_socket(const struct sockaddr_un *sa)
     return unlink(sa->sun_path);
 }
 
+/* Someone swapped the socket file for something else as soon as it was
+ * made: touch nothing, listen nowhere. */
+static int
+replaced(const char *path)
+{
+    log_error("listener", "%s was replaced right after the bind", path);
+    errno = EEXIST;
+    return -1;
+}
+
+/* bind() gives the socket file 0777 & ~umask: with the umask set around
+ * it, the file has its mode from the first moment, and no chmod() is left
+ * to follow a symlink put in its place after the bind. made: what the
+ * bind created, to be told apart from anything swapped in later. */
+static int
+bind_unix(int fd, const struct sockaddr_un *sa, mode_t mode,
+          struct stat *made)
+{
+    mode_t saved = umask(~mode & 0777);
+    int rc = bind(fd, (const struct sockaddr *)sa, sizeof(*sa));
+
+    umask(saved);
+    if (rc == -1 || lstat(sa->sun_path, made) == -1)
+        return -1;
+    return S_ISSOCK(made->st_mode) ? 0 : replaced(sa->sun_path);
+}
+
+static int
+is_socket_made(int fd, const struct stat *made)
+{
+    struct stat now;
+
+    return fstat(fd, &now) == 0 && S_ISSOCK(now.st_mode) &&
+           now.st_dev == made->st_dev && now.st_ino == made->st_ino;
+}
+
+/* Change the owner of the socket file bind() made and of nothing else: the
+ * path is opened without following a symlink, must still be that socket,
+ * and the owner changes through the descriptor checked, so nothing can be
+ * swapped in between the check and the change (the master is root here,
+ * and the directory may be writable by others). */
+static int
+chown_socket(const char *path, const struct stat *made, uid_t uid, gid_t gid)
+{
+    int fd, rc;
+
+    if (uid == (uid_t)-1 && gid == (gid_t)-1)
+        return 0;
+    fd = open(path, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    if (fd == -1)
+        return -1;
+    rc = is_socket_made(fd, made) ? fchownat(fd, "", uid, gid, AT_EMPTY_PATH)
+                                  : replaced(path);
+    close(fd);
+    return rc;
+}
+
 static int
 open_unix(const char *path, const struct listener_owner *o)
 {
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    struct stat made;
     int fd;
 
     if (strlen(path) >= sizeof(sa.sun_path)) {
@@ -174,10 +232,8 @@ open_unix(const char *path, const struct listener_owner *o)
     }
     /* Close-on-exec: a reload hands it over explicitly. */
     fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd == -1 || bind(fd, (struct sockaddr *)&sa, sizeof(sa)) == -1 ||
-        chmod(path, o->mode) == -1 ||
-        ((o->uid != (uid_t)-1 || o->gid != (gid_t)-1) &&
-         chown(path, o->uid, o->gid) == -1) ||
+    if (fd == -1 || bind_unix(fd, &sa, o->mode, &made) == -1 ||
+        chown_socket(path, &made, o->uid, o->gid) == -1 ||
         listen(fd, o->backlog) == -1) {
         log_warn("listener", "cannot listen on %s", path);
         if (fd != -1)

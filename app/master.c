@@ -35,11 +35,14 @@ extern char **environ;
 
 enum stop_mode { RUNNING, STOP_GRACEFUL, STOP_FAST };
 
-/* The master's own view of a slot (the scoreboard has the shared part). */
+/* The master's own record of a slot. The scoreboard shows the same pid and
+ * role, but every worker can write it: the master acts only on this. */
 struct child {
+    pid_t pid; /* forked by this master (or adopted after a reload); 0: a
+                  free slot */
+    enum scoreboard_role role;
     unsigned generation;
     int retiring; /* told to stop by the master: not to be replaced */
-    double started_ms;
 };
 
 #define MAX_GROUPS 64
@@ -62,7 +65,8 @@ struct master {
     struct identity worker_id;
     struct scoreboard *pool;
     int scoreboard_fd;
-    struct child *children; /* pool->nslots of them */
+    struct child *children; /* nslots of them, slot by slot */
+    uint32_t nslots;
     unsigned generation;
     unsigned chat_target;   /* chat workers wanted now */
     unsigned spawn_rate;    /* dynamic: forks allowed in the next tick */
@@ -238,6 +242,20 @@ drop_privileges(const struct identity *id)
         fatal("worker", "still able to regain root after switching user");
 }
 
+/* After the fork a worker keeps only the descriptors it serves on: a chat
+ * worker the chat socket, the control worker the status socket too. None
+ * keeps the scoreboard's memfd, as its mapping is all it writes through,
+ * and whoever holds the fd could shrink the memory under the master. */
+static void
+close_unused(const struct listeners *ls, int scoreboard_fd,
+             enum scoreboard_role role)
+{
+    if (scoreboard_fd >= 0)
+        close(scoreboard_fd);
+    if (role != SCOREBOARD_CONTROL && ls->status_fd >= 0)
+        close(ls->status_fd);
+}
+
 static void
 run_child(struct master *m, int slot, enum scoreboard_role role)
 {
@@ -251,14 +269,24 @@ run_child(struct master *m, int slot, enum scoreboard_role role)
         .master_pid = getppid(),
     };
 
+    close_unused(&m->ls, m->scoreboard_fd, role);
     drop_privileges(&m->worker_id);
     worker_main(&ws);
 }
 
 static int
+free_slot(const struct master *m)
+{
+    for (uint32_t i = 0; i < m->nslots; i++)
+        if (m->children[i].pid == 0)
+            return (int)i;
+    return -1;
+}
+
+static int
 spawn(struct master *m, enum scoreboard_role role)
 {
-    int slot = scoreboard_free_slot(m->pool);
+    int slot = free_slot(m);
     struct scoreboard_slot *s;
     pid_t pid;
 
@@ -267,7 +295,6 @@ spawn(struct master *m, enum scoreboard_role role)
     s = &m->pool->slots[slot];
     memset(s, 0, sizeof(*s));
     s->role = (int)role;
-    s->generation = m->generation;
     s->started_at_ms = clock_wall_ms();
     pid = fork();
     if (pid == -1) {
@@ -277,30 +304,38 @@ spawn(struct master *m, enum scoreboard_role role)
     if (pid == 0)
         run_child(m, slot, role);
     s->pid = pid;
-    m->children[slot] = (struct child){.generation = m->generation,
-                                       .started_ms = clock_ms()};
+    m->children[slot] = (struct child){.pid = pid, .role = role,
+                                       .generation = m->generation};
     log_debug("master", "worker %d started as pid %ld", slot, (long)pid);
     return 0;
 }
 
+/* A worker of the current generation with a role, not told to stop. */
+static int
+is_serving(const struct master *m, uint32_t slot, enum scoreboard_role role)
+{
+    const struct child *c = &m->children[slot];
+
+    return c->pid != 0 && c->role == role && c->generation == m->generation &&
+           !c->retiring;
+}
+
 /* Live workers of the current generation with a role, and how many of
- * them are idle (or starting, which will be idle in a moment). */
+ * them are idle (or starting, which will be idle in a moment). The state
+ * is the worker's word, good enough for sizing the pool. */
 static unsigned
 count_workers(const struct master *m, enum scoreboard_role role,
               unsigned *idle)
 {
     unsigned n = 0, free_now = 0;
+    int state;
 
-    for (uint32_t i = 0; i < m->pool->nslots; i++) {
-        const struct scoreboard_slot *s = &m->pool->slots[i];
-
-        if (s->pid == 0 || s->role != (int)role ||
-            m->children[i].generation != m->generation ||
-            m->children[i].retiring)
+    for (uint32_t i = 0; i < m->nslots; i++) {
+        if (!is_serving(m, i, role))
             continue;
         n++;
-        free_now += s->state == SCOREBOARD_IDLE ||
-                    s->state == SCOREBOARD_STARTING;
+        state = m->pool->slots[i].state;
+        free_now += state == SCOREBOARD_IDLE || state == SCOREBOARD_STARTING;
     }
     if (idle != NULL)
         *idle = free_now;
@@ -346,8 +381,8 @@ log_exit(int slot, pid_t pid, int status)
 static int
 slot_of(const struct master *m, pid_t pid)
 {
-    for (uint32_t i = 0; i < m->pool->nslots; i++)
-        if (m->pool->slots[i].pid == pid)
+    for (uint32_t i = 0; i < m->nslots; i++)
+        if (m->children[i].pid == pid)
             return (int)i;
     return -1;
 }
@@ -374,6 +409,7 @@ reap(struct master *m)
             scoreboard_add(&m->pool->worker_recycles, 1);
         }
         memset(&m->pool->slots[slot], 0, sizeof(m->pool->slots[slot]));
+        memset(&m->children[slot], 0, sizeof(m->children[slot]));
     }
     if (m->backoff_ms > 0 && m->ndeaths > 0 &&
         now - m->deaths[(m->ndeaths - 1) % CRASH_DEATHS] >
@@ -406,22 +442,17 @@ static void
 retire(struct master *m, int slot)
 {
     m->children[slot].retiring = 1;
-    kill(m->pool->slots[slot].pid, SIGTERM);
+    kill(m->children[slot].pid, SIGTERM);
 }
 
 /* One idle chat worker of the current generation, or -1. */
 static int
 idle_chat_slot(const struct master *m)
 {
-    for (uint32_t i = 0; i < m->pool->nslots; i++) {
-        const struct scoreboard_slot *s = &m->pool->slots[i];
-
-        if (s->pid != 0 && s->role == SCOREBOARD_CHAT &&
-            s->state == SCOREBOARD_IDLE &&
-            m->children[i].generation == m->generation &&
-            !m->children[i].retiring)
+    for (uint32_t i = 0; i < m->nslots; i++)
+        if (is_serving(m, i, SCOREBOARD_CHAT) &&
+            m->pool->slots[i].state == SCOREBOARD_IDLE)
             return (int)i;
-    }
     return -1;
 }
 
@@ -467,7 +498,9 @@ size_dynamic_pool(struct master *m)
 }
 
 /* The master behind each worker's own deadline: a worker still inside one
- * request a grace period after request_timeout_s is stuck; end it. */
+ * request a grace period after request_timeout_s is stuck; end it. When
+ * the request began is the worker's word, but what is killed is the
+ * master's own child of that slot, whatever the slot says. */
 static void
 watchdog(struct master *m)
 {
@@ -475,16 +508,20 @@ watchdog(struct master *m)
     double limit = (double)m->conf->request_timeout_s * 1000.0 +
                    WATCHDOG_GRACE_MS;
 
-    for (uint32_t i = 0; i < m->pool->nslots; i++) {
+    for (uint32_t i = 0; i < m->nslots; i++) {
         struct scoreboard_slot *s = &m->pool->slots[i];
+        pid_t pid = m->children[i].pid;
         int64_t began = s->request_at_ms;
 
-        if (s->pid == 0 || began == 0 || (double)(now - began) < limit)
+        if (pid == 0 || began <= 0 || (double)(now - began) < limit)
             continue;
+        /* The request text is cut at its size: the worker may not have
+         * ended it. */
         log_error("master", "worker %u (pid %ld) has been in one request for "
-                  "%lld ms (%s): killing it", i, (long)s->pid,
-                  (long long)(now - began), s->request);
-        kill(s->pid, SIGKILL);
+                  "%lld ms (%.*s): killing it", i, (long)pid,
+                  (long long)(now - began), (int)sizeof(s->request),
+                  s->request);
+        kill(pid, SIGKILL);
         scoreboard_add(&m->pool->watchdog_kills, 1);
         s->request_at_ms = 0;
     }
@@ -506,9 +543,9 @@ tick(struct master *m)
 static void
 signal_workers(const struct master *m, int sig)
 {
-    for (uint32_t i = 0; i < m->pool->nslots; i++)
-        if (m->pool->slots[i].pid != 0)
-            kill(m->pool->slots[i].pid, sig);
+    for (uint32_t i = 0; i < m->nslots; i++)
+        if (m->children[i].pid != 0)
+            kill(m->children[i].pid, sig);
 }
 
 static unsigned
@@ -516,8 +553,8 @@ live_workers(const struct master *m)
 {
     unsigned n = 0;
 
-    for (uint32_t i = 0; i < m->pool->nslots; i++)
-        n += m->pool->slots[i].pid != 0;
+    for (uint32_t i = 0; i < m->nslots; i++)
+        n += m->children[i].pid != 0;
     return n;
 }
 
@@ -740,19 +777,16 @@ supervise(struct master *m, const sigset_t *set)
     }
 }
 
-/* After a reload's exec: the workers of the previous generation are still
- * our children. Start the new ones first, then let the old ones finish. */
+/* After a reload's exec: the workers of the previous generation, taken
+ * over from the scoreboard. Start the new ones first, then let the old
+ * ones finish. */
 static void
 retire_older_generations(struct master *m)
 {
-    for (uint32_t i = 0; i < m->pool->nslots; i++) {
-        struct scoreboard_slot *s = &m->pool->slots[i];
-
-        if (s->pid != 0 && s->generation != m->generation) {
-            m->children[i].generation = s->generation;
+    for (uint32_t i = 0; i < m->nslots; i++)
+        if (m->children[i].pid != 0 &&
+            m->children[i].generation != m->generation)
             retire(m, (int)i);
-        }
-    }
 }
 
 /* Workers switch user only from root; already being that user is fine. */
@@ -817,20 +851,83 @@ name_providers(struct scoreboard *pool, const struct conf *c)
     scoreboard_name_providers(pool, names, c->nproviders);
 }
 
+/* A pid from the scoreboard is taken over only if it is a child of this
+ * process: waitid() refuses any other pid (ECHILD), and WNOWAIT leaves one
+ * that has exited for reap(). */
+static int
+is_own_child(pid_t pid)
+{
+    siginfo_t info;
+
+    return pid > 0 && waitid(P_PID, (id_t)pid, &info,
+                             WEXITED | WNOHANG | WNOWAIT) == 0;
+}
+
+/* After a reload's exec the previous generation's workers are still this
+ * process's children, known only from the scoreboard it inherited, where
+ * any worker may have written anything: a slot is taken over when it holds
+ * such a child not seen in an earlier slot, and cleared otherwise. */
+static void
+take_over_workers(struct master *m)
+{
+    for (uint32_t i = 0; i < m->nslots; i++) {
+        struct scoreboard_slot *s = &m->pool->slots[i];
+        pid_t pid = s->pid;
+
+        if (!is_own_child(pid) || slot_of(m, pid) != -1) {
+            memset(s, 0, sizeof(*s));
+            continue;
+        }
+        m->children[i] = (struct child){
+            .pid = pid,
+            .role = s->role == SCOREBOARD_CONTROL ? SCOREBOARD_CONTROL
+                                                  : SCOREBOARD_CHAT,
+            .generation = m->generation - 1,
+        };
+    }
+}
+
+/* The scoreboard a reload handed over, or a new one when there is none or
+ * it is not one (a worker may have overwritten its magic: serve anyway). */
+static struct scoreboard *
+map_scoreboard(struct master *m, int inherited_fd)
+{
+    struct scoreboard *pool = scoreboard_open(inherited_fd,
+                                              &m->scoreboard_fd);
+
+    if (pool != NULL || inherited_fd < 0)
+        return pool;
+    log_warn("master", "the scoreboard handed over is unusable: starting "
+             "a new one, without the previous workers");
+    close(inherited_fd);
+    return scoreboard_open(-1, &m->scoreboard_fd);
+}
+
 static int
 open_scoreboard(struct master *m, int inherited_fd)
 {
     /* Room for a whole old generation beside the new one during reload. */
-    uint32_t nslots = 2 * ((uint32_t)m->conf->workers + 1);
+    uint32_t wanted = 2 * ((uint32_t)m->conf->workers + 1), published;
 
-    m->pool = scoreboard_open(inherited_fd, nslots, &m->scoreboard_fd);
+    m->pool = map_scoreboard(m, inherited_fd);
     if (m->pool == NULL) {
         log_warn("master", "cannot set up the scoreboard");
         return -1;
     }
+    /* The previous master's count (0 in a new scoreboard), as far as the
+     * old workers may sit beyond what this configuration wants. */
+    published = scoreboard_nslots(m->pool);
+    m->nslots = wanted > published ? wanted : published;
+    if (m->nslots > SCOREBOARD_SLOTS_MAX)
+        m->nslots = SCOREBOARD_SLOTS_MAX;
+    m->children = calloc(m->nslots, sizeof(*m->children));
+    if (m->children == NULL)
+        return -1;
+    take_over_workers(m);
+    m->pool->nslots = m->nslots;
+    m->pool->generation = m->generation;
     name_providers(m->pool, m->conf);
-    m->children = calloc(m->pool->nslots, sizeof(*m->children));
-    return m->children ? 0 : -1;
+    return 0;
 }
 
 static int
@@ -845,13 +942,12 @@ start(struct master *m)
         log_warn("master", "cannot give the log files to %s",
                  m->worker_id.user);
     inherited = listener_inherit(&m->ls, &scoreboard_fd, &m->generation);
+    m->generation++;
     if (inherited == -1 || acquire_listeners(m, inherited, 1) == -1 ||
         open_scoreboard(m, scoreboard_fd) == -1 ||
         write_pid_file(m->conf->pid_file) == -1)
         return -1;
     worker_prepare_listener(m->ls.chat_fd);
-    m->generation++;
-    m->pool->generation = m->generation;
     return 0;
 }
 
@@ -900,11 +996,13 @@ master_run_single(const struct conf *c)
     if (inherited == -1 || (!inherited && acquire_listeners(&m, 0, 0) == -1))
         return 1;
     worker_prepare_listener(m.ls.chat_fd);
-    ws.pool = scoreboard_open(-1, 1, &scoreboard_fd);
+    ws.pool = scoreboard_open(-1, &scoreboard_fd);
     if (m.ls.chat_fd == -1 || ws.pool == NULL)
         return 1;
+    close_unused(&m.ls, scoreboard_fd, SCOREBOARD_CHAT);
     name_providers(ws.pool, c);
     ws.chat_fd = m.ls.chat_fd;
+    ws.pool->nslots = 1;
     ws.pool->slots[0].pid = getpid();
     log_info("master", "pm single: serving on %s in this process",
              m.ls.origin);

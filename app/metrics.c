@@ -90,7 +90,10 @@ gen_process(yajl_gen g, const struct scoreboard_slot *s, int64_t now)
            json_gen_key_int(g, "requests", (long long)s->requests) ||
            json_gen_key_int(g, "request_duration_ms",
                             began ? now - began : 0) ||
-           json_gen_key_cstr(g, "request", began ? s->request : "") ||
+           /* Cut at its size: the worker may not have ended it. */
+           json_gen_key_str(g, "request", s->request,
+                            began ? strnlen(s->request, sizeof(s->request))
+                                  : 0) ||
            yajl_gen_map_close(g);
 }
 
@@ -98,10 +101,11 @@ static int
 gen_processes(yajl_gen g, const struct scoreboard *p)
 {
     int64_t now = clock_wall_ms();
+    uint32_t nslots = scoreboard_nslots(p);
 
     if (json_gen_cstr(g, "processes") || yajl_gen_array_open(g))
         return -1;
-    for (uint32_t i = 0; i < p->nslots; i++)
+    for (uint32_t i = 0; i < nslots; i++)
         if (p->slots[i].pid != 0 && gen_process(g, &p->slots[i], now))
             return -1;
     return yajl_gen_array_close(g) ? -1 : 0;

@@ -6,7 +6,9 @@
 /* One path pattern and the handler for each method it allows. */
 struct route_entry {
     const char *path;
-    int is_prefix; /* path is a prefix; the rest is the tail */
+    const char *prefix_of; /* NULL: path matches whole; else path is a
+                              prefix, the rest is the tail, and this is
+                              the route's pattern, the tail named */
     int guarded;
     const char *allow;
     struct {
@@ -16,14 +18,14 @@ struct route_entry {
 };
 
 static const struct route_entry routes[] = {
-    {"/api/chat", 0, 1, "POST", {{"POST", ROUTE_CHAT_POST}}},
-    {"/api/chat/", 1, 1, "GET, DELETE",
+    {"/api/chat", NULL, 1, "POST", {{"POST", ROUTE_CHAT_POST}}},
+    {"/api/chat/", "/api/chat/{id}", 1, "GET, DELETE",
      {{"GET", ROUTE_SESSION_GET}, {"DELETE", ROUTE_SESSION_DELETE}}},
-    {"/api/healthz", 0, 0, "GET", {{"GET", ROUTE_HEALTHZ}}},
-    {"/api/status", 0, 0, "GET", {{"GET", ROUTE_STATUS}}},
-    {"/api/metrics", 0, 0, "GET", {{"GET", ROUTE_METRICS}}},
-    {"/v1/models", 0, 1, "GET", {{"GET", ROUTE_V1_MODELS}}},
-    {"/v1/chat/completions", 0, 1, "POST",
+    {"/api/healthz", NULL, 0, "GET", {{"GET", ROUTE_HEALTHZ}}},
+    {"/api/status", NULL, 0, "GET", {{"GET", ROUTE_STATUS}}},
+    {"/api/metrics", NULL, 0, "GET", {{"GET", ROUTE_METRICS}}},
+    {"/v1/models", NULL, 1, "GET", {{"GET", ROUTE_V1_MODELS}}},
+    {"/v1/chat/completions", NULL, 1, "POST",
      {{"POST", ROUTE_V1_COMPLETIONS}}},
 };
 
@@ -32,7 +34,7 @@ path_tail(const struct route_entry *r, const char *path)
 {
     size_t n = strlen(r->path);
 
-    if (r->is_prefix)
+    if (r->prefix_of != NULL)
         return strncmp(path, r->path, n) == 0 ? path + n : NULL;
     return strcmp(path, r->path) == 0 ? path + n : NULL;
 }
@@ -44,6 +46,7 @@ route_resolve(const char *method, const char *path, struct route_match *m)
     m->allow = NULL;
     m->tail = NULL;
     m->guarded = 0;
+    m->pattern = "(no route)";
     for (size_t i = 0; i < sizeof(routes) / sizeof(*routes); i++) {
         const struct route_entry *r = &routes[i];
         const char *tail = path_tail(r, path);
@@ -53,6 +56,7 @@ route_resolve(const char *method, const char *path, struct route_match *m)
         m->tail = tail;
         m->allow = r->allow;
         m->guarded = r->guarded;
+        m->pattern = r->prefix_of != NULL ? r->prefix_of : r->path;
         m->id = ROUTE_METHOD_NOT_ALLOWED;
         for (size_t j = 0; j < 3 && r->methods[j].method; j++) {
             if (strcmp(method, r->methods[j].method) == 0) {

@@ -20,53 +20,47 @@ static const char *const state_names[SCOREBOARD_STATES] = {
     "writing",
 };
 
-static size_t
-pool_size(uint32_t nslots)
-{
-    return sizeof(struct scoreboard) +
-           (size_t)nslots * sizeof(struct scoreboard_slot);
-}
-
 static struct scoreboard *
-map_pool(int fd, size_t size)
+map_pool(int fd)
 {
-    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    void *p = mmap(NULL, sizeof(struct scoreboard), PROT_READ | PROT_WRITE,
+                   MAP_SHARED, fd, 0);
 
     return p == MAP_FAILED ? NULL : p;
 }
 
-/* An inherited scoreboard: check it, and grow it for more slots. */
+/* An inherited scoreboard: one of ours (its magic), grown when an older
+ * build made it smaller, so that no read of the mapping finds its end. */
 static struct scoreboard *
-adopt(int fd, uint32_t nslots)
+adopt(int fd)
 {
     struct stat st;
     struct scoreboard *p;
-    uint32_t have;
 
-    if (fstat(fd, &st) == -1 || (size_t)st.st_size < sizeof(*p))
+    if (fstat(fd, &st) == -1)
         return NULL;
-    p = map_pool(fd, (size_t)st.st_size);
-    if (p == NULL)
-        return NULL;
-    if (p->magic != SCOREBOARD_MAGIC) {
-        munmap(p, (size_t)st.st_size);
+    if ((size_t)st.st_size < sizeof(p->magic)) {
         errno = EINVAL;
         return NULL;
     }
-    have = p->nslots;
-    if (nslots <= have)
-        return p;
-    munmap(p, (size_t)st.st_size);
-    if (ftruncate(fd, (off_t)pool_size(nslots)) == -1)
+    p = map_pool(fd);
+    if (p == NULL)
         return NULL;
-    p = map_pool(fd, pool_size(nslots));
-    if (p != NULL)
-        p->nslots = nslots;
+    if (p->magic != SCOREBOARD_MAGIC) {
+        munmap(p, sizeof(*p));
+        errno = EINVAL;
+        return NULL;
+    }
+    if ((size_t)st.st_size < sizeof(*p) &&
+        ftruncate(fd, (off_t)sizeof(*p)) == -1) {
+        munmap(p, sizeof(*p));
+        return NULL;
+    }
     return p;
 }
 
 static struct scoreboard *
-create(uint32_t nslots, int *out_fd)
+create(int *out_fd)
 {
     /* No MFD_CLOEXEC: a reload execs the master, which adopts it. */
     int fd = memfd_create("chatfcgi-scoreboard", 0);
@@ -74,25 +68,32 @@ create(uint32_t nslots, int *out_fd)
 
     if (fd == -1)
         return NULL;
-    if (ftruncate(fd, (off_t)pool_size(nslots)) == -1 ||
-        (p = map_pool(fd, pool_size(nslots))) == NULL) {
+    if (ftruncate(fd, (off_t)sizeof(*p)) == -1 ||
+        (p = map_pool(fd)) == NULL) {
         close(fd);
         return NULL;
     }
     p->magic = SCOREBOARD_MAGIC;
-    p->nslots = nslots;
     p->started_at_ms = clock_wall_ms();
     *out_fd = fd;
     return p;
 }
 
 struct scoreboard *
-scoreboard_open(int fd, uint32_t nslots, int *out_fd)
+scoreboard_open(int fd, int *out_fd)
 {
     if (fd < 0)
-        return create(nslots, out_fd);
+        return create(out_fd);
     *out_fd = fd;
-    return adopt(fd, nslots);
+    return adopt(fd);
+}
+
+uint32_t
+scoreboard_nslots(const struct scoreboard *p)
+{
+    uint32_t n = __atomic_load_n(&p->nslots, __ATOMIC_RELAXED);
+
+    return n < SCOREBOARD_SLOTS_MAX ? n : SCOREBOARD_SLOTS_MAX;
 }
 
 void
@@ -109,22 +110,15 @@ scoreboard_name_providers(struct scoreboard *p, const char *const *names,
     }
 }
 
-int
-scoreboard_free_slot(const struct scoreboard *p)
-{
-    for (uint32_t i = 0; i < p->nslots; i++)
-        if (p->slots[i].pid == 0)
-            return (int)i;
-    return -1;
-}
-
 void
 scoreboard_count_states(const struct scoreboard *p,
                         enum scoreboard_role role,
                         unsigned n[SCOREBOARD_STATES])
 {
+    uint32_t nslots = scoreboard_nslots(p);
+
     memset(n, 0, SCOREBOARD_STATES * sizeof(*n));
-    for (uint32_t i = 0; i < p->nslots; i++) {
+    for (uint32_t i = 0; i < nslots; i++) {
         const struct scoreboard_slot *s = &p->slots[i];
         int state = __atomic_load_n(&s->state, __ATOMIC_RELAXED);
 
@@ -170,11 +164,11 @@ raise_max_active(struct scoreboard *p)
 
 void
 scoreboard_request_begin(struct scoreboard *p, struct scoreboard_slot *s,
-                         const char *method, const char *path,
+                         const char *method, const char *route,
                          const char *request_id)
 {
-    snprintf(s->request, sizeof(s->request), "%s %.40s req=%s", method, path,
-             request_id);
+    snprintf(s->request, sizeof(s->request), "%s %.40s req=%s", method,
+             route, request_id);
     s->request_at_ms = clock_wall_ms();
     scoreboard_set_state(s, SCOREBOARD_READING);
     scoreboard_add(&p->accepted, 1);

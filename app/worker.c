@@ -40,6 +40,7 @@ struct worker {
                            away */
     int unix_socket;    /* fcgi's socket is AF_UNIX: no close linger */
     struct http_request req; /* the request in hand */
+    struct route_match route; /* and its route */
     yajl_gen gen;       /* response bodies */
     struct chat *chat;
     struct metrics metrics;
@@ -219,15 +220,14 @@ dispatch_chat(struct worker *w, const struct route_match *m)
 static void
 dispatch(struct worker *w)
 {
-    struct route_match m;
+    const struct route_match *m = &w->route;
 
-    route_resolve(w->req.method, w->req.path, &m);
     /* The /v1 face answers errors, even this early, as OpenAI does. */
     if (strncmp(w->req.path, "/v1/", 4) == 0)
         w->req.errors = &v1_errors;
-    if (m.guarded && w->setup->role == SCOREBOARD_CHAT)
-        dispatch_chat(w, &m);
-    else if (!m.guarded && dispatch_common(w, &m))
+    if (m->guarded && w->setup->role == SCOREBOARD_CHAT)
+        dispatch_chat(w, m);
+    else if (!m->guarded && dispatch_common(w, m))
         return;
     else
         http_send_error(&w->req, 404, "not_found", "no such path");
@@ -296,7 +296,11 @@ serve_one(struct worker *w, FCGX_Request *fr, serve_fn serve)
 
     http_begin(r, fr, w->gen);
     r->path = http_path(fr, scratch, sizeof(scratch));
-    scoreboard_request_begin(w->pool, w->slot, r->method, r->path, r->id);
+    route_resolve(r->method, r->path, &w->route);
+    /* The route, not the path: the status page must not show session
+     * ids. */
+    scoreboard_request_begin(w->pool, w->slot, r->method, w->route.pattern,
+                             r->id);
     serve(w);
     total_ms = clock_ms() - r->start_ms;
     scoreboard_request_end(w->pool, w->slot, r->status, total_ms,
@@ -446,7 +450,6 @@ worker_main(const struct worker_setup *ws)
     listen_fd_to_close = ws->master_pid != 0 ? ws->chat_fd : -1;
     install_signals();
     worker_setup(&w, ws);
-    w.slot->pid = getpid();
     scoreboard_set_state(w.slot, SCOREBOARD_IDLE);
     if (ws->role == SCOREBOARD_CONTROL)
         control_loop(&w);

@@ -25,6 +25,9 @@ struct route_match {
     const char *tail;  /* for session routes: the path after the prefix,
                           pointing into the path given (not validated) */
     int guarded;       /* the chat API: client keys, CORS and limits apply */
+    const char *pattern; /* the route as the status page shows it, e.g.
+                            "/api/chat/{id}": never the client's own text,
+                            which may hold a session id */
 };
 
 /* Resolve method and path (without query string). Never fails. */

@@ -1,9 +1,11 @@
 /*
- * scoreboard: the pool's shared memory. One slot per worker (pid, state,
- * requests served, the request in hand) written only by that worker, and
- * pool-wide counters and latency histograms updated with atomic adds, so
- * totals never go backwards when a worker dies. It lives in a memfd that
- * survives an exec of the master (reload), so the totals survive that too.
+ * scoreboard: the pool's shared memory. One slot per worker (its state,
+ * requests served, the request in hand, and the pid and role the master
+ * shows there), and pool-wide counters and latency histograms updated with
+ * atomic adds, so totals never go backwards when a worker dies. It lives
+ * in a memfd that survives an exec of the master (reload), so the totals
+ * survive that too. Every worker can write all of it: it is for display
+ * and counting, and the master acts only on its own records.
  */
 #ifndef CHATFCGI_SCOREBOARD_H
 #define CHATFCGI_SCOREBOARD_H
@@ -69,11 +71,10 @@ struct scoreboard_slot {
     pid_t pid; /* 0: no worker */
     int state; /* enum scoreboard_state */
     int role;  /* enum scoreboard_role */
-    uint32_t generation; /* of the master that forked it (reloads) */
     uint64_t requests;   /* served by this process */
     int64_t started_at_ms;  /* when the process started (wall clock) */
     int64_t request_at_ms;  /* when the request in hand began; 0: none */
-    char request[SCOREBOARD_REQUEST_LEN]; /* "POST /api/chat req=…" */
+    char request[SCOREBOARD_REQUEST_LEN]; /* "GET /api/chat/{id} req=…" */
 };
 
 /* One model provider's health and counters, shared by every worker: a
@@ -88,10 +89,18 @@ struct scoreboard_provider {
     uint64_t errors[SCOREBOARD_UP_KINDS];
 };
 
+/* Slots for the most workers conf.c allows (4096), twice (the old and the
+ * new generation during a reload), each with its control worker. The size
+ * is fixed so that every process knows from the type alone how far it may
+ * read, whatever a worker writes into nslots. The memfd is sparse: only
+ * the slots in use take memory. */
+#define SCOREBOARD_SLOTS_MAX (2 * (4096 + 1))
+
 struct scoreboard {
     uint64_t magic;
     int64_t started_at_ms;
-    uint32_t nslots;
+    uint32_t nslots;             /* in use: the master's count, published
+                                    for the readers; see scoreboard_nslots */
     uint32_t generation;
     uint64_t accepted;
     uint64_t by_status[SCOREBOARD_STATUS_SLOTS];
@@ -105,16 +114,18 @@ struct scoreboard {
     uint64_t max_children_reached;
     struct scoreboard_histogram total, redis, upstream;
     struct scoreboard_provider providers[SCOREBOARD_PROVIDERS];
-    struct scoreboard_slot slots[];
+    struct scoreboard_slot slots[SCOREBOARD_SLOTS_MAX];
 };
 
-/* Create the shared memory for nslots workers, or adopt the one inherited
- * on fd (after a reload's exec; -1: none), growing it when nslots is
- * larger. Returns the mapping or NULL (errno set). */
-struct scoreboard *scoreboard_open(int fd, uint32_t nslots, int *out_fd);
+/* Create the shared memory, or adopt the one inherited on fd (after a
+ * reload's exec; -1: none), grown to this build's size when an older one
+ * made it smaller. Returns the mapping, or NULL (errno set; EINVAL: fd is
+ * not a scoreboard). nslots is 0 in a new one. */
+struct scoreboard *scoreboard_open(int fd, int *out_fd);
 
-/* A free slot's index, or -1 when all are taken. */
-int scoreboard_free_slot(const struct scoreboard *p);
+/* The slots in use as published in p, never more than there are: the count
+ * for whoever reads the slots, since any worker can write nslots. */
+uint32_t scoreboard_nslots(const struct scoreboard *p);
 
 /* Counts of the slots of workers with a role, by state, into
  * n[SCOREBOARD_STATES]. */
@@ -122,11 +133,13 @@ void scoreboard_count_states(const struct scoreboard *p,
                              enum scoreboard_role role,
                              unsigned n[SCOREBOARD_STATES]);
 
-/* Worker side: the slot's state and the request in hand. */
+/* Worker side: the slot's state and the request in hand. The request is
+ * shown by its route ("/api/chat/{id}"), never by its path, which may
+ * hold a session id. */
 void scoreboard_set_state(struct scoreboard_slot *s,
                           enum scoreboard_state state);
 void scoreboard_request_begin(struct scoreboard *p, struct scoreboard_slot *s,
-                              const char *method, const char *path,
+                              const char *method, const char *route,
                               const char *request_id);
 void scoreboard_request_end(struct scoreboard *p, struct scoreboard_slot *s,
                             int status, double total_ms, double redis_ms,

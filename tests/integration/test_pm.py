@@ -3,7 +3,8 @@ app/scoreboard.c, app/metrics.c) through the real stack: a worker killed
 in the middle of a request, reloads under load, a graceful stop during
 streams, recycling, the request deadline, the slow log, the dynamic pool,
 backpressure, status access, the crash-loop backoff, pm single behind
-spawn-fcgi, systemd socket activation and the privilege drop.
+spawn-fcgi, systemd socket activation and the privilege drop; and what
+the status page, a local user and a compromised worker can reach.
 
 Measured figures (respawn time, reload failures, stop timings, backoff
 delays) are printed as "MEASURED ..." lines: run with -s to see them.
@@ -12,16 +13,21 @@ Every wait is bounded; every process started here is stopped by pid in a
 finally block (stacks from stack_factory are also stopped by the fixture).
 """
 
+import functools
 import json
+import mmap
 import os
 import pwd
 import re
 import shutil
 import signal
+import stat
+import struct
 import subprocess
 import tempfile
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,6 +38,7 @@ import fcgi_client
 import stack as stack_mod  # deploy/local/stack.py, on sys.path via conftest
 from helpers import LocalModel, assert_json_error, new_session, post_chat
 from polling import wait_for
+from redis_cluster import redis_command
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf" / "chatfcgi.conf"
@@ -414,6 +421,7 @@ class DirectMaster:
         self.sock, self.log = d / "c.sock", d / "chatfcgi.log"
         self.conf = d / "c.conf"
         self.proc = None
+        self.wrapped = False
 
     def write_conf(self, **keys):
         """Top-level keys; a value of None leaves the key out."""
@@ -429,19 +437,38 @@ class DirectMaster:
                  f"model = local-eliza\n")
         self.conf.write_text(text)
 
-    def start(self, workers):
+    def spawn(self, wrapper=(), umask=None):
+        """Start the master, through a wrapper command (strace, unshare)
+        when one is given, which then is self.proc and the master its
+        only child; umask: the one chatfcgi starts with."""
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("CHATFCGI_") and k != "_CHATFCGI_REEXEC"}
+        self.wrapped = bool(wrapper)
         with open(self.dir / "stderr", "wb") as err:
-            self.proc = subprocess.Popen([chatfcgi_bin(), "-c",
-                                          str(self.conf)],
-                                         env=env, stdin=subprocess.DEVNULL,
-                                         stdout=err, stderr=err,
-                                         start_new_session=True)
-        kids = wait_for(lambda: children(self.proc.pid)
-                        if len(children(self.proc.pid)) == workers
-                        and self.sock.exists() else None, 5)
-        assert kids, (children(self.proc.pid), self.log_text())
+            self.proc = subprocess.Popen(
+                [*wrapper, chatfcgi_bin(), "-c", str(self.conf)],
+                env=env, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                start_new_session=True,
+                preexec_fn=None if umask is None else lambda: os.umask(umask))
+
+    def master_pid(self):
+        """The master's pid (as this test sees it), or None."""
+        if not self.wrapped:
+            return self.proc.pid
+        kids = children(self.proc.pid)
+        return kids[0] if len(kids) == 1 else None
+
+    def workers(self, n):
+        """The master's n children once it has that many and its socket
+        exists (for wait_for), else None."""
+        pid = self.master_pid()
+        kids = children(pid) if pid else []
+        return kids if len(kids) == n and self.sock.exists() else None
+
+    def start(self, workers, wrapper=()):
+        self.spawn(wrapper)
+        kids = wait_for(lambda: self.workers(workers), 5)
+        assert kids, (self.master_pid(), self.log_text())
         return kids
 
     def log_text(self):
@@ -1097,3 +1124,382 @@ def test_refuses_to_serve_as_root(stack, args):
         assert r.returncode == 1, (r.returncode, r.stderr)
         assert b"refusing to serve requests as root" in r.stderr, r.stderr
         assert not (d / "root.sock").exists()
+
+
+# ----------------------------- 13. what others can reach (issue 17)
+#
+# The status page is for operators, not for the holders of sessions. The
+# master runs as root: what it does to a path it must do to the file it
+# made, not to whatever a local user puts there.
+
+def test_status_shows_routes_not_session_ids(stack, http, model):
+    """A turn streaming and a GET /api/chat/{id} held in Redis (CLIENT
+    PAUSE), both of one known session: /api/status names their routes and
+    shows no part of the id."""
+    sid = uuid.uuid4().hex
+    model.set(chunk_delay_ms=300,
+              reply="one two three four five six seven eight nine ten")
+
+    def stream(i):
+        with new_session() as s:
+            r = post_chat(s, stack, "hello", sid, stream=True, timeout=15)
+            return r.status_code, r.text
+
+    def get(i):
+        with new_session() as s:
+            return s.get(f"{stack.url}/api/chat/{sid}", timeout=15)
+
+    def with_get_held():
+        shown = status(http, stack)
+        return shown if [p for p in chat_rows(shown)
+                         if p["request"].startswith("GET ")] else None
+
+    streaming = Parallel(1, stream).start()
+    assert wait_for(lambda: rows_in(http, stack, "streaming"), 3, 0.02), \
+        status(http, stack)
+    # Ends by itself (within the workers' command_timeout_ms): a paused
+    # Redis takes no UNPAUSE from a new connection either.
+    redis_command(stack.redis_port, "CLIENT", "PAUSE", "1500", "ALL")
+    reading = Parallel(1, get).start()
+    shown = wait_for(with_get_held, 1.4, 0.02)
+    (got, _, _), = reading.join(15)
+    (streamed, _, _), = streaming.join(15)
+    assert shown, status(http, stack)
+    text = json.dumps(shown)
+    assert sid[:8] not in text, text
+    requests_shown = sorted(p["request"].rpartition(" req=")[0]
+                            for p in chat_rows(shown) if p["request"])
+    assert requests_shown == ["GET /api/chat/{id}", "POST /api/chat"], text
+    # 404 while the streaming turn is not stored yet: either is an answer.
+    assert not isinstance(got, Exception) and got.status_code in (200, 404)
+    assert not isinstance(streamed, Exception) and streamed[0] == 200, \
+        streamed
+
+
+STRACE = shutil.which("strace")
+
+
+def strace_holding_bind(trace, hold_s=1.5):
+    """A wrapper that runs chatfcgi under strace, each bind() held for
+    hold_s after it returns: the socket file then exists and nothing else
+    has been done to it yet. The calls that change a file's mode or owner
+    go to the file trace."""
+    return [STRACE, "-qq", "-o", str(trace), "-e",
+            "trace=bind,chmod,fchmod,fchmodat,chown,fchown,lchown,fchownat",
+            "-e", f"inject=bind:delay_exit={int(hold_s * 1e6)}"]
+
+
+def lstat_or_none(path):
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+@pytest.mark.skipif(not IS_ROOT or STRACE is None,
+                    reason="needs root (the owner changes) and strace")
+def test_unix_socket_has_its_mode_from_the_bind(stack):
+    """The socket file never shows a looser mode than listen_mode (a umask
+    around bind(), not a chmod() after it), and nothing changes it by
+    path: chmod() and chown() follow a symlink put in its place."""
+    with direct_master(stack) as m:
+        m.write_conf(listen_mode="0660")
+        trace = m.dir / "trace"
+        m.spawn(strace_holding_bind(trace), umask=0o022)
+        first = wait_for(lambda: lstat_or_none(m.sock), 5, 0.005)
+        assert first, m.log_text()
+        assert oct(stat.S_IMODE(first.st_mode)) == oct(0o660)
+        assert wait_for(lambda: m.workers(2), 10), m.log_text()
+        final = os.lstat(m.sock)
+        pw = pwd.getpwnam(WEB_USER)
+        assert oct(stat.S_IMODE(final.st_mode)) == oct(0o660)
+        assert (final.st_uid, final.st_gid) == (pw.pw_uid, pw.pw_gid)
+        by_path = [ln for ln in trace.read_text().splitlines()
+                   if str(m.sock) in ln and not ln.startswith("bind(")]
+        assert not by_path, by_path
+        assert fcgi_chat(m.sock)[0] == 200
+
+
+@pytest.mark.skipif(not IS_ROOT or STRACE is None,
+                    reason="needs root (the owner changes) and strace")
+def test_unix_socket_swapped_for_a_symlink(stack):
+    """A symlink put in the socket's place right after the bind: the file
+    it points to keeps its mode and owner, and the master refuses to
+    listen there."""
+    with direct_master(stack) as m:
+        m.write_conf(listen_mode="0666")
+        victim = m.dir / "victim"
+        victim.write_text("root's own\n")
+        victim.chmod(0o600)
+        m.spawn(strace_holding_bind(m.dir / "trace"))
+        assert wait_for(lambda: lstat_or_none(m.sock), 5, 0.005), \
+            m.log_text()
+        link = m.dir / "link"
+        link.symlink_to(victim)
+        link.replace(m.sock)
+        exited = wait_for(lambda: m.proc.poll() is not None, 5)
+        after = os.stat(victim)
+        assert (oct(stat.S_IMODE(after.st_mode)), after.st_uid) == \
+            (oct(0o600), 0)
+        assert exited and m.proc.returncode != 0, m.log_text()
+        assert "replaced right after the bind" in m.log_text()
+
+
+# -------------------------- 14. what a compromised worker can reach
+#
+# A worker holds only the descriptors it serves on. It can still write the
+# whole scoreboard through its mapping: the master (root) must act on
+# its own records of what it forked, never on a pid or a count read back
+# from there (issue 17). The tests write where a worker would, through a
+# worker's own mapping. Where the old master's reading could reach kill(-1)
+# or memory past the mapping, the pool runs in a PID namespace of its own,
+# so that a regression cannot signal anything outside it.
+
+PIDNS = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
+OLD_REQUEST_MS = 3600 * 1000  # far past any watchdog limit
+
+
+@functools.lru_cache(maxsize=None)
+def scoreboard_layout():
+    """Offsets of struct scoreboard as the compiler lays out
+    include/scoreboard.h for chatfcgi (the layout is not an interface:
+    asking the compiler keeps the test honest when fields change)."""
+    program = r"""
+#include <stddef.h>
+#include <stdio.h>
+#include "scoreboard.h"
+int main(void)
+{
+    printf("%zu %zu %zu %zu %zu %zu\n", offsetof(struct scoreboard, magic),
+           offsetof(struct scoreboard, nslots),
+           offsetof(struct scoreboard, slots),
+           sizeof(struct scoreboard_slot),
+           offsetof(struct scoreboard_slot, pid),
+           offsetof(struct scoreboard_slot, request_at_ms));
+    return 0;
+}
+"""
+    with tempfile.TemporaryDirectory() as d:
+        src, exe = Path(d) / "layout.c", Path(d) / "layout"
+        src.write_text(program)
+        subprocess.run(["cc", "-std=gnu11", f"-I{REPO / 'include'}", "-o",
+                        str(exe), str(src)], check=True, timeout=60)
+        out = subprocess.run([str(exe)], capture_output=True, text=True,
+                             check=True, timeout=10).stdout.split()
+    return dict(zip(("magic", "nslots", "slots", "slot_size", "pid",
+                     "request_at_ms"), map(int, out)))
+
+
+class Scoreboard:
+    """A worker's mapping of the scoreboard, written as that worker could
+    (root reaches it through /proc/<pid>/map_files)."""
+
+    def __init__(self, mem):
+        self.mem, self.at = mem, scoreboard_layout()
+
+    def nslots(self):
+        return struct.unpack_from("<I", self.mem, self.at["nslots"])[0]
+
+    def set_nslots(self, n):
+        struct.pack_into("<I", self.mem, self.at["nslots"], n)
+
+    def set_magic(self, n):
+        struct.pack_into("<Q", self.mem, self.at["magic"], n)
+
+    def _slot(self, i, field):
+        return self.at["slots"] + i * self.at["slot_size"] + self.at[field]
+
+    def pid(self, i):
+        return struct.unpack_from("<i", self.mem, self._slot(i, "pid"))[0]
+
+    def slot_of(self, pid):
+        return next(i for i in range(self.nslots()) if self.pid(i) == pid)
+
+    def write_slot(self, i, pid, request_at_ms=0):
+        struct.pack_into("<i", self.mem, self._slot(i, "pid"), pid)
+        struct.pack_into("<q", self.mem, self._slot(i, "request_at_ms"),
+                         request_at_ms)
+
+
+@contextmanager
+def worker_scoreboard(pid):
+    span = next(line.split()[0] for line in
+                Path(f"/proc/{pid}/maps").read_text().splitlines()
+                if "/memfd:chatfcgi-scoreboard" in line)
+    fd = os.open(f"/proc/{pid}/map_files/{span}", os.O_RDWR)
+    try:
+        with mmap.mmap(fd, 0) as mem:  # the whole memfd
+            yield Scoreboard(mem)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def sleeper():
+    """A process of the test's own, which chatfcgi must never signal."""
+    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        yield proc
+    finally:
+        stop_pid(proc)
+
+
+def stuck_request_start():
+    return int(time.time() * 1000) - OLD_REQUEST_MS
+
+
+def fd_targets(pid):
+    """What each open fd of pid is (readlink of /proc/<pid>/fd/*)."""
+    d = f"/proc/{pid}/fd"
+    out = []
+    for fd in os.listdir(d):
+        try:
+            out.append(os.readlink(f"{d}/{fd}"))
+        except FileNotFoundError:
+            pass  # closed meanwhile
+    return out
+
+
+def unix_socket_inodes(path):
+    """The inodes of the unix sockets bound to path (the listening one and
+    the connections it accepted), from /proc/net/unix."""
+    inodes = set()
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) == 8 and fields[7] == str(path):
+            inodes.add(fields[6])
+    return inodes
+
+
+def test_workers_hold_only_what_they_use(stack, http):
+    """After the fork a chat worker keeps the chat socket only, the
+    control worker the chat and status sockets, and none of them the
+    scoreboard's memfd: a worker writes through its mapping, and whoever
+    holds the fd could shrink the memory under the master."""
+    rows = status(http, stack)["processes"]
+    chat_sock = unix_socket_inodes(stack.socket_path)
+    status_sock = unix_socket_inodes(stack.status_socket_path)
+    assert chat_sock and status_sock
+    for row in rows:
+        held = fd_targets(row["pid"])
+        sockets = {t[len("socket:["):-1] for t in held
+                   if t.startswith("socket:[")}
+        assert not [t for t in held if t.startswith("/memfd:")], (row, held)
+        assert sockets & chat_sock, (row, held)
+        if row["role"] == "control":
+            assert sockets & status_sock, (row, held)
+        else:
+            assert not sockets & status_sock, (row, held)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="reads a worker's mapping as root")
+def test_watchdog_kills_only_the_worker_it_forked(stack):
+    """A worker puts another process's pid in its slot, with a request
+    begun an hour ago: the watchdog ends that worker, the one the master
+    forked for the slot, and leaves the other process alone."""
+    with direct_master(stack) as m, sleeper() as other:
+        m.write_conf(workers=2)
+        kids = m.start(2)
+        worker = kids[0]
+        with worker_scoreboard(worker) as sb:
+            sb.write_slot(sb.slot_of(worker), other.pid,
+                          stuck_request_start())
+        wait_for(lambda: other.poll() is not None or
+                 worker not in children(m.proc.pid), 4)
+        assert other.poll() is None, \
+            "the watchdog killed a process the master did not fork"
+        assert worker not in children(m.proc.pid), m.log_text()
+        assert "has been in one request" in m.log_text()
+        assert wait_for(lambda: m.workers(2), 3), m.log_text()
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="reads a worker's mapping as root")
+def test_watchdog_never_signals_minus_one(stack):
+    """pid -1 with an old request start in a free slot: kill(-1, SIGKILL)
+    from root would end every process there is. Nothing is signalled."""
+    with direct_master(stack) as m:
+        m.write_conf(workers=2)
+        kids = m.start(2, wrapper=PIDNS)
+        with worker_scoreboard(kids[0]) as sb:
+            free = sb.slot_of(0)
+            sb.write_slot(free, -1, stuck_request_start())
+        changed = wait_for(lambda: sorted(children(m.master_pid())) !=
+                           sorted(kids), 2.5)
+        assert not changed, (kids, children(m.master_pid()), m.log_text())
+        assert fcgi_chat(m.sock)[0] == 200
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="reads a worker's mapping as root")
+def test_huge_slot_count_is_not_trusted(stack):
+    """nslots = 2^32 - 1: neither the master nor a worker reads past the
+    memory mapped; the pool serves, and serves after a reload (whose new
+    master adopts the old workers from this very scoreboard)."""
+    with direct_master(stack) as m:
+        m.write_conf(workers=2)
+        kids = m.start(2, wrapper=PIDNS)
+        with worker_scoreboard(kids[0]) as sb:
+            sb.set_nslots(0xFFFFFFFF)
+        time.sleep(2.5)  # two of the master's ticks
+        assert m.proc.poll() is None and m.master_pid(), m.log_text()
+        for i in range(3):
+            assert fcgi_chat(m.sock, f"still there {i}")[0] == 200
+        os.kill(m.master_pid(), signal.SIGHUP)
+        assert wait_for(lambda: new_children(m.master_pid(), 2, kids), 5), \
+            (kids, children(m.master_pid()), m.log_text())
+        assert fcgi_chat(m.sock, "after the reload")[0] == 200
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="reads a worker's mapping as root")
+def test_foreign_pid_does_not_hold_up_a_stop(stack):
+    """A pid in a free slot is no worker of the master's: a graceful stop
+    waits for its own workers only, and signals nothing else."""
+    with direct_master(stack) as m, sleeper() as other:
+        m.write_conf(workers=2)
+        kids = m.start(2)
+        with worker_scoreboard(kids[0]) as sb:
+            sb.write_slot(sb.slot_of(0), other.pid)
+        os.kill(m.proc.pid, signal.SIGTERM)
+        try:
+            rc = m.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            rc = None
+        assert rc == 0, ("the stop did not finish", m.log_text()[-1500:])
+        assert other.poll() is None
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="reads a worker's mapping as root")
+def test_reload_adopts_only_its_own_children(stack):
+    """After a reload's exec the new master takes the old workers over from
+    the scoreboard: a pid there that is not its child is not adopted, so
+    it is neither told to stop nor waited for."""
+    with direct_master(stack) as m, sleeper() as other:
+        m.write_conf(workers=2)
+        kids = m.start(2)
+        with worker_scoreboard(kids[0]) as sb:
+            sb.write_slot(sb.slot_of(0), other.pid)
+        os.kill(m.proc.pid, signal.SIGHUP)
+        assert wait_for(lambda: new_children(m.proc.pid, 2, kids), 5), \
+            (kids, children(m.proc.pid), m.log_text())
+        assert other.poll() is None, "the reload signalled a stranger"
+        assert fcgi_chat(m.sock, "after the reload")[0] == 200
+        os.kill(m.proc.pid, signal.SIGTERM)
+        assert m.proc.wait(5) == 0, m.log_text()[-1500:]
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="reads a worker's mapping as root")
+def test_reload_over_a_broken_scoreboard_keeps_serving(stack):
+    """A worker overwrote the scoreboard's magic: the master a reload execs
+    cannot take the old workers over from it, but it starts a scoreboard of
+    its own and new workers, rather than exit and take the pool down."""
+    with direct_master(stack) as m:
+        m.write_conf(workers=2)
+        kids = m.start(2)
+        with worker_scoreboard(kids[0]) as sb:
+            sb.set_magic(0)
+        os.kill(m.proc.pid, signal.SIGHUP)
+        started = wait_for(lambda: len(set(children(m.proc.pid)) -
+                                       set(kids)) == 2, 5)
+        assert started and m.proc.poll() is None, m.log_text()[-1500:]
+        assert "scoreboard handed over is unusable" in m.log_text()
+        for i in range(3):
+            assert fcgi_chat(m.sock, f"after the reload {i}")[0] == 200
