@@ -783,6 +783,13 @@ conf_check(struct conf *c, char err[CONF_ERR_LEN])
                  "64 hex digits each, separated by commas");
         return -1;
     }
+    /* X-Forwarded-For is walked from the right while the hop is trusted:
+     * with "*" the leftmost entry, which the client writes, would win. */
+    if (conf_list_has(c->trusted_proxies, "*", 1)) {
+        snprintf(err, CONF_ERR_LEN, "trusted_proxies cannot be *: it would "
+                 "let clients choose their own address; list the proxies");
+        return -1;
+    }
     if (c->pm == CONF_POOL_DYNAMIC &&
         (c->min_spare_workers > c->max_spare_workers ||
          c->start_workers > c->workers ||

@@ -2,7 +2,6 @@
 #include "json.h"
 
 #include <errno.h>
-#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,14 +17,12 @@ struct frame {
     int is_array;
     long index;            /* arrays: index of the current element */
     size_t key_off, key_len; /* objects: the current key, in pick.keys */
-    uint32_t id;           /* objects: tells duplicate-key scopes apart */
+    size_t seen_len, text_len; /* pick.seen, seen_text when it opened */
 };
 
-/* Keys seen so far, for strict mode's duplicate check (open addressing). */
-struct key_slot {
-    uint32_t frame, hash;
+/* A key of an open object, for strict mode's duplicate check. */
+struct key_ref {
     size_t off, len; /* in pick.seen_text */
-    int used;
 };
 
 struct pick {
@@ -34,12 +31,10 @@ struct pick {
     struct buf *arena;
     struct frame frames[JSON_DEPTH_LIMIT];
     unsigned depth, max_depth;
-    uint32_t next_id;
     int strict;
     struct buf keys; /* current path's keys, a stack */
-    struct key_slot *seen;
-    size_t seen_size, seen_count;
-    struct buf seen_text;
+    struct buf seen; /* key_refs of the open objects' keys, a stack */
+    struct buf seen_text; /* their text */
     char *err;
 };
 
@@ -132,79 +127,69 @@ push_frame(struct pick *p, int is_array)
     f->index = -1;
     f->key_off = p->keys.len;
     f->key_len = 0;
-    f->id = p->next_id++;
+    f->seen_len = p->seen.len;
+    f->text_len = p->seen_text.len;
     return 1;
 }
 
 static int
 pop_frame(struct pick *p)
 {
-    p->depth--;
-    p->keys.len = p->frames[p->depth].key_off;
+    const struct frame *f = &p->frames[--p->depth];
+
+    p->keys.len = f->key_off;
+    p->seen.len = f->seen_len;
+    p->seen_text.len = f->text_len;
     return 1;
 }
 
-static uint32_t
-hash_key(uint32_t frame, const unsigned char *s, size_t n)
-{
-    uint32_t h = 2166136261u ^ frame; /* FNV-1a */
-
-    for (size_t i = 0; i < n; i++)
-        h = (h ^ s[i]) * 16777619u;
-    return h;
-}
-
-static void
-seen_place(struct key_slot *table, size_t size, const struct key_slot *k)
-{
-    size_t j = k->hash & (size - 1);
-
-    while (table[j].used)
-        j = (j + 1) & (size - 1);
-    table[j] = *k;
-}
-
-static int
-seen_grow(struct pick *p)
-{
-    size_t size = p->seen_size ? p->seen_size * 2 : 64;
-    struct key_slot *table = calloc(size, sizeof(*table));
-
-    if (table == NULL)
-        return -1;
-    for (size_t i = 0; i < p->seen_size; i++)
-        if (p->seen[i].used)
-            seen_place(table, size, &p->seen[i]);
-    free(p->seen);
-    p->seen = table;
-    p->seen_size = size;
-    return 0;
-}
-
-/* Remember key in the current object. Returns 1 when new, 0 when the
- * object already has it, -1 when out of memory. */
+/* Remember key (n bytes) in the current object. Returns 0, or -1 when the
+ * keys outgrow JSON_KEYS_MAX or memory. */
 static int
 seen_add(struct pick *p, const unsigned char *key, size_t n)
 {
-    uint32_t frame = p->frames[p->depth - 1].id;
-    struct key_slot k = {frame, hash_key(frame, key, n), 0, n, 1};
-    size_t j;
+    struct key_ref k = {p->seen_text.len, n};
 
-    if ((p->seen_count + 1) * 2 > p->seen_size && seen_grow(p) == -1)
-        return -1;
-    for (j = k.hash & (p->seen_size - 1); p->seen[j].used;
-         j = (j + 1) & (p->seen_size - 1)) {
-        const struct key_slot *s = &p->seen[j];
-
-        if (s->hash == k.hash && s->frame == frame && s->len == n &&
-            memcmp(p->seen_text.data + s->off, key, n) == 0)
-            return 0;
-    }
-    k.off = p->seen_text.len;
     if (buf_append(&p->seen_text, key, n) == -1)
         return -1;
-    p->seen[j] = k;
-    p->seen_count++;
+    return buf_append(&p->seen, &k, sizeof(k));
+}
+
+/* Any total order will do: by length, then by bytes. */
+static int
+key_cmp(const void *a, const void *b, void *text)
+{
+    const struct key_ref *x = a, *y = b;
+
+    if (x->len != y->len)
+        return x->len < y->len ? -1 : 1;
+    return x->len ? memcmp((const char *)text + x->off,
+                           (const char *)text + y->off, x->len)
+                  : 0;
+}
+
+/* Strict mode, as an object closes: 1 when no key of it is there twice.
+ * Sorting costs n log n whatever the keys are (glibc's qsort is a merge
+ * sort) and needs no secret, where keys chosen to collide in a hash table
+ * make its probing quadratic in the body's size. */
+static int
+keys_unique(struct pick *p, const struct frame *f)
+{
+    size_t n = (p->seen.len - f->seen_len) / sizeof(struct key_ref);
+    struct key_ref *k;
+    char *text = p->seen_text.data;
+
+    if (n < 2)
+        return 1; /* nothing to compare, and seen.data may be NULL */
+    k = (struct key_ref *)(p->seen.data + f->seen_len);
+    qsort_r(k, n, sizeof(*k), key_cmp, text);
+    for (size_t i = 1; i < n; i++) {
+        if (key_cmp(&k[i - 1], &k[i], text) == 0) {
+            snprintf(p->err, JSON_ERR_LEN, "duplicate key \"%.*s\"",
+                     k[i].len > 40 ? 40 : (int)k[i].len, text + k[i].off);
+            return 0;
+        }
+    }
     return 1;
 }
 
@@ -244,22 +229,23 @@ cb_map_key(void *ctx, const unsigned char *key, size_t n)
     struct pick *p = ctx;
     struct frame *f = &p->frames[p->depth - 1];
 
-    if (p->strict) {
-        int fresh = seen_add(p, key, n);
-
-        if (fresh == -1)
-            return fail(p, "too many keys");
-        if (fresh == 0) {
-            snprintf(p->err, JSON_ERR_LEN, "duplicate key \"%.*s\"",
-                     n > 40 ? 40 : (int)n, (const char *)key);
-            return 0;
-        }
-    }
+    if (p->strict && seen_add(p, key, n) == -1)
+        return fail(p, "too many keys");
     p->keys.len = f->key_off;
     if (buf_append(&p->keys, key, n) == -1)
         return fail(p, "JSON key too long");
     f->key_len = n;
     return 1;
+}
+
+static int
+cb_end_map(void *ctx)
+{
+    struct pick *p = ctx;
+
+    if (p->strict && !keys_unique(p, &p->frames[p->depth - 1]))
+        return 0;
+    return pop_frame(p);
 }
 
 static int
@@ -269,7 +255,7 @@ cb_start_array(void *ctx)
 }
 
 static int
-cb_end(void *ctx)
+cb_end_array(void *ctx)
 {
     return pop_frame(ctx);
 }
@@ -281,9 +267,9 @@ static const yajl_callbacks pick_callbacks = {
     .yajl_string = cb_string,
     .yajl_start_map = cb_start_map,
     .yajl_map_key = cb_map_key,
-    .yajl_end_map = cb_end,
+    .yajl_end_map = cb_end_map,
     .yajl_start_array = cb_start_array,
-    .yajl_end_array = cb_end,
+    .yajl_end_array = cb_end_array,
 };
 
 int
@@ -414,11 +400,12 @@ json_pick(const char *doc, size_t len, struct json_field *fields,
         return -1;
     }
     buf_init(&p.keys, len);
+    buf_init(&p.seen, JSON_KEYS_MAX);
     buf_init(&p.seen_text, JSON_KEYS_MAX);
     rc = run_parser(&p, doc, len);
     buf_cleanup(&p.keys);
+    buf_cleanup(&p.seen);
     buf_cleanup(&p.seen_text);
-    free(p.seen);
     return rc;
 }
 

@@ -3,12 +3,18 @@
 // /api/chat with "stream": true answers Server-Sent Events (delta, done,
 // error); GET /api/chat/{id} is the history; DELETE /api/chat/{id} forgets
 // it. Text from the model or the user is only ever set with textContent.
+// When the service has client keys on, it answers 401 until the page sends
+// "Authorization: Bearer <key>": the page then asks for the key once and
+// keeps it in localStorage, beside the session id.
 "use strict";
 
 (function () {
   const API = "/api/chat";
   const STORE_KEY = "chatfcgi.session_id";
   const SESSION_RE = /^[A-Za-z0-9_-]{1,128}$/;
+  const KEY_STORE = "chatfcgi.client_key";
+  // What a header value can carry, and no more than the service reads.
+  const KEY_RE = /^[\x21-\x7e]{1,512}$/;
   const MAX_MESSAGE_BYTES = 32768;      // the service's max_message_bytes
   const HISTORY_TIMEOUT_MS = 15000;
   const STICK_PX = 48;                  // "at the bottom" tolerance
@@ -20,8 +26,11 @@
   const send = document.getElementById("send");
   const newChat = document.getElementById("new-chat");
   const status = document.getElementById("status");
+  const keyForm = document.getElementById("key-form");
+  const keyInput = document.getElementById("key");
 
   let sessionId = loadSessionId();
+  let clientKey = loadClientKey();
   let busy = false;
   let controller = null;                // aborts the running request
 
@@ -44,6 +53,31 @@
     } catch (e) {
       // storage disabled: the conversation lasts as long as the page
     }
+  }
+
+  function loadClientKey() {
+    try {
+      const key = window.localStorage.getItem(KEY_STORE);
+      return key && KEY_RE.test(key) ? key : null;
+    } catch (e) {
+      return null;
+    }
+  }
+
+  function saveClientKey(key) {
+    clientKey = key;
+    try {
+      window.localStorage.setItem(KEY_STORE, key);
+    } catch (e) {
+      // storage disabled: the key lasts as long as the page
+    }
+  }
+
+  // Headers for the API: extra, and the client key when there is one.
+  function apiHeaders(extra) {
+    const headers = Object.assign({}, extra);
+    if (clientKey) headers.Authorization = "Bearer " + clientKey;
+    return headers;
   }
 
   // ---------------------------------------------------------- rendering
@@ -147,6 +181,13 @@
         return "The chat service could not accept this message" +
           (message ? " (" + message + ")." : ".");
       case 401:
+        return clientKey
+          ? "The chat service did not accept this access key. Enter " +
+            "the right one in the Access key field below, then send " +
+            "your message again."
+          : "This chat service needs an access key. Enter it in the " +
+            "Access key field below, then send your message again " +
+            "(whoever runs the service can give you one).";
       case 403:
         return "This chat service needs an access key, and this page " +
           "has none. Ask whoever runs it for access.";
@@ -337,10 +378,10 @@
       try {
         res = await fetch(API, {
           method: "POST",
-          headers: {
+          headers: apiHeaders({
             "Content-Type": "application/json",
             "Accept": "text/event-stream",
-          },
+          }),
           body: JSON.stringify(body),
           cache: "no-store",
           signal: ctl.signal,
@@ -353,6 +394,7 @@
       const type = (res.headers.get("Content-Type") || "").toLowerCase();
       if (!res.ok) {
         failure = await httpErrorWords(res);
+        if (res.status === 401) askForKey();
         return;
       }
       if (!type.startsWith("text/event-stream")) {
@@ -446,7 +488,7 @@
       let res;
       try {
         res = await fetch(API + "/" + encodeURIComponent(id), {
-          headers: { "Accept": "application/json" },
+          headers: apiHeaders({ "Accept": "application/json" }),
           cache: "no-store",
           signal: ctl.signal,
         });
@@ -466,6 +508,7 @@
       if (!res.ok) {
         addNotice("Could not load your earlier conversation. " +
           await httpErrorWords(res));
+        if (res.status === 401) askForKey();
         return;
       }
       let body;
@@ -509,10 +552,40 @@
     if (old) {
       // Forget it on the server too; nothing here depends on the answer.
       fetch(API + "/" + encodeURIComponent(old), {
-        method: "DELETE", keepalive: true, cache: "no-store",
+        method: "DELETE", headers: apiHeaders(), keepalive: true,
+        cache: "no-store",
       }).catch(function () {});
     }
     input.focus();
+  }
+
+  // ---------------------------------------------------------- access key
+
+  // After a 401: the key field, empty (a refused key is not shown back).
+  function askForKey() {
+    keyInput.value = "";
+    keyForm.hidden = false;
+    keyInput.focus();
+  }
+
+  function submitKey() {
+    const key = keyInput.value.trim();
+    if (!KEY_RE.test(key)) {
+      setStatus("Enter the access key: letters, digits and punctuation, " +
+        "without spaces.");
+      keyInput.focus();
+      return;
+    }
+    saveClientKey(key);
+    keyInput.value = "";
+    keyForm.hidden = true;
+    setStatus(input.value ? "Access key saved. Send your message again."
+      : "Access key saved.");
+    input.focus();
+    // The history may have been refused for want of the key.
+    if (!busy && sessionId && !conversation.querySelector(".msg")) {
+      loadHistory();
+    }
   }
 
   // ------------------------------------------------------------- composer
@@ -560,14 +633,19 @@
 
   input.addEventListener("input", autoGrow);
   newChat.addEventListener("click", startNewChat);
+  keyForm.addEventListener("submit", function (e) {
+    e.preventDefault();
+    submitKey();
+  });
 
   // For the browser test: the parser on its own, without the network.
   window.chatfcgiSse = createSseParser;
 
   // Focus the box at once, except on touch screens, where that would pop
-  // up the keyboard over the history.
+  // up the keyboard over the history, and when the key field asks first.
   loadHistory().finally(function () {
-    if (window.matchMedia && window.matchMedia("(pointer: fine)").matches) {
+    if (keyForm.hidden && window.matchMedia &&
+        window.matchMedia("(pointer: fine)").matches) {
       input.focus();
     }
   });

@@ -10,6 +10,8 @@
 //   CHAT_MODEL_URL  the local model, for its /control API (required)
 //   CHROMIUM_BIN    the browser (default /usr/bin/chromium)
 //   CHAT_OUT_DIR    where screenshots go (default <repo>/tests/out)
+//   CHAT_CLIENT_KEY a client key the stack accepts: the stack has client
+//                   keys on, and only the access key checks run
 //
 // Prints one line per check; exits 0 when all pass, 1 at the first failure
 // (with a screenshot of the failing page in CHAT_OUT_DIR), 2 on a usage
@@ -28,6 +30,7 @@ const PAGE_URL = process.env.CHAT_PAGE_URL;
 const MODEL_URL = (process.env.CHAT_MODEL_URL || "").replace(/\/+$/, "");
 const CHROMIUM = process.env.CHROMIUM_BIN || "/usr/bin/chromium";
 const OUT = process.env.CHAT_OUT_DIR || path.join(REPO, "tests", "out");
+const CLIENT_KEY = process.env.CHAT_CLIENT_KEY || "";
 const DEADLINE_MS = 50000;
 
 const CHROMIUM_ARGS = [
@@ -44,6 +47,7 @@ const SLOW_REPLY = "The quick brown fox jumps over the lazy dog while " +
 const SECOND_REPLY = "A second answer, to a second question.";
 const XSS = "<b>x</b><img src=x onerror=alert(1)>";
 const SESSION_RE = /^[A-Za-z0-9_-]{1,128}$/;
+const KEY_STORE = "chatfcgi.client_key";
 
 if (!PAGE_URL || !MODEL_URL) {
   console.error("chat.test.mjs: set CHAT_PAGE_URL and CHAT_MODEL_URL");
@@ -152,6 +156,104 @@ function contrastOf(page, selector, pseudo) {
   }, [selector, pseudo]);
 }
 
+// ------------------------------------------------------ client keys
+
+const keyShown = (page) => page.locator("#key").isVisible();
+
+// The stack has client keys on (CHAT_CLIENT_KEY is one): a 401 brings up
+// the access key field; the key, once entered, is kept in localStorage and
+// sent as "Authorization: Bearer" by every request.
+async function keyChecks(page, problems) {
+  const auth = [];
+  page.on("request", (r) => {
+    if (new URL(r.url()).pathname.startsWith("/api/chat")) {
+      auth.push(`${r.method()} ${r.headers().authorization || "-"}`);
+    }
+  });
+
+  await check("keys on: a message without a key asks for one (401)", async () => {
+    await page.goto(PAGE_URL, { waitUntil: "load" });
+    await waitIdle(page);
+    assert.equal(await keyShown(page), false, "the key field shows before a 401");
+    await control({ reply: SECOND_REPLY });
+    await sendByEnter(page, "Hello with a key");
+    await waitIdle(page);
+    assert.ok(await keyShown(page), "no access key field after a 401");
+    const t = await transcript(page);
+    assert.match(t.notices[t.notices.length - 1] || "", /needs an access key/);
+    assert.equal(await page.locator("#message").inputValue(), "Hello with a key");
+    assert.equal(await page.evaluate(() => document.activeElement?.id), "key");
+    for (const [sel, pseudo] of [["label[for=key]", null], ["#key", null],
+      ["#key-save", null], ["#key-hint", null]]) {
+      const ratio = await contrastOf(page, sel, pseudo);
+      assert.ok(ratio >= 4.5, `${sel}: contrast ${ratio}`);
+    }
+    await page.screenshot({ path: path.join(OUT, "chat-key.png") });
+  });
+
+  await check("after the key is entered, the page chats with it", async () => {
+    await page.locator("#key").fill(CLIENT_KEY);
+    await page.locator("#key").press("Enter");
+    assert.equal(await keyShown(page), false, "the key field stays after saving");
+    assert.equal(await page.evaluate(() => document.activeElement?.id), "message");
+    await page.locator("#message").press("Enter");
+    await waitIdle(page);
+    const t = await transcript(page);
+    assert.deepEqual(t.messages.slice(-2), [
+      { role: "user", text: "Hello with a key" },
+      { role: "assistant", text: SECOND_REPLY },
+    ]);
+    assert.equal(await page.evaluate((k) => localStorage.getItem(k), KEY_STORE),
+      CLIENT_KEY);
+    assert.equal(auth[auth.length - 1], `POST Bearer ${CLIENT_KEY}`);
+  });
+
+  await check("the key is remembered: history after a reload (GET)", async () => {
+    await page.reload({ waitUntil: "load" });
+    await page.waitForFunction(
+      () => document.querySelectorAll("#conversation .msg").length >= 2);
+    await waitIdle(page);
+    assert.deepEqual((await transcript(page)).notices, []);
+    assert.equal(await keyShown(page), false);
+    assert.equal(auth[auth.length - 1], `GET Bearer ${CLIENT_KEY}`);
+  });
+
+  await check("New chat deletes the session with the key (DELETE)", async () => {
+    const sid = await page.evaluate(() => localStorage.getItem("chatfcgi.session_id"));
+    assert.match(sid || "", SESSION_RE);
+    await page.locator("#new-chat").click();
+    let status = 0;
+    for (let i = 0; i < 40 && status !== 404; i++) {
+      await new Promise((r) => setTimeout(r, 50));
+      status = (await fetch(apiUrl("/api/chat/" + sid), {
+        headers: { Authorization: `Bearer ${CLIENT_KEY}` } })).status;
+    }
+    assert.equal(status, 404, "the old session still exists on the server");
+    assert.ok(auth.includes(`DELETE Bearer ${CLIENT_KEY}`), auth.join("; "));
+  });
+
+  await check("a wrong key is refused in words and can be replaced", async () => {
+    await page.evaluate((k) => localStorage.setItem(k, "not-the-key"), KEY_STORE);
+    await page.reload({ waitUntil: "load" });
+    await waitIdle(page);
+    await sendByEnter(page, "Try a wrong key");
+    await waitIdle(page);
+    assert.ok(await keyShown(page), "no access key field after a wrong key");
+    const t = await transcript(page);
+    assert.match(t.notices[t.notices.length - 1] || "", /did not accept/);
+    await page.locator("#key").fill(CLIENT_KEY);
+    await page.locator("#key-save").click();
+    await page.locator("#message").press("Enter");
+    await waitIdle(page);
+    assert.equal(await lastAssistantText(page), SECOND_REPLY);
+  });
+
+  await check("no script errors, CSP violations or dialogs", async () => {
+    assert.deepEqual(problems, []);
+  });
+  return 0;
+}
+
 // ----------------------------------------------------------------- run
 
 let current = null;           // the page a failure screenshot shows
@@ -182,6 +284,7 @@ async function main() {
     current = page;
     watch(page, "desktop", problems);
     await resetModel();
+    if (CLIENT_KEY) return await keyChecks(page, problems);
 
     await check("the page loads: label, live region, focus in the box", async () => {
       const res = await page.goto(PAGE_URL, { waitUntil: "load" });
@@ -193,12 +296,14 @@ async function main() {
         lang: document.documentElement.lang,
         focus: document.activeElement?.id,
         css: getComputedStyle(document.querySelector(".bar")).display,
+        keyShown: document.getElementById("key")?.offsetParent != null,
       }));
       assert.equal(a.label, "Message");
       assert.equal(a.live, "polite");
       assert.equal(a.lang, "en");
       assert.equal(a.css, "flex", "style.css did not apply (CSP or MIME type?)");
       assert.equal(a.focus, "message", "the message box has no focus on load");
+      assert.equal(a.keyShown, false, "an access key field without client keys");
       const t = await transcript(page);
       assert.equal(t.messages.length, 0, "a fresh browser shows no history");
     });

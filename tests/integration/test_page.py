@@ -5,9 +5,11 @@ against this module's stack.
 Needs the Debian packages chromium, nodejs and npm; `npm ci` runs in
 tests/browser when its node_modules is missing (registry access needed
 once). Skipped only when /usr/bin/chromium is absent. Screenshots go to
-tests/out/ (chat-desktop.png, chat-phone.png; chat-failure.png on failure).
+tests/out/ (chat-desktop.png, chat-phone.png, chat-key.png; chat-failure.png
+on failure).
 """
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -19,6 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 BROWSER_DIR = REPO / "tests" / "browser"
 OUT_DIR = REPO / "tests" / "out"
 CHROMIUM = "/usr/bin/chromium"
+CLIENT_KEY = "sk-page-test-key"
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; "
        "connect-src 'self'; img-src 'self'; base-uri 'none'; "
@@ -111,25 +114,46 @@ def browser_tools():
     return node
 
 
-def test_chat_page_in_chromium(stack, model, browser_tools):
-    """Streaming, history after reload, New chat + DELETE, phone layout,
-    markup shown as text, errors in words, focus and contrast: see the
-    checks listed by tests/browser/chat.test.mjs."""
-    shots = [OUT_DIR / n for n in ("chat-desktop.png", "chat-phone.png",
-                                   "chat-desktop-dark.png",
-                                   "chat-failure.png")]
+def _run_page_test(node, st, shots, extra_env=None):
+    """tests/browser/chat.test.mjs against st; shots must be written."""
     for shot in shots:
         shot.unlink(missing_ok=True)
     env = dict(os.environ)
-    env.update({"CHAT_PAGE_URL": stack.url + "/",
-                "CHAT_MODEL_URL": stack.model_url,
+    env.update({"CHAT_PAGE_URL": st.url + "/",
+                "CHAT_MODEL_URL": st.model_url,
                 "CHAT_OUT_DIR": str(OUT_DIR),
                 "CHROMIUM_BIN": CHROMIUM})
-    p = _run([browser_tools, str(BROWSER_DIR / "chat.test.mjs")], REPO,
-             env=env, timeout=90)
+    env.update(extra_env or {})
+    p = _run([node, str(BROWSER_DIR / "chat.test.mjs")], REPO, env=env,
+             timeout=90)
     print(p.stdout)
     assert p.returncode == 0, (
         f"node tests/browser/chat.test.mjs exited {p.returncode}\n"
         f"--- stdout ---\n{p.stdout}\n--- stderr ---\n{p.stderr}")
-    for shot in shots[:2]:
+    for shot in shots:
         assert shot.is_file() and shot.stat().st_size > 0, shot
+
+
+def test_chat_page_in_chromium(stack, model, browser_tools):
+    """Streaming, history after reload, New chat + DELETE, phone layout,
+    markup shown as text, errors in words, focus and contrast: see the
+    checks listed by tests/browser/chat.test.mjs."""
+    (OUT_DIR / "chat-desktop-dark.png").unlink(missing_ok=True)
+    (OUT_DIR / "chat-failure.png").unlink(missing_ok=True)
+    _run_page_test(browser_tools, stack, [OUT_DIR / "chat-desktop.png",
+                                          OUT_DIR / "chat-phone.png"])
+
+
+@pytest.fixture(scope="module")
+def keyed_stack(stack_factory):
+    digest = hashlib.sha256(CLIENT_KEY.encode()).hexdigest()
+    return stack_factory({"CHATFCGI_CLIENT_KEYS": digest})
+
+
+def test_chat_page_with_client_key(keyed_stack, browser_tools):
+    """With client keys on, a 401 brings up the access key field; once
+    the key is entered the page chats, reloads the history and deletes
+    with it, and a wrong key is explained and can be replaced."""
+    (OUT_DIR / "chat-failure.png").unlink(missing_ok=True)
+    _run_page_test(browser_tools, keyed_stack, [OUT_DIR / "chat-key.png"],
+                   {"CHAT_CLIENT_KEY": CLIENT_KEY})

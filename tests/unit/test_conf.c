@@ -799,6 +799,42 @@ test_provider_errors(void **state)
     }
 }
 
+/* "*" in trusted_proxies would believe every X-Forwarded-For hop, so a
+ * client would name its own address (and its own rate-limit bucket):
+ * refused at load, alone or among other entries, from a file or the
+ * environment; addresses alone, and "*" in the other lists, still load. */
+static void
+test_trusted_proxies_star_refused(void **state)
+{
+    static const char *const lists[] = {"*", "10.0.0.1, *", "* 10.0.0.1"};
+    char *good[] = {"CHATFCGI_TRUSTED_PROXIES=10.0.0.1, ::1",
+                    "CHATFCGI_CORS_ORIGINS=*", "CHATFCGI_STATUS_ALLOW=*",
+                    NULL};
+    char path[] = "/tmp/chatfcgi-test-conf-XXXXXX";
+    char err[CONF_ERR_LEN] = "";
+    char var[80];
+    char *envp[] = {var, NULL};
+    struct conf c;
+
+    (void)state;
+    write_conf(path, "trusted_proxies = 10.0.0.1, *\n");
+    assert_int_equal(conf_load(&c, path, NULL, err), -1);
+    assert_non_null(strstr(err, "trusted_proxies"));
+    conf_free(&c);
+    unlink(path);
+    for (size_t i = 0; i < sizeof(lists) / sizeof(*lists); i++) {
+        snprintf(var, sizeof(var), "CHATFCGI_TRUSTED_PROXIES=%s", lists[i]);
+        if (conf_load(&c, NULL, envp, err) != -1)
+            fail_msg("trusted_proxies \"%s\" accepted", lists[i]);
+        if (strstr(err, "trusted_proxies") == NULL)
+            fail_msg("\"%s\": err \"%s\"", lists[i], err);
+        conf_free(&c);
+    }
+    if (conf_load(&c, NULL, good, err) != 0)
+        fail_msg("conf_load: %s", err);
+    conf_free(&c);
+}
+
 int
 main(void)
 {
@@ -825,6 +861,7 @@ main(void)
         cmocka_unit_test(test_providers_from_url_list),
         cmocka_unit_test(test_v1_models),
         cmocka_unit_test(test_provider_errors),
+        cmocka_unit_test(test_trusted_proxies_star_refused),
     };
 
     return cmocka_run_group_tests(tests, quiet_log, NULL);

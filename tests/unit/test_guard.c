@@ -289,7 +289,9 @@ static const struct address_case address_cases[] = {
     {"leading spaces only", "10.0.0.1", "   7.7.7.7", "10.0.0.1",
      "addr:7.7.7.7"},
 
-    /* "*" trusts every hop, so the leftmost entry is reached. */
+    /* "*" trusts every hop, so the leftmost entry is reached: the reason
+     * conf_check refuses it in trusted_proxies. These pin what guard
+     * would do with such a list, not a supported configuration. */
     {"star, several entries", "203.0.113.5", "1.1.1.1, 2.2.2.2, 3.3.3.3",
      "*", "addr:1.1.1.1"},
     {"star, one entry", "203.0.113.5", "9.9.9.9", "*", "addr:9.9.9.9"},

@@ -14,6 +14,7 @@
 #include <cmocka.h>
 
 #include "buf.h"
+#include "clock.h"
 #include "json.h"
 
 #define NELEM(a) (sizeof(a) / sizeof(*(a)))
@@ -478,6 +479,7 @@ test_pick_duplicate_keys(void **state)
     REFUSED("{\"o\":[{\"k\":1},{\"j\":1,\"k\":2,\"k\":3}]}", 8, JSON_STRICT,
             "duplicate");
     REFUSED("{\"o\":{\"i\":{\"k\":1}},\"o\":2}", 8, JSON_STRICT, "duplicate");
+    REFUSED("{\"\":1,\"\":2}", 8, JSON_STRICT, "duplicate key \"\"");
     /* escapes name the same key as their literal form */
     REFUSED("{\"ab\":1,\"a\\u0062\":2}", 8, JSON_STRICT, "duplicate");
     /* the same key in different objects is fine, and after a nested
@@ -592,6 +594,160 @@ test_pick_many_objects_same_keys(void **state)
     assert_string_equal(json_field_text(&f, &r.arena), "3998");
     run_done(&r);
     buf_cleanup(&b);
+}
+
+/* ---- duplicate keys chosen to collide ---- */
+
+#define FNV_BASIS 2166136261u
+#define FNV_PRIME 16777619u
+#define KEY_LEN 5 /* a 3-character prefix and a 2-character suffix */
+#define FLOOD_KEYS 6000 /* "abcde":0, is 10 bytes: under 64 KiB */
+
+static const char key_chars[] =
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+#define NCHARS (sizeof(key_chars) - 1)
+
+/* FNV_PRIME's inverse mod 2^32: Newton's iteration, right in 3 bits at
+ * the start (an odd number is its own inverse mod 8), doubling each step. */
+static uint32_t
+fnv_prime_inverse(void)
+{
+    uint32_t x = FNV_PRIME;
+
+    for (int i = 0; i < 4; i++)
+        x *= 2 - FNV_PRIME * x;
+    return x;
+}
+
+/* FNV-1a from the offset basis: the hash json.c's duplicate check once
+ * used, unseeded, for the keys of a document's object (its frame 0). */
+static uint32_t
+fnv1a(const char *s, size_t n)
+{
+    uint32_t h = FNV_BASIS;
+
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ (unsigned char)s[i]) * FNV_PRIME;
+    return h;
+}
+
+/* Fill keys with n distinct keys whose FNV-1a hashes agree in the low 16
+ * bits: the same slot in any table of up to 65536 entries, so that each
+ * key probes past all the keys before it. Meet in the middle: the states
+ * from which each suffix leads to the target, then every prefix that
+ * reaches one. Low bits of (h ^ c) * p depend only on low bits of h, so
+ * 16-bit states do. */
+static void
+colliding_keys(char (*keys)[KEY_LEN], size_t n)
+{
+    static int suffix_of[1 << 16];
+    const uint32_t inv = fnv_prime_inverse(), target = 0x5eed;
+    size_t found = 0;
+
+    for (size_t s = 0; s < NELEM(suffix_of); s++)
+        suffix_of[s] = -1;
+    for (size_t a = 0; a < NCHARS; a++)
+        for (size_t b = 0; b < NCHARS; b++) {
+            uint32_t h = ((target * inv) ^ (unsigned char)key_chars[b]) * inv;
+
+            suffix_of[(h ^ (unsigned char)key_chars[a]) & 0xffff] =
+                (int)(a * NCHARS + b);
+        }
+    for (size_t i = 0; i < NCHARS * NCHARS * NCHARS && found < n; i++) {
+        char *k = keys[found];
+        int sfx;
+
+        k[0] = key_chars[i / NCHARS / NCHARS];
+        k[1] = key_chars[i / NCHARS % NCHARS];
+        k[2] = key_chars[i % NCHARS];
+        sfx = suffix_of[fnv1a(k, 3) & 0xffff];
+        if (sfx < 0)
+            continue;
+        k[3] = key_chars[sfx / NCHARS];
+        k[4] = key_chars[sfx % NCHARS];
+        assert_int_equal(fnv1a(k, KEY_LEN) & 0xffff, target);
+        found++;
+    }
+    assert_int_equal(found, n);
+}
+
+/* The same number of keys of the same length, in counting order. */
+static void
+plain_keys(char (*keys)[KEY_LEN], size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        for (size_t j = 0, v = i; j < KEY_LEN; j++, v /= NCHARS)
+            keys[i][KEY_LEN - 1 - j] = key_chars[v % NCHARS];
+}
+
+/* {"<key>":0,...} as a heap string; *len is its length. */
+static char *
+keys_doc(char (*keys)[KEY_LEN], size_t n, size_t *len)
+{
+    struct buf b;
+    char *out;
+
+    buf_init(&b, 1 << 20);
+    for (size_t i = 0; i < n; i++)
+        assert_int_equal(buf_printf(&b, "%s\"%.*s\":0", i ? "," : "{",
+                                    KEY_LEN, keys[i]),
+                         0);
+    assert_int_equal(buf_append_str(&b, "}"), 0);
+    *len = b.len;
+    out = malloc(b.len);
+    assert_non_null(out);
+    memcpy(out, b.data, b.len);
+    buf_cleanup(&b);
+    return out;
+}
+
+/* One strict pick of doc, in milliseconds. */
+static double
+pick_ms(const char *doc, size_t len)
+{
+    struct json_field f = {.path = "x", .accept = JSON_ANY};
+    struct pick_run r;
+    double t0 = clock_ms(), ms;
+
+    run_pick(&r, doc, len, &f, 1, 8, JSON_STRICT);
+    ms = clock_ms() - t0;
+    if (r.rc != 0)
+        fail_msg("refused: %s", r.err);
+    run_done(&r);
+    return ms;
+}
+
+/* Keys that collide under the duplicate check's hash must not make a body
+ * slower to check than ordinary keys: a 64 KiB body of them once took ten
+ * times as long (quadratic probing), and more keys, longer. The two bodies
+ * take turns and each keeps its best time, so that other work on the
+ * machine slows neither more than the other. */
+static void
+test_pick_colliding_keys_not_slower(void **state)
+{
+    static char flood[FLOOD_KEYS][KEY_LEN], plain[FLOOD_KEYS][KEY_LEN];
+    size_t flood_len, plain_len;
+    char *flood_doc, *plain_doc;
+    double flood_ms = 1e9, plain_ms = 1e9;
+
+    (void)state;
+    colliding_keys(flood, FLOOD_KEYS);
+    plain_keys(plain, FLOOD_KEYS);
+    flood_doc = keys_doc(flood, FLOOD_KEYS, &flood_len);
+    plain_doc = keys_doc(plain, FLOOD_KEYS, &plain_len);
+    assert_int_equal(flood_len, plain_len);
+    for (int round = 0; round < 15; round++) {
+        double ms = pick_ms(plain_doc, plain_len);
+
+        plain_ms = ms < plain_ms ? ms : plain_ms;
+        ms = pick_ms(flood_doc, flood_len);
+        flood_ms = ms < flood_ms ? ms : flood_ms;
+    }
+    if (flood_ms > 2 * plain_ms)
+        fail_msg("%d colliding keys took %.2f ms, ordinary ones %.2f ms",
+                 FLOOD_KEYS, flood_ms, plain_ms);
+    free(flood_doc);
+    free(plain_doc);
 }
 
 /* Nest n containers: {"a":{"a":...{}...}} (objects) or [[...]]. */
@@ -1071,6 +1227,7 @@ main(void)
         cmocka_unit_test(test_pick_duplicate_keys),
         cmocka_unit_test(test_pick_many_keys),
         cmocka_unit_test(test_pick_many_objects_same_keys),
+        cmocka_unit_test(test_pick_colliding_keys_not_slower),
         cmocka_unit_test(test_pick_depth_limit),
         cmocka_unit_test(test_pick_depth_huge_max),
         cmocka_unit_test(test_pick_surrogate_escapes),
