@@ -229,6 +229,13 @@ class Procs:
 
     def start(self, name, argv, log, env=None, cwd=None,
               stop_signal=signal.SIGTERM):
+        """env None: the test's environment without its CHATFCGI_*
+        settings (CHATFCGI_BIN, ...), as a web server an administrator
+        starts has none, and chatfcgi refuses variables it does not know
+        in what a spawning web server passes on."""
+        if env is None:
+            env = {k: v for k, v in os.environ.items()
+                   if not k.startswith("CHATFCGI_")}
         with open(log, "ab") as out:
             proc = subprocess.Popen([str(a) for a in argv], env=env, cwd=cwd,
                                     stdin=subprocess.DEVNULL, stdout=out,
