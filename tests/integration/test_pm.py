@@ -620,6 +620,27 @@ def test_reload_of_pool_keys_names_no_socket_key(stack, http):
         assert fcgi_chat(m.sock, "after the reloads")[0] == 200
 
 
+def test_check_notes_the_keys_a_running_master_keeps(stack, http):
+    """`chatfcgi -t` on the file of a running master (found through its
+    pid_file) says which keys need a restart; the file is still valid."""
+    def check(m):
+        return subprocess.run([chatfcgi_bin(), "-t", "-c", str(m.conf)],
+                              capture_output=True, text=True, timeout=10,
+                              env={"PATH": os.environ.get("PATH", "")})
+
+    with direct_master(stack) as m:
+        m.write_conf(pid_file=m.dir / "c.pid")
+        m.start(2)
+        m.write_conf(pid_file=m.dir / "c.pid", listen_backlog=64)
+        out = check(m)
+        assert out.returncode == 0, out
+        assert f"a master is running (pid {m.proc.pid})" in out.stdout, out
+        assert "listen_backlog" in out.stdout and "restart" in out.stdout
+        m.stop()
+        out = check(m)
+        assert out.returncode == 0 and "note" not in out.stdout, out
+
+
 # ------------------------------------------ 3. graceful stop and streams
 
 def test_graceful_stop_finishes_streams(stack_factory, http):
