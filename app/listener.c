@@ -12,9 +12,11 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "conf.h"
 #include "log.h"
 
 #define REEXEC_VAR "_CHATFCGI_REEXEC"
+#define REEXEC_KEY_VAR REEXEC_VAR "_" /* then the key's name */
 #define SD_LISTEN_FDS_START 3
 
 /* A socket that is listening: what we may accept() on. */
@@ -27,10 +29,22 @@ is_listening_socket(int fd)
     return getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &on, &len) == 0 && on;
 }
 
+static const char *const key_names[LISTENER_NKEYS] = {
+    [LISTENER_LISTEN] = "listen",
+    [LISTENER_STATUS_LISTEN] = "status_listen",
+    [LISTENER_OWNER] = "listen_owner",
+    [LISTENER_GROUP] = "listen_group",
+    [LISTENER_MODE] = "listen_mode",
+    [LISTENER_BACKLOG] = "listen_backlog",
+};
+
+/* Up to n numbers; returns how many, or -1 when malformed. */
 static int
-parse_fd_list(const char *s, int *out, size_t n)
+parse_fd_list(const char *s, int *out, int n)
 {
-    for (size_t i = 0; i < n; i++) {
+    int i;
+
+    for (i = 0; i < n && *s != '\0'; i++) {
         char *end;
         long v = strtol(s, &end, 10);
 
@@ -39,16 +53,51 @@ parse_fd_list(const char *s, int *out, size_t n)
         out[i] = (int)v;
         s = *end == ',' ? end + 1 : end;
     }
-    return 0;
+    return *s == '\0' ? i : -1;
+}
+
+/* made_from as the previous master handed it over. A master from before
+ * the keys were handed over passes none: the new one then knows no
+ * better than its own configuration (acquire_listeners). */
+static void
+inherit_made_from(struct listeners *ls)
+{
+    char name[64];
+    int found = 0;
+
+    for (int k = 0; k < LISTENER_NKEYS; k++) {
+        const char *v;
+
+        snprintf(name, sizeof(name), REEXEC_KEY_VAR "%s", key_names[k]);
+        v = getenv(name);
+        found += v != NULL;
+        snprintf(ls->made_from.value[k], LISTENER_VALUE_MAX, "%s",
+                 v ? v : "");
+    }
+    ls->made_from_known = found == LISTENER_NKEYS;
+}
+
+/* Not for our children, nor for a later exec of ours (which passes its
+ * own). */
+static void
+clear_reexec_env(void)
+{
+    char name[64];
+
+    unsetenv(REEXEC_VAR);
+    for (int k = 0; k < LISTENER_NKEYS; k++) {
+        snprintf(name, sizeof(name), REEXEC_KEY_VAR "%s", key_names[k]);
+        unsetenv(name);
+    }
 }
 
 static int
 inherit_reexec(const char *spec, struct listeners *ls, int *scoreboard_fd,
                unsigned *generation)
 {
-    int v[5];
+    int v[6], n = parse_fd_list(spec, v, 6);
 
-    if (parse_fd_list(spec, v, 5) == -1 || v[0] < 0 || v[3] < 0) {
+    if (n < 5 || v[0] < 0 || v[3] < 0) {
         log_error("listener", "malformed %s=%s", REEXEC_VAR, spec);
         return -1;
     }
@@ -57,6 +106,9 @@ inherit_reexec(const char *spec, struct listeners *ls, int *scoreboard_fd,
     *scoreboard_fd = v[2];
     *generation = (unsigned)v[3];
     ls->owned = v[4] == 1;
+    /* An older master does not say: most often both came the same way. */
+    ls->status_owned = n == 6 ? v[5] == 1 : ls->owned && v[1] >= 0;
+    inherit_made_from(ls);
     ls->origin = "the previous master (reload)";
     ls->from_reload = 1;
     return 1;
@@ -114,13 +166,15 @@ listener_inherit(struct listeners *ls, int *scoreboard_fd,
 
     ls->chat_fd = ls->status_fd = -1;
     ls->unlink_chat = ls->unlink_status = ls->from_reload = ls->owned = 0;
+    ls->status_owned = ls->made_from_known = 0;
     *scoreboard_fd = -1;
     *generation = 0;
-    if (reexec != NULL) {
+    if (reexec != NULL)
         rc = inherit_reexec(reexec, ls, scoreboard_fd, generation);
-        unsetenv(REEXEC_VAR);
+    /* Stale entries too: a reload's getenv would find them first. */
+    clear_reexec_env();
+    if (reexec != NULL)
         return rc;
-    }
     rc = inherit_systemd(ls);
     if (rc != 0)
         return rc;
@@ -303,11 +357,80 @@ listener_open(const char *spec, const struct listener_owner *owner)
 }
 
 void
-listener_reexec_env(const struct listeners *ls, int scoreboard_fd,
-                    unsigned generation, char *out, size_t size)
+listener_keys_of(struct listener_keys *k, const struct conf *c)
 {
-    snprintf(out, size, REEXEC_VAR "=%d,%d,%d,%u,%d", ls->chat_fd,
-             ls->status_fd, scoreboard_fd, generation, ls->owned);
+    const char *strings[] = {
+        [LISTENER_LISTEN] = c->listen,
+        [LISTENER_STATUS_LISTEN] = c->status_listen,
+        [LISTENER_OWNER] = c->listen_owner,
+        [LISTENER_GROUP] = c->listen_group,
+    };
+
+    for (int i = LISTENER_LISTEN; i <= LISTENER_GROUP; i++)
+        snprintf(k->value[i], LISTENER_VALUE_MAX, "%s", strings[i]);
+    snprintf(k->value[LISTENER_MODE], LISTENER_VALUE_MAX, "%04llo",
+             c->listen_mode);
+    snprintf(k->value[LISTENER_BACKLOG], LISTENER_VALUE_MAX, "%lld",
+             c->listen_backlog);
+}
+
+/* Whether a key is ours to apply (at a restart): it shaped a socket we
+ * made, or one we would make. The status socket is made from the
+ * configuration also when a spawner or systemd hands over the chat socket
+ * alone; the others shape whichever of the two we make. */
+static int
+is_ours(const struct listeners *ls, enum listener_key k)
+{
+    if (k == LISTENER_LISTEN)
+        return ls->owned;
+    if (k == LISTENER_STATUS_LISTEN)
+        return ls->status_owned || ls->status_fd < 0;
+    return ls->owned || ls->status_owned;
+}
+
+static const char *
+shown(const char *value)
+{
+    return value[0] != '\0' ? value : "(empty)";
+}
+
+void
+listener_report_unapplied(const struct listeners *ls,
+                          const struct conf *fresh)
+{
+    struct listener_keys now;
+
+    listener_keys_of(&now, fresh);
+    for (int k = 0; k < LISTENER_NKEYS; k++) {
+        const char *was = ls->made_from.value[k], *is = now.value[k];
+
+        if (strcmp(was, is) == 0)
+            continue;
+        if (is_ours(ls, (enum listener_key)k))
+            log_warnx("listener", "reload: %s changed from %s to %s; it "
+                      "takes effect after a restart (the socket is kept so "
+                      "that no request is refused)", key_names[k],
+                      shown(was), shown(is));
+        else
+            log_warnx("listener", "reload: %s changed from %s to %s; "
+                      "chatfcgi does not apply it, not even after a "
+                      "restart: systemd or a spawner hands the socket "
+                      "over (change it there)", key_names[k], shown(was),
+                      shown(is));
+    }
+}
+
+void
+listener_reexec_env(const struct listeners *ls, int scoreboard_fd,
+                    unsigned generation, struct listener_handover *out)
+{
+    snprintf(out->entry[0], sizeof(out->entry[0]),
+             REEXEC_VAR "=%d,%d,%d,%u,%d,%d", ls->chat_fd, ls->status_fd,
+             scoreboard_fd, generation, ls->owned, ls->status_owned);
+    for (int k = 0; k < LISTENER_NKEYS; k++)
+        snprintf(out->entry[1 + k], sizeof(out->entry[1 + k]),
+                 REEXEC_KEY_VAR "%s=%s", key_names[k],
+                 ls->made_from.value[k]);
 }
 
 void

@@ -1,10 +1,12 @@
 /* main: chatfcgi's command line and configuration, then the master. */
 #include <curl/curl.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "conf.h"
+#include "listener.h"
 #include "log.h"
 #include "master.h"
 #include "worker.h"
@@ -28,6 +30,66 @@ usage(FILE *out)
             "  -v       print the version and exit\n"
             "Every key can also be set as CHATFCGI_<SECTION>_<KEY> in the\n"
             "environment; see chatfcgi.conf.\n");
+}
+
+/* The pid in a pid file, or 0. */
+static long
+read_pid(const char *pid_file)
+{
+    char line[32], *end;
+    FILE *f = fopen(pid_file, "r");
+    long pid = 0;
+
+    if (f == NULL)
+        return 0;
+    if (fgets(line, sizeof(line), f) != NULL) {
+        pid = strtol(line, &end, 10);
+        if (end == line || (*end != '\n' && *end != '\0') || pid <= 0)
+            pid = 0;
+    }
+    fclose(f);
+    return pid;
+}
+
+/* Whether a process runs the chatfcgi binary: a stale pid file may name
+ * any process by now. */
+static int
+is_chatfcgi(long pid)
+{
+    char path[64], argv0[1024];
+    const char *base;
+    size_t n;
+    FILE *f;
+
+    snprintf(path, sizeof(path), "/proc/%ld/cmdline", pid);
+    f = fopen(path, "r");
+    if (f == NULL)
+        return 0;
+    n = fread(argv0, 1, sizeof(argv0) - 1, f);
+    fclose(f);
+    argv0[n] = '\0';
+    base = strrchr(argv0, '/');
+    return strcmp(base ? base + 1 : argv0, "chatfcgi") == 0;
+}
+
+/* -t with a master running: its sockets stay as they are across a reload.
+ * What they were made from is in that master's memory only (a socket's
+ * backlog cannot even be read back), so this names the keys; the reload
+ * itself logs each one that differs. */
+static void
+note_running_master(const struct conf *c)
+{
+    long pid;
+
+    if (c->pid_file[0] == '\0')
+        return;
+    pid = read_pid(c->pid_file);
+    if (pid == 0 || !is_chatfcgi(pid))
+        return;
+    printf("chatfcgi: note: a master is running (pid %ld); a reload "
+           "keeps its sockets, so a change to " LISTENER_RESTART_KEYS
+           " takes effect after a restart (the reload logs each one that "
+           "changed)\n", pid);
 }
 
 int
@@ -67,6 +129,7 @@ main(int argc, char **argv)
     }
     if (test_only) {
         printf("chatfcgi: configuration %s is valid\n", path);
+        note_running_master(&conf);
         conf_free(&conf);
         return 0;
     }

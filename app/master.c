@@ -175,6 +175,8 @@ acquire_listeners(struct master *m, int inherited, int with_status)
 {
     struct listener_owner owner;
 
+    if (!m->ls.made_from_known)
+        listener_keys_of(&m->ls.made_from, m->conf);
     if (inherited && m->ls.from_reload) {
         m->ls.unlink_chat = is_socket_file_of(m->ls.chat_fd, m->conf->listen);
         m->ls.unlink_status = is_socket_file_of(m->ls.status_fd,
@@ -196,6 +198,7 @@ acquire_listeners(struct master *m, int inherited, int with_status)
     if (!with_status || !status_enabled(m->conf) || m->ls.status_fd >= 0)
         return 0;
     m->ls.status_fd = listener_open(m->conf->status_listen, &owner);
+    m->ls.status_owned = m->ls.status_fd >= 0;
     m->ls.unlink_status = m->ls.status_fd >= 0 &&
                           strchr(m->conf->status_listen, '/') != NULL;
     if (m->ls.status_fd >= 0)
@@ -603,22 +606,22 @@ set_inheritable(int fd, int on)
     return fd < 0 ? 0 : fcntl(fd, F_SETFD, on ? 0 : FD_CLOEXEC);
 }
 
-/* A copy of environ with the hand-over variable added. */
+/* A copy of environ with the hand-over entries added. */
 static char **
-reexec_environ(const struct master *m, char *handover, size_t size)
+reexec_environ(const struct master *m, struct listener_handover *handover)
 {
     size_t n = 0;
     char **env;
 
-    listener_reexec_env(&m->ls, m->scoreboard_fd, m->generation, handover,
-                        size);
+    listener_reexec_env(&m->ls, m->scoreboard_fd, m->generation, handover);
     while (environ[n] != NULL)
         n++;
-    env = calloc(n + 2, sizeof(*env));
+    env = calloc(n + LISTENER_HANDOVER_N + 1, sizeof(*env));
     if (env == NULL)
         return NULL;
     memcpy(env, environ, n * sizeof(*env));
-    env[n] = handover;
+    for (size_t i = 0; i < LISTENER_HANDOVER_N; i++)
+        env[n + i] = handover->entry[i];
     return env;
 }
 
@@ -670,7 +673,8 @@ usable(const struct conf *c, char err[CONF_ERR_LEN])
 static void
 reload(struct master *m)
 {
-    char err[CONF_ERR_LEN], handover[128];
+    char err[CONF_ERR_LEN];
+    struct listener_handover handover;
     struct conf fresh;
     char **env;
     int ok;
@@ -681,13 +685,15 @@ reload(struct master *m)
         return;
     }
     ok = usable(&fresh, err);
+    if (ok)
+        listener_report_unapplied(&m->ls, &fresh);
     conf_free(&fresh);
     if (!ok) {
         log_error("master", "reload refused, keeping the running "
                   "configuration: %s", err);
         return;
     }
-    env = reexec_environ(m, handover, sizeof(handover));
+    env = reexec_environ(m, &handover);
     if (env == NULL)
         return;
     log_info("master", "reloading: exec %s", m->exe);

@@ -11,6 +11,37 @@
 #include <stddef.h>
 #include <sys/types.h>
 
+struct conf;
+
+/* The keys sockets are made from, which a reload cannot apply: it keeps
+ * the sockets so that no request is refused. */
+enum listener_key {
+    LISTENER_LISTEN,
+    LISTENER_STATUS_LISTEN,
+    LISTENER_OWNER,
+    LISTENER_GROUP,
+    LISTENER_MODE,
+    LISTENER_BACKLOG,
+    LISTENER_NKEYS
+};
+
+#define LISTENER_RESTART_KEYS                                               \
+    "listen, status_listen, listen_owner, listen_group, listen_mode, "     \
+    "listen_backlog"
+#define LISTENER_VALUE_MAX 320 /* above what any socket can be made from */
+
+/* Their values as the configuration spells them (mode in octal). */
+struct listener_keys {
+    char value[LISTENER_NKEYS][LISTENER_VALUE_MAX];
+};
+
+/* The environment entries a reload's exec is given: the descriptors, then
+ * one entry per key, as a path may hold any byte but NUL. */
+#define LISTENER_HANDOVER_N (1 + LISTENER_NKEYS)
+struct listener_handover {
+    char entry[LISTENER_HANDOVER_N][LISTENER_VALUE_MAX + 64];
+};
+
 struct listeners {
     int chat_fd;       /* requests; -1 when none */
     int status_fd;     /* healthz, status, metrics; -1 when none */
@@ -20,6 +51,11 @@ struct listeners {
     int owned;          /* opened from our configuration (maybe before a
                            reload): ours to shut down at a stop, unlike
                            systemd's or a spawner's */
+    int status_owned;   /* the status socket likewise */
+    int made_from_known; /* made_from came with a reload's hand-over */
+    struct listener_keys made_from; /* the running socket keys: of the
+                                       configuration the first master
+                                       started with, kept across reloads */
     const char *origin; /* how the chat socket was obtained, for the log */
 };
 
@@ -42,10 +78,21 @@ int listener_inherit(struct listeners *ls, int *scoreboard_fd,
  * fd, or -1 after logging why. */
 int listener_open(const char *spec, const struct listener_owner *owner);
 
-/* The environment entry that hands the sockets and the scoreboard to the
- * exec of a reload: "_CHATFCGI_REEXEC=chat,status,scoreboard,gen,owned". */
+/* The socket keys of a configuration, as made_from records them. */
+void listener_keys_of(struct listener_keys *k, const struct conf *c);
+
+/* Log, at warn level, each socket key that fresh changes from the
+ * running value: it takes effect after a restart, or never when the
+ * socket is handed over by systemd or a spawner. */
+void listener_report_unapplied(const struct listeners *ls,
+                              const struct conf *fresh);
+
+/* The environment entries that hand the sockets, the scoreboard and
+ * made_from to the exec of a reload:
+ * "_CHATFCGI_REEXEC=chat,status,scoreboard,gen,owned,status_owned", then
+ * "_CHATFCGI_REEXEC_<key>=value" for each key. */
 void listener_reexec_env(const struct listeners *ls, int scoreboard_fd,
-                         unsigned generation, char *out, size_t size);
+                         unsigned generation, struct listener_handover *out);
 
 void listener_close(const struct listeners *ls, const char *chat_path,
                     const char *status_path);

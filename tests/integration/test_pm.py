@@ -555,6 +555,92 @@ def test_reload_with_unusable_config_keeps_serving(stack, http, bad):
         assert serving == 200, m.log_text()[-1500:]
 
 
+def restart_warnings(log):
+    """The reload's lines about socket keys it cannot apply."""
+    return [line for line in log.splitlines()
+            if " warn " in line and "reload: " in line
+            and "takes effect after a restart" in line]
+
+
+def reload_to(m, pid, kids, n):
+    """SIGHUP, then the n workers of the new generation."""
+    os.kill(pid, signal.SIGHUP)
+    new = wait_for(lambda: new_children(pid, n, kids), 5)
+    assert new, (kids, children(pid), m.log_text()[-1500:])
+    return new
+
+
+def test_reload_names_socket_keys_it_cannot_apply(stack, http):
+    """listen_backlog and listen_mode shape the socket, which a reload
+    keeps: each changed key gets a warning with both values, while the
+    pool serves on, on the socket as it was (mode still 0666). A second
+    reload warns again, as the socket still differs from the file."""
+    with direct_master(stack) as m:
+        m.write_conf(listen_backlog=511)
+        kids = m.start(2)
+        pid = m.proc.pid
+        m.write_conf(listen_backlog=64, listen_mode="0600")
+        load = Parallel(4, lambda i: [fcgi_chat(m.sock, f"during {i}")[0]
+                                      for _ in range(5)]).start()
+        kids = reload_to(m, pid, kids, 2)
+        codes = [r[0] for r in load.join(30)]
+        assert all(c == [200] * 5 for c in codes), codes
+        warned = restart_warnings(m.log_text())
+        assert any("listen_backlog changed from 511 to 64" in w
+                   for w in warned), m.log_text()[-2000:]
+        assert any("listen_mode changed from 0666 to 0600" in w
+                   for w in warned), warned
+        assert len(warned) == 2, warned
+        assert stat.S_IMODE(m.sock.stat().st_mode) == 0o666
+        assert fcgi_chat(m.sock, "after the reload")[0] == 200
+
+        m.write_conf(listen_backlog=64, listen_mode="0600", workers=3)
+        reload_to(m, pid, kids, 3)
+        again = restart_warnings(m.log_text())[2:]
+        assert any("listen_backlog changed from 511 to 64" in w
+                   for w in again), again
+        assert fcgi_chat(m.sock, "after the second reload")[0] == 200
+
+
+def test_reload_of_pool_keys_names_no_socket_key(stack, http):
+    """Keys a reload applies (workers) say nothing about sockets, also
+    after a socket key went back to the running value: the comparison is
+    with what the socket was made from, not with the previous file."""
+    with direct_master(stack) as m:
+        m.write_conf(listen_backlog=511)
+        kids = m.start(2)
+        pid = m.proc.pid
+        m.write_conf(listen_backlog=128)
+        kids = reload_to(m, pid, kids, 2)
+        assert len(restart_warnings(m.log_text())) == 1, m.log_text()
+        m.write_conf(listen_backlog=511, workers=3)
+        reload_to(m, pid, kids, 3)
+        assert len(restart_warnings(m.log_text())) == 1, \
+            restart_warnings(m.log_text())
+        assert fcgi_chat(m.sock, "after the reloads")[0] == 200
+
+
+def test_check_notes_the_keys_a_running_master_keeps(stack, http):
+    """`chatfcgi -t` on the file of a running master (found through its
+    pid_file) says which keys need a restart; the file is still valid."""
+    def check(m):
+        return subprocess.run([chatfcgi_bin(), "-t", "-c", str(m.conf)],
+                              capture_output=True, text=True, timeout=10,
+                              env={"PATH": os.environ.get("PATH", "")})
+
+    with direct_master(stack) as m:
+        m.write_conf(pid_file=m.dir / "c.pid")
+        m.start(2)
+        m.write_conf(pid_file=m.dir / "c.pid", listen_backlog=64)
+        out = check(m)
+        assert out.returncode == 0, out
+        assert f"a master is running (pid {m.proc.pid})" in out.stdout, out
+        assert "listen_backlog" in out.stdout and "restart" in out.stdout
+        m.stop()
+        out = check(m)
+        assert out.returncode == 0 and "note" not in out.stdout, out
+
+
 # ------------------------------------------ 3. graceful stop and streams
 
 def test_graceful_stop_finishes_streams(stack_factory, http):
