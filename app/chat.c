@@ -464,6 +464,25 @@ parse_turn(struct chat *ch, struct chat_turn *t)
 
 static void replay_answer(struct chat *ch, struct chat_turn *t);
 
+/* What any script on a session may answer: go on (0), or the request is
+ * answered here (rate limit, no such session, Redis failure) and -1. */
+static int
+session_outcome(struct chat *ch, int rc, long long retry_s)
+{
+    switch (rc) {
+    case CHATDB_GO:
+        return 0;
+    case CHATDB_RATE_LIMITED:
+        send_rate_limited(ch, retry_s);
+        return -1;
+    case CHATDB_NOT_FOUND:
+        send_no_session(ch);
+        return -1;
+    }
+    fail_store(ch);
+    return -1;
+}
+
 /* Step 2, in one round trip: an idempotent replay, rate limits, the
  * session's turn lock, and its history. Answers the request itself unless
  * the turn may go on. */
@@ -477,11 +496,6 @@ begin_turn(struct chat *ch, struct chat_turn *t)
     rc = redis_end(ch, chatdb_turn_begin(&ch->db, &t->turn, &ch->history,
                                          &ch->replay, &retry));
     switch (rc) {
-    case CHATDB_GO:
-        return 0;
-    case CHATDB_RATE_LIMITED:
-        send_rate_limited(ch, retry);
-        return -1;
     case CHATDB_BUSY:
         http_send_error(ch->req, 409, "conflict", "another turn of this "
                         "session is still in progress");
@@ -493,17 +507,13 @@ begin_turn(struct chat *ch, struct chat_turn *t)
     case CHATDB_REPLAY:
         replay_answer(ch, t);
         return -1;
-    case CHATDB_NOT_FOUND:
-        send_no_session(ch);
-        return -1;
     case CHATDB_MISMATCH:
         http_send_error(ch->req, 422, "idempotency_mismatch", "this "
                         "Idempotency-Key came with another request (client, "
                         "session_id or message)");
         return -1;
     }
-    fail_store(ch);
-    return -1;
+    return session_outcome(ch, rc, retry);
 }
 
 /* After a failure: release the session's lock (and a pending idempotency
@@ -802,18 +812,7 @@ open_session(struct chat *ch, const char *session_id, struct messages *h)
     rc = redis_end(ch, h != NULL
                            ? chatdb_history_load(&ch->db, &t, h, &retry)
                            : chatdb_history_delete(&ch->db, &t, &retry));
-    switch (rc) {
-    case CHATDB_GO:
-        return 0;
-    case CHATDB_RATE_LIMITED:
-        send_rate_limited(ch, retry);
-        return -1;
-    case CHATDB_NOT_FOUND:
-        send_no_session(ch);
-        return -1;
-    }
-    fail_store(ch);
-    return -1;
+    return session_outcome(ch, rc, retry);
 }
 
 void
