@@ -5,10 +5,12 @@ PREFIX ?= /usr/local
 PYTHON := /usr/bin/python3
 PKGS := fcgi hiredis libcurl yajl libcrypto
 
-# Debian packages for building, testing and running the local stack.
-DEB_PACKAGES := build-essential pkg-config libfcgi-dev libfcgi-bin \
-	libhiredis-dev libcurl4-openssl-dev libyajl-dev libssl-dev \
-	libcmocka-dev \
+# Debian packages for building; `make deb` needs these and debhelper only.
+BUILD_PACKAGES := build-essential pkg-config libfcgi-dev libhiredis-dev \
+	libcurl4-openssl-dev libyajl-dev libssl-dev
+DEB_BUILD_PACKAGES := $(BUILD_PACKAGES) debhelper dpkg-dev
+# ... and for testing and running the local stack.
+DEB_PACKAGES := $(DEB_BUILD_PACKAGES) libfcgi-bin libcmocka-dev lintian \
 	ca-certificates curl procps nginx redis-server redis-tools \
 	python3 python3-pytest python3-requests clang libclang-rt-14-dev \
 	chromium groff-base man-db apache2 libapache2-mod-fcgid lighttpd \
@@ -21,11 +23,13 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 VARIANT ?= release
 ifeq ($(VARIANT),asan)
-OPTFLAGS := -O1 -fsanitize=address,undefined -fno-sanitize-recover=all \
-	-fno-omit-frame-pointer
+SANITIZE := -fsanitize=address,undefined -fno-sanitize-recover=all
+OPTFLAGS := -O1 $(SANITIZE) -fno-omit-frame-pointer
+LINKFLAGS := $(SANITIZE)
 BIN := bin/chatfcgi-asan
 else
 OPTFLAGS := -O2 -fstack-protector-strong -D_FORTIFY_SOURCE=2
+LINKFLAGS := -Wl,-z,relro,-z,now
 BIN := bin/chatfcgi
 endif
 
@@ -34,10 +38,11 @@ OBJDIR := build/$(VARIANT)
 WARNINGS := -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes \
 	-Wmissing-prototypes -Wformat=2 -Wno-format-truncation -fno-common
 # Recursive (=) so that pkg-config runs only once `deps` has installed it.
+# A builder's CPPFLAGS and LDFLAGS (Debian's dpkg-buildflags) are added.
 CFLAGS = -std=gnu11 -D_GNU_SOURCE -g $(OPTFLAGS) $(WARNINGS) -Iinclude -MMD -MP \
-	$(shell pkg-config --cflags $(PKGS))
+	$(CPPFLAGS) $(shell pkg-config --cflags $(PKGS))
 LDLIBS = $(shell pkg-config --libs $(PKGS))
-LDFLAGS = $(filter -fsanitize=%,$(OPTFLAGS))
+LDFLAGS += $(LINKFLAGS)
 
 SRCS := $(wildcard app/*.c)
 OBJS := $(SRCS:app/%.c=$(OBJDIR)/app/%.o)
@@ -45,8 +50,8 @@ LIB_OBJS := $(filter-out $(OBJDIR)/app/main.o,$(OBJS))
 UNIT_SRCS := $(wildcard tests/unit/test_*.c)
 UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=$(OBJDIR)/tests/%)
 
-.PHONY: all deps run start stop test check unit layout integration asan \
-	clean fuzz install uninstall FORCE bench
+.PHONY: all deps deb-deps run start stop test check unit layout integration \
+	asan clean fuzz install uninstall FORCE bench deb test-deb
 
 all: $(BIN)
 
@@ -62,12 +67,15 @@ $(OBJDIR)/tests/test_%: tests/unit/test_%.c $(LIB_OBJS)
 	@mkdir -p $(@D)
 	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(LIB_OBJS) $(LDLIBS) -lcmocka
 
-deps:
-	@missing=""; for p in $(DEB_PACKAGES); do \
+# $(call apt_install,PACKAGES,COMMANDS): installs the packages that are
+# not installed, and for each COMMAND:PACKAGE whose command is missing, the
+# package.
+define apt_install
+	@missing=""; for p in $(1); do \
 		dpkg-query -W -f='$${db:Status-Status}' $$p 2>/dev/null \
 			| grep -qx installed || missing="$$missing $$p"; \
 	done; \
-	for cp in $(DEB_COMMANDS); do \
+	for cp in $(2); do \
 		command -v $${cp%%:*} >/dev/null || missing="$$missing $${cp#*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -76,6 +84,13 @@ deps:
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q \
 			--no-install-recommends $$missing; \
 	fi
+endef
+
+deps:
+	$(call apt_install,$(DEB_PACKAGES),$(DEB_COMMANDS))
+
+deb-deps:
+	$(call apt_install,$(DEB_BUILD_PACKAGES))
 
 # The local stack in the foreground; Ctrl-C stops everything it started.
 run: deps
@@ -194,6 +209,28 @@ install: all
 			$(INSTALL) -D -m 0644 "$$f" "$$dest" || exit 1; \
 		done; \
 	fi
+
+# The Debian package, built by debhelper from a copy of the sources with
+# deploy/debian/ as its debian/ directory: build/deb/chatfcgi_*.deb. See
+# deploy/README.md, section "Debian package".
+DEB_DIR := build/deb
+DEB_SOURCES := Makefile README.md LICENSE app include conf doc deploy
+
+deb: deb-deps
+	rm -rf $(DEB_DIR) && mkdir -p $(DEB_DIR)/src
+	cp -a $(DEB_SOURCES) $(DEB_DIR)/src/
+	cp -a deploy/debian $(DEB_DIR)/src/debian
+	cd $(DEB_DIR)/src && dpkg-buildpackage -b -us -uc
+	@ls $(DEB_DIR)/*.deb
+
+# The package installed for real on a brand-new Debian 12: FRESH_DEBIAN
+# makes a debootstrap chroot (as root, with the Debian mirror) from a clone
+# of this checkout's last commit and runs tests/deb/fresh-install.sh there.
+# Takes a few minutes; not part of `make test`.
+FRESH_DEBIAN ?= ../shared/tools/fresh-debian.sh
+
+test-deb:
+	$(FRESH_DEBIAN) . tests/deb/fresh-install.sh
 
 # Removes what install installed, but keeps a config that was changed.
 uninstall:

@@ -15,8 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
+from source_tree import REPO, clean_env, copy_source, make, run, verify_units
 
 # What the Makefile derives from PREFIX.
 LAYOUT = {
@@ -24,7 +23,6 @@ LAYOUT = {
     "/usr/local": {"sysconf": "/usr/local/etc"},
 }
 UNITS = ("chatfcgi.service", "chatfcgi.socket", "chatfcgi-status.socket")
-SYSTEMD_ANALYZE = "/usr/bin/systemd-analyze"
 DOCS = ("README.md", "LICENSE")
 
 # Where a real install would go: a test run must change none of them.
@@ -37,30 +35,6 @@ REAL_PATHS = [
                 "lib/systemd/system/chatfcgi.socket",
                 "lib/systemd/system/chatfcgi-status.socket")
 ] + [Path("/etc/chatfcgi"), Path("/usr/local/etc/chatfcgi")]
-
-
-def clean_env():
-    """The caller's environment without what would steer make or chatfcgi:
-    a parent make's flags, install variables, CHATFCGI_* settings."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("CHATFCGI_") and k not in (
-               "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "GNUMAKEFLAGS",
-               "MAKEFILES", "DESTDIR", "PREFIX", "SYSCONFDIR", "VARIANT")}
-    env["LC_ALL"] = "C.UTF-8"
-    return env
-
-
-def run(args, **kw):
-    return subprocess.run([str(a) for a in args], env=clean_env(),
-                          capture_output=True, text=True, timeout=600, **kw)
-
-
-def make(tree, *args):
-    r = run(["make", "--no-print-directory", "-C", tree, *args])
-    assert r.returncode == 0, (
-        f"make {' '.join(args)} failed ({r.returncode}):\n"
-        f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return r.stdout
 
 
 def conf_path(prefix):
@@ -164,20 +138,6 @@ def check_man_page(page):
             r.stdout + r.stderr
 
 
-def _ignore(root):
-    top = {".git", "build", "bin", ".run"}
-
-    def ignore(directory, names):
-        d = Path(directory)
-        skip = {n for n in names if n in ("__pycache__", ".pytest_cache")}
-        if d == root:
-            skip |= top & set(names)
-        if d == root / "tests":
-            skip |= {"out"} & set(names)
-        return skip
-    return ignore
-
-
 @pytest.fixture(scope="module", autouse=True)
 def no_real_install():
     """Whatever happens, nothing outside the DESTDIRs changes."""
@@ -192,8 +152,7 @@ def no_real_install():
 @pytest.fixture(scope="module")
 def built_tree(tmp_path_factory):
     """A copy of the source tree, built once with the default PREFIX."""
-    tree = tmp_path_factory.mktemp("built") / "src"
-    shutil.copytree(REPO, tree, symlinks=True, ignore=_ignore(REPO))
+    tree = copy_source(tmp_path_factory.mktemp("built") / "src")
     make(tree, "all")
     return tree
 
@@ -328,20 +287,9 @@ def test_installed_units_start_the_installed_binary(tree, tmp_path, prefix):
         assert words[words.index("-c") + 1] == conf_path(prefix), command
         assert (dest / rel(conf_path(prefix))).is_file()
 
-    staged = tmp_path / "staged"
-    staged.mkdir()
-    for name in UNITS:
-        text = (units / name).read_text()
-        (staged / name).write_text(
-            text.replace(binary, str(dest / rel(binary))))
-    if not os.access(SYSTEMD_ANALYZE, os.X_OK):
-        pytest.skip("no systemd-analyze")
-    r = subprocess.run([SYSTEMD_ANALYZE, "verify",
-                        *[str(staged / n) for n in UNITS]],
-                       env=dict(clean_env(), SYSTEMD_LOG_LEVEL="notice"),
-                       capture_output=True, text=True, timeout=60)
-    output = (r.stdout + r.stderr).strip()
-    assert r.returncode == 0 and output == "", output
+    output = verify_units([units / n for n in UNITS], binary,
+                          dest / rel(binary), tmp_path / "staged")
+    assert output == "", output
 
 
 def test_units_and_web_page_are_skipped_when_absent(tree, tmp_path):
