@@ -16,9 +16,13 @@ self=$(readlink -f "$0")
 cd "$(dirname "$self")/../.."
 failed=0
 
+# Findings go to a file too: the serving part runs in another process, and
+# fresh-debian.sh shows only the tail of the output.
+findings=/root/fresh-install.findings
 check() {
     what=$1; shift
-    if "$@"; then echo "ok - $what"; else echo "FAIL - $what"; failed=1; fi
+    if "$@"; then result="ok - $what"; else result="FAIL - $what"; failed=1; fi
+    echo "$result" | tee -a "$findings"
 }
 
 install_package() {
@@ -128,9 +132,11 @@ purged() {
 if [ "${1:-}" = serve ]; then
     serve
 fi
+: >"$findings"
 install_package
 installed_as_packaged
 unshare --net "$self" serve || failed=1
 purged
+cat "$findings"
 [ "$failed" = 0 ] && echo "fresh install: all checks passed"
 exit $failed
