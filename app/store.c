@@ -1036,6 +1036,12 @@ call(struct store *s, const struct call *c)
 }
 
 int
+store_cluster(const struct store *s)
+{
+    return s->map != NULL;
+}
+
+int
 store_ping(struct store *s)
 {
     const char *ping[] = {"PING"};

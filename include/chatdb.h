@@ -25,7 +25,7 @@
 struct buf;
 struct conf;
 
-#define CHATDB_SCRIPTS 6
+#define CHATDB_SCRIPTS 7
 #define CHATDB_HASH_HEX 64 /* a request's SHA-256, in hex */
 
 struct chatdb {

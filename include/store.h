@@ -83,6 +83,10 @@ int store_sentinels_parse(const char *list,
 int store_init(struct store *s, const struct conf *c);
 void store_cleanup(struct store *s);
 
+/* Whether s talks to a Redis Cluster, where one script runs in one slot:
+ * all its keys must share a hash tag. */
+int store_cluster(const struct store *s);
+
 /* Returns 0, or -1 with s->err set. */
 int store_ping(struct store *s);
 

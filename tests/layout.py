@@ -16,8 +16,7 @@ INCLUDE = re.compile(r'^\s*#\s*include\s+"([a-z0-9_]+)\.h"', re.M)
 
 REQUEST_PATH = {"route", "guard", "chat", "v1", "metrics", "chatdb", "store",
                 "cluster", "llm", "plan", "exchange", "answer", "sse", "http",
-                "fcgi",
-                "messages"}
+                "fcgi", "messages"}
 WEB_SIDE = {"fcgi", "worker", "master", "http"}
 LOWER = ["llm", "store", "cluster", "sse", "json"]
 
