@@ -46,7 +46,7 @@ UNIT_SRCS := $(wildcard tests/unit/test_*.c)
 UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=$(OBJDIR)/tests/%)
 
 .PHONY: all deps run start stop test check unit layout integration asan \
-	clean fuzz install uninstall FORCE bench
+	clean fuzz install uninstall FORCE bench test-fleet
 
 all: $(BIN)
 
@@ -108,6 +108,13 @@ layout:
 integration: $(BIN)
 	CHATFCGI_BIN=$(BIN) $(PYTHON) -m pytest -q -p no:cacheprovider \
 		tests/integration
+
+# The fleet alone (also part of integration, about 30 s): three app hosts,
+# a front nginx and a Redis Cluster in network namespaces (needs root),
+# one host and one Redis master killed under load.
+test-fleet: $(BIN)
+	CHATFCGI_BIN=$(BIN) $(PYTHON) -m pytest -q -p no:cacheprovider -s \
+		tests/integration/test_fleet.py
 
 # The same tests with AddressSanitizer and UBSan in the binary.
 asan: deps

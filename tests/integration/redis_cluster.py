@@ -83,12 +83,16 @@ class Load:
     A thread starts a new session every `per_session` turns, so that no
     history is trimmed, and after every failure: a turn whose store failed
     while Redis was gone may leave its session's lock behind, which would
-    make the next turn of that session a 409 for request_timeout_s."""
+    make the next turn of that session a 409 for request_timeout_s.
+    headers(session) gives extra request headers (e.g. X-Forwarded-For, a
+    client per session)."""
 
-    def __init__(self, url, threads=4, per_session=5, tag="load"):
+    def __init__(self, url, threads=4, per_session=5, tag="load",
+                 headers=lambda session: None):
         self.url = url
         self.threads = threads
         self.per_session = per_session
+        self.headers = headers
         self.tag = f"{tag}-{os.getpid()}-{time.monotonic_ns()}"
         self.turns = []
         self._lock = threading.Lock()
@@ -133,7 +137,8 @@ class Load:
         code = error = None
         try:
             r = http.post(f"{self.url}/api/chat", timeout=10,
-                          json={"session_id": session, "message": message})
+                          json={"session_id": session, "message": message},
+                          headers=self.headers(session))
             status = r.status_code
             if status != 200:
                 try:
@@ -477,6 +482,15 @@ class RedisCluster:
         """A command on the master of key_args[1]'s slot."""
         return self.command(self.owner(key_args[1]), *key_args)
 
+    def slot_owners(self):
+        """{(first slot, last slot): node index}, from a live master."""
+        i = self.masters()[0]
+        by_addr = {tuple(n): j for j, n in enumerate(self.nodes)}
+        return {(e[0], e[1]): by_addr[(e[2][0].decode() or self.nodes[i][0],
+                                       e[2][1])]
+                for e in self.command(i, "CLUSTER", "SLOTS")}
+
+
     def kill(self, i):
         """SIGKILL node i; returns the monotonic time just before."""
         proc = self.procs[i]
@@ -514,3 +528,9 @@ class RedisCluster:
                     os.kill(proc.pid, signal.SIGKILL)
                     proc.wait(STOP_TIMEOUT)
         self.procs.clear()
+
+
+def owner_of(owners, key):
+    """The node of owners (RedisCluster.slot_owners) serving key."""
+    slot = key_slot(key)
+    return next(n for (a, b), n in owners.items() if a <= slot <= b)

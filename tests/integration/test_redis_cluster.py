@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from redis_cluster import Load, RedisCluster, key_slot, wait_until, \
-    worker_pids
+from redis_cluster import Load, RedisCluster, key_slot, owner_of, \
+    wait_until, worker_pids
 
 LOAD_S = 8
 
@@ -140,18 +140,8 @@ def test_slot_migration_ask_then_moved(http, st, cluster):
         ["before", "while moving"] + [f"after {n}" for n in range(4)]
 
 
-def slot_owners(cluster):
-    """{slot range (start, end): node index} from a live node."""
-    i = cluster.masters()[0]
-    by_addr = {tuple(n): j for j, n in enumerate(cluster.nodes)}
-    return {(e[0], e[1]): by_addr[(e[2][0].decode() or cluster.nodes[i][0],
-                                   e[2][1])]
-            for e in cluster.command(i, "CLUSTER", "SLOTS")}
-
-
 def on_node(owners, node, session):
-    slot = key_slot(session)
-    return any(a <= slot <= b and n == node for (a, b), n in owners.items())
+    return owner_of(owners, session) == node
 
 
 def test_master_killed_under_load_loses_no_acknowledged_turn(
@@ -166,7 +156,7 @@ def test_master_killed_under_load_loses_no_acknowledged_turn(
                         "CHATFCGI_REDIS_WAIT_REPLICAS": "1"})
     master = st.pid("chatfcgi")
     workers = worker_pids(master)
-    owners = slot_owners(cluster)
+    owners = cluster.slot_owners()
     victim = cluster.masters()[0]
     load = Load(st.url, threads=4, tag="cluster-kill").start()
     try:
