@@ -929,7 +929,8 @@ judge(struct store *s, int node, const struct call *c, redisReply *r,
         (strncmp(r->str, "CLUSTERDOWN", 11) == 0 ||
          strncmp(r->str, "TRYAGAIN", 8) == 0 || wrong_server(r->str))) {
         snprintf(s->err, STORE_ERR_LEN, "Redis %s: %s", c->what, r->str);
-        drop_node(s, node);
+        if (wrong_server(r->str))
+            drop_node(s, node);
         s->map_stale = 1;
         return RETRY;
     }
