@@ -182,28 +182,14 @@ class Outage:
                 f"to the last failure: {self.until_last:.2f} s")
 
 
-def worker_pids(master_pid):
-    """The chatfcgi master's children, from /proc/<pid>/task/<pid>/children
-    (the master is single-threaded)."""
-    path = Path(f"/proc/{master_pid}/task/{master_pid}/children")
-    return sorted(int(p) for p in path.read_text().split())
+class Servers:
+    """Servers a test starts, self.procs (label -> Popen), as a context
+    manager: _start() on the way in; on the way out every process is
+    stopped by PID, last started first (SIGTERM, then SIGKILL after
+    STOP_TIMEOUT), also when the test or _start failed."""
 
-
-# --------------------------------------------------------- Sentinel group
-
-class SentinelGroup:
-    """A master and its replica, and three Sentinels watching them under
-    `name` (down-after-milliseconds 1000, failover-timeout 5000, quorum
-    2), each process on its own free loopback port and directory under
-    base. A context manager: every process it started is stopped by PID
-    on the way out, also when the test failed."""
-
-    def __init__(self, base, ports, name="chatfcgi-test"):
-        self.base = Path(base)
-        self.name = name
-        self.master_port, self.replica_port = ports[0], ports[1]
-        self.sentinel_ports = list(ports[2:5])
-        self.procs = {}  # label -> Popen
+    def __init__(self):
+        self.procs = {}
 
     def __enter__(self):
         try:
@@ -215,6 +201,66 @@ class SentinelGroup:
 
     def __exit__(self, *exc):
         self.stop()
+
+    def _start(self):
+        raise NotImplementedError
+
+    def stop(self):
+        """Idempotent."""
+        for proc in reversed(list(self.procs.values())):
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    proc.wait(STOP_TIMEOUT)
+        self.procs.clear()
+
+
+def assert_only_503(turns):
+    bad = [(t.status, t.code, t.error) for t in turns
+           if t.status != 200 and (t.status, t.code) != (503, "unavailable")]
+    assert not bad, f"failures other than 503 unavailable: {bad[:5]}"
+
+
+def assert_acked_stored(turns, read):
+    """Every turn answered 200 is in its session's history (read(session):
+    its user messages), whole and in order. A turn that failed after its
+    store ran (WAIT short of replicas, a connection lost on the way back)
+    may follow: the last of its session, since Load moves on after a
+    failure."""
+    acked = {}
+    for t in turns:
+        if t.status == 200:
+            acked.setdefault(t.session, []).append(t.message)
+    for session, messages in acked.items():
+        stored = read(session)
+        assert stored[:len(messages)] == messages, (session, stored)
+        assert len(stored) - len(messages) <= 1, (session, stored)
+
+
+def worker_pids(master_pid):
+    """The chatfcgi master's children, from /proc/<pid>/task/<pid>/children
+    (the master is single-threaded)."""
+    path = Path(f"/proc/{master_pid}/task/{master_pid}/children")
+    return sorted(int(p) for p in path.read_text().split())
+
+
+# --------------------------------------------------------- Sentinel group
+
+class SentinelGroup(Servers):
+    """A master and its replica, and three Sentinels watching them under
+    `name` (down-after-milliseconds 1000, failover-timeout 5000, quorum
+    2), each process on its own free loopback port and directory under
+    base. A context manager (Servers)."""
+
+    def __init__(self, base, ports, name="chatfcgi-test"):
+        self.base = Path(base)
+        self.name = name
+        self.master_port, self.replica_port = ports[0], ports[1]
+        self.sentinel_ports = list(ports[2:5])
+        super().__init__()
 
     @property
     def sentinels(self):
@@ -312,18 +358,6 @@ class SentinelGroup:
         proc.wait(STOP_TIMEOUT)
         return at
 
-    def stop(self):
-        """Stop every process started here, by PID: SIGTERM, then SIGKILL
-        after STOP_TIMEOUT. Idempotent."""
-        for label, proc in reversed(list(self.procs.items())):
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    proc.wait(STOP_TIMEOUT)
-        self.procs.clear()
 
 
 # ---------------------------------------------------------- Redis Cluster
@@ -346,36 +380,21 @@ def key_slot(key):
     return crc % 16384
 
 
-class RedisCluster:
+class RedisCluster(Servers):
     """A Redis Cluster of len(nodes) // 2 masters with one replica each
     (cluster-node-timeout 1000 ms, cluster-require-full-coverage no), one
     process per (host, port) of nodes with its cluster bus on the port of
     the same rank in bus_ports (by default port + 10000, which a free
     port above 55535 would not have), each in its own directory under
     base. prefix(i) gives what goes before node i's command line (e.g.
-    ip netns exec NS); cli_prefix the same for redis-cli, which creates
-    the cluster. A context manager: every process it started is stopped
-    by PID on the way out, also when the test failed."""
+    ip netns exec NS). A context manager (Servers)."""
 
-    def __init__(self, base, nodes, bus_ports=None, prefix=lambda i: [],
-                 cli_prefix=()):
+    def __init__(self, base, nodes, bus_ports=None, prefix=lambda i: []):
         self.base = Path(base)
         self.nodes = list(nodes)
         self.bus_ports = list(bus_ports or [p + 10000 for _, p in nodes])
         self.prefix = prefix
-        self.cli_prefix = list(cli_prefix)
-        self.procs = {}  # node index -> Popen
-
-    def __enter__(self):
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
+        super().__init__()
 
     @property
     def url(self):
@@ -425,7 +444,7 @@ class RedisCluster:
             if not wait_until(lambda i=i: self.try_command(i, "PING"), 10):
                 raise RuntimeError(f"node {i} did not start:\n{self.log(i)}")
         create = subprocess.run(
-            self.cli_prefix + ["redis-cli", "--cluster", "create"] +
+            ["redis-cli", "--cluster", "create"] +
             [f"{h}:{p}" for h, p in self.nodes] +
             ["--cluster-replicas", "1", "--cluster-yes"],
             stdin=subprocess.DEVNULL, capture_output=True, text=True,
@@ -516,18 +535,6 @@ class RedisCluster:
             return covered == 16384 and tuple(self.nodes[dead]) not in names
         return False
 
-    def stop(self):
-        """Stop every process started here, by PID: SIGTERM, then SIGKILL
-        after STOP_TIMEOUT. Idempotent."""
-        for i, proc in reversed(list(self.procs.items())):
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    proc.wait(STOP_TIMEOUT)
-        self.procs.clear()
 
 
 def owner_of(owners, key):
