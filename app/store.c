@@ -93,8 +93,8 @@ parse_hostport(const char *s, size_t n, char *out, size_t size, int *port,
     out[hostlen] = '\0';
     *port = default_port;
     if (portstr != NULL)
-        return cluster_decimal(portstr, (size_t)(s + n - portstr), 1, 65535,
-                            port);
+        return cluster_decimal(portstr, (size_t)(s + n - portstr), 1,
+                               65535, port);
     return 0;
 }
 
@@ -115,7 +115,7 @@ parse_tcp_url(const char *rest, struct store_addr *a)
         return -1;
     if (slash != NULL && slash[1] != '\0')
         return cluster_decimal(slash + 1, strlen(slash + 1), 0, 1000000,
-                            &a->db);
+                               &a->db);
     return 0;
 }
 
@@ -146,8 +146,9 @@ has_space(const char *s, size_t n)
 }
 
 /* A list of "host[:port]" separated by commas (spaces around them
- * allowed) into out (STORE_SENTINELS_MAX at most). Returns how many ("" has
- * none), or -1 with the reason in err. */
+ * allowed) into out (STORE_SENTINELS_MAX at most, as many as
+ * STORE_SEEDS_MAX). Returns how many ("" has none), or -1 with the reason
+ * in err. */
 static int
 parse_nodes(const char *list, struct store_node out[STORE_SENTINELS_MAX],
             int default_port, const char *what, char err[STORE_ERR_LEN])

@@ -23,7 +23,7 @@ struct redisReply;
 
 #define STORE_ERR_LEN 160
 #define STORE_SENTINELS_MAX 16
-#define STORE_SEEDS_MAX 16
+#define STORE_SEEDS_MAX STORE_SENTINELS_MAX /* one list parser */
 
 /* A Sentinel, the master one named, or a node of a cluster URL. */
 struct store_node {
