@@ -36,6 +36,7 @@ from pathlib import Path
 import pytest
 
 import deploy_servers as ds
+from conftest import sanitizer_report
 from helpers import new_session
 from netns import Segment, netns_available
 from redis_cluster import Load, RedisCluster, assert_acked_stored, \
@@ -251,6 +252,9 @@ def test_fleet_loses_no_acknowledged_turn(segment, tmp_path):
             "front", lambda: scenario(fleet))
     finally:
         fleet.stop()
+    for host in HOSTS:  # with CHATFCGI_BIN=bin/chatfcgi-asan
+        report = sanitizer_report(tmp_path / f"{host}.log")
+        assert not report, f"{host}:\n{report}"
     failed = [x for x in turns if x.status != 200]
     hit = [x for x in turns if x.session in on_victim and
            x.start > t["redis_killed"]]
