@@ -252,7 +252,10 @@ def test_fleet_loses_no_acknowledged_turn(segment, tmp_path):
             "front", lambda: scenario(fleet))
     finally:
         fleet.stop()
-    for host in HOSTS:  # with CHATFCGI_BIN=bin/chatfcgi-asan
+    for host in HOSTS:
+        log = (tmp_path / f"{host}.log").read_text(errors="replace")
+        assert "POST /api/chat 200" in log, f"{host} served no turn"
+        # With CHATFCGI_BIN=bin/chatfcgi-asan:
         report = sanitizer_report(tmp_path / f"{host}.log")
         assert not report, f"{host}:\n{report}"
     failed = [x for x in turns if x.status != 200]
