@@ -14,7 +14,7 @@ DEB_PACKAGES := $(DEB_BUILD_PACKAGES) libfcgi-bin libcmocka-dev lintian \
 	ca-certificates curl procps nginx redis-server redis-tools \
 	python3 python3-pytest python3-requests clang libclang-rt-14-dev \
 	chromium groff-base man-db apache2 libapache2-mod-fcgid lighttpd \
-	spawn-fcgi systemd logrotate strace
+	spawn-fcgi systemd logrotate strace iproute2
 # Installed only when the command is missing, whoever provides it: a
 # NodeSource nodejs brings its own npm, which Debian's npm would conflict
 # with. Node runs the OpenAI SDK test and the browser test.
@@ -51,7 +51,7 @@ UNIT_SRCS := $(wildcard tests/unit/test_*.c)
 UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=$(OBJDIR)/tests/%)
 
 .PHONY: all deps deb-deps run start stop test check unit layout integration \
-	asan clean fuzz install uninstall FORCE bench deb test-deb
+	asan clean fuzz install uninstall FORCE bench deb test-deb test-fleet
 
 all: $(BIN)
 
@@ -123,6 +123,13 @@ layout:
 integration: $(BIN)
 	CHATFCGI_BIN=$(BIN) $(PYTHON) -m pytest -q -p no:cacheprovider \
 		tests/integration
+
+# The fleet alone (also part of integration, about 30 s): three app hosts,
+# a front nginx and a Redis Cluster in network namespaces (needs root),
+# one host and one Redis master killed under load.
+test-fleet: $(BIN)
+	CHATFCGI_BIN=$(BIN) $(PYTHON) -m pytest -q -p no:cacheprovider -s \
+		tests/integration/test_fleet.py
 
 # The same tests with AddressSanitizer and UBSan in the binary.
 asan: deps

@@ -46,6 +46,18 @@
     "  return o and o ~= owner\n"                                          \
     "end\n"
 
+/* Lua for the scripts that look up an idempotency record: what it says
+ * to a request of that hash (nil: there is none). */
+#define RECORD_LUA                                                         \
+    "local function recorded(key, hash)\n"                                 \
+    "  local v = redis.call('GET', key)\n"                                 \
+    "  if not v then return nil end\n"                                     \
+    "  if string.sub(v, 1, #hash) ~= hash then return {'mismatch'} end\n"  \
+    "  v = string.sub(v, #hash + 1)\n"                                     \
+    "  if string.sub(v, 1, 8) == 'pending:' then return {'running'} end\n" \
+    "  return {'replay', v}\n"                                             \
+    "end\n"
+
 /* KEYS: history, lock, idempotency record, rpm counter, tpm counter,
  *       owner.
  * ARGV: token, lock ms, rpm, tpm, retry-after, has idempotency key,
@@ -55,17 +67,12 @@
  * with an owner claims the session for as long as its history lives. An
  * idempotency record starts with the hash of its request: a key reused
  * for another request neither replays nor runs. */
-static const char begin_lua[] = LIMITS_LUA OWNER_LUA
+static const char begin_lua[] = LIMITS_LUA OWNER_LUA RECORD_LUA
     "local theirs = foreign(KEYS[6], ARGV[7])\n"
     "local hash = ARGV[9]\n"
     "if ARGV[6] == '1' and not theirs then\n"
-    "  local v = redis.call('GET', KEYS[3])\n"
-    "  if v then\n"
-    "    if string.sub(v, 1, #hash) ~= hash then return {'mismatch'} end\n"
-    "    v = string.sub(v, #hash + 1)\n"
-    "    if string.sub(v, 1, 8) == 'pending:' then return {'running'} end\n"
-    "    return {'replay', v}\n"
-    "  end\n"
+    "  local seen = recorded(KEYS[3], hash)\n"
+    "  if seen then return seen end\n"
     "end\n"
     "local rpm, tpm = tonumber(ARGV[3]), tonumber(ARGV[4])\n"
     "if over(KEYS[5], tpm) or over(KEYS[4], rpm) then\n"
@@ -165,13 +172,44 @@ static const char session_lua[] = LIMITS_LUA OWNER_LUA
     "table.insert(h, 1, 'go')\n"
     "return h\n";
 
-/* KEYS: tpm counter. ARGV: tokens. */
-static const char tokens_lua[] =
-    "redis.call('INCRBY', KEYS[1], ARGV[1])\n"
-    "redis.call('EXPIRE', KEYS[1], " COUNTER_TTL ")\n"
+/* The client's part of a turn begin on Redis Cluster, where it lives in
+ * another slot than the session: the idempotency record of a request
+ * that named no session, then the rate limits.
+ * KEYS: rpm counter, tpm counter, record (or the rpm counter: none).
+ * ARGV: rpm, tpm, retry-after, has a record, request hash, token,
+ *       lock ms. */
+static const char client_begin_lua[] = LIMITS_LUA RECORD_LUA
+    "if ARGV[4] == '1' then\n"
+    "  local seen = recorded(KEYS[3], ARGV[5])\n"
+    "  if seen then return seen end\n"
+    "end\n"
+    "local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])\n"
+    "if over(KEYS[2], tpm) or over(KEYS[1], rpm) then\n"
+    "  return {'rate', ARGV[3]}\n"
+    "end\n"
+    "count(KEYS[1], rpm)\n"
+    "if ARGV[4] == '1' then\n"
+    "  redis.call('SET', KEYS[3], ARGV[5] .. 'pending:' .. ARGV[6],\n"
+    "             'PX', ARGV[7])\n"
+    "end\n"
+    "return {'go'}\n";
+
+/* A request's tokens, and (on Redis Cluster, after the session's commit)
+ * the answer of a request that named no session.
+ * KEYS: tpm counter, record (or the tpm counter: none).
+ * ARGV: tokens, has a record, request hash, answer, ttl. */
+static const char client_commit_lua[] =
+    "if tonumber(ARGV[1]) > 0 then\n"
+    "  redis.call('INCRBY', KEYS[1], ARGV[1])\n"
+    "  redis.call('EXPIRE', KEYS[1], " COUNTER_TTL ")\n"
+    "end\n"
+    "if ARGV[2] == '1' then\n"
+    "  redis.call('SET', KEYS[2], ARGV[3] .. ARGV[4], 'EX', ARGV[5])\n"
+    "end\n"
     "return 1\n";
 
-enum script { BEGIN, COMMIT, ABORT, RATE, SESSION, TOKENS };
+enum script { BEGIN, COMMIT, ABORT, RATE, SESSION, CLIENT_BEGIN,
+              CLIENT_COMMIT };
 
 static const char *const scripts[CHATDB_SCRIPTS] = {
     [BEGIN] = begin_lua,
@@ -179,7 +217,8 @@ static const char *const scripts[CHATDB_SCRIPTS] = {
     [ABORT] = abort_lua,
     [RATE] = rate_lua,
     [SESSION] = session_lua,
-    [TOKENS] = tokens_lua,
+    [CLIENT_BEGIN] = client_begin_lua,
+    [CLIENT_COMMIT] = client_commit_lua,
 };
 
 /* n bytes as 2n hex digits and a NUL. */
@@ -253,6 +292,22 @@ client_keys(const struct chatdb_turn *t, struct turn_keys *k, long long window)
     snprintf(k->tpm, sizeof(k->tpm), "rl:{%s}:tpm:%lld", t->client, window);
 }
 
+/* The idempotency record: the session's, or without an idempotency key a
+ * session key no script uses; the client's for a request that named no
+ * session (then the session may be NULL). */
+static void
+record_key(const struct chatdb_turn *t, char out[KEY_MAX])
+{
+    if (t->idempotency_key == NULL)
+        snprintf(out, KEY_MAX, "chat:{%s}:idem", t->session_id);
+    else if (t->idempotency_by_client)
+        snprintf(out, KEY_MAX, "idem:{%s}:%s", t->client,
+                 t->idempotency_key);
+    else
+        snprintf(out, KEY_MAX, "chat:{%s}:idem:%s", t->session_id,
+                 t->idempotency_key);
+}
+
 /* A session's keys share the hash tag {id}, a Redis Cluster slot. */
 static void
 turn_keys(const struct chatdb_turn *t, struct turn_keys *k, long long window)
@@ -263,14 +318,41 @@ turn_keys(const struct chatdb_turn *t, struct turn_keys *k, long long window)
     snprintf(k->history, sizeof(k->history), "chat:{%s}:history", sid);
     snprintf(k->lock, sizeof(k->lock), "chat:{%s}:lock", sid);
     snprintf(k->owner, sizeof(k->owner), "chat:{%s}:owner", sid);
-    if (t->idempotency_key == NULL)
-        snprintf(k->record, sizeof(k->record), "chat:{%s}:idem", sid);
-    else if (t->idempotency_by_client)
-        snprintf(k->record, sizeof(k->record), "idem:{%s}:%s", t->client,
-                 t->idempotency_key);
-    else
-        snprintf(k->record, sizeof(k->record), "chat:{%s}:idem:%s", sid,
-                 t->idempotency_key);
+    record_key(t, k->record);
+    /* A counter that is off is never touched: the lock stands in for it,
+     * so that every key of a session's script may share its slot. */
+    if (t->rpm == 0)
+        memcpy(k->rpm, k->lock, sizeof(k->rpm));
+    if (t->tpm == 0)
+        memcpy(k->tpm, k->lock, sizeof(k->tpm));
+}
+
+/* On Redis Cluster one script runs in one slot, so the client's keys
+ * ({client}: rate counters, the record of a request that named no
+ * session) cannot go with the session's ({session_id}): they go in
+ * scripts of their own, one more round trip, made only when they are in
+ * use. The session's script then sees the turn without them. */
+static int
+client_apart(const struct chatdb *db)
+{
+    return store_cluster(&db->store);
+}
+
+static int
+client_record(const struct chatdb_turn *t)
+{
+    return t->idempotency_key != NULL && t->idempotency_by_client;
+}
+
+static struct chatdb_turn
+session_part(const struct chatdb_turn *t)
+{
+    struct chatdb_turn st = *t;
+
+    st.rpm = st.tpm = 0;
+    if (client_record(t))
+        st.idempotency_key = NULL;
+    return st;
 }
 
 /* ---- the stored form of a history */
@@ -525,22 +607,54 @@ run_session(struct chatdb *db, const struct chatdb_turn *t,
     return rc;
 }
 
+/* On Redis Cluster the client's rpm comes first, apart. */
+static int
+run_session_apart(struct chatdb *db, const struct chatdb_turn *t,
+                  struct messages *h, long long *retry_after_s)
+{
+    struct chatdb_turn rate = *t, st = session_part(t);
+    int rc;
+
+    if (!client_apart(db))
+        return run_session(db, t, h, retry_after_s);
+    rate.tpm = 0;
+    rc = t->rpm > 0 ? chatdb_rate_check(db, &rate, retry_after_s)
+                    : CHATDB_GO;
+    return rc == CHATDB_GO ? run_session(db, &st, h, retry_after_s) : rc;
+}
+
 int
 chatdb_history_load(struct chatdb *db, const struct chatdb_turn *t,
                     struct messages *h, long long *retry_after_s)
 {
     messages_reset(h);
-    return run_session(db, t, h, retry_after_s);
+    return run_session_apart(db, t, h, retry_after_s);
 }
 
 int
 chatdb_history_delete(struct chatdb *db, const struct chatdb_turn *t,
                       long long *retry_after_s)
 {
-    return run_session(db, t, NULL, retry_after_s);
+    return run_session_apart(db, t, NULL, retry_after_s);
 }
 
 /* ---- one turn */
+
+/* A begin script's answer other than go: a replay, or a refusal. */
+static int
+stop_outcome(struct chatdb *db, const redisReply *r, struct buf *replay,
+             long long *retry_after_s)
+{
+    const char *tag = reply_tag(r);
+    const redisReply *v = tag != NULL ? reply_value(r) : NULL;
+
+    if (tag != NULL && strcmp(tag, "replay") == 0 && v != NULL) {
+        buf_reset(replay);
+        return buf_append(replay, v->str, v->len) == 0 ? CHATDB_REPLAY
+                                                        : unexpected(db);
+    }
+    return refusal(db, r, retry_after_s);
+}
 
 static int
 begin_outcome(struct chatdb *db, struct chatdb_turn *t, const redisReply *r,
@@ -548,7 +662,6 @@ begin_outcome(struct chatdb *db, struct chatdb_turn *t, const redisReply *r,
               long long *retry_after_s)
 {
     const char *tag = reply_tag(r);
-    const redisReply *v = tag != NULL ? reply_value(r) : NULL;
 
     if (tag != NULL && strcmp(tag, "go") == 0 && r->elements >= 2 &&
         r->element[1]->type == REDIS_REPLY_STRING) {
@@ -557,12 +670,7 @@ begin_outcome(struct chatdb *db, struct chatdb_turn *t, const redisReply *r,
         t->skipped = fill_history(r, 2, h);
         return CHATDB_GO;
     }
-    if (tag != NULL && strcmp(tag, "replay") == 0 && v != NULL) {
-        buf_reset(replay);
-        return buf_append(replay, v->str, v->len) == 0 ? CHATDB_REPLAY
-                                                        : unexpected(db);
-    }
-    return refusal(db, r, retry_after_s);
+    return stop_outcome(db, r, replay, retry_after_s);
 }
 
 /* What an idempotency record is bound to, as t->request_hash: SHA-256 of
@@ -593,10 +701,12 @@ hash_request(struct chatdb *db, struct chatdb_turn *t)
     return 0;
 }
 
-int
-chatdb_turn_begin(struct chatdb *db, struct chatdb_turn *t,
-                  struct messages *h, struct buf *replay,
-                  long long *retry_after_s)
+/* The session's part of a turn begin, as st shows it; the outcome goes
+ * into t. */
+static int
+begin_session(struct chatdb *db, struct chatdb_turn *t,
+              const struct chatdb_turn *st, struct messages *h,
+              struct buf *replay, long long *retry_after_s)
 {
     long long now = (long long)time(NULL);
     struct turn_keys k;
@@ -604,10 +714,7 @@ chatdb_turn_begin(struct chatdb *db, struct chatdb_turn *t,
     redisReply *r;
     int rc;
 
-    t->request_hash[0] = '\0';
-    if (t->idempotency_key != NULL && hash_request(db, t) == -1)
-        return -1;
-    turn_keys(t, &k, now / WINDOW_S);
+    turn_keys(st, &k, now / WINDOW_S);
     script_args(&c, 6);
     arg_str(&c, k.history);
     arg_str(&c, k.lock);
@@ -615,20 +722,113 @@ chatdb_turn_begin(struct chatdb *db, struct chatdb_turn *t,
     arg_str(&c, k.rpm);
     arg_str(&c, k.tpm);
     arg_str(&c, k.owner);
-    arg_str(&c, t->token);
-    arg_int(&c, t->lock_ms);
-    arg_int(&c, t->rpm);
-    arg_int(&c, t->tpm);
+    arg_str(&c, st->token);
+    arg_int(&c, st->lock_ms);
+    arg_int(&c, st->rpm);
+    arg_int(&c, st->tpm);
     arg_int(&c, WINDOW_S - now % WINDOW_S);
-    arg_str(&c, t->idempotency_key ? "1" : "0");
-    arg_str(&c, t->owner);
+    arg_str(&c, st->idempotency_key ? "1" : "0");
+    arg_str(&c, st->owner);
     arg_int(&c, db->conf->chat.history_ttl_seconds);
-    arg_str(&c, t->request_hash);
+    arg_str(&c, st->request_hash);
     r = run_script(db, BEGIN, &c, 0, "turn begin");
     if (r == NULL)
         return -1;
     rc = begin_outcome(db, t, r, h, replay, retry_after_s);
     freeReplyObject(r);
+    return rc;
+}
+
+/* The client's part of a turn begin on Redis Cluster: CHATDB_GO at once
+ * when it has none. */
+static int
+begin_client(struct chatdb *db, const struct chatdb_turn *t,
+             struct buf *replay, long long *retry_after_s)
+{
+    long long now = (long long)time(NULL);
+    struct turn_keys k;
+    struct args c;
+    redisReply *r;
+    int rc;
+
+    if (t->rpm == 0 && t->tpm == 0 && !client_record(t))
+        return CHATDB_GO;
+    client_keys(t, &k, now / WINDOW_S);
+    record_key(t, k.record);
+    script_args(&c, 3);
+    arg_str(&c, k.rpm);
+    arg_str(&c, k.tpm);
+    arg_str(&c, client_record(t) ? k.record : k.rpm);
+    arg_int(&c, t->rpm);
+    arg_int(&c, t->tpm);
+    arg_int(&c, WINDOW_S - now % WINDOW_S);
+    arg_str(&c, client_record(t) ? "1" : "0");
+    arg_str(&c, t->request_hash);
+    arg_str(&c, t->token);
+    arg_int(&c, t->lock_ms);
+    r = run_script(db, CLIENT_BEGIN, &c, 0, "turn begin (client)");
+    if (r == NULL)
+        return -1;
+    rc = reply_tag(r) != NULL && strcmp(reply_tag(r), "go") == 0
+             ? CHATDB_GO
+             : stop_outcome(db, r, replay, retry_after_s);
+    freeReplyObject(r);
+    return rc;
+}
+
+/* Release a turn's lock (the record's key when lock is NULL: one no
+ * token matches) and its pending record after a failure. */
+static int
+abort_keys(struct chatdb *db, const char *lock, const char *record,
+           const struct chatdb_turn *t)
+{
+    struct args c;
+    redisReply *r;
+
+    script_args(&c, 2);
+    arg_str(&c, lock != NULL ? lock : record);
+    arg_str(&c, record);
+    arg_str(&c, t->token);
+    arg_str(&c, t->idempotency_key ? "1" : "0");
+    arg_str(&c, t->request_hash);
+    r = run_script(db, ABORT, &c, 0, "turn abort");
+    freeReplyObject(r);
+    return r != NULL ? 0 : -1;
+}
+
+/* On Redis Cluster, the pending record of a request that named no
+ * session, alone in its slot. */
+static int
+abort_client(struct chatdb *db, const struct chatdb_turn *t)
+{
+    char record[KEY_MAX];
+
+    record_key(t, record);
+    return abort_keys(db, NULL, record, t);
+}
+
+int
+chatdb_turn_begin(struct chatdb *db, struct chatdb_turn *t,
+                  struct messages *h, struct buf *replay,
+                  long long *retry_after_s)
+{
+    struct chatdb_turn st;
+    int rc;
+
+    t->request_hash[0] = '\0';
+    if (t->idempotency_key != NULL && hash_request(db, t) == -1)
+        return -1;
+    if (!client_apart(db))
+        return begin_session(db, t, t, h, replay, retry_after_s);
+    rc = begin_client(db, t, replay, retry_after_s);
+    if (rc != CHATDB_GO)
+        return rc;
+    st = session_part(t);
+    rc = begin_session(db, t, &st, h, replay, retry_after_s);
+    /* A new session is seldom busy, but its record must not stay
+     * pending for lock_ms if it is. */
+    if (rc != CHATDB_GO && client_record(t))
+        abort_client(db, t);
     return rc;
 }
 
@@ -660,9 +860,9 @@ commit_outcome(struct chatdb *db, const redisReply *r)
     return -1;
 }
 
-int
-chatdb_turn_commit(struct chatdb *db, const struct chatdb_turn *t,
-                   const struct chatdb_result *res)
+static int
+commit_session(struct chatdb *db, const struct chatdb_turn *t,
+               const struct chatdb_result *res)
 {
     const struct conf *cf = db->conf;
     struct turn_keys k;
@@ -699,23 +899,67 @@ chatdb_turn_commit(struct chatdb *db, const struct chatdb_turn *t,
     return rc;
 }
 
-int
-chatdb_turn_abort(struct chatdb *db, const struct chatdb_turn *t)
+/* Tokens into the client's tpm counter and, with an answer, the record
+ * of a request that named no session. */
+static int
+commit_client(struct chatdb *db, const struct chatdb_turn *t,
+              long long tokens, const char *answer, size_t answer_len)
 {
     struct turn_keys k;
     struct args c;
     redisReply *r;
 
-    turn_keys(t, &k, 0);
+    client_keys(t, &k, (long long)time(NULL) / WINDOW_S);
+    if (answer != NULL)
+        record_key(t, k.record);
     script_args(&c, 2);
-    arg_str(&c, k.lock);
-    arg_str(&c, k.record);
-    arg_str(&c, t->token);
-    arg_str(&c, t->idempotency_key ? "1" : "0");
+    arg_str(&c, k.tpm);
+    arg_str(&c, answer != NULL ? k.record : k.tpm);
+    arg_int(&c, tokens);
+    arg_str(&c, answer != NULL ? "1" : "0");
     arg_str(&c, t->request_hash);
-    r = run_script(db, ABORT, &c, 0, "turn abort");
+    arg(&c, answer != NULL ? answer : "", answer != NULL ? answer_len : 0);
+    arg_int(&c, db->conf->idempotency_ttl_s);
+    r = run_script(db, CLIENT_COMMIT, &c, 0, "token count");
     freeReplyObject(r);
     return r != NULL ? 0 : -1;
+}
+
+int
+chatdb_turn_commit(struct chatdb *db, const struct chatdb_turn *t,
+                   const struct chatdb_result *res)
+{
+    struct chatdb_turn st;
+    int rc;
+
+    if (!client_apart(db))
+        return commit_session(db, t, res);
+    st = session_part(t);
+    rc = commit_session(db, &st, res);
+    if (rc != 0 || (t->tpm == 0 && !client_record(t)))
+        return rc;
+    /* The turn is stored: a failure here costs a count or a replay (a
+     * retry then runs again, in a session of its own), not the turn. */
+    if (commit_client(db, t, t->tpm > 0 ? res->tokens : 0,
+                      client_record(t) ? res->answer : NULL,
+                      res->answer_len) == -1)
+        log_warnx("chatdb", "turn stored, but not its client's part: %s",
+                  db->store.err);
+    return 0;
+}
+
+int
+chatdb_turn_abort(struct chatdb *db, const struct chatdb_turn *t)
+{
+    struct chatdb_turn st = client_apart(db) ? session_part(t) : *t;
+    struct turn_keys k;
+    int rc;
+
+    turn_keys(&st, &k, 0);
+    rc = abort_keys(db, k.lock, k.record, &st);
+    if (client_apart(db) && client_record(t) && abort_client(db, t) == -1)
+        rc = -1;
+    return rc;
 }
 
 /* ---- a client's rate counters alone (the /v1 face) */
@@ -752,15 +996,5 @@ int
 chatdb_count_tokens(struct chatdb *db, const struct chatdb_turn *t,
                     long long tokens)
 {
-    struct turn_keys k;
-    struct args c;
-    redisReply *r;
-
-    client_keys(t, &k, (long long)time(NULL) / WINDOW_S);
-    script_args(&c, 1);
-    arg_str(&c, k.tpm);
-    arg_int(&c, tokens);
-    r = run_script(db, TOKENS, &c, 0, "token count");
-    freeReplyObject(r);
-    return r != NULL ? 0 : -1;
+    return commit_client(db, t, tokens, NULL, 0);
 }

@@ -1,4 +1,4 @@
-/* store: the Redis connection, its URL, Sentinels and reconnects. */
+/* store: the Redis connections, the URL, Sentinels, Cluster, reconnects. */
 #include "store.h"
 
 #include <ctype.h>
@@ -18,6 +18,8 @@
 #define BACKOFF_MAX_MS 1000
 #define DEFAULT_PORT 6379
 #define SENTINEL_PORT 26379
+#define CLUSTER_TRIES 16       /* redirections and retries of one command */
+#define CLUSTER_PAUSE_FIRST_MS 25
 
 /* Copy n bytes of a URL part, decoding %XX. Returns 0 or -1. */
 static int
@@ -39,24 +41,6 @@ copy_decoded(char *out, size_t size, const char *s, size_t n)
         out[o++] = c;
     }
     out[o] = '\0';
-    return 0;
-}
-
-static int
-parse_number(const char *s, size_t n, int min, int max, int *out)
-{
-    int v = 0;
-
-    if (n == 0 || n > 6)
-        return -1;
-    for (size_t i = 0; i < n; i++) {
-        if (s[i] < '0' || s[i] > '9')
-            return -1;
-        v = v * 10 + (s[i] - '0');
-    }
-    if (v < min || v > max)
-        return -1;
-    *out = v;
     return 0;
 }
 
@@ -109,8 +93,8 @@ parse_hostport(const char *s, size_t n, char *out, size_t size, int *port,
     out[hostlen] = '\0';
     *port = default_port;
     if (portstr != NULL)
-        return parse_number(portstr, (size_t)(s + n - portstr), 1, 65535,
-                            port);
+        return cluster_decimal(portstr, (size_t)(s + n - portstr), 1,
+                               65535, port);
     return 0;
 }
 
@@ -130,8 +114,8 @@ parse_tcp_url(const char *rest, struct store_addr *a)
                        &a->port, DEFAULT_PORT) == -1)
         return -1;
     if (slash != NULL && slash[1] != '\0')
-        return parse_number(slash + 1, strlen(slash + 1), 0, 1000000,
-                            &a->db);
+        return cluster_decimal(slash + 1, strlen(slash + 1), 0, 1000000,
+                               &a->db);
     return 0;
 }
 
@@ -149,27 +133,7 @@ parse_unix_url(const char *rest, struct store_addr *a)
         return 0;
     if (strncmp(query, "?db=", 4) != 0)
         return -1;
-    return parse_number(query + 4, strlen(query + 4), 0, 1000000, &a->db);
-}
-
-int
-store_addr_parse(const char *url, struct store_addr *a,
-                 char err[STORE_ERR_LEN])
-{
-    int rc = -1;
-
-    memset(a, 0, sizeof(*a));
-    if (strncmp(url, "redis://", 8) == 0)
-        rc = parse_tcp_url(url + 8, a);
-    else if (strncmp(url, "unix://", 7) == 0)
-        rc = parse_unix_url(url + 7, a);
-    /* The URL is not repeated: it may hold a password. */
-    if (rc == -1)
-        snprintf(err, STORE_ERR_LEN,
-                 "bad Redis URL: expected "
-                 "redis://[user][:password]@host[:port][/db] or "
-                 "unix:///path[?db=N]");
-    return rc;
+    return cluster_decimal(query + 4, strlen(query + 4), 0, 1000000, &a->db);
 }
 
 static int
@@ -181,10 +145,13 @@ has_space(const char *s, size_t n)
     return 0;
 }
 
-int
-store_sentinels_parse(const char *list,
-                      struct store_node out[STORE_SENTINELS_MAX],
-                      char err[STORE_ERR_LEN])
+/* A list of "host[:port]" separated by commas (spaces around them
+ * allowed) into out (STORE_SENTINELS_MAX at most, as many as
+ * STORE_SEEDS_MAX). Returns how many ("" has none), or -1 with the reason
+ * in err. */
+static int
+parse_nodes(const char *list, struct store_node out[STORE_SENTINELS_MAX],
+            int default_port, const char *what, char err[STORE_ERR_LEN])
 {
     const char *p = list;
     int n = 0;
@@ -202,17 +169,17 @@ store_sentinels_parse(const char *list,
         while (end > p && isspace((unsigned char)end[-1]))
             end--;
         if (n == STORE_SENTINELS_MAX) {
-            snprintf(err, STORE_ERR_LEN, "more than %d Sentinels",
-                     STORE_SENTINELS_MAX);
+            snprintf(err, STORE_ERR_LEN, "more than %d %ss",
+                     STORE_SENTINELS_MAX, what);
             return -1;
         }
         /* Inner space: most likely a comma left out between two. */
         if (has_space(p, (size_t)(end - p)) ||
             parse_hostport(p, (size_t)(end - p), out[n].host,
                            sizeof(out[n].host), &out[n].port,
-                           SENTINEL_PORT) == -1) {
-            snprintf(err, STORE_ERR_LEN, "bad Sentinel \"%.*s\": expected "
-                     "host[:port] or [v6]:port, separated by commas",
+                           default_port) == -1) {
+            snprintf(err, STORE_ERR_LEN, "bad %s \"%.*s\": expected "
+                     "host[:port] or [v6]:port, separated by commas", what,
                      (int)(end - p > 64 ? 64 : end - p), p);
             return -1;
         }
@@ -221,6 +188,57 @@ store_sentinels_parse(const char *list,
             return n;
         p = comma + 1;
     }
+}
+
+int
+store_sentinels_parse(const char *list,
+                      struct store_node out[STORE_SENTINELS_MAX],
+                      char err[STORE_ERR_LEN])
+{
+    return parse_nodes(list, out, SENTINEL_PORT, "Sentinel", err);
+}
+
+/* "[userinfo@]host[:port],host[:port],...": no db, a cluster has only
+ * db 0. */
+static int
+parse_cluster_url(const char *rest, struct store_addr *a)
+{
+    const char *at = strchr(rest, '@');
+    char err[STORE_ERR_LEN];
+
+    if (at != NULL) {
+        if (parse_userinfo(rest, (size_t)(at - rest), a) == -1)
+            return -1;
+        rest = at + 1;
+    }
+    if (strchr(rest, '/') != NULL)
+        return -1;
+    a->nseeds = parse_nodes(rest, a->seeds, DEFAULT_PORT,
+                            "Redis Cluster node", err);
+    return a->nseeds > 0 ? 0 : -1;
+}
+
+int
+store_addr_parse(const char *url, struct store_addr *a,
+                 char err[STORE_ERR_LEN])
+{
+    int rc = -1;
+
+    memset(a, 0, sizeof(*a));
+    if (strncmp(url, "redis://", 8) == 0)
+        rc = parse_tcp_url(url + 8, a);
+    else if (strncmp(url, "unix://", 7) == 0)
+        rc = parse_unix_url(url + 7, a);
+    else if (strncmp(url, "redis-cluster://", 16) == 0)
+        rc = parse_cluster_url(url + 16, a);
+    /* The URL is not repeated: it may hold a password. */
+    if (rc == -1)
+        snprintf(err, STORE_ERR_LEN,
+                 "bad Redis URL: expected "
+                 "redis://[user][:password]@host[:port][/db], "
+                 "unix:///path[?db=N] or "
+                 "redis-cluster://[user][:password]@host[:port],...");
+    return rc;
 }
 
 static struct timeval
@@ -283,9 +301,25 @@ store_init(struct store *s, const struct conf *c)
                  "command_timeout_ms");
         return -1;
     }
-    if (init_sentinels(s, c) == -1)
+    if (init_sentinels(s, c) == -1 ||
+        store_addr_parse(c->redis.url, &s->addr, s->err) == -1)
         return -1;
-    return store_addr_parse(c->redis.url, &s->addr, s->err);
+    if (s->addr.nseeds == 0)
+        return 0;
+    if (s->nsentinels > 0) {
+        snprintf(s->err, STORE_ERR_LEN, "sentinels and a redis-cluster:// "
+                 "url exclude each other: a cluster fails over by itself");
+        return -1;
+    }
+    /* Allocated last: a failed init leaves nothing to free. */
+    s->map = malloc(sizeof(*s->map));
+    if (s->map == NULL) {
+        snprintf(s->err, STORE_ERR_LEN, "out of memory");
+        return -1;
+    }
+    cluster_map_clear(s->map);
+    s->map_stale = 1;
+    return 0;
 }
 
 static void
@@ -296,10 +330,22 @@ drop_connection(struct store *s)
     s->ctx = NULL;
 }
 
+static void
+drop_node(struct store *s, int i)
+{
+    if (s->conns[i] != NULL)
+        redisFree(s->conns[i]);
+    s->conns[i] = NULL;
+}
+
 void
 store_cleanup(struct store *s)
 {
     drop_connection(s);
+    for (int i = 0; i < CLUSTER_NODES_MAX; i++)
+        drop_node(s, i);
+    free(s->map);
+    s->map = NULL;
 }
 
 /* One command of a connection's setup (AUTH, SELECT, ROLE, the question
@@ -330,7 +376,7 @@ setup_ok(struct store *s, redisContext *ctx, int argc, const char **argv,
 }
 
 static int
-authenticate(struct store *s)
+authenticate(struct store *s, redisContext *ctx)
 {
     char db[16];
     const char *auth_user[] = {"AUTH", s->addr.user, s->addr.password};
@@ -340,12 +386,12 @@ authenticate(struct store *s)
     snprintf(db, sizeof(db), "%d", s->addr.db);
     if (s->addr.password[0] != '\0') {
         int rc = s->addr.user[0] != '\0'
-                     ? setup_ok(s, s->ctx, 3, auth_user, "AUTH")
-                     : setup_ok(s, s->ctx, 2, auth, "AUTH");
+                     ? setup_ok(s, ctx, 3, auth_user, "AUTH")
+                     : setup_ok(s, ctx, 2, auth, "AUTH");
         if (rc == -1)
             return -1;
     }
-    if (s->addr.db != 0 && setup_ok(s, s->ctx, 2, select, "SELECT") == -1)
+    if (s->addr.db != 0 && setup_ok(s, ctx, 2, select, "SELECT") == -1)
         return -1;
     return 0;
 }
@@ -366,7 +412,7 @@ master_from_reply(struct store *s, const redisReply *r, struct store_node *m)
     if (ip->type != REDIS_REPLY_STRING || port->type != REDIS_REPLY_STRING ||
         copy_setting(m->host, sizeof(m->host), ip->str, "master host",
                      s->err) == -1 ||
-        parse_number(port->str, port->len, 1, 65535, &m->port) == -1) {
+        cluster_decimal(port->str, port->len, 1, 65535, &m->port) == -1) {
         snprintf(s->err, STORE_ERR_LEN, "Sentinel gave a bad address");
         return -1;
     }
@@ -452,6 +498,16 @@ check_role(struct store *s)
     return master ? 0 : -1;
 }
 
+/* A new connection's command timeout and authentication. */
+static int
+prepare(struct store *s, redisContext *ctx)
+{
+    if (ctx->err != 0 ||
+        redisSetTimeout(ctx, s->command_timeout) != REDIS_OK)
+        return -1;
+    return authenticate(s, ctx);
+}
+
 static void
 open_context(struct store *s)
 {
@@ -478,9 +534,7 @@ connect_now(struct store *s)
         snprintf(s->err, STORE_ERR_LEN, "out of memory");
         return -1;
     }
-    if (s->ctx->err == 0 && redisSetTimeout(s->ctx, s->command_timeout) ==
-                                REDIS_OK && authenticate(s) == 0 &&
-        (s->nsentinels == 0 || check_role(s) == 0))
+    if (prepare(s, s->ctx) == 0 && (s->nsentinels == 0 || check_role(s) == 0))
         return 0;
     if (s->ctx->err != 0 && s->nsentinels > 0)
         snprintf(s->err, STORE_ERR_LEN, "cannot connect to the Redis master "
@@ -497,11 +551,48 @@ connect_now(struct store *s)
  * closed it (a Redis restart, or a Sentinel reconfiguring a demoted
  * master: it kills the clients) and the next command would fail on it. */
 static int
-connection_closed(const struct store *s)
+connection_closed(redisContext *ctx)
 {
-    struct pollfd p = {.fd = s->ctx->fd, .events = POLLIN};
+    struct pollfd p = {.fd = ctx->fd, .events = POLLIN};
 
     return poll(&p, 1, 0) != 0;
+}
+
+/* After a failed attempt to reach Redis: no other before a backoff of
+ * 50 ms, doubling up to 1 s, so that a dead Redis costs requests no
+ * connect each. */
+static void
+connect_failed(struct store *s, double now)
+{
+    unsigned shift = s->failures < 5 ? s->failures : 5;
+
+    if (s->failures == 0)
+        log_error("store", "%s", s->err);
+    s->retry_at_ms = now + (double)(BACKOFF_FIRST_MS << shift < BACKOFF_MAX_MS
+                                        ? BACKOFF_FIRST_MS << shift
+                                        : BACKOFF_MAX_MS);
+    s->failures++;
+}
+
+static void
+connect_worked(struct store *s)
+{
+    if (s->failures > 0)
+        log_info("store", "connected to Redis again after %u failed "
+                 "attempts", s->failures);
+    s->failures = 0;
+}
+
+/* Whether the last failure was so recent that another attempt would only
+ * add latency (s->err then says so). */
+static int
+backing_off(struct store *s, double now)
+{
+    if (now >= s->retry_at_ms)
+        return 0;
+    snprintf(s->err, STORE_ERR_LEN, "Redis is down (next attempt in "
+             "%.0f ms)", s->retry_at_ms - now);
+    return 1;
 }
 
 /* Connect when there is no connection (or only a closed one), unless the
@@ -510,34 +601,21 @@ static int
 ensure_connected(struct store *s)
 {
     double now;
-    unsigned shift;
 
-    if (s->ctx != NULL && connection_closed(s)) {
+    if (s->ctx != NULL && connection_closed(s->ctx)) {
         log_info("store", "Redis closed the connection; reconnecting");
         drop_connection(s);
     }
     if (s->ctx != NULL)
         return 0;
     now = clock_ms();
-    if (now < s->retry_at_ms) {
-        snprintf(s->err, STORE_ERR_LEN, "Redis is down (next attempt in "
-                 "%.0f ms)", s->retry_at_ms - now);
+    if (backing_off(s, now))
         return -1;
-    }
     if (connect_now(s) == 0) {
-        if (s->failures > 0)
-            log_info("store", "connected to Redis again after %u failed "
-                     "attempts", s->failures);
-        s->failures = 0;
+        connect_worked(s);
         return 0;
     }
-    if (s->failures == 0)
-        log_error("store", "%s", s->err);
-    shift = s->failures < 5 ? s->failures : 5;
-    s->retry_at_ms = now + (double)(BACKOFF_FIRST_MS << shift < BACKOFF_MAX_MS
-                                        ? BACKOFF_FIRST_MS << shift
-                                        : BACKOFF_MAX_MS);
-    s->failures++;
+    connect_failed(s, now);
     return -1;
 }
 
@@ -552,26 +630,417 @@ wrong_server(const char *error)
            strncmp(error, "MASTERDOWN", 10) == 0;
 }
 
-/* A NULL reply means the connection is unusable: drop it. An error reply
- * leaves it usable, unless it says this is the wrong server: dropping it
- * then makes the next command ask the Sentinels again. Either way the
- * command failed. */
+/* An error reply leaves the connection usable, unless it says this is the
+ * wrong server: dropping it then makes the next command ask the Sentinels
+ * again. Either way the command failed. */
 static int
 reply_failed(struct store *s, redisReply *r, const char *what)
 {
-    if (r == NULL) {
-        snprintf(s->err, STORE_ERR_LEN, "Redis %s: %s", what,
-                 s->ctx->errstr[0] ? s->ctx->errstr : "connection lost");
+    if (r->type != REDIS_REPLY_ERROR)
+        return 0;
+    snprintf(s->err, STORE_ERR_LEN, "Redis %s: %s", what, r->str);
+    if (wrong_server(r->str))
         drop_connection(s);
+    return -1;
+}
+
+static int
+replicas_short(struct store *s, const redisReply *w)
+{
+    if (w->type == REDIS_REPLY_INTEGER && w->integer >= s->wait_replicas)
+        return 0;
+    snprintf(s->err, STORE_ERR_LEN, "only %lld of %lld replicas confirmed "
+             "the write within %lld ms (it may remain on the master)",
+             w->type == REDIS_REPLY_INTEGER ? w->integer : 0LL,
+             s->wait_replicas, s->wait_timeout_ms);
+    return -1;
+}
+
+/* One command as the caller gave it. */
+struct call {
+    int argc;
+    const char **argv;
+    const size_t *lens;
+    const char *what;
+    int acked; /* a write followed by WAIT when wait_replicas is set */
+};
+
+/* The next reply of a pipeline, or -1 when the connection failed. */
+static int
+next_reply(redisContext *ctx, redisReply **out)
+{
+    void *r = NULL;
+
+    if (redisGetReply(ctx, &r) != REDIS_OK)
         return -1;
-    }
-    if (r->type == REDIS_REPLY_ERROR) {
-        snprintf(s->err, STORE_ERR_LEN, "Redis %s: %s", what, r->str);
-        if (wrong_server(r->str))
-            drop_connection(s);
-        return -1;
-    }
+    *out = r;
     return 0;
+}
+
+/* Send c on ctx in one round trip, after ASKING when asking, followed by
+ * WAIT for an acked write, then read every reply before any is judged:
+ * one left unread would answer the next command. Returns 0 with the
+ * command's reply in *r and WAIT's in *w (NULL when none was sent), or -1
+ * with s->err set when the connection failed: it is dead then, and the
+ * command may have run. */
+static int
+pipeline(struct store *s, redisContext *ctx, int asking, const struct call *c,
+         redisReply **r, redisReply **w)
+{
+    char n[24], ms[24];
+    const char *ask[] = {"ASKING"};
+    const char *wait[] = {"WAIT", n, ms};
+    int waits = c->acked && s->wait_replicas > 0;
+    redisReply *a = NULL;
+    int rc = -1;
+
+    *r = *w = NULL;
+    snprintf(n, sizeof(n), "%lld", s->wait_replicas);
+    snprintf(ms, sizeof(ms), "%lld", s->wait_timeout_ms);
+    if ((asking && redisAppendCommandArgv(ctx, 1, ask, NULL) != REDIS_OK) ||
+        redisAppendCommandArgv(ctx, c->argc, c->argv, c->lens) != REDIS_OK ||
+        (waits && redisAppendCommandArgv(ctx, 3, wait, NULL) != REDIS_OK))
+        snprintf(s->err, STORE_ERR_LEN, "out of memory");
+    else if ((asking && next_reply(ctx, &a) == -1) ||
+             next_reply(ctx, r) == -1 || (waits && next_reply(ctx, w) == -1))
+        snprintf(s->err, STORE_ERR_LEN, "Redis %s: %s", c->what,
+                 ctx->errstr[0] ? ctx->errstr : "connection lost");
+    else
+        rc = 0;
+    freeReplyObject(a);
+    if (rc == -1) {
+        freeReplyObject(*r);
+        freeReplyObject(*w);
+        *r = *w = NULL;
+    }
+    return rc;
+}
+
+/* Whether the replies of a pipeline say the call worked: no error reply,
+ * and as many replicas as asked when WAIT was sent. */
+static int
+call_worked(struct store *s, const struct call *c, redisReply *r,
+            redisReply *w)
+{
+    return reply_failed(s, r, c->what) == 0 &&
+           (w == NULL ||
+            (reply_failed(s, w, "WAIT") == 0 && replicas_short(s, w) == 0));
+}
+
+/* A call on the one connection (a server, or the Sentinels' master). */
+static redisReply *
+single_call(struct store *s, const struct call *c)
+{
+    redisReply *r, *w;
+
+    if (ensure_connected(s) == -1)
+        return NULL;
+    if (pipeline(s, s->ctx, 0, c, &r, &w) == -1) {
+        drop_connection(s);
+        return NULL;
+    }
+    if (call_worked(s, c, r, w)) {
+        freeReplyObject(w);
+        return r;
+    }
+    freeReplyObject(r);
+    freeReplyObject(w);
+    return NULL;
+}
+
+/* ---- Redis Cluster */
+
+static redisContext *
+connect_node(struct store *s, const char *host, int port)
+{
+    redisContext *ctx = redisConnectWithTimeout(host, port,
+                                                s->connect_timeout);
+
+    if (ctx == NULL) {
+        snprintf(s->err, STORE_ERR_LEN, "out of memory");
+        return NULL;
+    }
+    if (prepare(s, ctx) == 0)
+        return ctx;
+    if (ctx->err != 0)
+        snprintf(s->err, STORE_ERR_LEN, "cannot connect to Redis at %s:%d: "
+                 "%s", host, port, ctx->errstr);
+    redisFree(ctx);
+    return NULL;
+}
+
+/* CLUSTER SLOTS on ctx (a connection to host) into next. */
+static int
+load_map(struct store *s, redisContext *ctx, const char *host,
+         struct cluster_map *next)
+{
+    const char *slots[] = {"CLUSTER", "SLOTS"};
+    redisReply *r = setup_command(s, ctx, 2, slots, "CLUSTER SLOTS");
+    char err[CLUSTER_ERR_LEN];
+    int rc;
+
+    if (r == NULL)
+        return -1;
+    rc = cluster_map_parse(next, r, host, err);
+    if (rc == -1)
+        snprintf(s->err, STORE_ERR_LEN, "Redis at %s: %s", host, err);
+    freeReplyObject(r);
+    return rc;
+}
+
+/* The map from the masters already connected, else from the seeds of the
+ * URL (each on a connection of its own, closed after). */
+static int
+fetch_map(struct store *s, struct cluster_map *next)
+{
+    for (int i = 0; i < s->map->nnodes; i++) {
+        if (s->conns[i] == NULL || connection_closed(s->conns[i])) {
+            drop_node(s, i);
+            continue;
+        }
+        if (load_map(s, s->conns[i], s->map->nodes[i].host, next) == 0)
+            return 0;
+        if (s->conns[i]->err != 0)
+            drop_node(s, i);
+    }
+    for (int i = 0; i < s->addr.nseeds; i++) {
+        const struct store_node *n = &s->addr.seeds[i];
+        redisContext *ctx = connect_node(s, n->host, n->port);
+        int rc = ctx != NULL ? load_map(s, ctx, n->host, next) : -1;
+
+        if (ctx != NULL)
+            redisFree(ctx);
+        if (rc == 0)
+            return 0;
+    }
+    return -1;
+}
+
+/* Replace the map with next, keeping the connections to the masters still
+ * in it; one to a node that is no master any more is closed. */
+static void
+adopt_map(struct store *s, struct cluster_map *next)
+{
+    redisContext *kept[CLUSTER_NODES_MAX] = {NULL};
+
+    for (int i = 0; i < next->nnodes; i++)
+        if (cluster_map_find(s->map, next->nodes[i].host,
+                             next->nodes[i].port) == -1)
+            log_info("store", "Redis Cluster master %s:%d serves slots",
+                     next->nodes[i].host, next->nodes[i].port);
+    for (int i = 0; i < s->map->nnodes; i++) {
+        int j = cluster_map_find(next, s->map->nodes[i].host,
+                                 s->map->nodes[i].port);
+
+        if (j != -1) {
+            kept[j] = s->conns[i];
+            s->conns[i] = NULL;
+        }
+        drop_node(s, i);
+    }
+    memcpy(s->conns, kept, sizeof(kept));
+    free(s->map);
+    s->map = next;
+}
+
+/* Ask for the slot map again. When no node answers, the next requests
+ * fail at once for a backoff, as with a single server down. */
+static int
+refresh_map(struct store *s)
+{
+    struct cluster_map *next;
+    double now = clock_ms();
+
+    if (backing_off(s, now))
+        return -1;
+    next = malloc(sizeof(*next));
+    if (next == NULL) {
+        snprintf(s->err, STORE_ERR_LEN, "out of memory");
+        return -1;
+    }
+    if (fetch_map(s, next) == -1) {
+        free(next);
+        connect_failed(s, now);
+        return -1;
+    }
+    connect_worked(s);
+    adopt_map(s, next);
+    s->map_stale = 0;
+    return 0;
+}
+
+/* The node serving slot (-1: any, the first connected one), or -1 with
+ * s->err set when no master serves it (a failover under way). */
+static int
+slot_node(struct store *s, int slot)
+{
+    int node;
+
+    if (slot == -1) {
+        for (node = 0; node < s->map->nnodes; node++)
+            if (s->conns[node] != NULL)
+                return node;
+        return s->map->nnodes > 0 ? 0 : -1;
+    }
+    node = s->map->owner[slot];
+    if (node != CLUSTER_NO_NODE)
+        return node;
+    snprintf(s->err, STORE_ERR_LEN, "no Redis Cluster master serves slot "
+             "%d", slot);
+    return -1;
+}
+
+/* The connection to node i, opened when there is none (or a closed one). */
+static redisContext *
+node_conn(struct store *s, int i)
+{
+    const struct cluster_node *n = &s->map->nodes[i];
+
+    if (s->conns[i] != NULL && connection_closed(s->conns[i])) {
+        log_info("store", "Redis at %s:%d closed the connection", n->host,
+                 n->port);
+        drop_node(s, i);
+    }
+    if (s->conns[i] == NULL)
+        s->conns[i] = connect_node(s, n->host, n->port);
+    return s->conns[i];
+}
+
+/* What one try of a command on a cluster came to. */
+enum outcome {
+    DONE,   /* the reply is the caller's */
+    FAILED, /* an answer that stands, or the command may have run */
+    MOVED,  /* the slot has another master: from now on */
+    ASKED,  /* the key is being migrated: this command only */
+    RETRY,  /* nothing ran: try again, after a pause */
+};
+
+/* Judge the replies of a try on node. */
+static enum outcome
+judge(struct store *s, int node, const struct call *c, redisReply *r,
+      redisReply *w, struct cluster_redirect *to)
+{
+    if (r->type == REDIS_REPLY_ERROR &&
+        cluster_redirect_parse(r->str, r->len, to) == 0) {
+        if (to->node.host[0] == '\0')
+            memcpy(to->node.host, s->map->nodes[node].host, CLUSTER_HOST_MAX);
+        return to->ask ? ASKED : MOVED;
+    }
+    if (r->type == REDIS_REPLY_ERROR &&
+        (strncmp(r->str, "CLUSTERDOWN", 11) == 0 ||
+         strncmp(r->str, "TRYAGAIN", 8) == 0 || wrong_server(r->str))) {
+        snprintf(s->err, STORE_ERR_LEN, "Redis %s: %s", c->what, r->str);
+        if (wrong_server(r->str))
+            drop_node(s, node);
+        s->map_stale = 1;
+        return RETRY;
+    }
+    return call_worked(s, c, r, w) ? DONE : FAILED;
+}
+
+/* One try: to the ASK target when asked, else to the slot's master. */
+static enum outcome
+try_once(struct store *s, int slot, const struct cluster_redirect *asked,
+         const struct call *c, redisReply **out, struct cluster_redirect *to)
+{
+    redisReply *r, *w;
+    redisContext *ctx;
+    enum outcome o;
+    int node = asked != NULL ? cluster_map_node(s->map, asked->node.host,
+                                                asked->node.port)
+                             : slot_node(s, slot);
+
+    ctx = node != -1 ? node_conn(s, node) : NULL;
+    if (ctx == NULL) {
+        s->map_stale = 1;
+        return RETRY;
+    }
+    if (pipeline(s, ctx, asked != NULL, c, &r, &w) == -1) {
+        drop_node(s, node);
+        s->map_stale = 1;
+        return FAILED;
+    }
+    o = judge(s, node, c, r, w, to);
+    if (o == DONE)
+        *out = r;
+    else
+        freeReplyObject(r);
+    freeReplyObject(w);
+    return o;
+}
+
+/* Before another try after RETRY: 25 ms, doubling, never past give_up
+ * (then -1: s->err keeps the last reason). A failover takes about the
+ * cluster's node timeout, so a request that came during it may still be
+ * served by the new master. */
+static int
+pause_before_retry(int pauses, double give_up)
+{
+    int ms = CLUSTER_PAUSE_FIRST_MS << (pauses < 6 ? pauses : 6);
+
+    if (clock_ms() + ms >= give_up)
+        return -1;
+    poll(NULL, 0, ms);
+    return 0;
+}
+
+static void
+follow_moved(struct store *s, const struct cluster_redirect *to)
+{
+    int node = cluster_map_node(s->map, to->node.host, to->node.port);
+
+    if (node != -1)
+        s->map->owner[to->slot] = (unsigned char)node;
+    /* A slot seldom moves alone (a failover moves all of a master's):
+     * the next call asks for the whole map. */
+    s->map_stale = 1;
+}
+
+static redisReply *
+cluster_call(struct store *s, const struct call *c)
+{
+    double give_up = clock_ms() + (double)s->command_timeout.tv_sec * 1000.0 +
+                     (double)s->command_timeout.tv_usec / 1000.0;
+    int slot = cluster_command_slot(c->argc, c->argv, c->lens);
+    int refresh = s->map_stale, asking = 0, pauses = 0;
+    struct cluster_redirect to;
+
+    for (int tries = 0; tries < CLUSTER_TRIES; tries++) {
+        redisReply *r = NULL;
+        enum outcome o;
+
+        if (refresh && refresh_map(s) == -1)
+            return NULL;
+        o = try_once(s, slot, asking ? &to : NULL, c, &r, &to);
+        refresh = asking = 0;
+        if (o == DONE)
+            return r;
+        if (o == FAILED)
+            return NULL;
+        if (o == MOVED)
+            follow_moved(s, &to);
+        asking = o == ASKED;
+        refresh = o == RETRY;
+        if (o == RETRY && pause_before_retry(pauses++, give_up) == -1)
+            return NULL;
+    }
+    snprintf(s->err, STORE_ERR_LEN, "Redis %s: still redirected after %d "
+             "tries", c->what, CLUSTER_TRIES);
+    return NULL;
+}
+
+/* ---- commands */
+
+static redisReply *
+call(struct store *s, const struct call *c)
+{
+    return s->map != NULL ? cluster_call(s, c) : single_call(s, c);
+}
+
+int
+store_cluster(const struct store *s)
+{
+    return s->map != NULL;
 }
 
 int
@@ -588,74 +1057,16 @@ struct redisReply *
 store_command_argv(struct store *s, int argc, const char **argv,
                    const size_t *lens, const char *what)
 {
-    redisReply *r;
+    struct call c = {argc, argv, lens, what, 0};
 
-    if (ensure_connected(s) == -1)
-        return NULL;
-    r = redisCommandArgv(s->ctx, argc, argv, lens);
-    if (reply_failed(s, r, what) == 0)
-        return r;
-    freeReplyObject(r);
-    return NULL;
-}
-
-/* The next reply of a pipeline, or NULL when the connection failed. */
-static redisReply *
-next_reply(struct store *s)
-{
-    void *r = NULL;
-
-    if (redisGetReply(s->ctx, &r) != REDIS_OK)
-        return NULL;
-    return r;
-}
-
-static int
-replicas_short(struct store *s, const redisReply *w)
-{
-    if (w->type == REDIS_REPLY_INTEGER && w->integer >= s->wait_replicas)
-        return 0;
-    snprintf(s->err, STORE_ERR_LEN, "only %lld of %lld replicas confirmed "
-             "the write within %lld ms (it may remain on the master)",
-             w->type == REDIS_REPLY_INTEGER ? w->integer : 0LL,
-             s->wait_replicas, s->wait_timeout_ms);
-    return -1;
+    return call(s, &c);
 }
 
 struct redisReply *
 store_write_argv(struct store *s, int argc, const char **argv,
                  const size_t *lens, const char *what)
 {
-    char n[24], ms[24];
-    const char *wait[] = {"WAIT", n, ms};
-    redisReply *r, *w = NULL;
+    struct call c = {argc, argv, lens, what, 1};
 
-    if (s->wait_replicas == 0)
-        return store_command_argv(s, argc, argv, lens, what);
-    if (ensure_connected(s) == -1)
-        return NULL;
-    snprintf(n, sizeof(n), "%lld", s->wait_replicas);
-    snprintf(ms, sizeof(ms), "%lld", s->wait_timeout_ms);
-    if (redisAppendCommandArgv(s->ctx, argc, argv, lens) != REDIS_OK ||
-        redisAppendCommandArgv(s->ctx, 3, wait, NULL) != REDIS_OK) {
-        /* Half a pipeline in the output buffer would desync replies. */
-        snprintf(s->err, STORE_ERR_LEN, "out of memory");
-        drop_connection(s);
-        return NULL;
-    }
-    /* Both replies are read before either is judged: one left unread
-     * would answer the next command. */
-    r = next_reply(s);
-    if (r != NULL)
-        w = next_reply(s);
-    if (w == NULL)
-        reply_failed(s, NULL, r != NULL ? "WAIT" : what);
-    else if (reply_failed(s, r, what) == 0 &&
-             reply_failed(s, w, "WAIT") == 0 && replicas_short(s, w) == 0) {
-        freeReplyObject(w);
-        return r;
-    }
-    freeReplyObject(r);
-    freeReplyObject(w);
-    return NULL;
+    return call(s, &c);
 }

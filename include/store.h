@@ -1,10 +1,13 @@
 /*
- * store: a worker's one persistent Redis connection (hiredis): the URL,
+ * store: a worker's persistent Redis connection (hiredis): the URL,
  * Sentinels, authentication, and commands. It connects lazily, treats a
  * context as dead after any I/O error and reconnects with a short backoff,
  * so a Redis restart needs no worker restart; with Sentinels it asks them
  * for the master at every reconnect, so a failover needs none either.
- * Failures carry a reason in s->err. What the keys mean is chatdb's.
+ * With Redis Cluster it keeps the slot map (cluster.h) and one connection
+ * per master in use, follows MOVED and ASK, and asks for the map again
+ * after a failover. Failures carry a reason in s->err. What the keys mean
+ * is chatdb's.
  */
 #ifndef CHATFCGI_STORE_H
 #define CHATFCGI_STORE_H
@@ -12,15 +15,25 @@
 #include <stddef.h>
 #include <sys/time.h>
 
+#include "cluster.h"
+
 struct conf;
 struct redisContext;
 struct redisReply;
 
 #define STORE_ERR_LEN 160
 #define STORE_SENTINELS_MAX 16
+#define STORE_SEEDS_MAX STORE_SENTINELS_MAX /* one list parser */
 
-/* Where Redis is, from redis://[[user][:password]@]host[:port][/db] or
- * unix:///path/to/socket[?db=N]. */
+/* A Sentinel, the master one named, or a node of a cluster URL. */
+struct store_node {
+    char host[256];
+    int port;
+};
+
+/* Where Redis is, from redis://[[user][:password]@]host[:port][/db],
+ * unix:///path/to/socket[?db=N] or
+ * redis-cluster://[[user][:password]@]host[:port],host[:port],... */
 struct store_addr {
     char host[256];
     int port;
@@ -28,12 +41,8 @@ struct store_addr {
     char user[128];
     char password[256];
     int db;
-};
-
-/* A Sentinel, or the master one named. */
-struct store_node {
-    char host[256];
-    int port;
+    struct store_node seeds[STORE_SEEDS_MAX]; /* where to ask for slots */
+    int nseeds;                               /* 0: not a cluster */
 };
 
 struct store {
@@ -49,6 +58,11 @@ struct store {
     char sentinel_password[256];
     struct store_node master; /* the one followed; host "" before any */
     long long wait_replicas, wait_timeout_ms; /* for store_write_argv */
+    /* Redis Cluster (NULL map: none): which master serves each slot, and
+     * conns[i] to map->nodes[i] once a command went there. */
+    struct cluster_map *map;
+    struct redisContext *conns[CLUSTER_NODES_MAX];
+    int map_stale; /* ask for the map before the next command */
     char err[STORE_ERR_LEN];
 };
 
@@ -69,20 +83,30 @@ int store_sentinels_parse(const char *list,
 int store_init(struct store *s, const struct conf *c);
 void store_cleanup(struct store *s);
 
+/* Whether s talks to a Redis Cluster, where one script runs in one slot:
+ * all its keys must share a hash tag. */
+int store_cluster(const struct store *s);
+
 /* Returns 0, or -1 with s->err set. */
 int store_ping(struct store *s);
 
 /* Run one command given as argv (binary-safe). Returns the reply, which
  * the caller frees with freeReplyObject(), or NULL with s->err set (an
- * error reply counts as a failure). */
+ * error reply counts as a failure). On a cluster the command goes to the
+ * master of its key's slot (cluster_command_slot); a redirection, a
+ * master that refuses connections or CLUSTERDOWN/TRYAGAIN (the command
+ * did not run) is retried, with a pause while the cluster fails over,
+ * for at most command_timeout_ms in all. A connection lost after the
+ * command went out is not retried: it may have run. */
 struct redisReply *store_command_argv(struct store *s, int argc,
                                       const char **argv, const size_t *lens,
                                       const char *what);
 
 /* Like store_command_argv, for a write that must survive a failover:
  * when [redis] wait_replicas is set, WAIT follows the command in the same
- * round trip (pipelined), and fewer replicas than asked is a failure,
- * though the write then stays on the master. */
+ * round trip (pipelined, so on a cluster to the master that ran it), and
+ * fewer replicas than asked is a failure, though the write then stays on
+ * the master. */
 struct redisReply *store_write_argv(struct store *s, int argc,
                                     const char **argv, const size_t *lens,
                                     const char *what);

@@ -15,10 +15,10 @@ ROOT = Path(__file__).resolve().parent.parent
 INCLUDE = re.compile(r'^\s*#\s*include\s+"([a-z0-9_]+)\.h"', re.M)
 
 REQUEST_PATH = {"route", "guard", "chat", "v1", "metrics", "chatdb", "store",
-                "llm", "plan", "exchange", "answer", "sse", "http", "fcgi",
-                "messages"}
+                "cluster", "llm", "plan", "exchange", "answer", "sse", "http",
+                "fcgi", "messages"}
 WEB_SIDE = {"fcgi", "worker", "master", "http"}
-LOWER = ["llm", "store", "sse", "json"]
+LOWER = ["llm", "store", "cluster", "sse", "json"]
 
 
 def includes(path):

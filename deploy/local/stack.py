@@ -391,7 +391,9 @@ class Stack:
     @property
     def redis_port(self):
         if self.redis_url:
-            return urllib.parse.urlparse(self.redis_url).port or 6379
+            # redis-cluster:// lists its nodes: the first one's port.
+            first = self.redis_url.split(",")[0]
+            return urllib.parse.urlparse(first).port or 6379
         return self._redis_port
 
     @property

@@ -20,8 +20,9 @@ import time
 
 import pytest
 
-from redis_cluster import (Load, Outage, SentinelGroup, redis_command,
-                           try_command, wait_until, worker_pids)
+from redis_cluster import (Load, Outage, SentinelGroup, assert_only_503,
+                           redis_command, try_command, wait_until,
+                           worker_pids)
 
 STACK_ENV = {"CHATFCGI_WORKERS": "4"}
 
@@ -30,12 +31,6 @@ LOAD_S = 10
 # After Redis is back, a worker may still wait out its reconnect backoff
 # (at most 1 s, store.c BACKOFF_MAX_MS) before it tries again.
 BACKOFF_MAX_S = 1.0
-
-
-def assert_only_503(turns):
-    bad = [(t.status, t.code, t.error) for t in turns
-           if t.status != 200 and (t.status, t.code) != (503, "unavailable")]
-    assert not bad, f"failures other than 503 unavailable: {bad[:5]}"
 
 
 def history_messages(http, st, session):

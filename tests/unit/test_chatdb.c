@@ -6,9 +6,13 @@
  * unix socket in a scratch directory and stops at the end: the turn lock,
  * idempotency records, rate limits, the commit's trim and deadline, the
  * EVAL fallback after a script flush, and history load and delete.
+ * The scripts' tests run twice: on a plain server, then on a one-node
+ * Redis Cluster, where a script whose keys span two slots fails.
  */
+#include <arpa/inet.h>
 #include <fcntl.h>
 #include <hiredis/hiredis.h>
+#include <netinet/in.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -17,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -287,10 +292,14 @@ test_trim_start_properties(void **state)
 
 /* ---- against a real Redis */
 
+/* The server of the group running: a plain one, or a one-node Redis
+ * Cluster (port != 0) that owns every slot, where a script whose keys
+ * are not all in one slot fails (CROSSSLOT) as on a real cluster. */
 static struct {
     char dir[64];
     char socket[128];
     pid_t pid;
+    int port, bus_port;
 } server;
 
 static redisContext *
@@ -332,12 +341,30 @@ raw_int(const char *fmt, const char *arg)
     return v;
 }
 
+/* A free loopback TCP port, or -1. */
 static int
-start_redis(void **state)
+free_port(void)
 {
-    char err[LOG_ERR_LEN];
+    struct sockaddr_in a = {.sin_family = AF_INET,
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t n = sizeof(a);
+    int fd = socket(AF_INET, SOCK_STREAM, 0), port = -1;
 
-    (void)state;
+    if (fd >= 0 && bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0 &&
+        getsockname(fd, (struct sockaddr *)&a, &n) == 0)
+        port = ntohs(a.sin_port);
+    if (fd >= 0)
+        close(fd);
+    return port;
+}
+
+/* redis-server on a unix socket in a scratch directory; with
+ * server.port, also on that TCP port with cluster mode on. */
+static int
+spawn_redis(void)
+{
+    char err[LOG_ERR_LEN], port[16], bus[16];
+
     if (log_open("stderr", "off", LOG_ERROR, err) == -1)
         return -1;
     snprintf(server.dir, sizeof(server.dir), "/tmp/chatfcgi-test-XXXXXX");
@@ -345,14 +372,18 @@ start_redis(void **state)
         return -1;
     snprintf(server.socket, sizeof(server.socket), "%s/redis.sock",
              server.dir);
+    snprintf(port, sizeof(port), "%d", server.port);
+    snprintf(bus, sizeof(bus), "%d", server.bus_port);
     server.pid = fork();
     if (server.pid == 0) {
         int null = open("/dev/null", O_WRONLY);
 
         dup2(null, STDOUT_FILENO);
-        execlp("redis-server", "redis-server", "--port", "0",
-               "--unixsocket", server.socket, "--dir", server.dir,
-               "--save", "", "--appendonly", "no", "--loglevel", "warning",
+        execlp("redis-server", "redis-server", "--port", port,
+               "--bind", "127.0.0.1", "--unixsocket", server.socket,
+               "--dir", server.dir, "--save", "", "--appendonly", "no",
+               "--loglevel", "warning", "--cluster-enabled",
+               server.port ? "yes" : "no", "--cluster-port", bus,
                (char *)NULL);
         _exit(127);
     }
@@ -370,6 +401,37 @@ start_redis(void **state)
 }
 
 static int
+start_redis(void **state)
+{
+    (void)state;
+    server.port = server.bus_port = 0;
+    return spawn_redis();
+}
+
+static int
+start_cluster(void **state)
+{
+    (void)state;
+    server.port = free_port();
+    server.bus_port = free_port();
+    if (server.port == -1 || server.bus_port == -1 || spawn_redis() == -1)
+        return -1;
+    freeReplyObject(raw("CLUSTER ADDSLOTSRANGE 0 16383"));
+    for (int i = 0; i < 200; i++) {
+        redisReply *r = raw("CLUSTER INFO");
+        int ok = r->type == REDIS_REPLY_STRING &&
+                 strstr(r->str, "cluster_state:ok") != NULL;
+
+        freeReplyObject(r);
+        if (ok)
+            return 0;
+        usleep(25000);
+    }
+    fprintf(stderr, "the one-node cluster did not come up\n");
+    return -1;
+}
+
+static int
 stop_redis(void **state)
 {
     char path[160];
@@ -380,6 +442,8 @@ stop_redis(void **state)
         waitpid(server.pid, NULL, 0);
     }
     snprintf(path, sizeof(path), "%s/redis.sock", server.dir);
+    unlink(path);
+    snprintf(path, sizeof(path), "%s/nodes.conf", server.dir);
     unlink(path);
     rmdir(server.dir);
     return 0;
@@ -410,7 +474,11 @@ fixture_open(struct fixture *f, const char *url)
 
     memset(f, 0, sizeof(*f));
     assert_int_equal(conf_defaults(&f->conf, err), 0);
-    snprintf(spec, sizeof(spec), "unix://%s", server.socket);
+    if (server.port)
+        snprintf(spec, sizeof(spec), "redis-cluster://127.0.0.1:%d",
+                 server.port);
+    else
+        snprintf(spec, sizeof(spec), "unix://%s", server.socket);
     set_string(&f->conf.redis.url, url ? url : spec);
     f->conf.chat.history_max_messages = 4;
     assert_int_equal(chatdb_init(&f->db, &f->conf), 0);
@@ -904,6 +972,39 @@ test_session_requests_count_in_rpm(void **state)
     fixture_close(&f);
 }
 
+/* An Idempotency-Key without a session: the record is the client's (on a
+ * cluster in another slot than the session's, written by a script of its
+ * own). An abort releases it, so that a retry runs; once a turn is
+ * stored, a retry (in a session of its own) replays its answer. */
+static void
+test_idempotency_without_a_session(void **state)
+{
+    static const char answer[] = "{\"reply\":\"r\"}";
+    struct chatdb_turn t[3] = {turn_of("new-1", "tok1"),
+                               turn_of("new-2", "tok2"),
+                               turn_of("new-3", "tok3")};
+    struct fixture f;
+
+    (void)state;
+    fixture_open(&f, NULL);
+    for (int i = 0; i < 3; i++) {
+        t[i].idempotency_key = "k1";
+        t[i].idempotency_by_client = 1;
+    }
+    assert_int_equal(begin(&f, &t[0], NULL), CHATDB_GO);
+    assert_int_equal(begin(&f, &t[1], NULL), CHATDB_RUNNING);
+    assert_int_equal(chatdb_turn_abort(&f.db, &t[0]), 0);
+    assert_int_equal(raw_int("EXISTS %s", "chat:{new-1}:lock"), 0);
+    assert_int_equal(begin(&f, &t[1], NULL), CHATDB_GO);
+    assert_int_equal(commit(&f, &t[1], "question", "reply", answer), 0);
+    assert_int_equal(begin(&f, &t[2], NULL), CHATDB_REPLAY);
+    assert_int_equal(f.replay.len, strlen(answer));
+    assert_memory_equal(f.replay.data, answer, strlen(answer));
+    assert_int_equal(load(&f, "new-2"), CHATDB_GO);
+    assert_int_equal(f.history.count, 2);
+    fixture_close(&f);
+}
+
 static void
 test_redis_down_is_an_error(void **state)
 {
@@ -946,9 +1047,13 @@ main(void)
         cmocka_unit_test(test_owner_claims_and_guards_a_session),
         cmocka_unit_test(test_unowned_session_is_claimed),
         cmocka_unit_test(test_session_requests_count_in_rpm),
+        cmocka_unit_test(test_idempotency_without_a_session),
         cmocka_unit_test(test_redis_down_is_an_error),
     };
 
     return cmocka_run_group_tests(pure, NULL, NULL) |
-           cmocka_run_group_tests(redis, start_redis, stop_redis);
+           cmocka_run_group_tests_name("one server", redis, start_redis,
+                                       stop_redis) |
+           cmocka_run_group_tests_name("Redis Cluster", redis,
+                                       start_cluster, stop_redis);
 }

@@ -371,6 +371,71 @@ test_sentinels_max(void **state)
     assert_non_null(strstr(err, "more than"));
 }
 
+struct cluster_case {
+    const char *url;
+    int n;
+    const char *hosts[3];
+    int ports[3];
+    const char *user, *password;
+};
+
+static const struct cluster_case cluster_good[] = {
+    {"redis-cluster://h", 1, {"h"}, {6379}, "", ""},
+    {"redis-cluster://a:7000,b:7001,c", 3, {"a", "b", "c"},
+     {7000, 7001, 6379}, "", ""},
+    {"redis-cluster://:pw@a:7000,b:7001", 2, {"a", "b"}, {7000, 7001}, "",
+     "pw"},
+    {"redis-cluster://u:p%40w@[::1]:7000,[::1]:7001", 2, {"::1", "::1"},
+     {7000, 7001}, "u", "p@w"},
+    {"redis-cluster://a:1, b:2", 2, {"a", "b"}, {1, 2}, "", ""},
+};
+
+static void
+test_cluster_urls(void **state)
+{
+    (void)state;
+    for (size_t i = 0; i < NELEM(cluster_good); i++) {
+        const struct cluster_case *c = &cluster_good[i];
+        char err[STORE_ERR_LEN] = "";
+        struct store_addr a;
+
+        if (store_addr_parse(c->url, &a, err) != 0)
+            fail_msg("%s refused: %s", c->url, err);
+        if (a.nseeds != c->n || strcmp(a.user, c->user) != 0 ||
+            strcmp(a.password, c->password) != 0 || a.db != 0)
+            fail_msg("%s: %d nodes, user \"%s\" password \"%s\"", c->url,
+                     a.nseeds, a.user, a.password);
+        for (int j = 0; j < c->n; j++)
+            if (strcmp(a.seeds[j].host, c->hosts[j]) != 0 ||
+                a.seeds[j].port != c->ports[j])
+                fail_msg("%s #%d: %s:%d", c->url, j, a.seeds[j].host,
+                         a.seeds[j].port);
+    }
+}
+
+static void
+test_bad_cluster_urls(void **state)
+{
+    static const char *const urls[] = {
+        "redis-cluster://", "redis-cluster://,", "redis-cluster://a:1,",
+        "redis-cluster://a:0", "redis-cluster://a:1/0", "redis-cluster://a/",
+        "redis-cluster://a:1 b:2", "redis-cluster://:pw@",
+        "redis-cluster://%zz@a", "redis-cluster:/a", "REDIS-CLUSTER://a",
+        "redis-cluster://a,b,c,d,e,f,g,h,i,j,k,l,m,n,o,p,q",
+    };
+    char err[STORE_ERR_LEN];
+    struct store_addr a;
+
+    (void)state;
+    for (size_t i = 0; i < NELEM(urls); i++) {
+        err[0] = '\0';
+        if (store_addr_parse(urls[i], &a, err) != -1)
+            fail_msg("accepted \"%s\"", urls[i]);
+        if (strstr(err, "redis-cluster://") == NULL)
+            fail_msg("\"%s\": reason \"%s\"", urls[i], err);
+    }
+}
+
 /* store_init: the [redis] rules across keys (conf_check relies on it). */
 static void
 test_init_rules(void **state)
@@ -406,6 +471,24 @@ test_init_rules(void **state)
     c.redis.wait_timeout_ms = c.redis.command_timeout_ms - 1;
     assert_int_equal(store_init(&s, &c), 0);
     conf_free(&c);
+
+    /* A cluster fails over by itself: no Sentinels beside it. */
+    assert_int_equal(conf_defaults(&c, err), 0);
+    free(c.redis.url);
+    c.redis.url = strdup("redis-cluster://a:7000,b:7001");
+    assert_non_null(c.redis.url);
+    assert_int_equal(store_init(&s, &c), 0);
+    assert_non_null(s.map);
+    assert_int_equal(s.addr.nseeds, 2);
+    store_cleanup(&s);
+    assert_null(s.map);
+    free(c.redis.sentinels);
+    c.redis.sentinels = strdup("a:1");
+    assert_non_null(c.redis.sentinels);
+    assert_int_equal(store_init(&s, &c), -1);
+    assert_non_null(strstr(s.err, "exclude"));
+    assert_null(s.map);
+    conf_free(&c);
 }
 
 int
@@ -421,6 +504,8 @@ main(void)
         cmocka_unit_test(test_sentinels_good),
         cmocka_unit_test(test_sentinels_bad),
         cmocka_unit_test(test_sentinels_max),
+        cmocka_unit_test(test_cluster_urls),
+        cmocka_unit_test(test_bad_cluster_urls),
         cmocka_unit_test(test_init_rules),
     };
 
