@@ -41,6 +41,7 @@ struct chat {
     struct buf user_item;     /* the turn's messages as stored */
     struct buf assistant_item;
     struct buf replay;        /* an answer stored for Idempotency-Key */
+    struct buf options;       /* a /v1 request's options passed through */
     struct messages history;  /* the session's, or a /v1 request's */
     struct answer answer;
 };
@@ -76,6 +77,9 @@ init_buffers(struct chat *ch, const struct conf *c)
     buf_init(&ch->user_item, max_msg * JSON_ESCAPE_GROWTH + ITEM_OVERHEAD);
     buf_init(&ch->assistant_item, max_item);
     buf_init(&ch->replay, max_answer);
+    /* Options are written back as they came, so they fit in about the
+     * body's size; \u escapes and spaces only shrink. */
+    buf_init(&ch->options, max_body + ITEM_OVERHEAD);
     messages_init(&ch->history, (size_t)c->chat.history_max_bytes +
                                     max_msg + max_reply + ITEM_OVERHEAD);
     answer_init(&ch->answer, max_reply);
@@ -116,6 +120,7 @@ chat_free(struct chat *ch)
         return;
     answer_cleanup(&ch->answer);
     messages_cleanup(&ch->history);
+    buf_cleanup(&ch->options);
     buf_cleanup(&ch->replay);
     buf_cleanup(&ch->assistant_item);
     buf_cleanup(&ch->user_item);
@@ -854,12 +859,13 @@ struct completion {
 static int
 parse_completion(struct chat *ch, struct completion *c)
 {
+    struct v1_scratch s = {.arena = &ch->arena, .scratch = &ch->user_item,
+                           .options = &ch->options, .gen = ch->req->gen};
     char err[V1_ERR_LEN];
 
     if (read_body(ch) == -1)
         return -1;
-    if (v1_parse_request(&ch->body, &ch->arena, &ch->user_item,
-                         &ch->history, &c->q, err) == 0)
+    if (v1_parse_request(&ch->body, &s, &ch->history, &c->q, err) == 0)
         return 0;
     http_send_error(ch->req, 400, "invalid_request", "%s", err);
     return -1;
@@ -943,25 +949,43 @@ count_tokens(struct chat *ch, const struct chatdb_turn *t)
         log_warnx("chat", "cannot count tokens: %s", chatdb_error(&ch->db));
 }
 
+/* The chunk in the generator, once the stream has begun. */
+static int
+send_generated_chunk(struct completion *c, int gen_rc)
+{
+    if (begin_stream(c->ch) == -1 || gen_rc != 0)
+        return -1;
+    return http_stream_event(c->ch->req, NULL);
+}
+
 /* A piece of a streamed completion, as one chunk. */
 static int
 send_chunk(void *arg, const char *text, size_t len)
 {
     struct completion *c = arg;
-    struct http_request *r = c->ch->req;
 
-    if (begin_stream(c->ch) == -1 || v1_gen_chunk(r->gen, &c->v1, text, len))
-        return -1;
-    return http_stream_event(r, NULL);
+    return send_generated_chunk(
+        c, v1_gen_chunk(c->ch->req->gen, &c->v1, text, len));
 }
 
-/* The end of a stream: the stop chunk, usage if asked, [DONE]. */
+/* A fragment of a tool call, as one chunk, as soon as it arrives. */
+static int
+send_call_chunk(void *arg, const struct answer_piece *p)
+{
+    struct completion *c = arg;
+
+    return send_generated_chunk(
+        c, v1_gen_call_chunk(c->ch->req->gen, &c->v1, p));
+}
+
+/* The end of a stream: the finish chunk, usage if asked, [DONE]. */
 static void
 finish_stream(struct completion *c)
 {
     struct http_request *r = c->ch->req;
 
-    if (send_chunk(c, NULL, 0) == -1)
+    if (send_generated_chunk(c, v1_gen_finish_chunk(r->gen, &c->v1,
+                                                    &c->ch->answer)) == -1)
         return;
     if (c->q.include_usage &&
         (v1_gen_usage_chunk(r->gen, &c->v1, &c->ch->answer) ||
@@ -996,7 +1020,9 @@ set_up_call(struct chat *ch, const struct completion *c,
     call->temperature = c->q.temperature;
     call->max_tokens = cap > 0 && c->q.max_tokens > cap ? cap
                                                          : c->q.max_tokens;
+    call->options = c->q.options;
     call->on_delta = c->q.stream ? send_chunk : NULL;
+    call->on_call = c->q.stream ? send_call_chunk : NULL;
 }
 
 void

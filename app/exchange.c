@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <yajl/yajl_tree.h>
 
 #include "clock.h"
 #include "json.h"
@@ -23,6 +24,7 @@ exchange_init(struct exchange *a, size_t max_reply)
     buf_init(&a->body, 16u << 20);
     buf_init(&a->response, max_reply);
     buf_init(&a->arena, SSE_LINE_MAX);
+    buf_init(&a->event, SSE_LINE_MAX);
     sse_init(&a->sse, SSE_LINE_MAX, SSE_LINE_MAX, on_event, a);
     answer_init(&a->ans, max_reply);
     return a->easy ? 0 : -1;
@@ -37,6 +39,7 @@ exchange_cleanup(struct exchange *a)
     buf_cleanup(&a->body);
     buf_cleanup(&a->response);
     buf_cleanup(&a->arena);
+    buf_cleanup(&a->event);
     sse_cleanup(&a->sse);
     answer_cleanup(&a->ans);
 }
@@ -76,13 +79,100 @@ pick_model(const struct json_field *f, const struct buf *arena,
         memcpy(ans->model, name, sizeof(name));
 }
 
+/* A string member of a tool call, or NULL. */
+static const char *
+call_string(yajl_val call, const char *a, const char *b)
+{
+    const char *path[] = {a, b, NULL};
+    yajl_val v = yajl_tree_get(call, path, yajl_t_string);
+
+    return v ? v->u.string : NULL;
+}
+
+/* The tool_calls array of a message or a delta into ans; each element's
+ * fragment also into out[], for the caller to relay. An element without
+ * an index is the one at its position. Returns 0, or -1 with
+ * ans->message set. */
+static int
+add_tool_calls(struct answer *ans, yajl_val calls, struct answer_piece *out,
+               size_t *nout)
+{
+    const char *index_path[] = {"index", NULL};
+
+    *nout = 0;
+    if (calls->u.array.len > ANSWER_MAX_CALLS) {
+        snprintf(ans->message, sizeof(ans->message),
+                 "the model asked for over %d tool calls", ANSWER_MAX_CALLS);
+        return -1;
+    }
+    for (size_t i = 0; i < calls->u.array.len; i++) {
+        yajl_val c = calls->u.array.values[i];
+        yajl_val index = yajl_tree_get(c, index_path, yajl_t_number);
+        struct answer_piece *p = &out[(*nout)++];
+
+        p->index = index && YAJL_IS_INTEGER(index) ? YAJL_GET_INTEGER(index)
+                                                   : (long long)i;
+        p->id = call_string(c, "id", NULL);
+        p->name = call_string(c, "function", "name");
+        p->arguments = call_string(c, "function", "arguments");
+        p->arguments_len = p->arguments ? strlen(p->arguments) : 0;
+        if (answer_add_piece(ans, p) == -1)
+            return -1;
+    }
+    return 0;
+}
+
+/* The tool calls of a document that has some at path (its NUL-terminated
+ * copy in text). Returns 0 or -1 with ans->message set. */
+static int
+parse_tool_calls(const char *text, const char *const *path,
+                 struct answer *ans, struct answer_piece *out, size_t *nout)
+{
+    yajl_val doc = yajl_tree_parse(text, NULL, 0);
+    yajl_val calls = doc ? yajl_tree_get(doc, (const char **)path,
+                                         yajl_t_array)
+                         : NULL;
+    int rc = -1;
+
+    if (calls == NULL)
+        snprintf(ans->message, sizeof(ans->message),
+                 "the model's tool calls cannot be read");
+    else
+        rc = add_tool_calls(ans, calls, out, nout);
+    yajl_tree_free(doc);
+    return rc;
+}
+
+/* A whole answer's tool calls: its body again, as a tree. */
+static int
+parse_answer_calls(const char *body, size_t len, struct answer *ans)
+{
+    static const char *const path[] = {"choices", "0", "message",
+                                       "tool_calls", NULL};
+    struct answer_piece pieces[ANSWER_MAX_CALLS];
+    struct buf text;
+    size_t n;
+    int rc = -1;
+
+    buf_init(&text, len + 1);
+    if (buf_append(&text, body, len) == 0 && buf_cstr(&text) != NULL)
+        rc = parse_tool_calls(text.data, path, ans, pieces, &n);
+    else
+        snprintf(ans->message, sizeof(ans->message), "out of memory");
+    buf_cleanup(&text);
+    return rc;
+}
+
 int
 exchange_parse_answer(const char *body, size_t len, struct answer *ans)
 {
-    enum { CONTENT, MODEL, PROMPT, COMPLETION };
+    enum { CONTENT, CALLS, FINISH, MODEL, PROMPT, COMPLETION };
     struct json_field f[] = {
         [CONTENT] = {.path = "choices.0.message.content",
                      .accept = JSON_STRING | JSON_NULL},
+        [CALLS] = {.path = "choices.0.message.tool_calls",
+                   .accept = JSON_ANY},
+        [FINISH] = {.path = "choices.0.finish_reason", .accept = JSON_ANY},
         [MODEL] = {.path = "model", .accept = JSON_ANY},
         [PROMPT] = {.path = "usage.prompt_tokens", .accept = JSON_ANY},
         [COMPLETION] = {.path = "usage.completion_tokens",
@@ -90,28 +180,37 @@ exchange_parse_answer(const char *body, size_t len, struct answer *ans)
     };
     char err[JSON_ERR_LEN];
     struct buf arena;
-    int rc = -1;
+    int rc = -1, has_calls;
 
     buf_init(&arena, len + 8);
-    if (json_pick(body, len, f, 4, &arena, ANSWER_DEPTH, 0, err) == -1) {
+    if (json_pick(body, len, f, 6, &arena, ANSWER_DEPTH, 0, err) == -1) {
         snprintf(ans->message, sizeof(ans->message),
                  "the model's answer is not JSON: %s", err);
-    } else if (f[CONTENT].type != JSON_STRING) {
+        goto out;
+    }
+    has_calls = f[CALLS].type == JSON_ARRAY;
+    if (f[CONTENT].type != JSON_STRING && !has_calls) {
         snprintf(ans->message, sizeof(ans->message),
                  "the model's answer has no choices[0].message.content");
-    } else if (!json_utf8_valid(json_field_text(&f[CONTENT], &arena),
+    } else if (f[CONTENT].type == JSON_STRING &&
+               !json_utf8_valid(json_field_text(&f[CONTENT], &arena),
                                 f[CONTENT].len)) {
         snprintf(ans->message, sizeof(ans->message),
                  "the model's reply is not valid UTF-8");
-    } else if (buf_append(&ans->reply, json_field_text(&f[CONTENT], &arena),
+    } else if (f[CONTENT].type == JSON_STRING &&
+               buf_append(&ans->reply, json_field_text(&f[CONTENT], &arena),
                           f[CONTENT].len) == -1) {
         snprintf(ans->message, sizeof(ans->message),
                  "the model's reply is too long");
-    } else {
+    } else if (!has_calls || parse_answer_calls(body, len, ans) == 0) {
+        if (f[FINISH].type == JSON_STRING)
+            answer_set_finish(ans, json_field_text(&f[FINISH], &arena),
+                              f[FINISH].len);
         pick_model(&f[MODEL], &arena, ans);
         pick_usage(&f[PROMPT], &f[COMPLETION], &arena, ans);
         rc = 0;
     }
+out:
     buf_cleanup(&arena);
     return rc;
 }
@@ -159,13 +258,51 @@ error_mid_stream(struct exchange *a, const char *data, size_t len)
     return stream_fail(a, ANSWER_HTTP_ERROR, message);
 }
 
+/* The tool-call fragments of a stream event into a->pieces. */
+static int
+stream_tool_calls(struct exchange *a, const char *data, size_t len)
+{
+    static const char *const path[] = {"choices", "0", "delta",
+                                       "tool_calls", NULL};
+
+    buf_reset(&a->event);
+    if (buf_append(&a->event, data, len) == -1 || buf_cstr(&a->event) == NULL)
+        return stream_fail(a, ANSWER_BAD, "the model's stream event is too "
+                           "large");
+    if (parse_tool_calls(a->event.data, path, &a->ans, a->pieces,
+                         &a->npieces) == 0)
+        return 0;
+    a->stream_failed = 1; /* ans.message says why */
+    a->ans.status = ANSWER_BAD;
+    return -1;
+}
+
+/* Text and tool-call fragments of one event, to the caller. */
+static int
+event_content(struct exchange *a, const struct json_field *content)
+{
+    if (content->type == JSON_STRING && content->len > 0 &&
+        buf_append(&a->ans.reply, json_field_text(content, &a->arena),
+                   content->len) == -1)
+        return stream_fail(a, ANSWER_BAD, "the model's reply is larger "
+                           "than max_response_bytes");
+    if (a->npieces == 0 && (content->type != JSON_STRING || content->len == 0))
+        return 0;
+    a->got_content = 1;
+    if (a->on_content(a, a->arg) == 0)
+        return 0;
+    a->stopped = !a->stream_failed;
+    return -1;
+}
+
 /* One event of an upstream stream: a chunk, [DONE], or an error object. */
 static int
 on_event(void *arg, const char *data, size_t len)
 {
-    enum { CONTENT, FINISH, MODEL, PROMPT, COMPLETION, ERROR };
+    enum { CONTENT, CALLS, FINISH, MODEL, PROMPT, COMPLETION, ERROR };
     struct json_field f[] = {
         [CONTENT] = {.path = "choices.0.delta.content", .accept = JSON_ANY},
+        [CALLS] = {.path = "choices.0.delta.tool_calls", .accept = JSON_ANY},
         [FINISH] = {.path = "choices.0.finish_reason", .accept = JSON_ANY},
         [MODEL] = {.path = "model", .accept = JSON_ANY},
         [PROMPT] = {.path = "usage.prompt_tokens", .accept = JSON_ANY},
@@ -181,7 +318,8 @@ on_event(void *arg, const char *data, size_t len)
         return 0;
     }
     buf_reset(&a->arena);
-    if (json_pick(data, len, f, 6, &a->arena, ANSWER_DEPTH, 0, err))
+    a->npieces = 0;
+    if (json_pick(data, len, f, 7, &a->arena, ANSWER_DEPTH, 0, err))
         return stream_fail(a, ANSWER_BAD, "the model's stream carries "
                            "an event that is not JSON");
     if (f[ERROR].type != 0 && f[ERROR].type != JSON_NULL)
@@ -189,19 +327,15 @@ on_event(void *arg, const char *data, size_t len)
     pick_model(&f[MODEL], &a->arena, &a->ans);
     if (f[PROMPT].type == JSON_NUMBER || f[COMPLETION].type == JSON_NUMBER)
         pick_usage(&f[PROMPT], &f[COMPLETION], &a->arena, &a->ans);
-    if (f[FINISH].type == JSON_STRING)
+    if (f[FINISH].type == JSON_STRING) {
         a->stream_complete = 1;
-    if (f[CONTENT].type != JSON_STRING || f[CONTENT].len == 0)
-        return 0;
-    if (buf_append(&a->ans.reply, json_field_text(&f[CONTENT], &a->arena),
-                   f[CONTENT].len) == -1)
-        return stream_fail(a, ANSWER_BAD, "the model's reply is larger "
-                           "than max_response_bytes");
-    a->got_content = 1;
-    if (a->on_content(a, a->arg) == 0)
-        return 0;
-    a->stopped = !a->stream_failed;
-    return -1;
+        answer_set_finish(&a->ans, json_field_text(&f[FINISH], &a->arena),
+                          f[FINISH].len);
+    }
+    if (f[CALLS].type == JSON_ARRAY &&
+        stream_tool_calls(a, data, len) == -1)
+        return -1;
+    return event_content(a, &f[CONTENT]);
 }
 
 /* Decide, at the first bytes of the body, whether it is an event stream
@@ -313,7 +447,7 @@ exchange_reset(struct exchange *a, const char *model)
 
     ans->status = ANSWER_FAILED;
     ans->http_status = 0;
-    buf_reset(&ans->reply);
+    answer_reset(ans);
     snprintf(ans->model, sizeof(ans->model), "%s", model);
     ans->prompt_tokens = ans->completion_tokens = -1;
     ans->message[0] = '\0';
@@ -411,7 +545,7 @@ judge_whole_answer(struct exchange *a)
         return;
     }
     a->ans.status = ANSWER_OK;
-    a->got_content = a->ans.reply.len > 0;
+    a->got_content = a->ans.reply.len > 0 || a->ans.ncalls > 0;
 }
 
 static void

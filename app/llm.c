@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <yajl/yajl_tree.h>
 
 #include "clock.h"
 #include "exchange.h"
@@ -14,6 +15,7 @@
 #include "scoreboard.h"
 
 #define POLL_MS 1000
+#define GEN_DEPTH 32 /* deep enough for any tool's parameter schema */
 
 static char *
 join(const char *a, const char *b)
@@ -98,6 +100,48 @@ gen_message(yajl_gen g, const char *role, const char *content, size_t len)
            yajl_gen_map_close(g);
 }
 
+/* A JSON text of ours (generated, so trusted) written into g: as one
+ * value, or with members set, an object's members into g's open map. */
+static int
+gen_parsed(yajl_gen g, const char *json, int members)
+{
+    yajl_val doc = yajl_tree_parse(json, NULL, 0);
+    int rc = -1;
+
+    if (doc != NULL && !members)
+        rc = json_gen_value(g, doc, GEN_DEPTH);
+    else if (YAJL_IS_OBJECT(doc))
+        for (size_t i = rc = 0; rc == 0 && i < doc->u.object.len; i++)
+            rc = json_gen_cstr(g, doc->u.object.keys[i]) ||
+                 json_gen_value(g, doc->u.object.values[i], GEN_DEPTH);
+    yajl_tree_free(doc);
+    return rc;
+}
+
+/* A message of a tool exchange: the assistant's tool calls (content null
+ * when it said nothing), or a tool's result for one call. */
+static int
+gen_tool_message(yajl_gen g, const struct messages *h, size_t i)
+{
+    const struct message *m = &h->msgs[i];
+    int tool = m->role == MESSAGE_TOOL;
+
+    if (yajl_gen_map_open(g) ||
+        json_gen_key_cstr(g, "role", messages_role_name(m->role)) ||
+        json_gen_cstr(g, "content") ||
+        (m->len == 0 && !tool
+             ? yajl_gen_null(g) != yajl_gen_status_ok
+             : json_gen_str(g, messages_content(h, i), m->len) != 0))
+        return -1;
+    if (tool)
+        return json_gen_key_str(g, "tool_call_id", messages_extra(h, i),
+                                m->extra_len) ||
+               yajl_gen_map_close(g);
+    return json_gen_cstr(g, "tool_calls") ||
+           gen_parsed(g, messages_extra(h, i), 0) ||
+           yajl_gen_map_close(g);
+}
+
 /* [system prompt] + messages + [the new user message]. */
 static int
 gen_messages(yajl_gen g, const struct llm_call *call)
@@ -110,10 +154,14 @@ gen_messages(yajl_gen g, const struct llm_call *call)
     if (system != NULL && system[0] != '\0' &&
         gen_message(g, "system", system, strlen(system)))
         return -1;
-    for (size_t i = 0; i < h->count; i++)
-        if (gen_message(g, messages_role_name(h->msgs[i].role),
-                        messages_content(h, i), h->msgs[i].len))
+    for (size_t i = 0; i < h->count; i++) {
+        const struct message *m = &h->msgs[i];
+
+        if (m->extra_len > 0 ? gen_tool_message(g, h, i)
+                             : gen_message(g, messages_role_name(m->role),
+                                           messages_content(h, i), m->len))
             return -1;
+    }
     if (call->message != NULL &&
         gen_message(g, "user", call->message, call->message_len))
         return -1;
@@ -136,6 +184,8 @@ gen_request(struct llm *l, const struct llm_call *call, const char *model)
         return -1;
     if (call->max_tokens > 0 &&
         json_gen_key_int(g, "max_tokens", call->max_tokens))
+        return -1;
+    if (call->options != NULL && gen_parsed(g, call->options, 1))
         return -1;
     if (call->on_delta != NULL &&
         (json_gen_cstr(g, "stream") || yajl_gen_bool(g, 1) ||
@@ -191,13 +241,47 @@ emit(struct llm *l, struct exchange *a)
     return 0;
 }
 
+/* Relay tool-call fragments, when the caller wants them. */
+static int
+emit_pieces(struct llm *l, const struct answer_piece *p, size_t n)
+{
+    const struct llm_call *call = l->call;
+
+    for (size_t i = 0; call->on_call != NULL && i < n; i++) {
+        if (call->on_call(call->delta_arg, &p[i]) == -1) {
+            l->client_gone = 1;
+            return -1;
+        }
+    }
+    return 0;
+}
+
 static int
 on_content(struct exchange *a, void *arg)
 {
     struct llm *l = arg;
 
     commit(l, a);
-    return l->committed == a ? emit(l, a) : -1;
+    if (l->committed != a || emit(l, a) == -1)
+        return -1;
+    return emit_pieces(l, a->pieces, a->npieces);
+}
+
+/* A whole answer's tool calls, each as one fragment. */
+static int
+emit_whole_calls(struct llm *l, const struct answer *ans)
+{
+    for (size_t i = 0; i < ans->ncalls; i++) {
+        const struct answer_call *c = &ans->calls[i];
+        struct answer_piece p = {.index = (long long)i, .id = c->id,
+                                 .name = c->name,
+                                 .arguments = c->arguments.data,
+                                 .arguments_len = c->arguments.len};
+
+        if (emit_pieces(l, &p, 1) == -1)
+            return -1;
+    }
+    return 0;
 }
 
 static struct exchange *
@@ -447,15 +531,6 @@ stop_losers(struct llm *l, const struct exchange *keep)
             exchange_stop(&l->attempts[i], l->multi);
 }
 
-static void
-swap_reply(struct answer *a, struct answer *b)
-{
-    struct buf t = a->reply;
-
-    a->reply = b->reply;
-    b->reply = t;
-}
-
 /* Hand the winner's answer to the caller. A whole answer to a streaming
  * call (an upstream that does not stream) goes out as one piece now; when
  * that first write finds the client gone, ans is left to the caller. */
@@ -464,7 +539,10 @@ take_answer(struct llm *l, struct plan *p, struct exchange *a,
             struct answer *ans)
 {
     commit(l, a);
-    if (streaming_call(l) && emit(l, a) == -1 && l->client_gone)
+    if (streaming_call(l) &&
+        (emit(l, a) == -1 ||
+         (!a->streaming && emit_whole_calls(l, &a->ans) == -1)) &&
+        l->client_gone)
         return;
     plan_note_success(p, a->provider, a->hedge);
     ans->status = a->ans.status;
@@ -473,7 +551,7 @@ take_answer(struct llm *l, struct plan *p, struct exchange *a,
     ans->prompt_tokens = a->ans.prompt_tokens;
     ans->completion_tokens = a->ans.completion_tokens;
     ans->message[0] = '\0';
-    swap_reply(ans, &a->ans);
+    answer_swap_content(ans, &a->ans);
 }
 
 /* No winner: the failure of the stream that reached the client, else the
@@ -504,7 +582,7 @@ begin_call(struct llm *l, const struct llm_call *call,
     l->client_gone = 0;
     for (size_t i = 0; i < LLM_ATTEMPTS; i++)
         l->attempts[i].ans.status = ANSWER_OK; /* not failed: not tried */
-    buf_reset(&ans->reply);
+    answer_reset(ans);
     snprintf(ans->model, sizeof(ans->model), "%s",
              call->model ? call->model : l->conf->providers[0].model);
     ans->prompt_tokens = ans->completion_tokens = -1;

@@ -32,6 +32,14 @@ int
 messages_add(struct messages *h, enum message_role role, const char *content,
             size_t len)
 {
+    return messages_add_extra(h, role, content, len, "", 0);
+}
+
+int
+messages_add_extra(struct messages *h, enum message_role role,
+                   const char *content, size_t len, const char *extra,
+                   size_t extra_len)
+{
     struct message *m;
 
     if (h->count == h->cap) {
@@ -47,9 +55,14 @@ messages_add(struct messages *h, enum message_role role, const char *content,
     m->role = role;
     m->off = h->text.len;
     m->len = len;
-    /* NUL after each content, so that it can be read as a C string too. */
+    /* No extra: the content's NUL doubles as an empty one. */
+    m->extra_off = extra_len ? m->off + len + 1 : m->off + len;
+    m->extra_len = extra_len;
+    /* NUL after each string, so that it can be read as a C string too. */
     if (buf_append(&h->text, content, len) == -1 ||
-        buf_append(&h->text, "", 1) == -1) {
+        buf_append(&h->text, "", 1) == -1 ||
+        (extra_len > 0 && (buf_append(&h->text, extra, extra_len) == -1 ||
+                           buf_append(&h->text, "", 1) == -1))) {
         h->text.len = m->off;
         return -1;
     }
@@ -61,6 +74,12 @@ const char *
 messages_content(const struct messages *h, size_t i)
 {
     return h->text.data + h->msgs[i].off;
+}
+
+const char *
+messages_extra(const struct messages *h, size_t i)
+{
+    return h->text.data + h->msgs[i].extra_off;
 }
 
 void
@@ -86,7 +105,8 @@ messages_reverse(struct messages *h)
 const char *
 messages_role_name(enum message_role role)
 {
-    static const char *const names[] = {"user", "assistant", "system"};
+    static const char *const names[] = {"user", "assistant", "system",
+                                          "tool"};
 
     return names[role];
 }

@@ -43,6 +43,10 @@ struct exchange {
     int response_too_large;
     struct sse_parser sse;
     struct buf arena;    /* strings picked from one event */
+    struct buf event;    /* one event with tool calls, NUL-terminated */
+    /* The tool-call fragments of the event on_content is called for: */
+    struct answer_piece pieces[ANSWER_MAX_CALLS];
+    size_t npieces;
     int stream_complete; /* [DONE] or a finish_reason arrived */
     int stream_failed;   /* the stream broke: ans says why */
     int stopped;         /* on_content stopped it: not the provider's doing */
@@ -69,7 +73,8 @@ void exchange_stop(struct exchange *a, CURLM *multi);
 /* Judge a transfer that ended with rc: a->ans.status and message. */
 void exchange_judge(struct exchange *a, CURLcode rc);
 
-/* Parse a non-streaming answer body into ans (reply, model, usage).
+/* Parse a non-streaming answer body into ans (reply, tool calls, finish
+ * reason, model, usage).
  * Returns 0, or -1 with ans->message set. Pure; exposed for tests. */
 int exchange_parse_answer(const char *body, size_t len, struct answer *ans);
 

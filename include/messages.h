@@ -10,13 +10,21 @@
 
 #include "buf.h"
 
-/* Stored histories hold user and assistant messages; system messages come
- * only from a /v1 request. */
-enum message_role { MESSAGE_USER, MESSAGE_ASSISTANT, MESSAGE_SYSTEM };
+/* Stored histories hold user, assistant and tool messages; system
+ * messages come only from a /v1 request. */
+enum message_role {
+    MESSAGE_USER,
+    MESSAGE_ASSISTANT,
+    MESSAGE_SYSTEM,
+    MESSAGE_TOOL,
+};
 
 struct message {
     enum message_role role;
     size_t off, len; /* content in messages.text */
+    /* In messages.text too, len 0 when none: an assistant message's
+     * tool_calls (a JSON array), or a tool message's tool_call_id. */
+    size_t extra_off, extra_len;
 };
 
 struct messages {
@@ -33,6 +41,14 @@ void messages_cleanup(struct messages *h);
  * or out of memory). */
 int messages_add(struct messages *h, enum message_role role,
                  const char *content, size_t len);
+
+/* The same with the extra of a tool exchange (see struct message). */
+int messages_add_extra(struct messages *h, enum message_role role,
+                       const char *content, size_t len, const char *extra,
+                       size_t extra_len);
+
+/* Message i's extra, NUL-terminated (its length is msgs[i].extra_len). */
+const char *messages_extra(const struct messages *h, size_t i);
 
 /* Message i's content, NUL-terminated (its length is msgs[i].len). */
 const char *messages_content(const struct messages *h, size_t i);
