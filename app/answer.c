@@ -13,6 +13,7 @@ answer_init(struct answer *a, size_t max_reply)
     buf_init(&a->reply, max_reply);
     for (size_t i = 0; i < ANSWER_MAX_CALLS; i++)
         buf_init(&a->calls[i].arguments, max_reply);
+    answer_reset(a);
 }
 
 void
@@ -25,6 +26,8 @@ answer_reset(struct answer *a)
     }
     a->ncalls = 0;
     a->finish_reason[0] = '\0';
+    for (size_t i = 0; i < ANSWER_MAX_CALLS; i++)
+        a->index_map[i] = -1;
 }
 
 static int
@@ -37,17 +40,23 @@ refuse_piece(struct answer *a, const char *why)
 
 /* Which call a fragment belongs to; see answer_add_piece. */
 static long long
-call_index(const struct answer *a, const struct answer_piece *p)
+call_index(struct answer *a, const struct answer_piece *p)
 {
     const struct answer_call *c;
+    long long i;
 
-    if (p->index < 0 || (size_t)p->index >= a->ncalls)
+    if (p->index < 0 || p->index >= ANSWER_MAX_CALLS)
         return p->index;
-    c = &a->calls[p->index];
+    i = a->index_map[p->index] >= 0 ? a->index_map[p->index] : p->index;
+    if ((size_t)i >= a->ncalls)
+        return i;
+    c = &a->calls[i];
     if ((p->id != NULL && c->id[0] != '\0' && strcmp(p->id, c->id) != 0) ||
-        (p->name != NULL && c->name[0] != '\0'))
+        (p->name != NULL && c->name[0] != '\0')) {
+        a->index_map[p->index] = (long long)a->ncalls;
         return (long long)a->ncalls;
-    return p->index;
+    }
+    return i;
 }
 
 /* Append a piece of an id or name to a fixed field, whole or not at all. */
@@ -103,8 +112,10 @@ answer_swap_content(struct answer *a, struct answer *b)
 
     SWAP(a->reply, b->reply);
     SWAP(a->ncalls, b->ncalls);
-    for (size_t i = 0; i < ANSWER_MAX_CALLS; i++)
+    for (size_t i = 0; i < ANSWER_MAX_CALLS; i++) {
         SWAP(a->calls[i], b->calls[i]);
+        SWAP(a->index_map[i], b->index_map[i]);
+    }
     memcpy(finish, a->finish_reason, sizeof(finish));
     memcpy(a->finish_reason, b->finish_reason, sizeof(finish));
     memcpy(b->finish_reason, finish, sizeof(finish));

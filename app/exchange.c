@@ -122,45 +122,59 @@ add_tool_calls(struct answer *ans, yajl_val calls, struct answer_piece *out,
     return 0;
 }
 
-/* The tool calls of a document that has some at path (its NUL-terminated
- * copy in text). Returns 0 or -1 with ans->message set. */
-static int
-parse_tool_calls(const char *text, const char *const *path,
-                 struct answer *ans, struct answer_piece *out, size_t *nout)
+/* choices[0].{where}.tool_calls of a document (yajl_tree_get walks
+ * objects only), or NULL. */
+static yajl_val
+first_choice_calls(yajl_val doc, const char *where)
+{
+    const char *choices_path[] = {"choices", NULL};
+    const char *calls_path[] = {where, "tool_calls", NULL};
+    yajl_val choices = yajl_tree_get(doc, choices_path, yajl_t_array);
+
+    if (choices == NULL || choices->u.array.len == 0)
+        return NULL;
+    return yajl_tree_get(choices->u.array.values[0], calls_path,
+                         yajl_t_array);
+}
+
+/* The tool calls of a document that has some in its first choice's
+ * message or delta (where), from its NUL-terminated text. Returns the
+ * parsed document, which the pieces in out point into (the caller frees
+ * it), or NULL with ans->message set. */
+static yajl_val
+parse_tool_calls(const char *text, const char *where, struct answer *ans,
+                 struct answer_piece *out, size_t *nout)
 {
     yajl_val doc = yajl_tree_parse(text, NULL, 0);
-    yajl_val calls = doc ? yajl_tree_get(doc, (const char **)path,
-                                         yajl_t_array)
-                         : NULL;
-    int rc = -1;
+    yajl_val calls = doc ? first_choice_calls(doc, where) : NULL;
 
     if (calls == NULL)
         snprintf(ans->message, sizeof(ans->message),
                  "the model's tool calls cannot be read");
-    else
-        rc = add_tool_calls(ans, calls, out, nout);
-    yajl_tree_free(doc);
-    return rc;
+    if (calls == NULL || add_tool_calls(ans, calls, out, nout) == -1) {
+        yajl_tree_free(doc);
+        return NULL;
+    }
+    return doc;
 }
 
 /* A whole answer's tool calls: its body again, as a tree. */
 static int
 parse_answer_calls(const char *body, size_t len, struct answer *ans)
 {
-    static const char *const path[] = {"choices", "0", "message",
-                                       "tool_calls", NULL};
     struct answer_piece pieces[ANSWER_MAX_CALLS];
     struct buf text;
+    yajl_val doc = NULL;
     size_t n;
-    int rc = -1;
 
     buf_init(&text, len + 1);
     if (buf_append(&text, body, len) == 0 && buf_cstr(&text) != NULL)
-        rc = parse_tool_calls(text.data, path, ans, pieces, &n);
+        doc = parse_tool_calls(text.data, "message", ans, pieces, &n);
     else
         snprintf(ans->message, sizeof(ans->message), "out of memory");
     buf_cleanup(&text);
-    return rc;
+    yajl_tree_free(doc);
+    return doc ? 0 : -1;
 }
 
 int
@@ -202,7 +216,12 @@ exchange_parse_answer(const char *body, size_t len, struct answer *ans)
                           f[CONTENT].len) == -1) {
         snprintf(ans->message, sizeof(ans->message),
                  "the model's reply is too long");
-    } else if (!has_calls || parse_answer_calls(body, len, ans) == 0) {
+    } else if (has_calls && parse_answer_calls(body, len, ans) == -1) {
+        /* ans->message says why */
+    } else if (f[CONTENT].type != JSON_STRING && ans->ncalls == 0) {
+        snprintf(ans->message, sizeof(ans->message),
+                 "the model's answer has neither content nor tool calls");
+    } else {
         if (f[FINISH].type == JSON_STRING)
             answer_set_finish(ans, json_field_text(&f[FINISH], &arena),
                               f[FINISH].len);
@@ -258,23 +277,27 @@ error_mid_stream(struct exchange *a, const char *data, size_t len)
     return stream_fail(a, ANSWER_HTTP_ERROR, message);
 }
 
-/* The tool-call fragments of a stream event into a->pieces. */
-static int
+/* The tool-call fragments of a stream event into a->pieces, which point
+ * into the returned tree until the caller frees it; NULL when the event
+ * broke the stream. */
+static yajl_val
 stream_tool_calls(struct exchange *a, const char *data, size_t len)
 {
-    static const char *const path[] = {"choices", "0", "delta",
-                                       "tool_calls", NULL};
+    yajl_val doc;
 
     buf_reset(&a->event);
-    if (buf_append(&a->event, data, len) == -1 || buf_cstr(&a->event) == NULL)
-        return stream_fail(a, ANSWER_BAD, "the model's stream event is too "
-                           "large");
-    if (parse_tool_calls(a->event.data, path, &a->ans, a->pieces,
-                         &a->npieces) == 0)
-        return 0;
-    a->stream_failed = 1; /* ans.message says why */
-    a->ans.status = ANSWER_BAD;
-    return -1;
+    if (buf_append(&a->event, data, len) == -1 ||
+        buf_cstr(&a->event) == NULL) {
+        stream_fail(a, ANSWER_BAD, "the model's stream event is too large");
+        return NULL;
+    }
+    doc = parse_tool_calls(a->event.data, "delta", &a->ans, a->pieces,
+                           &a->npieces);
+    if (doc == NULL) {
+        a->stream_failed = 1; /* ans.message says why */
+        a->ans.status = ANSWER_BAD;
+    }
+    return doc;
 }
 
 /* Text and tool-call fragments of one event, to the caller. */
@@ -312,6 +335,8 @@ on_event(void *arg, const char *data, size_t len)
     };
     struct exchange *a = arg;
     char err[JSON_ERR_LEN];
+    yajl_val calls = NULL;
+    int rc;
 
     if (len == 6 && memcmp(data, "[DONE]", 6) == 0) {
         a->stream_complete = 1;
@@ -332,10 +357,14 @@ on_event(void *arg, const char *data, size_t len)
         answer_set_finish(&a->ans, json_field_text(&f[FINISH], &a->arena),
                           f[FINISH].len);
     }
-    if (f[CALLS].type == JSON_ARRAY &&
-        stream_tool_calls(a, data, len) == -1)
-        return -1;
-    return event_content(a, &f[CONTENT]);
+    if (f[CALLS].type == JSON_ARRAY) {
+        calls = stream_tool_calls(a, data, len);
+        if (calls == NULL)
+            return -1;
+    }
+    rc = event_content(a, &f[CONTENT]);
+    yajl_tree_free(calls);
+    return rc;
 }
 
 /* Decide, at the first bytes of the body, whether it is an event stream

@@ -56,6 +56,9 @@ struct answer {
     long long prompt_tokens, completion_tokens; /* -1: not reported */
     struct answer_call calls[ANSWER_MAX_CALLS];
     size_t ncalls;
+    /* The call the provider's index i now stands for (-1: call i): one
+     * that reuses an index for another call moves it on. */
+    long long index_map[ANSWER_MAX_CALLS];
     char finish_reason[ANSWER_FINISH_LEN]; /* "" when none was given */
     char message[ANSWER_MESSAGE_LEN]; /* why it failed */
     double ms;
