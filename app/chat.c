@@ -20,6 +20,7 @@
 #include "log.h"
 #include "messages.h"
 #include "scoreboard.h"
+#include "tools.h"
 #include "v1.h"
 
 #define REQUEST_DEPTH 16
@@ -34,6 +35,11 @@ struct chat {
     struct scoreboard_slot *slot;
     struct chatdb db;
     struct llm llm;
+    struct tools tools;
+    /* The configured tools declared to the model ({"tools": [...]}), and
+     * the same with tool_choice none for the call after the last round;
+     * NULL without tools. */
+    char *tool_options, *last_round_options;
     struct http_request *req; /* the request in hand */
     double redis_since_ms;    /* when its Redis round trip began */
     struct buf body;          /* the request body, capped at max_body_bytes */
@@ -43,6 +49,7 @@ struct chat {
     struct buf replay;        /* an answer stored for Idempotency-Key */
     struct buf options;       /* a /v1 request's options passed through */
     struct messages history;  /* the session's, or a /v1 request's */
+    size_t turn_start;        /* history's count before the turn's own */
     struct answer answer;
 };
 
@@ -85,6 +92,57 @@ init_buffers(struct chat *ch, const struct conf *c)
     answer_init(&ch->answer, max_reply);
 }
 
+static int
+gen_tool(yajl_gen g, const struct conf_tool *t)
+{
+    return yajl_gen_map_open(g) || json_gen_key_cstr(g, "type", "function") ||
+           json_gen_cstr(g, "function") || yajl_gen_map_open(g) ||
+           json_gen_key_cstr(g, "name", t->name) ||
+           json_gen_key_cstr(g, "description", t->description) ||
+           json_gen_cstr(g, "parameters") ||
+           yajl_gen_number(g, t->parameters, strlen(t->parameters)) ||
+           yajl_gen_map_close(g) || yajl_gen_map_close(g);
+}
+
+/* {"tools": [...][, "tool_choice": "none"]} as text, or NULL. The
+ * parameters were checked to be a JSON object by conf, so they go in as
+ * they are (yajl_gen_number writes its text unchanged). */
+static char *
+tools_request(const struct conf *c, int last_round)
+{
+    yajl_gen g = json_gen_new();
+    const unsigned char *json;
+    size_t len;
+    char *out = NULL;
+    int rc = g == NULL || yajl_gen_map_open(g) ||
+             json_gen_cstr(g, "tools") || yajl_gen_array_open(g);
+
+    for (size_t i = 0; rc == 0 && i < c->ntools; i++)
+        rc = gen_tool(g, &c->tools[i]);
+    rc = rc || yajl_gen_array_close(g) ||
+         (last_round && json_gen_key_cstr(g, "tool_choice", "none")) ||
+         yajl_gen_map_close(g);
+    if (rc == 0) {
+        yajl_gen_get_buf(g, &json, &len);
+        out = strndup((const char *)json, len);
+    }
+    if (g != NULL)
+        yajl_gen_free(g);
+    return out;
+}
+
+/* The tools a turn offers the model: none without [tool] sections or
+ * with max_tool_rounds 0. */
+static int
+declare_tools(struct chat *ch)
+{
+    if (ch->conf->ntools == 0 || ch->conf->chat.max_tool_rounds == 0)
+        return 0;
+    ch->tool_options = tools_request(ch->conf, 0);
+    ch->last_round_options = tools_request(ch->conf, 1);
+    return ch->tool_options && ch->last_round_options ? 0 : -1;
+}
+
 struct chat *
 chat_new(const struct conf *c, struct scoreboard *pool,
          struct scoreboard_slot *slot, char err[CHAT_ERR_LEN])
@@ -110,6 +168,12 @@ chat_new(const struct conf *c, struct scoreboard *pool,
         chat_free(ch);
         return NULL;
     }
+    if (tools_init(&ch->tools, c, ch->llm.multi) == -1 ||
+        declare_tools(ch) == -1) {
+        snprintf(err, CHAT_ERR_LEN, "cannot set up the tools: out of memory");
+        chat_free(ch);
+        return NULL;
+    }
     return ch;
 }
 
@@ -118,6 +182,9 @@ chat_free(struct chat *ch)
 {
     if (ch == NULL)
         return;
+    tools_cleanup(&ch->tools);
+    free(ch->tool_options);
+    free(ch->last_round_options);
     answer_cleanup(&ch->answer);
     messages_cleanup(&ch->history);
     buf_cleanup(&ch->options);
@@ -549,7 +616,125 @@ send_delta(void *arg, const char *text, size_t len)
     return http_stream_event(ch->req, "delta");
 }
 
-/* Step 3: history + message to the model. */
+/* An event of the stream, begun if need be, with the document in the
+ * request's generator. Returns 0, or -1 when the client went away. */
+static int
+send_event(struct chat *ch, const char *name, int gen_rc)
+{
+    if (gen_rc != 0)
+        return -1;
+    if (begin_stream(ch) == -1)
+        return -1;
+    return http_stream_event(ch->req, name);
+}
+
+/* `event: tool` as a call starts: {id, name, arguments}. */
+static int
+send_tool_start(struct chat *ch, const struct answer_call *c)
+{
+    yajl_gen g = ch->req->gen;
+
+    json_gen_restart(g);
+    return send_event(ch, "tool",
+                      yajl_gen_map_open(g) ||
+                          json_gen_key_cstr(g, "id", c->id) ||
+                          json_gen_key_cstr(g, "name", c->name) ||
+                          json_gen_key_str(g, "arguments", c->arguments.data,
+                                           c->arguments.len) ||
+                          yajl_gen_map_close(g));
+}
+
+/* `event: tool` as a call ends: {id, name, status, ms}. */
+static int
+send_tool_end(struct chat *ch, const struct answer_call *c,
+              const struct tool_run *run)
+{
+    yajl_gen g = ch->req->gen;
+
+    json_gen_restart(g);
+    return send_event(ch, "tool",
+                      yajl_gen_map_open(g) ||
+                          json_gen_key_cstr(g, "id", c->id) ||
+                          json_gen_key_cstr(g, "name", c->name) ||
+                          json_gen_key_cstr(g, "status",
+                                            tools_outcome_name(run->outcome)) ||
+                          json_gen_key_int(g, "ms", (long long)run->ms) ||
+                          yajl_gen_map_close(g));
+}
+
+/* The answer's calls as an assistant message's tool_calls; a call the
+ * model left without an id gets one, so that its result can name it. */
+static int
+add_call_message(struct chat *ch, long long round)
+{
+    struct answer *a = &ch->answer;
+    yajl_gen g = ch->req->gen;
+    const unsigned char *json;
+    size_t len;
+
+    json_gen_restart(g);
+    if (yajl_gen_array_open(g))
+        return -1;
+    for (size_t i = 0; i < a->ncalls; i++) {
+        struct answer_call *c = &a->calls[i];
+
+        if (c->id[0] == '\0')
+            snprintf(c->id, sizeof(c->id), "call_%lld_%zu", round, i);
+        if (yajl_gen_map_open(g) || json_gen_key_cstr(g, "id", c->id) ||
+            json_gen_key_cstr(g, "type", "function") ||
+            json_gen_cstr(g, "function") || yajl_gen_map_open(g) ||
+            json_gen_key_cstr(g, "name", c->name) ||
+            json_gen_key_str(g, "arguments", c->arguments.data,
+                             c->arguments.len) ||
+            yajl_gen_map_close(g) || yajl_gen_map_close(g))
+            return -1;
+    }
+    yajl_gen_array_close(g);
+    yajl_gen_get_buf(g, &json, &len);
+    return messages_add_extra(&ch->history, MESSAGE_ASSISTANT,
+                              a->reply.data, a->reply.len,
+                              (const char *)json, len);
+}
+
+/* One round: the model's calls, all at once, and their results as tool
+ * messages. The turn's user message joins the history before the first
+ * round, so that the next model call sees the whole exchange. */
+static int
+run_tool_round(struct chat *ch, struct llm_call *call, long long round)
+{
+    const struct answer *a = &ch->answer;
+    int streaming = call->on_delta != NULL;
+
+    if (call->message != NULL &&
+        messages_add(&ch->history, MESSAGE_USER, call->message,
+                     call->message_len) == -1)
+        return -1;
+    call->message = NULL;
+    if (add_call_message(ch, round) == -1)
+        return -1;
+    for (size_t i = 0; streaming && i < a->ncalls; i++)
+        if (send_tool_start(ch, &a->calls[i]) == -1)
+            return -1;
+    phase(ch, SCOREBOARD_UPSTREAM);
+    tools_run(&ch->tools, a, ch->req->id, call->deadline_ms);
+    for (size_t i = 0; i < a->ncalls; i++) {
+        const struct tool_run *run = &ch->tools.runs[i];
+
+        log_info("chat", "tool %s: %s in %.0f ms", a->calls[i].name,
+                 tools_outcome_name(run->outcome), run->ms);
+        if (messages_add_extra(&ch->history, MESSAGE_TOOL, run->result.data,
+                               run->result.len, a->calls[i].id,
+                               strlen(a->calls[i].id)) == -1 ||
+            (streaming && send_tool_end(ch, &a->calls[i], run) == -1))
+            return -1;
+    }
+    return 0;
+}
+
+/* Step 3: history + message to the model; while it asks for tools, a
+ * round of them and the model again, up to max_tool_rounds rounds (the
+ * call after the last one may not ask for more). A retried or hedged
+ * model call happens inside llm_complete, so no tool ever runs twice. */
 static int
 ask_turn(struct chat *ch, const struct chat_turn *t)
 {
@@ -560,11 +745,27 @@ ask_turn(struct chat *ch, const struct chat_turn *t)
         .message_len = t->message_len,
         .temperature = ch->conf->upstream.temperature,
         .max_tokens = ch->conf->upstream.max_tokens,
+        .options = ch->tool_options,
         .on_delta = t->stream ? send_delta : NULL,
         .delta_arg = ch,
     };
+    long long rounds = ch->conf->chat.max_tool_rounds;
 
-    return ask_model(ch, &call);
+    ch->turn_start = ch->history.count;
+    for (long long round = 0;; round++) {
+        if (round == rounds && call.options != NULL)
+            call.options = ch->last_round_options;
+        if (ask_model(ch, &call) == -1)
+            return -1;
+        if (ch->answer.ncalls == 0 || call.options == NULL ||
+            round == rounds)
+            return 0;
+        if (run_tool_round(ch, &call, round) == -1) {
+            http_send_error(ch->req, 502, "upstream_error", "the model's "
+                            "tool calls cannot be handled");
+            return -1;
+        }
+    }
 }
 
 /* Copy the JSON document in g into b. */
@@ -621,6 +822,7 @@ serialise_turn(struct chat *ch, const struct chat_turn *t)
     yajl_gen g = ch->req->gen;
     const struct buf *reply = &ch->answer.reply;
 
+    messages_truncate(&ch->history, ch->turn_start);
     return chatdb_gen_item(g, MESSAGE_USER, t->message, t->message_len) ||
            take_json(g, &ch->user_item) ||
            chatdb_gen_item(g, MESSAGE_ASSISTANT, reply->data, reply->len) ||

@@ -367,6 +367,7 @@ CONTROL_FIELDS = {
     "delay_ms": _count, "chunk_delay_ms": _count, "split_bytes": _count,
     "drop_after": _count, "times": _count, "retry_after": _count,
     "tool_calls": _calls, "index_zero": _flag,
+    "tool_result_failures": _count,
 }
 
 
@@ -387,6 +388,8 @@ class Behaviour:
     sse_comments: bool = False
     tool_calls: list | None = None  # answer with these calls
     index_zero: bool = False        # stream every call with index 0
+    tool_result_failures: int = 0   # fail (500) this many requests that
+                                    # carry tool results, whatever `times`
 
     @classmethod
     def from_json(cls, obj):
@@ -414,7 +417,7 @@ class State:
         with self.lock:
             self.behaviour, self.remaining = Behaviour(), 0
             self.connections = self.requests = self.disconnects = 0
-            self.tool_calls = 0
+            self.tool_calls = self.tool_result_failures = 0
             self.last_disconnect_at = None
             self.recent = collections.deque(maxlen=RECENT_REQUESTS)
 
@@ -430,6 +433,16 @@ class State:
     def set_behaviour(self, behaviour):
         with self.lock:
             self.behaviour, self.remaining = behaviour, behaviour.times
+            self.tool_result_failures = behaviour.tool_result_failures
+
+    def take_tool_result_failure(self, request):
+        """True when this request, which answers tool calls, is to fail."""
+        with self.lock:
+            if self.tool_result_failures and \
+                    request["messages"][-1].get("role") == "tool":
+                self.tool_result_failures -= 1
+                return True
+            return False
 
     def take_behaviour(self):
         """The behaviour for one chat request; counts `times` down."""
@@ -586,6 +599,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_json(400, openai_error(problem))
         behaviour = self.state.take_behaviour()
         self.disconnected = False
+        if self.state.take_tool_result_failure(request):
+            return self.fail(Behaviour())
         if behaviour.mode == "hang":
             return self.hang()
         if not self.wait(behaviour.delay_ms / 1000):

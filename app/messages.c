@@ -92,6 +92,13 @@ messages_drop_last(struct messages *h)
 }
 
 void
+messages_truncate(struct messages *h, size_t count)
+{
+    while (h->count > count)
+        messages_drop_last(h);
+}
+
+void
 messages_reverse(struct messages *h)
 {
     for (size_t i = 0, j = h->count; i + 1 < j; i++, j--) {

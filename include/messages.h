@@ -56,6 +56,9 @@ const char *messages_content(const struct messages *h, size_t i);
 /* Remove the message added last. */
 void messages_drop_last(struct messages *h);
 
+/* Keep the first count messages only. */
+void messages_truncate(struct messages *h, size_t count);
+
 /* Reverse the order of the messages (a list read newest first). */
 void messages_reverse(struct messages *h);
 
