@@ -28,6 +28,9 @@
 #define ITEM_OVERHEAD 64
 #define JSON_ESCAPE_GROWTH 6 /* a byte may become \u00XX */
 #define ANSWER_OVERHEAD 1024 /* an answer's session id, model and usage */
+/* A turn's tool exchange (calls and results of every round): in memory
+ * beside the history, then stored with the answer. More is a 502. */
+#define EXCHANGE_MAX (512 * 1024)
 
 struct chat {
     const struct conf *conf;
@@ -46,6 +49,7 @@ struct chat {
     struct buf arena;         /* strings picked from the body */
     struct buf user_item;     /* the turn's messages as stored */
     struct buf assistant_item;
+    struct buf exchange;      /* the turn's tool exchange, a JSON array */
     struct buf replay;        /* an answer stored for Idempotency-Key */
     struct buf options;       /* a /v1 request's options passed through */
     struct messages history;  /* the session's, or a /v1 request's */
@@ -82,13 +86,16 @@ init_buffers(struct chat *ch, const struct conf *c)
     buf_init(&ch->arena,
              (max_body > max_answer ? max_body : max_answer) + ITEM_OVERHEAD);
     buf_init(&ch->user_item, max_msg * JSON_ESCAPE_GROWTH + ITEM_OVERHEAD);
-    buf_init(&ch->assistant_item, max_item);
+    buf_init(&ch->assistant_item,
+             max_item + EXCHANGE_MAX * JSON_ESCAPE_GROWTH);
+    buf_init(&ch->exchange, EXCHANGE_MAX);
     buf_init(&ch->replay, max_answer);
     /* Options are written back as they came, so they fit in about the
      * body's size; \u escapes and spaces only shrink. */
     buf_init(&ch->options, max_body + ITEM_OVERHEAD);
     messages_init(&ch->history, (size_t)c->chat.history_max_bytes +
-                                    max_msg + max_reply + ITEM_OVERHEAD);
+                                    max_msg + max_reply + EXCHANGE_MAX +
+                                    ITEM_OVERHEAD);
     answer_init(&ch->answer, max_reply);
 }
 
@@ -190,6 +197,7 @@ chat_free(struct chat *ch)
     buf_cleanup(&ch->options);
     buf_cleanup(&ch->replay);
     buf_cleanup(&ch->assistant_item);
+    buf_cleanup(&ch->exchange);
     buf_cleanup(&ch->user_item);
     buf_cleanup(&ch->arena);
     buf_cleanup(&ch->body);
@@ -692,7 +700,7 @@ add_call_message(struct chat *ch, long long round)
     yajl_gen_array_close(g);
     yajl_gen_get_buf(g, &json, &len);
     return messages_add_extra(&ch->history, MESSAGE_ASSISTANT,
-                              a->reply.data, a->reply.len,
+                              a->reply.data, a->reply.len, MESSAGE_CALLS,
                               (const char *)json, len);
 }
 
@@ -723,7 +731,8 @@ run_tool_round(struct chat *ch, struct llm_call *call, long long round)
         log_info("chat", "tool %s: %s in %.0f ms", a->calls[i].name,
                  tools_outcome_name(run->outcome), run->ms);
         if (messages_add_extra(&ch->history, MESSAGE_TOOL, run->result.data,
-                               run->result.len, a->calls[i].id,
+                               run->result.len, MESSAGE_CALL_ID,
+                               a->calls[i].id,
                                strlen(a->calls[i].id)) == -1 ||
             (streaming && send_tool_end(ch, &a->calls[i], run) == -1))
             return -1;
@@ -812,26 +821,51 @@ gen_answer(yajl_gen g, const char *session_id, const struct answer *a,
            yajl_gen_map_close(g);
 }
 
+/* The turn's tool exchange, the messages after its user message, as a
+ * JSON array in ch->exchange (empty when no tool ran). */
+static int
+take_exchange(struct chat *ch)
+{
+    yajl_gen g = ch->req->gen;
+    const struct messages *h = &ch->history;
+
+    buf_reset(&ch->exchange);
+    if (h->count <= ch->turn_start)
+        return 0;
+    json_gen_restart(g);
+    if (yajl_gen_array_open(g))
+        return -1;
+    for (size_t i = ch->turn_start + 1; i < h->count; i++)
+        if (messages_gen(g, h, i))
+            return -1;
+    return yajl_gen_array_close(g) || take_json(g, &ch->exchange);
+}
+
 /* The stored messages and the answer, serialised before anything is
  * stored, so that a turn whose answer cannot be sent is never kept; the
- * new pair joins the history, which the commit trims. The answer stays in
- * the generator: the response body and the idempotency record. */
+ * new pair (the exchange folded into its answer) joins the history,
+ * which the commit trims. The answer stays in the generator: the
+ * response body and the idempotency record. */
 static int
 serialise_turn(struct chat *ch, const struct chat_turn *t)
 {
     yajl_gen g = ch->req->gen;
-    const struct buf *reply = &ch->answer.reply;
+    const struct buf *reply = &ch->answer.reply, *x = &ch->exchange;
 
+    if (take_exchange(ch) == -1)
+        return -1;
     messages_truncate(&ch->history, ch->turn_start);
-    return chatdb_gen_item(g, MESSAGE_USER, t->message, t->message_len) ||
+    return chatdb_gen_item(g, MESSAGE_USER, t->message, t->message_len, "",
+                           0) ||
            take_json(g, &ch->user_item) ||
-           chatdb_gen_item(g, MESSAGE_ASSISTANT, reply->data, reply->len) ||
+           chatdb_gen_item(g, MESSAGE_ASSISTANT, reply->data, reply->len,
+                           x->data, x->len) ||
            take_json(g, &ch->assistant_item) ||
            gen_answer(g, t->session_id, &ch->answer, 1) ||
            messages_add(&ch->history, MESSAGE_USER, t->message,
                         t->message_len) ||
-           messages_add(&ch->history, MESSAGE_ASSISTANT, reply->data,
-                        reply->len);
+           messages_add_extra(&ch->history, MESSAGE_ASSISTANT, reply->data,
+                              reply->len, MESSAGE_EXCHANGE, x->data, x->len);
 }
 
 /* Step 4, in one round trip: append both messages, trim, refresh the
@@ -988,15 +1022,9 @@ gen_history(yajl_gen g, const char *session_id, const struct messages *h)
         json_gen_key_cstr(g, "session_id", session_id) ||
         json_gen_cstr(g, "messages") || yajl_gen_array_open(g))
         return -1;
-    for (size_t i = 0; i < h->count; i++) {
-        if (yajl_gen_map_open(g) ||
-            json_gen_key_cstr(g, "role",
-                              messages_role_name(h->msgs[i].role)) ||
-            json_gen_key_str(g, "content", messages_content(h, i),
-                             h->msgs[i].len) ||
-            yajl_gen_map_close(g))
+    for (size_t i = 0; i < h->count; i++)
+        if (messages_gen(g, h, i))
             return -1;
-    }
     return yajl_gen_array_close(g) || yajl_gen_map_close(g);
 }
 

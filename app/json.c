@@ -607,3 +607,24 @@ json_gen_value(yajl_gen g, yajl_val v, unsigned depth)
     }
     return -1;
 }
+
+#define TEXT_DEPTH 64
+
+int
+json_gen_text(yajl_gen g, const char *json, int inner)
+{
+    yajl_val doc = yajl_tree_parse(json, NULL, 0);
+    int rc = -1;
+
+    if (doc != NULL && !inner)
+        rc = json_gen_value(g, doc, TEXT_DEPTH);
+    else if (YAJL_IS_OBJECT(doc))
+        for (size_t i = rc = 0; rc == 0 && i < doc->u.object.len; i++)
+            rc = json_gen_cstr(g, doc->u.object.keys[i]) ||
+                 json_gen_value(g, doc->u.object.values[i], TEXT_DEPTH);
+    else if (YAJL_IS_ARRAY(doc))
+        for (size_t i = rc = 0; rc == 0 && i < doc->u.array.len; i++)
+            rc = json_gen_value(g, doc->u.array.values[i], TEXT_DEPTH);
+    yajl_tree_free(doc);
+    return rc;
+}

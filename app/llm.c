@@ -5,7 +5,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-#include <yajl/yajl_tree.h>
 
 #include "clock.h"
 #include "exchange.h"
@@ -15,7 +14,6 @@
 #include "scoreboard.h"
 
 #define POLL_MS 1000
-#define GEN_DEPTH 32 /* deep enough for any tool's parameter schema */
 
 static char *
 join(const char *a, const char *b)
@@ -100,48 +98,6 @@ gen_message(yajl_gen g, const char *role, const char *content, size_t len)
            yajl_gen_map_close(g);
 }
 
-/* A JSON text of ours (generated, so trusted) written into g: as one
- * value, or with members set, an object's members into g's open map. */
-static int
-gen_parsed(yajl_gen g, const char *json, int members)
-{
-    yajl_val doc = yajl_tree_parse(json, NULL, 0);
-    int rc = -1;
-
-    if (doc != NULL && !members)
-        rc = json_gen_value(g, doc, GEN_DEPTH);
-    else if (YAJL_IS_OBJECT(doc))
-        for (size_t i = rc = 0; rc == 0 && i < doc->u.object.len; i++)
-            rc = json_gen_cstr(g, doc->u.object.keys[i]) ||
-                 json_gen_value(g, doc->u.object.values[i], GEN_DEPTH);
-    yajl_tree_free(doc);
-    return rc;
-}
-
-/* A message of a tool exchange: the assistant's tool calls (content null
- * when it said nothing), or a tool's result for one call. */
-static int
-gen_tool_message(yajl_gen g, const struct messages *h, size_t i)
-{
-    const struct message *m = &h->msgs[i];
-    int tool = m->role == MESSAGE_TOOL;
-
-    if (yajl_gen_map_open(g) ||
-        json_gen_key_cstr(g, "role", messages_role_name(m->role)) ||
-        json_gen_cstr(g, "content") ||
-        (m->len == 0 && !tool
-             ? yajl_gen_null(g) != yajl_gen_status_ok
-             : json_gen_str(g, messages_content(h, i), m->len) != 0))
-        return -1;
-    if (tool)
-        return json_gen_key_str(g, "tool_call_id", messages_extra(h, i),
-                                m->extra_len) ||
-               yajl_gen_map_close(g);
-    return json_gen_cstr(g, "tool_calls") ||
-           gen_parsed(g, messages_extra(h, i), 0) ||
-           yajl_gen_map_close(g);
-}
-
 /* [system prompt] + messages + [the new user message]. */
 static int
 gen_messages(yajl_gen g, const struct llm_call *call)
@@ -154,14 +110,9 @@ gen_messages(yajl_gen g, const struct llm_call *call)
     if (system != NULL && system[0] != '\0' &&
         gen_message(g, "system", system, strlen(system)))
         return -1;
-    for (size_t i = 0; i < h->count; i++) {
-        const struct message *m = &h->msgs[i];
-
-        if (m->extra_len > 0 ? gen_tool_message(g, h, i)
-                             : gen_message(g, messages_role_name(m->role),
-                                           messages_content(h, i), m->len))
+    for (size_t i = 0; i < h->count; i++)
+        if (messages_gen(g, h, i))
             return -1;
-    }
     if (call->message != NULL &&
         gen_message(g, "user", call->message, call->message_len))
         return -1;
@@ -185,7 +136,7 @@ gen_request(struct llm *l, const struct llm_call *call, const char *model)
     if (call->max_tokens > 0 &&
         json_gen_key_int(g, "max_tokens", call->max_tokens))
         return -1;
-    if (call->options != NULL && gen_parsed(g, call->options, 1))
+    if (call->options != NULL && json_gen_text(g, call->options, 1))
         return -1;
     if (call->on_delta != NULL &&
         (json_gen_cstr(g, "stream") || yajl_gen_bool(g, 1) ||

@@ -161,7 +161,10 @@ add_message(struct messages *h, enum message_role role, yajl_val m,
         (content == NULL || content_text(content, s->scratch, &text, &len)))
         return refuse(err, "each message needs a text content: a string or "
                       "text parts");
-    if (messages_add_extra(h, role, text, len, extra, extra_len) == -1)
+    if (messages_add_extra(h, role, text, len,
+                           role == MESSAGE_TOOL ? MESSAGE_CALL_ID
+                                                : MESSAGE_CALLS,
+                           extra, extra_len) == -1)
         return refuse(err, "the messages are too large");
     return 0;
 }

@@ -93,4 +93,9 @@ int json_gen_key_int(yajl_gen g, const char *key, long long v);
  * Returns 0 or -1. */
 int json_gen_value(yajl_gen g, yajl_val v, unsigned depth);
 
+/* Write a JSON text of ours (generated, so trusted) into g: as one value,
+ * or with inner set, an object's members or an array's elements into the
+ * container open in g. Returns 0 or -1. */
+int json_gen_text(yajl_gen g, const char *json, int inner);
+
 #endif

@@ -8,6 +8,8 @@
 
 #include <stddef.h>
 
+#include <yajl/yajl_gen.h>
+
 #include "buf.h"
 
 /* Stored histories hold user, assistant and tool messages; system
@@ -19,12 +21,20 @@ enum message_role {
     MESSAGE_TOOL,
 };
 
+/* What a message carries beside its content, in OpenAI's shapes. */
+enum message_extra {
+    MESSAGE_PLAIN,
+    MESSAGE_CALLS,    /* an assistant's tool_calls: a JSON array */
+    MESSAGE_CALL_ID,  /* a tool message's tool_call_id */
+    MESSAGE_EXCHANGE, /* a stored turn's final answer: the tool exchange
+                         before it, a JSON array of messages */
+};
+
 struct message {
     enum message_role role;
     size_t off, len; /* content in messages.text */
-    /* In messages.text too, len 0 when none: an assistant message's
-     * tool_calls (a JSON array), or a tool message's tool_call_id. */
-    size_t extra_off, extra_len;
+    enum message_extra extra_kind;
+    size_t extra_off, extra_len; /* the extra in messages.text */
 };
 
 struct messages {
@@ -42,9 +52,10 @@ void messages_cleanup(struct messages *h);
 int messages_add(struct messages *h, enum message_role role,
                  const char *content, size_t len);
 
-/* The same with the extra of a tool exchange (see struct message). */
+/* The same with an extra (see enum message_extra). */
 int messages_add_extra(struct messages *h, enum message_role role,
-                       const char *content, size_t len, const char *extra,
+                       const char *content, size_t len,
+                       enum message_extra kind, const char *extra,
                        size_t extra_len);
 
 /* Message i's extra, NUL-terminated (its length is msgs[i].extra_len). */
@@ -63,5 +74,11 @@ void messages_truncate(struct messages *h, size_t count);
 void messages_reverse(struct messages *h);
 
 const char *messages_role_name(enum message_role role);
+
+/* Message i into g in OpenAI's shape: {role, content[, tool_calls |
+ * tool_call_id]}, an assistant's content null when it only calls tools;
+ * a MESSAGE_EXCHANGE answer is its exchange's messages, then itself.
+ * Returns 0 or -1. */
+int messages_gen(yajl_gen g, const struct messages *h, size_t i);
 
 #endif

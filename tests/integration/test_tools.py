@@ -186,3 +186,30 @@ def test_a_retried_model_call_runs_no_tool_twice(http, tool_stack,
     assert "The tools answered" in r.json()["reply"]
     assert tool_stats(http, tool_server)["tool_calls"] - before == 1
     assert tool_model.stats()["requests"] - requests_before == 3
+
+
+def test_history_keeps_the_exchange_and_trims_whole_turns(
+        http, tool_stack, tool_model):
+    """GET shows the whole exchange; the next turn sends it back to the
+    model; the oldest turn goes as one (history_max_messages 20 counts
+    a turn as its question and its answer)."""
+    sid = "tools-history"
+    tool_model.set(tool_calls=calls("texty", arguments='{"q":1}'), times=1)
+    assert post_chat(http, tool_stack, "first", sid).status_code == 200
+    got = http.get(f"{tool_stack.url}/api/chat/{sid}", timeout=5).json()
+    roles = [m["role"] for m in got["messages"]]
+    assert roles == ["user", "assistant", "tool", "assistant"]
+    call = got["messages"][1]["tool_calls"][0]
+    assert got["messages"][1]["content"] is None
+    assert call["function"] == {"name": "texty", "arguments": '{"q":1}'}
+    assert got["messages"][2] == {"role": "tool", "content": '{"q":1}',
+                                  "tool_call_id": call["id"]}
+    assert post_chat(http, tool_stack, "second", sid).status_code == 200
+    assert [m["role"] for m in sent_messages(tool_model)] == \
+        ["user", "assistant", "tool", "assistant", "user"]
+    for i in range(10):
+        assert post_chat(http, tool_stack, f"more {i}",
+                         sid).status_code == 200
+    got = http.get(f"{tool_stack.url}/api/chat/{sid}", timeout=5).json()
+    assert got["messages"][0] == {"role": "user", "content": "more 0"}
+    assert "tool" not in [m["role"] for m in got["messages"]]
