@@ -32,6 +32,10 @@
  * beside the history, then stored with the answer. More is a 502. */
 #define EXCHANGE_MAX (512 * 1024)
 
+/* Every configured tool has its own counters, and one more is left for
+ * the calls of tools that are not configured. */
+_Static_assert(CONF_TOOLS_MAX < SCOREBOARD_TOOLS, "a tool without counters");
+
 struct chat {
     const struct conf *conf;
     struct scoreboard *pool;
@@ -730,6 +734,11 @@ run_tool_round(struct chat *ch, struct llm_call *call, long long round)
 
         log_info("chat", "tool %s: %s in %.0f ms", a->calls[i].name,
                  tools_outcome_name(run->outcome), run->ms);
+        scoreboard_count_tool(ch->pool,
+                              run->tool ? (size_t)(run->tool -
+                                                   ch->conf->tools)
+                                        : SCOREBOARD_TOOLS - 1,
+                              run->outcome, run->ms);
         if (messages_add_extra(&ch->history, MESSAGE_TOOL, run->result.data,
                                run->result.len, MESSAGE_CALL_ID,
                                a->calls[i].id,
