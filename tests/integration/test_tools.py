@@ -248,3 +248,18 @@ def test_metrics_count_tool_calls_and_their_latency(http, tool_stack,
     slow = "chatfcgi_tool_duration_seconds_bucket"
     assert metric(after, slow, le="0.1") - metric(before, slow, le="0.1") \
         <= 1  # the failing one may be fast; the 200 ms one is not
+
+
+def test_the_bundled_model_calls_the_demo_tools(http, stack_factory):
+    """As `make run` starts it: the bundled model, offered its demo tools,
+    asks for the time or a calculation, and answers from the result."""
+    st = stack_factory({"CHATFCGI_INCLUDE": None})
+    res = stream_chat(st.url, "What time is it?", read_timeout=10)
+    assert res.status == 200 and res.done, res
+    tools = [e.data for e in res.events if e.name == "tool"]
+    assert [t["name"] for t in tools] == ["get_time", "get_time"]
+    assert tools[1]["status"] == "ok"
+    assert '"utc"' in res.text
+    r = post_chat(http, st, "calculate (6 + 1) * 6")
+    assert r.status_code == 200, r.text
+    assert '"result": 42' in r.json()["reply"]
