@@ -18,6 +18,7 @@
 #define CONF_NAME_MAX 96
 #define ENV_PREFIX "CHATFCGI_"
 #define INCLUDE_DEPTH_MAX 8 /* an include that includes itself stops */
+#define INCLUDED_ERROR (-2)  /* why is a whole message: file:line: reason */
 #define PARAMETERS_MAX (64 * 1024)
 #define PARAMETERS_DEPTH 32
 #define NAMED_KEYS_MAX 8
@@ -543,7 +544,7 @@ parse_text(struct conf *c, const char *text, const char *name,
     struct parse_state *st = calloc(1, sizeof(*st));
     char line[CONF_LINE_MAX], why[256];
     const char *p = text;
-    int lineno = 0;
+    int lineno = 0, rc;
 
     if (st == NULL) {
         snprintf(err, CONF_ERR_LEN, "%s: out of memory", name);
@@ -563,8 +564,12 @@ parse_text(struct conf *c, const char *text, const char *name,
         memcpy(line, p, len);
         line[len] = '\0';
         p += len + (p[len] == '\n');
-        if (parse_line(c, st, line, lineno, why, sizeof(why)) == -1) {
-            snprintf(err, CONF_ERR_LEN, "%s:%d: %s", name, lineno, why);
+        rc = parse_line(c, st, line, lineno, why, sizeof(why));
+        if (rc != 0) {
+            if (rc == INCLUDED_ERROR)
+                snprintf(err, CONF_ERR_LEN, "%s", why);
+            else
+                snprintf(err, CONF_ERR_LEN, "%s:%d: %s", name, lineno, why);
             free(st);
             return -1;
         }
@@ -709,9 +714,19 @@ include_file(struct conf *c, const char *path, unsigned depth, char *why,
     }
     rc = parse_text(c, text, path, depth, err);
     free(text);
-    if (rc == -1)
-        snprintf(why, whylen, "included %s", err);
-    return rc;
+    if (rc == 0)
+        return 0;
+    snprintf(why, whylen, "%s", err); /* names its own file and line */
+    return INCLUDED_ERROR;
+}
+
+/* A directory of a glob that does not exist is an empty drop-in
+ * directory; one that cannot be read stops the glob. */
+static int
+glob_error(const char *path, int error)
+{
+    (void)path;
+    return error != ENOENT && error != ENOTDIR;
 }
 
 /* include = FILE or GLOB, several separated by commas or spaces, read in
@@ -737,7 +752,7 @@ include_files(struct conf *c, const char *patterns, unsigned depth,
         int found;
 
         snprintf(pattern, sizeof(pattern), "%.*s", (int)len, entry);
-        found = glob(pattern, GLOB_ERR, NULL, &g);
+        found = glob(pattern, 0, glob_error, &g);
         if (found == GLOB_NOMATCH && strpbrk(pattern, "*?[") == NULL) {
             snprintf(why, whylen, "include: %s: no such file", pattern);
             rc = -1;
@@ -916,9 +931,14 @@ include_from_env(struct conf *c, char *const envp[], char err[CONF_ERR_LEN])
     for (size_t i = 0; envp && envp[i]; i++) {
         if (strncmp(envp[i], var, sizeof(var) - 1) != 0)
             continue;
-        if (include_files(c, envp[i] + sizeof(var) - 1, 1, why,
-                          sizeof(why)) == 0)
+        switch (include_files(c, envp[i] + sizeof(var) - 1, 1, why,
+                              sizeof(why))) {
+        case 0:
             return 0;
+        case INCLUDED_ERROR:
+            snprintf(err, CONF_ERR_LEN, "%s", why);
+            return -1;
+        }
         snprintf(err, CONF_ERR_LEN, ENV_PREFIX "INCLUDE: %s", why);
         return -1;
     }
