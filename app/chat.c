@@ -640,38 +640,26 @@ send_event(struct chat *ch, const char *name, int gen_rc)
     return http_stream_event(ch->req, name);
 }
 
-/* `event: tool` as a call starts: {id, name, arguments}. */
+/* `event: tool` as a call starts, {id, name, arguments}, or, given its
+ * run, as it ends, {id, name, status, ms}. */
 static int
-send_tool_start(struct chat *ch, const struct answer_call *c)
+send_tool_event(struct chat *ch, const struct answer_call *c,
+                const struct tool_run *run)
 {
     yajl_gen g = ch->req->gen;
 
     json_gen_restart(g);
-    return send_event(ch, "tool",
-                      yajl_gen_map_open(g) ||
-                          json_gen_key_cstr(g, "id", c->id) ||
-                          json_gen_key_cstr(g, "name", c->name) ||
-                          json_gen_key_str(g, "arguments", c->arguments.data,
-                                           c->arguments.len) ||
-                          yajl_gen_map_close(g));
-}
-
-/* `event: tool` as a call ends: {id, name, status, ms}. */
-static int
-send_tool_end(struct chat *ch, const struct answer_call *c,
-              const struct tool_run *run)
-{
-    yajl_gen g = ch->req->gen;
-
-    json_gen_restart(g);
-    return send_event(ch, "tool",
-                      yajl_gen_map_open(g) ||
-                          json_gen_key_cstr(g, "id", c->id) ||
-                          json_gen_key_cstr(g, "name", c->name) ||
-                          json_gen_key_cstr(g, "status",
-                                            tools_outcome_name(run->outcome)) ||
-                          json_gen_key_int(g, "ms", (long long)run->ms) ||
-                          yajl_gen_map_close(g));
+    return send_event(
+        ch, "tool",
+        yajl_gen_map_open(g) || json_gen_key_cstr(g, "id", c->id) ||
+            json_gen_key_cstr(g, "name", c->name) ||
+            (run == NULL
+                 ? json_gen_key_str(g, "arguments", c->arguments.data,
+                                    c->arguments.len)
+                 : json_gen_key_cstr(g, "status",
+                                     tools_outcome_name(run->outcome)) ||
+                       json_gen_key_int(g, "ms", (long long)run->ms)) ||
+            yajl_gen_map_close(g));
 }
 
 /* The answer's calls as an assistant message's tool_calls; a call the
@@ -725,7 +713,7 @@ run_tool_round(struct chat *ch, struct llm_call *call, long long round)
     if (add_call_message(ch, round) == -1)
         return -1;
     for (size_t i = 0; streaming && i < a->ncalls; i++)
-        if (send_tool_start(ch, &a->calls[i]) == -1)
+        if (send_tool_event(ch, &a->calls[i], NULL) == -1)
             return -1;
     phase(ch, SCOREBOARD_UPSTREAM);
     tools_run(&ch->tools, a, ch->req->id, call->deadline_ms);
@@ -743,7 +731,7 @@ run_tool_round(struct chat *ch, struct llm_call *call, long long round)
                                run->result.len, MESSAGE_CALL_ID,
                                a->calls[i].id,
                                strlen(a->calls[i].id)) == -1 ||
-            (streaming && send_tool_end(ch, &a->calls[i], run) == -1))
+            (streaming && send_tool_event(ch, &a->calls[i], run) == -1))
             return -1;
     }
     return 0;

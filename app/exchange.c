@@ -418,8 +418,8 @@ on_body(char *data, size_t size, size_t n, void *arg)
     return size * n;
 }
 
-static struct curl_slist *
-request_headers(const char *auth_header, const char *request_id)
+struct curl_slist *
+exchange_headers(const char *auth_header, const char *request_id)
 {
     char id_header[HEADER_LEN];
     struct curl_slist *h = NULL, *next;
@@ -444,28 +444,44 @@ request_headers(const char *auth_header, const char *request_id)
     return h;
 }
 
+void
+exchange_post_options(CURL *e, const struct exchange_post *p)
+{
+    curl_easy_reset(e);
+    curl_easy_setopt(e, CURLOPT_URL, p->url);
+    curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(e, CURLOPT_POST, 1L);
+    curl_easy_setopt(e, CURLOPT_POSTFIELDS, p->body);
+    curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)p->body_len);
+    curl_easy_setopt(e, CURLOPT_HTTPHEADER, p->headers);
+    curl_easy_setopt(e, CURLOPT_USERAGENT, "chatfcgi/1");
+    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, p->on_body);
+    curl_easy_setopt(e, CURLOPT_WRITEDATA, p->arg);
+    curl_easy_setopt(e, CURLOPT_PRIVATE, p->arg);
+    curl_easy_setopt(e, CURLOPT_ERRORBUFFER, p->errbuf);
+    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(e, CURLOPT_TCP_NODELAY, 1L);
+    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, p->timeout_ms);
+}
+
 static void
 set_options(struct exchange *a, const struct exchange_spec *spec)
 {
-    CURL *e = a->easy;
+    struct exchange_post post = {
+        .url = spec->url,
+        .body = a->body.data,
+        .body_len = a->body.len,
+        .headers = a->headers,
+        .on_body = on_body,
+        .arg = a,
+        .errbuf = a->errbuf,
+        .timeout_ms = spec->timeout_ms,
+    };
 
-    curl_easy_reset(e);
-    curl_easy_setopt(e, CURLOPT_URL, spec->url);
-    curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
-    curl_easy_setopt(e, CURLOPT_POST, 1L);
-    curl_easy_setopt(e, CURLOPT_POSTFIELDS, a->body.data);
-    curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)a->body.len);
-    curl_easy_setopt(e, CURLOPT_HTTPHEADER, a->headers);
-    curl_easy_setopt(e, CURLOPT_USERAGENT, "chatfcgi/1");
-    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_body);
-    curl_easy_setopt(e, CURLOPT_WRITEDATA, a);
-    curl_easy_setopt(e, CURLOPT_PRIVATE, a);
-    curl_easy_setopt(e, CURLOPT_ERRORBUFFER, a->errbuf);
-    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(e, CURLOPT_TCP_NODELAY, 1L);
-    curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
-    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, spec->connect_timeout_ms);
-    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, spec->timeout_ms);
+    exchange_post_options(a->easy, &post);
+    curl_easy_setopt(a->easy, CURLOPT_TCP_KEEPALIVE, 1L);
+    curl_easy_setopt(a->easy, CURLOPT_CONNECTTIMEOUT_MS,
+                     spec->connect_timeout_ms);
 }
 
 /* Ready for a new request: nothing of the last one is left. */
@@ -498,7 +514,7 @@ exchange_start(struct exchange *a, CURLM *multi,
     exchange_reset(a, model);
     a->want_stream = spec->stream;
     buf_reset(&a->body);
-    a->headers = request_headers(spec->auth_header, spec->request_id);
+    a->headers = exchange_headers(spec->auth_header, spec->request_id);
     if (a->headers == NULL ||
         buf_append(&a->body, spec->body, spec->body_len) == -1) {
         snprintf(a->ans.message, sizeof(a->ans.message),

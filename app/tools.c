@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "clock.h"
+#include "exchange.h"
 #include "json.h"
 
 #define ARGUMENTS_DEPTH 32
@@ -119,33 +120,23 @@ start(struct tools *t, struct tool_run *r, const char *request_id,
 {
     double left = deadline_ms - clock_ms();
     long timeout = (long)r->tool->timeout_ms;
-    char id_header[128];
-    CURL *e = r->easy;
+    struct exchange_post post = {
+        .url = r->tool->url,
+        .body = r->arguments_len ? r->arguments : "{}",
+        .body_len = r->arguments_len ? r->arguments_len : 2,
+        .on_body = on_body,
+        .arg = r,
+        .errbuf = r->errbuf,
+    };
 
     if (left < (double)timeout)
         timeout = left < 1 ? 1 : (long)left;
-    snprintf(id_header, sizeof(id_header), "X-Request-Id: %s", request_id);
-    r->headers = curl_slist_append(NULL, "Content-Type: application/json");
-    if (r->headers != NULL)
-        r->headers = curl_slist_append(r->headers, id_header);
-    curl_easy_reset(e);
-    curl_easy_setopt(e, CURLOPT_URL, r->tool->url);
-    curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
-    curl_easy_setopt(e, CURLOPT_POSTFIELDS, r->arguments_len ? r->arguments
-                                                             : "{}");
-    curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE,
-                     (curl_off_t)(r->arguments_len ? r->arguments_len : 2));
-    curl_easy_setopt(e, CURLOPT_HTTPHEADER, r->headers);
-    curl_easy_setopt(e, CURLOPT_USERAGENT, "chatfcgi/1");
-    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_body);
-    curl_easy_setopt(e, CURLOPT_WRITEDATA, r);
-    curl_easy_setopt(e, CURLOPT_PRIVATE, r);
-    curl_easy_setopt(e, CURLOPT_ERRORBUFFER, r->errbuf);
-    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(e, CURLOPT_TCP_NODELAY, 1L);
-    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, timeout);
+    r->headers = exchange_headers(NULL, request_id);
+    post.headers = r->headers;
+    post.timeout_ms = timeout;
+    exchange_post_options(r->easy, &post);
     if (r->headers == NULL ||
-        curl_multi_add_handle(t->multi, e) != CURLM_OK) {
+        curl_multi_add_handle(t->multi, r->easy) != CURLM_OK) {
         fail(r, TOOL_FAILED, "the tool could not be called");
         return -1;
     }

@@ -58,6 +58,28 @@ struct exchange {
     void *arg;
 };
 
+/* What every POST of ours sets on its easy handle, a provider's or a
+ * tool's (after curl_easy_reset): the URL (http or https only), the body,
+ * headers, where the answer goes, the handle's private pointer and error
+ * buffer, no signals, no Nagle, the total timeout. */
+struct exchange_post {
+    const char *url;
+    const char *body;
+    size_t body_len;
+    struct curl_slist *headers;
+    curl_write_callback on_body;
+    void *arg; /* WRITEDATA and PRIVATE */
+    char *errbuf;
+    long timeout_ms;
+};
+void exchange_post_options(CURL *e, const struct exchange_post *p);
+
+/* The headers of such a POST: JSON, no 100-continue round trip, the
+ * request id, and auth_header unless NULL. The caller frees them
+ * (curl_slist_free_all); NULL when out of memory. */
+struct curl_slist *exchange_headers(const char *auth_header,
+                                    const char *request_id);
+
 /* Returns 0, or -1 when out of memory. */
 int exchange_init(struct exchange *a, size_t max_reply);
 void exchange_cleanup(struct exchange *a);
