@@ -20,6 +20,7 @@
 #include "log.h"
 #include "messages.h"
 #include "scoreboard.h"
+#include "tools.h"
 #include "v1.h"
 
 #define REQUEST_DEPTH 16
@@ -27,6 +28,13 @@
 #define ITEM_OVERHEAD 64
 #define JSON_ESCAPE_GROWTH 6 /* a byte may become \u00XX */
 #define ANSWER_OVERHEAD 1024 /* an answer's session id, model and usage */
+/* A turn's tool exchange (calls and results of every round): in memory
+ * beside the history, then stored with the answer. More is a 502. */
+#define EXCHANGE_MAX (512 * 1024)
+
+/* Every configured tool has its own counters, and one more is left for
+ * the calls of tools that are not configured. */
+_Static_assert(CONF_TOOLS_MAX < SCOREBOARD_TOOLS, "a tool without counters");
 
 struct chat {
     const struct conf *conf;
@@ -34,14 +42,22 @@ struct chat {
     struct scoreboard_slot *slot;
     struct chatdb db;
     struct llm llm;
+    struct tools tools;
+    /* The configured tools declared to the model ({"tools": [...]}), and
+     * the same with tool_choice none for the call after the last round;
+     * NULL without tools. */
+    char *tool_options, *last_round_options;
     struct http_request *req; /* the request in hand */
     double redis_since_ms;    /* when its Redis round trip began */
     struct buf body;          /* the request body, capped at max_body_bytes */
     struct buf arena;         /* strings picked from the body */
     struct buf user_item;     /* the turn's messages as stored */
     struct buf assistant_item;
+    struct buf exchange;      /* the turn's tool exchange, a JSON array */
     struct buf replay;        /* an answer stored for Idempotency-Key */
+    struct buf options;       /* a /v1 request's options passed through */
     struct messages history;  /* the session's, or a /v1 request's */
+    size_t turn_start;        /* history's count before the turn's own */
     struct answer answer;
 };
 
@@ -74,11 +90,68 @@ init_buffers(struct chat *ch, const struct conf *c)
     buf_init(&ch->arena,
              (max_body > max_answer ? max_body : max_answer) + ITEM_OVERHEAD);
     buf_init(&ch->user_item, max_msg * JSON_ESCAPE_GROWTH + ITEM_OVERHEAD);
-    buf_init(&ch->assistant_item, max_item);
+    buf_init(&ch->assistant_item,
+             max_item + EXCHANGE_MAX * JSON_ESCAPE_GROWTH);
+    buf_init(&ch->exchange, EXCHANGE_MAX);
     buf_init(&ch->replay, max_answer);
+    /* Options are written back as they came, so they fit in about the
+     * body's size; \u escapes and spaces only shrink. */
+    buf_init(&ch->options, max_body + ITEM_OVERHEAD);
     messages_init(&ch->history, (size_t)c->chat.history_max_bytes +
-                                    max_msg + max_reply + ITEM_OVERHEAD);
+                                    max_msg + max_reply + EXCHANGE_MAX +
+                                    ITEM_OVERHEAD);
     answer_init(&ch->answer, max_reply);
+}
+
+static int
+gen_tool(yajl_gen g, const struct conf_tool *t)
+{
+    return yajl_gen_map_open(g) || json_gen_key_cstr(g, "type", "function") ||
+           json_gen_cstr(g, "function") || yajl_gen_map_open(g) ||
+           json_gen_key_cstr(g, "name", t->name) ||
+           json_gen_key_cstr(g, "description", t->description) ||
+           json_gen_cstr(g, "parameters") ||
+           yajl_gen_number(g, t->parameters, strlen(t->parameters)) ||
+           yajl_gen_map_close(g) || yajl_gen_map_close(g);
+}
+
+/* {"tools": [...][, "tool_choice": "none"]} as text, or NULL. The
+ * parameters were checked to be a JSON object by conf, so they go in as
+ * they are (yajl_gen_number writes its text unchanged). */
+static char *
+tools_request(const struct conf *c, int last_round)
+{
+    yajl_gen g = json_gen_new();
+    const unsigned char *json;
+    size_t len;
+    char *out = NULL;
+    int rc = g == NULL || yajl_gen_map_open(g) ||
+             json_gen_cstr(g, "tools") || yajl_gen_array_open(g);
+
+    for (size_t i = 0; rc == 0 && i < c->ntools; i++)
+        rc = gen_tool(g, &c->tools[i]);
+    rc = rc || yajl_gen_array_close(g) ||
+         (last_round && json_gen_key_cstr(g, "tool_choice", "none")) ||
+         yajl_gen_map_close(g);
+    if (rc == 0) {
+        yajl_gen_get_buf(g, &json, &len);
+        out = strndup((const char *)json, len);
+    }
+    if (g != NULL)
+        yajl_gen_free(g);
+    return out;
+}
+
+/* The tools a turn offers the model: none without [tool] sections or
+ * with max_tool_rounds 0. */
+static int
+declare_tools(struct chat *ch)
+{
+    if (ch->conf->ntools == 0 || ch->conf->chat.max_tool_rounds == 0)
+        return 0;
+    ch->tool_options = tools_request(ch->conf, 0);
+    ch->last_round_options = tools_request(ch->conf, 1);
+    return ch->tool_options && ch->last_round_options ? 0 : -1;
 }
 
 struct chat *
@@ -106,6 +179,12 @@ chat_new(const struct conf *c, struct scoreboard *pool,
         chat_free(ch);
         return NULL;
     }
+    if (tools_init(&ch->tools, c, ch->llm.multi) == -1 ||
+        declare_tools(ch) == -1) {
+        snprintf(err, CHAT_ERR_LEN, "cannot set up the tools: out of memory");
+        chat_free(ch);
+        return NULL;
+    }
     return ch;
 }
 
@@ -114,10 +193,15 @@ chat_free(struct chat *ch)
 {
     if (ch == NULL)
         return;
+    tools_cleanup(&ch->tools);
+    free(ch->tool_options);
+    free(ch->last_round_options);
     answer_cleanup(&ch->answer);
     messages_cleanup(&ch->history);
+    buf_cleanup(&ch->options);
     buf_cleanup(&ch->replay);
     buf_cleanup(&ch->assistant_item);
+    buf_cleanup(&ch->exchange);
     buf_cleanup(&ch->user_item);
     buf_cleanup(&ch->arena);
     buf_cleanup(&ch->body);
@@ -544,7 +628,119 @@ send_delta(void *arg, const char *text, size_t len)
     return http_stream_event(ch->req, "delta");
 }
 
-/* Step 3: history + message to the model. */
+/* An event of the stream, begun if need be, with the document in the
+ * request's generator. Returns 0, or -1 when the client went away. */
+static int
+send_event(struct chat *ch, const char *name, int gen_rc)
+{
+    if (gen_rc != 0)
+        return -1;
+    if (begin_stream(ch) == -1)
+        return -1;
+    return http_stream_event(ch->req, name);
+}
+
+/* `event: tool` as a call starts, {id, name, arguments}, or, given its
+ * run, as it ends, {id, name, status, ms}. */
+static int
+send_tool_event(struct chat *ch, const struct answer_call *c,
+                const struct tool_run *run)
+{
+    yajl_gen g = ch->req->gen;
+
+    json_gen_restart(g);
+    return send_event(
+        ch, "tool",
+        yajl_gen_map_open(g) || json_gen_key_cstr(g, "id", c->id) ||
+            json_gen_key_cstr(g, "name", c->name) ||
+            (run == NULL
+                 ? json_gen_key_str(g, "arguments", c->arguments.data,
+                                    c->arguments.len)
+                 : json_gen_key_cstr(g, "status",
+                                     tools_outcome_name(run->outcome)) ||
+                       json_gen_key_int(g, "ms", (long long)run->ms)) ||
+            yajl_gen_map_close(g));
+}
+
+/* The answer's calls as an assistant message's tool_calls; a call the
+ * model left without an id gets one, so that its result can name it. */
+static int
+add_call_message(struct chat *ch, long long round)
+{
+    struct answer *a = &ch->answer;
+    yajl_gen g = ch->req->gen;
+    const unsigned char *json;
+    size_t len;
+
+    json_gen_restart(g);
+    if (yajl_gen_array_open(g))
+        return -1;
+    for (size_t i = 0; i < a->ncalls; i++) {
+        struct answer_call *c = &a->calls[i];
+
+        if (c->id[0] == '\0')
+            snprintf(c->id, sizeof(c->id), "call_%lld_%zu", round, i);
+        if (yajl_gen_map_open(g) || json_gen_key_cstr(g, "id", c->id) ||
+            json_gen_key_cstr(g, "type", "function") ||
+            json_gen_cstr(g, "function") || yajl_gen_map_open(g) ||
+            json_gen_key_cstr(g, "name", c->name) ||
+            json_gen_key_str(g, "arguments", c->arguments.data,
+                             c->arguments.len) ||
+            yajl_gen_map_close(g) || yajl_gen_map_close(g))
+            return -1;
+    }
+    yajl_gen_array_close(g);
+    yajl_gen_get_buf(g, &json, &len);
+    return messages_add_extra(&ch->history, MESSAGE_ASSISTANT,
+                              a->reply.data, a->reply.len, MESSAGE_CALLS,
+                              (const char *)json, len);
+}
+
+/* One round: the model's calls, all at once, and their results as tool
+ * messages. The turn's user message joins the history before the first
+ * round, so that the next model call sees the whole exchange. */
+static int
+run_tool_round(struct chat *ch, struct llm_call *call, long long round)
+{
+    const struct answer *a = &ch->answer;
+    int streaming = call->on_delta != NULL;
+
+    if (call->message != NULL &&
+        messages_add(&ch->history, MESSAGE_USER, call->message,
+                     call->message_len) == -1)
+        return -1;
+    call->message = NULL;
+    if (add_call_message(ch, round) == -1)
+        return -1;
+    for (size_t i = 0; streaming && i < a->ncalls; i++)
+        if (send_tool_event(ch, &a->calls[i], NULL) == -1)
+            return -1;
+    phase(ch, SCOREBOARD_UPSTREAM);
+    tools_run(&ch->tools, a, ch->req->id, call->deadline_ms);
+    for (size_t i = 0; i < a->ncalls; i++) {
+        const struct tool_run *run = &ch->tools.runs[i];
+
+        log_info("chat", "tool %s: %s in %.0f ms", a->calls[i].name,
+                 tools_outcome_name(run->outcome), run->ms);
+        scoreboard_count_tool(ch->pool,
+                              run->tool ? (size_t)(run->tool -
+                                                   ch->conf->tools)
+                                        : SCOREBOARD_TOOLS - 1,
+                              run->outcome, run->ms);
+        if (messages_add_extra(&ch->history, MESSAGE_TOOL, run->result.data,
+                               run->result.len, MESSAGE_CALL_ID,
+                               a->calls[i].id,
+                               strlen(a->calls[i].id)) == -1 ||
+            (streaming && send_tool_event(ch, &a->calls[i], run) == -1))
+            return -1;
+    }
+    return 0;
+}
+
+/* Step 3: history + message to the model; while it asks for tools, a
+ * round of them and the model again, up to max_tool_rounds rounds (the
+ * call after the last one may not ask for more). A retried or hedged
+ * model call happens inside llm_complete, so no tool ever runs twice. */
 static int
 ask_turn(struct chat *ch, const struct chat_turn *t)
 {
@@ -555,11 +751,27 @@ ask_turn(struct chat *ch, const struct chat_turn *t)
         .message_len = t->message_len,
         .temperature = ch->conf->upstream.temperature,
         .max_tokens = ch->conf->upstream.max_tokens,
+        .options = ch->tool_options,
         .on_delta = t->stream ? send_delta : NULL,
         .delta_arg = ch,
     };
+    long long rounds = ch->conf->chat.max_tool_rounds;
 
-    return ask_model(ch, &call);
+    ch->turn_start = ch->history.count;
+    for (long long round = 0;; round++) {
+        if (round == rounds && call.options != NULL)
+            call.options = ch->last_round_options;
+        if (ask_model(ch, &call) == -1)
+            return -1;
+        if (ch->answer.ncalls == 0 || call.options == NULL ||
+            round == rounds)
+            return 0;
+        if (run_tool_round(ch, &call, round) == -1) {
+            http_send_error(ch->req, 502, "upstream_error", "the model's "
+                            "tool calls cannot be handled");
+            return -1;
+        }
+    }
 }
 
 /* Copy the JSON document in g into b. */
@@ -606,25 +818,51 @@ gen_answer(yajl_gen g, const char *session_id, const struct answer *a,
            yajl_gen_map_close(g);
 }
 
+/* The turn's tool exchange, the messages after its user message, as a
+ * JSON array in ch->exchange (empty when no tool ran). */
+static int
+take_exchange(struct chat *ch)
+{
+    yajl_gen g = ch->req->gen;
+    const struct messages *h = &ch->history;
+
+    buf_reset(&ch->exchange);
+    if (h->count <= ch->turn_start)
+        return 0;
+    json_gen_restart(g);
+    if (yajl_gen_array_open(g))
+        return -1;
+    for (size_t i = ch->turn_start + 1; i < h->count; i++)
+        if (messages_gen(g, h, i))
+            return -1;
+    return yajl_gen_array_close(g) || take_json(g, &ch->exchange);
+}
+
 /* The stored messages and the answer, serialised before anything is
  * stored, so that a turn whose answer cannot be sent is never kept; the
- * new pair joins the history, which the commit trims. The answer stays in
- * the generator: the response body and the idempotency record. */
+ * new pair (the exchange folded into its answer) joins the history,
+ * which the commit trims. The answer stays in the generator: the
+ * response body and the idempotency record. */
 static int
 serialise_turn(struct chat *ch, const struct chat_turn *t)
 {
     yajl_gen g = ch->req->gen;
-    const struct buf *reply = &ch->answer.reply;
+    const struct buf *reply = &ch->answer.reply, *x = &ch->exchange;
 
-    return chatdb_gen_item(g, MESSAGE_USER, t->message, t->message_len) ||
+    if (take_exchange(ch) == -1)
+        return -1;
+    messages_truncate(&ch->history, ch->turn_start);
+    return chatdb_gen_item(g, MESSAGE_USER, t->message, t->message_len, "",
+                           0) ||
            take_json(g, &ch->user_item) ||
-           chatdb_gen_item(g, MESSAGE_ASSISTANT, reply->data, reply->len) ||
+           chatdb_gen_item(g, MESSAGE_ASSISTANT, reply->data, reply->len,
+                           x->data, x->len) ||
            take_json(g, &ch->assistant_item) ||
            gen_answer(g, t->session_id, &ch->answer, 1) ||
            messages_add(&ch->history, MESSAGE_USER, t->message,
                         t->message_len) ||
-           messages_add(&ch->history, MESSAGE_ASSISTANT, reply->data,
-                        reply->len);
+           messages_add_extra(&ch->history, MESSAGE_ASSISTANT, reply->data,
+                              reply->len, MESSAGE_EXCHANGE, x->data, x->len);
 }
 
 /* Step 4, in one round trip: append both messages, trim, refresh the
@@ -781,15 +1019,9 @@ gen_history(yajl_gen g, const char *session_id, const struct messages *h)
         json_gen_key_cstr(g, "session_id", session_id) ||
         json_gen_cstr(g, "messages") || yajl_gen_array_open(g))
         return -1;
-    for (size_t i = 0; i < h->count; i++) {
-        if (yajl_gen_map_open(g) ||
-            json_gen_key_cstr(g, "role",
-                              messages_role_name(h->msgs[i].role)) ||
-            json_gen_key_str(g, "content", messages_content(h, i),
-                             h->msgs[i].len) ||
-            yajl_gen_map_close(g))
+    for (size_t i = 0; i < h->count; i++)
+        if (messages_gen(g, h, i))
             return -1;
-    }
     return yajl_gen_array_close(g) || yajl_gen_map_close(g);
 }
 
@@ -854,12 +1086,13 @@ struct completion {
 static int
 parse_completion(struct chat *ch, struct completion *c)
 {
+    struct v1_scratch s = {.arena = &ch->arena, .scratch = &ch->user_item,
+                           .options = &ch->options, .gen = ch->req->gen};
     char err[V1_ERR_LEN];
 
     if (read_body(ch) == -1)
         return -1;
-    if (v1_parse_request(&ch->body, &ch->arena, &ch->user_item,
-                         &ch->history, &c->q, err) == 0)
+    if (v1_parse_request(&ch->body, &s, &ch->history, &c->q, err) == 0)
         return 0;
     http_send_error(ch->req, 400, "invalid_request", "%s", err);
     return -1;
@@ -943,25 +1176,43 @@ count_tokens(struct chat *ch, const struct chatdb_turn *t)
         log_warnx("chat", "cannot count tokens: %s", chatdb_error(&ch->db));
 }
 
+/* The chunk in the generator, once the stream has begun. */
+static int
+send_generated_chunk(struct completion *c, int gen_rc)
+{
+    if (begin_stream(c->ch) == -1 || gen_rc != 0)
+        return -1;
+    return http_stream_event(c->ch->req, NULL);
+}
+
 /* A piece of a streamed completion, as one chunk. */
 static int
 send_chunk(void *arg, const char *text, size_t len)
 {
     struct completion *c = arg;
-    struct http_request *r = c->ch->req;
 
-    if (begin_stream(c->ch) == -1 || v1_gen_chunk(r->gen, &c->v1, text, len))
-        return -1;
-    return http_stream_event(r, NULL);
+    return send_generated_chunk(
+        c, v1_gen_chunk(c->ch->req->gen, &c->v1, text, len));
 }
 
-/* The end of a stream: the stop chunk, usage if asked, [DONE]. */
+/* A fragment of a tool call, as one chunk, as soon as it arrives. */
+static int
+send_call_chunk(void *arg, const struct answer_piece *p)
+{
+    struct completion *c = arg;
+
+    return send_generated_chunk(
+        c, v1_gen_call_chunk(c->ch->req->gen, &c->v1, p));
+}
+
+/* The end of a stream: the finish chunk, usage if asked, [DONE]. */
 static void
 finish_stream(struct completion *c)
 {
     struct http_request *r = c->ch->req;
 
-    if (send_chunk(c, NULL, 0) == -1)
+    if (send_generated_chunk(c, v1_gen_finish_chunk(r->gen, &c->v1,
+                                                    &c->ch->answer)) == -1)
         return;
     if (c->q.include_usage &&
         (v1_gen_usage_chunk(r->gen, &c->v1, &c->ch->answer) ||
@@ -996,7 +1247,9 @@ set_up_call(struct chat *ch, const struct completion *c,
     call->temperature = c->q.temperature;
     call->max_tokens = cap > 0 && c->q.max_tokens > cap ? cap
                                                          : c->q.max_tokens;
+    call->options = c->q.options;
     call->on_delta = c->q.stream ? send_chunk : NULL;
+    call->on_call = c->q.stream ? send_call_chunk : NULL;
 }
 
 void

@@ -359,12 +359,14 @@ session_part(const struct chatdb_turn *t)
 
 int
 chatdb_gen_item(yajl_gen g, enum message_role role, const char *content,
-                size_t len)
+                size_t len, const char *exchange, size_t exchange_len)
 {
     json_gen_restart(g);
     return yajl_gen_map_open(g) ||
            json_gen_key_cstr(g, "role", messages_role_name(role)) ||
            json_gen_key_str(g, "content", content, len) ||
+           (exchange_len > 0 &&
+            json_gen_key_str(g, "tools", exchange, exchange_len)) ||
            yajl_gen_map_close(g);
 }
 
@@ -374,6 +376,7 @@ chatdb_add_item(struct messages *h, const char *json, size_t len)
     struct json_field f[] = {
         {.path = "role", .accept = JSON_STRING},
         {.path = "content", .accept = JSON_STRING},
+        {.path = "tools", .accept = JSON_STRING},
     };
     char err[JSON_ERR_LEN];
     struct buf arena;
@@ -382,7 +385,7 @@ chatdb_add_item(struct messages *h, const char *json, size_t len)
     int rc = -1;
 
     buf_init(&arena, len + 2);
-    if (json_pick(json, len, f, 2, &arena, ITEM_DEPTH, 0, err) == -1 ||
+    if (json_pick(json, len, f, 3, &arena, ITEM_DEPTH, 0, err) == -1 ||
         f[0].type == 0 || f[1].type == 0)
         goto out;
     name = json_field_text(&f[0], &arena);
@@ -392,7 +395,10 @@ chatdb_add_item(struct messages *h, const char *json, size_t len)
         role = MESSAGE_ASSISTANT;
     else
         goto out;
-    rc = messages_add(h, role, json_field_text(&f[1], &arena), f[1].len);
+    rc = messages_add_extra(h, role, json_field_text(&f[1], &arena),
+                            f[1].len, MESSAGE_EXCHANGE,
+                            f[2].type ? json_field_text(&f[2], &arena) : "",
+                            f[2].len);
 out:
     buf_cleanup(&arena);
     return rc;
@@ -436,10 +442,11 @@ chatdb_trim_start(const struct messages *h, size_t max_messages,
     size_t bytes = 0, drop = 0;
 
     for (size_t i = 0; i < h->count; i++)
-        bytes += h->msgs[i].len;
+        bytes += h->msgs[i].len + h->msgs[i].extra_len;
     while (h->count - drop > 2 &&
            (h->count - drop > max_messages || bytes > max_bytes)) {
-        bytes -= h->msgs[drop].len + h->msgs[drop + 1].len;
+        bytes -= h->msgs[drop].len + h->msgs[drop].extra_len +
+                 h->msgs[drop + 1].len + h->msgs[drop + 1].extra_len;
         drop += 2;
     }
     return drop;

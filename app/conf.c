@@ -3,11 +3,13 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <glob.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 
+#include "buf.h"
 #include "json.h"
 #include "log.h"
 
@@ -15,6 +17,12 @@
 #define CONF_FILE_MAX (1024 * 1024)
 #define CONF_NAME_MAX 96
 #define ENV_PREFIX "CHATFCGI_"
+#define INCLUDE_DEPTH_MAX 8 /* an include that includes itself stops */
+#define INCLUDED_ERROR (-2)  /* why is a whole message: file:line: reason */
+#define PARAMETERS_MAX (64 * 1024)
+#define PARAMETERS_DEPTH 32
+#define NAMED_KEYS_MAX 8
+#define NAMED_MAX 16
 
 enum conf_type { CONF_STRING, CONF_INT, CONF_MODE, CONF_CHOICE, CONF_DECIMAL };
 
@@ -75,6 +83,7 @@ static const struct conf_key keys[] = {
     STR("", "error_log", "stderr", error_log),
     STR("", "access_log", "stderr", access_log),
     STR("", "pid_file", "", pid_file),
+    STR("", "include", "", include),
 
     STR("redis", "url", "redis://127.0.0.1:6379/0", redis.url),
     INT("redis", "connect_timeout_ms", 1, MS_MAX, "1000",
@@ -123,6 +132,7 @@ static const struct conf_key keys[] = {
         chat.history_max_bytes),
     INT("chat", "history_ttl_seconds", 1, 365LL * 86400, "86400",
         chat.history_ttl_seconds),
+    INT("chat", "max_tool_rounds", 0, 10, "3", chat.max_tool_rounds),
 
     INT("rate_limit", "rpm", 0, 1LL << 40, "0", rate_limit.rpm),
     INT("rate_limit", "tpm", 0, 1LL << 40, "0", rate_limit.tpm),
@@ -152,12 +162,73 @@ static const struct conf_key provider_keys[] = {
 
 #define NPKEYS (sizeof(provider_keys) / sizeof(*provider_keys))
 
-static const struct conf_key *
-provider_key_find(const char *name)
+#define T(field) offsetof(struct conf_tool, field)
+
+/* The keys of a [tool NAME] section; offsets into its conf_tool. */
+static const struct conf_key tool_keys[] = {
+    {"tool", "url", CONF_STRING, 0, 0, "", T(url), NULL, NULL},
+    {"tool", "description", CONF_STRING, 0, 0, "", T(description), NULL,
+     NULL},
+    {"tool", "parameters", CONF_STRING, 0, 0,
+     "{\"type\":\"object\",\"properties\":{}}", T(parameters), NULL, NULL},
+    {"tool", "parameters_file", CONF_STRING, 0, 0, "", T(parameters_file),
+     NULL, NULL},
+    {"tool", "timeout_ms", CONF_INT, 1, MS_MAX, "10000", T(timeout_ms), NULL,
+     NULL},
+};
+
+#define NTKEYS (sizeof(tool_keys) / sizeof(*tool_keys))
+
+/* A kind of named section, "[provider NAME]" or "[tool NAME]": its keys,
+ * its names, and where its entries live in struct conf (each entry
+ * begins with its char *name). */
+struct named_kind {
+    const char *word;
+    const struct conf_key *keys;
+    size_t nkeys;
+    size_t max;
+    size_t size;   /* of one entry */
+    size_t array;  /* offset of the entries in struct conf */
+    size_t count;  /* offset of their size_t count */
+    const char *name_chars;
+    size_t name_max;
+};
+
+static const struct named_kind named_kinds[] = {
+    {"provider", provider_keys, NPKEYS, CONF_PROVIDERS_MAX,
+     sizeof(struct conf_provider), F(providers), F(nproviders),
+     "abcdefghijklmnopqrstuvwxyz0123456789", CONF_PROVIDER_NAME_MAX},
+    {"tool", tool_keys, NTKEYS, CONF_TOOLS_MAX, sizeof(struct conf_tool),
+     F(tools), F(ntools), "abcdefghijklmnopqrstuvwxyz0123456789_",
+     CONF_TOOL_NAME_MAX},
+};
+
+#define NKINDS (sizeof(named_kinds) / sizeof(*named_kinds))
+
+static size_t *
+named_count(struct conf *c, const struct named_kind *k)
 {
-    for (size_t i = 0; i < NPKEYS; i++)
-        if (strcmp(provider_keys[i].name, name) == 0)
-            return &provider_keys[i];
+    return (size_t *)((char *)c + k->count);
+}
+
+static void *
+named_entry(struct conf *c, const struct named_kind *k, size_t i)
+{
+    return (char *)c + k->array + i * k->size;
+}
+
+static const char *
+named_name(struct conf *c, const struct named_kind *k, size_t i)
+{
+    return *(char **)named_entry(c, k, i);
+}
+
+static const struct conf_key *
+named_key_find(const struct named_kind *kind, const char *name)
+{
+    for (size_t i = 0; i < kind->nkeys; i++)
+        if (strcmp(kind->keys[i].name, name) == 0)
+            return &kind->keys[i];
     return NULL;
 }
 
@@ -308,56 +379,61 @@ trim(char *s)
 /* Per-key line where the file set it, to refuse duplicates. */
 struct parse_state {
     char section[CONF_NAME_MAX];
-    int provider; /* the [provider NAME] being read, or -1 */
+    const struct named_kind *kind; /* of the named section being read */
+    size_t entry;                  /* its index */
     int set_on_line[NKEYS];
-    int provider_set_on_line[CONF_PROVIDERS_MAX][NPKEYS];
+    int named_set_on_line[NKINDS][NAMED_MAX][NAMED_KEYS_MAX];
+    unsigned depth; /* of include */
 };
 
 static int
-valid_provider_name(const char *s)
+valid_section_name(const struct named_kind *k, const char *s)
 {
-    size_t n = strspn(s, "abcdefghijklmnopqrstuvwxyz0123456789");
+    size_t n = strspn(s, k->name_chars);
 
-    return n > 0 && n < CONF_PROVIDER_NAME_MAX && s[n] == '\0';
+    return n > 0 && n < k->name_max && s[n] == '\0';
 }
 
-/* "[provider NAME]": a new provider, in file order. */
+/* "[provider NAME]" or "[tool NAME]": a new entry, in file order. */
 static int
-open_provider(struct conf *c, struct parse_state *st, const char *name,
-              char *why, size_t whylen)
+open_named(struct conf *c, struct parse_state *st,
+           const struct named_kind *k, const char *name, char *why,
+           size_t whylen)
 {
-    struct conf_provider *p;
+    size_t *count = named_count(c, k);
+    void *entry;
 
-    if (!valid_provider_name(name)) {
-        snprintf(why, whylen, "a provider name is 1-%d of a-z 0-9",
-                 CONF_PROVIDER_NAME_MAX - 1);
+    if (!valid_section_name(k, name)) {
+        snprintf(why, whylen, "a %s name is 1-%zu of %s", k->word,
+                 k->name_max - 1, k->name_chars);
         return -1;
     }
-    for (size_t i = 0; i < c->nproviders; i++) {
-        if (strcmp(c->providers[i].name, name) == 0) {
-            snprintf(why, whylen, "provider '%s' is defined twice", name);
+    for (size_t i = 0; i < *count; i++) {
+        if (strcmp(named_name(c, k, i), name) == 0) {
+            snprintf(why, whylen, "%s '%s' is defined twice", k->word, name);
             return -1;
         }
     }
-    if (c->nproviders == CONF_PROVIDERS_MAX) {
-        snprintf(why, whylen, "at most %d providers", CONF_PROVIDERS_MAX);
+    if (*count == k->max) {
+        snprintf(why, whylen, "at most %zu %ss", k->max, k->word);
         return -1;
     }
-    p = &c->providers[c->nproviders];
-    for (size_t i = 0; i < NPKEYS; i++)
-        if (key_set(p, &provider_keys[i], provider_keys[i].def, why,
-                    whylen) == -1)
+    entry = named_entry(c, k, *count);
+    for (size_t i = 0; i < k->nkeys; i++)
+        if (key_set(entry, &k->keys[i], k->keys[i].def, why, whylen) == -1)
             return -1;
-    if (set_string(&p->name, name) == -1) {
+    if (set_string(entry, name) == -1) {
         snprintf(why, whylen, "out of memory");
         return -1;
     }
-    st->provider = (int)c->nproviders++;
-    snprintf(st->section, sizeof(st->section), "provider");
+    st->kind = k;
+    st->entry = (*count)++;
+    snprintf(st->section, sizeof(st->section), "%s", k->word);
     return 0;
 }
 
-/* "[name]" or "[provider NAME]". Returns 0, or -1 with why set. */
+/* "[name]", "[provider NAME]" or "[tool NAME]". Returns 0, or -1 with
+ * why set. */
 static int
 parse_section(struct conf *c, struct parse_state *st, char *line, char *why,
               size_t whylen)
@@ -371,9 +447,14 @@ parse_section(struct conf *c, struct parse_state *st, char *line, char *why,
     }
     line[len - 1] = '\0';
     name = trim(line + 1);
-    if (strncmp(name, "provider ", 9) == 0)
-        return open_provider(c, st, trim(name + 9), why, whylen);
-    st->provider = -1;
+    for (size_t i = 0; i < NKINDS; i++) {
+        size_t n = strlen(named_kinds[i].word);
+
+        if (strncmp(name, named_kinds[i].word, n) == 0 && name[n] == ' ')
+            return open_named(c, st, &named_kinds[i], trim(name + n), why,
+                              whylen);
+    }
+    st->kind = NULL;
     for (size_t i = 0; i < NKEYS; i++) {
         if (keys[i].section[0] != '\0' && strcmp(keys[i].section, name) == 0) {
             snprintf(st->section, sizeof(st->section), "%s", name);
@@ -397,6 +478,9 @@ unquote(char *v)
     return v;
 }
 
+static int include_files(struct conf *c, const char *patterns,
+                         unsigned depth, char *why, size_t whylen);
+
 static int
 parse_assignment(struct conf *c, struct parse_state *st, char *line,
                  int lineno, char *why, size_t whylen)
@@ -413,24 +497,26 @@ parse_assignment(struct conf *c, struct parse_state *st, char *line,
     }
     *eq = '\0';
     name = trim(line);
-    k = st->provider >= 0 ? provider_key_find(name)
-                          : key_find(st->section, name);
+    k = st->kind ? named_key_find(st->kind, name)
+                 : key_find(st->section, name);
     if (k == NULL) {
         snprintf(why, whylen, "unknown key '%s'%s%s", name,
                  st->section[0] ? " in section " : "", st->section);
         return -1;
     }
-    seen = st->provider >= 0
-               ? &st->provider_set_on_line[st->provider][k - provider_keys]
-               : &st->set_on_line[k - keys];
+    seen = st->kind ? &st->named_set_on_line[st->kind - named_kinds]
+                                            [st->entry][k - st->kind->keys]
+                    : &st->set_on_line[k - keys];
     if (*seen) {
         snprintf(why, whylen, "'%s' was already set on line %d", name,
                  *seen);
         return -1;
     }
     *seen = lineno;
-    base = st->provider >= 0 ? (void *)&c->providers[st->provider]
-                             : (void *)c;
+    base = st->kind ? named_entry(c, st->kind, st->entry) : (void *)c;
+    if (k->offset == F(include) && base == c)
+        return include_files(c, unquote(trim(eq + 1)), st->depth + 1, why,
+                             whylen);
     if (key_set(base, k, unquote(trim(eq + 1)), detail, sizeof(detail)) == 0)
         return 0;
     /* Name the key, not the value: it may be a secret. */
@@ -451,14 +537,20 @@ parse_line(struct conf *c, struct parse_state *st, char *raw, int lineno,
     return parse_assignment(c, st, line, lineno, why, whylen);
 }
 
-int
-conf_parse(struct conf *c, const char *text, const char *name,
-           char err[CONF_ERR_LEN])
+static int
+parse_text(struct conf *c, const char *text, const char *name,
+           unsigned depth, char err[CONF_ERR_LEN])
 {
-    struct parse_state st = {.section = "", .provider = -1};
+    struct parse_state *st = calloc(1, sizeof(*st));
     char line[CONF_LINE_MAX], why[256];
     const char *p = text;
-    int lineno = 0;
+    int lineno = 0, rc;
+
+    if (st == NULL) {
+        snprintf(err, CONF_ERR_LEN, "%s: out of memory", name);
+        return -1;
+    }
+    st->depth = depth;
 
     while (*p != '\0') {
         size_t len = strcspn(p, "\n");
@@ -466,17 +558,31 @@ conf_parse(struct conf *c, const char *text, const char *name,
         lineno++;
         if (len >= sizeof(line)) {
             snprintf(err, CONF_ERR_LEN, "%s:%d: line too long", name, lineno);
+            free(st);
             return -1;
         }
         memcpy(line, p, len);
         line[len] = '\0';
         p += len + (p[len] == '\n');
-        if (parse_line(c, &st, line, lineno, why, sizeof(why)) == -1) {
-            snprintf(err, CONF_ERR_LEN, "%s:%d: %s", name, lineno, why);
+        rc = parse_line(c, st, line, lineno, why, sizeof(why));
+        if (rc != 0) {
+            if (rc == INCLUDED_ERROR)
+                snprintf(err, CONF_ERR_LEN, "%s", why);
+            else
+                snprintf(err, CONF_ERR_LEN, "%s:%d: %s", name, lineno, why);
+            free(st);
             return -1;
         }
     }
+    free(st);
     return 0;
+}
+
+int
+conf_parse(struct conf *c, const char *text, const char *name,
+           char err[CONF_ERR_LEN])
+{
+    return parse_text(c, text, name, 0, err);
 }
 
 /* CHATFCGI_<SECTION>_<KEY> or CHATFCGI_<KEY>, upper case. */
@@ -507,22 +613,25 @@ key_for_env(const char *var, size_t len)
     return NULL;
 }
 
-/* CHATFCGI_PROVIDER_<NAME>_<KEY>, for the providers the file defines. */
+/* CHATFCGI_<KIND>_<NAME>_<KEY> (CHATFCGI_PROVIDER_A_URL,
+ * CHATFCGI_TOOL_CLOCK_TIMEOUT_MS), for the sections the file defines. */
 static const struct conf_key *
-provider_key_for_env(struct conf *c, const char *var, size_t len,
-                     void **base)
+named_key_for_env(struct conf *c, const char *var, size_t len, void **base)
 {
-    char name[CONF_NAME_MAX];
+    char name[CONF_NAME_MAX + CONF_TOOL_NAME_MAX];
 
-    for (size_t p = 0; p < c->nproviders; p++) {
-        for (size_t i = 0; i < NPKEYS; i++) {
-            snprintf(name, sizeof(name), ENV_PREFIX "PROVIDER_%s_%s",
-                     c->providers[p].name, provider_keys[i].name);
-            for (size_t n = 0; name[n] != '\0'; n++)
-                name[n] = (char)toupper((unsigned char)name[n]);
-            if (strlen(name) == len && memcmp(name, var, len) == 0) {
-                *base = &c->providers[p];
-                return &provider_keys[i];
+    for (const struct named_kind *k = named_kinds; k < named_kinds + NKINDS;
+         k++) {
+        for (size_t e = 0; e < *named_count(c, k); e++) {
+            for (size_t i = 0; i < k->nkeys; i++) {
+                snprintf(name, sizeof(name), ENV_PREFIX "%s_%s_%s", k->word,
+                         named_name(c, k, e), k->keys[i].name);
+                for (size_t n = 0; name[n] != '\0'; n++)
+                    name[n] = (char)toupper((unsigned char)name[n]);
+                if (strlen(name) == len && memcmp(name, var, len) == 0) {
+                    *base = named_entry(c, k, e);
+                    return &k->keys[i];
+                }
             }
         }
     }
@@ -545,7 +654,7 @@ conf_apply_env(struct conf *c, char *const envp[], char err[CONF_ERR_LEN])
         len = (size_t)(eq - envp[i]);
         k = key_for_env(envp[i], len);
         if (k == NULL)
-            k = provider_key_for_env(c, envp[i], len, &base);
+            k = named_key_for_env(c, envp[i], len, &base);
         if (k == NULL) {
             snprintf(err, CONF_ERR_LEN, "%.*s: no such setting (a typo?); "
                      "see chatfcgi.conf for the keys", (int)len, envp[i]);
@@ -587,6 +696,75 @@ read_file(const char *path, char err[CONF_ERR_LEN])
     text[n] = '\0';
     fclose(f);
     return text;
+}
+
+/* One file an include names: parsed as if it stood alone (a drop-in
+ * file starts outside any section). */
+static int
+include_file(struct conf *c, const char *path, unsigned depth, char *why,
+             size_t whylen)
+{
+    char err[CONF_ERR_LEN];
+    char *text = read_file(path, err);
+    int rc;
+
+    if (text == NULL) {
+        snprintf(why, whylen, "include: %s", err);
+        return -1;
+    }
+    rc = parse_text(c, text, path, depth, err);
+    free(text);
+    if (rc == 0)
+        return 0;
+    snprintf(why, whylen, "%s", err); /* names its own file and line */
+    return INCLUDED_ERROR;
+}
+
+/* A directory of a glob that does not exist is an empty drop-in
+ * directory; one that cannot be read stops the glob. */
+static int
+glob_error(const char *path, int error)
+{
+    (void)path;
+    return error != ENOENT && error != ENOTDIR;
+}
+
+/* include = FILE or GLOB, several separated by commas or spaces, read in
+ * name order where the key stands, as nginx's include and PHP-FPM's
+ * include= do. A glob that matches nothing is an empty drop-in
+ * directory; a plain path that does not exist is an error. */
+static int
+include_files(struct conf *c, const char *patterns, unsigned depth,
+              char *why, size_t whylen)
+{
+    const char *entry;
+    char pattern[CONF_LINE_MAX];
+    size_t len;
+    int rc = 0;
+
+    if (depth > INCLUDE_DEPTH_MAX) {
+        snprintf(why, whylen, "include: nested over %d deep (a file that "
+                 "includes itself?)", INCLUDE_DEPTH_MAX);
+        return -1;
+    }
+    while (rc == 0 && (entry = conf_list_next(&patterns, &len)) != NULL) {
+        glob_t g;
+        int found;
+
+        snprintf(pattern, sizeof(pattern), "%.*s", (int)len, entry);
+        found = glob(pattern, 0, glob_error, &g);
+        if (found == GLOB_NOMATCH && strpbrk(pattern, "*?[") == NULL) {
+            snprintf(why, whylen, "include: %s: no such file", pattern);
+            rc = -1;
+        } else if (found != 0 && found != GLOB_NOMATCH) {
+            snprintf(why, whylen, "include: %s cannot be read", pattern);
+            rc = -1;
+        }
+        for (size_t i = 0; found == 0 && rc == 0 && i < g.gl_pathc; i++)
+            rc = include_file(c, g.gl_pathv[i], depth, why, whylen);
+        globfree(&g);
+    }
+    return rc;
 }
 
 /* An API key in a file others can read is a leak waiting to happen. */
@@ -689,6 +867,79 @@ finish_providers(struct conf *c, char err[CONF_ERR_LEN])
     }
     if (c->nproviders == 0) {
         snprintf(err, CONF_ERR_LEN, "no model provider: set [upstream] url");
+        return -1;
+    }
+    return 0;
+}
+
+/* A tool's parameters: a JSON object (its schema), from its file when
+ * parameters_file is set. */
+static int
+load_parameters(struct conf_tool *t, char err[CONF_ERR_LEN])
+{
+    struct json_field whole = {.path = "", .accept = JSON_OBJECT};
+    char why[JSON_ERR_LEN];
+    struct buf arena;
+    int rc;
+
+    if (t->parameters_file[0] != '\0') {
+        char *text = read_file(t->parameters_file, err);
+
+        if (text == NULL)
+            return -1;
+        free(t->parameters);
+        t->parameters = text;
+    }
+    buf_init(&arena, strlen(t->parameters) + 8);
+    rc = json_pick(t->parameters, strlen(t->parameters), &whole, 1, &arena,
+                   PARAMETERS_DEPTH, JSON_STRICT, why);
+    buf_cleanup(&arena);
+    if (rc == 0 && strlen(t->parameters) <= PARAMETERS_MAX)
+        return 0;
+    snprintf(err, CONF_ERR_LEN, "tool %s: parameters must be a JSON object "
+             "(a JSON Schema) of at most 64 KiB: %s", t->name,
+             rc ? why : "too large");
+    return -1;
+}
+
+static int
+finish_tools(struct conf *c, char err[CONF_ERR_LEN])
+{
+    for (size_t i = 0; i < c->ntools; i++) {
+        struct conf_tool *t = &c->tools[i];
+
+        if (strncmp(t->url, "http://", 7) != 0 &&
+            strncmp(t->url, "https://", 8) != 0) {
+            snprintf(err, CONF_ERR_LEN, "tool %s: its url must start with "
+                     "http:// or https://", t->name);
+            return -1;
+        }
+        if (load_parameters(t, err) == -1)
+            return -1;
+    }
+    return 0;
+}
+
+/* CHATFCGI_INCLUDE: drop-in files for the local stack, read after the
+ * file and before the other variables (which win over both). */
+static int
+include_from_env(struct conf *c, char *const envp[], char err[CONF_ERR_LEN])
+{
+    static const char var[] = ENV_PREFIX "INCLUDE=";
+    char why[CONF_ERR_LEN - 32];
+
+    for (size_t i = 0; envp && envp[i]; i++) {
+        if (strncmp(envp[i], var, sizeof(var) - 1) != 0)
+            continue;
+        switch (include_files(c, envp[i] + sizeof(var) - 1, 1, why,
+                              sizeof(why))) {
+        case 0:
+            return 0;
+        case INCLUDED_ERROR:
+            snprintf(err, CONF_ERR_LEN, "%s", why);
+            return -1;
+        }
+        snprintf(err, CONF_ERR_LEN, ENV_PREFIX "INCLUDE: %s", why);
         return -1;
     }
     return 0;
@@ -821,8 +1072,10 @@ conf_load(struct conf *c, const char *path, char *const envp[],
             return -1;
         warn_if_key_exposed(c, path);
     }
-    if (conf_apply_env(c, envp, err) == -1 ||
-        finish_providers(c, err) == -1 || finish_v1(c, err) == -1)
+    if (include_from_env(c, envp, err) == -1 ||
+        conf_apply_env(c, envp, err) == -1 ||
+        finish_providers(c, err) == -1 || finish_tools(c, err) == -1 ||
+        finish_v1(c, err) == -1)
         return -1;
     return conf_check(c, err);
 }
@@ -831,12 +1084,16 @@ void
 conf_free(struct conf *c)
 {
     free(c->client_digests);
-    for (size_t p = 0; p < c->nproviders; p++) {
-        free(c->providers[p].name);
-        for (size_t i = 0; i < NPKEYS; i++)
-            if (provider_keys[i].type == CONF_STRING)
-                free(*(char **)((char *)&c->providers[p] +
-                                provider_keys[i].offset));
+    for (const struct named_kind *k = named_kinds; k < named_kinds + NKINDS;
+         k++) {
+        for (size_t e = 0; e < *named_count(c, k); e++) {
+            char *entry = named_entry(c, k, e);
+
+            free(*(char **)entry);
+            for (size_t i = 0; i < k->nkeys; i++)
+                if (k->keys[i].type == CONF_STRING)
+                    free(*(char **)(entry + k->keys[i].offset));
+        }
     }
     for (size_t i = 0; i < NKEYS; i++)
         if (keys[i].type == CONF_STRING)

@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <yajl/yajl_tree.h>
 
 #include "clock.h"
 #include "json.h"
@@ -23,6 +24,7 @@ exchange_init(struct exchange *a, size_t max_reply)
     buf_init(&a->body, 16u << 20);
     buf_init(&a->response, max_reply);
     buf_init(&a->arena, SSE_LINE_MAX);
+    buf_init(&a->event, SSE_LINE_MAX);
     sse_init(&a->sse, SSE_LINE_MAX, SSE_LINE_MAX, on_event, a);
     answer_init(&a->ans, max_reply);
     return a->easy ? 0 : -1;
@@ -37,6 +39,7 @@ exchange_cleanup(struct exchange *a)
     buf_cleanup(&a->body);
     buf_cleanup(&a->response);
     buf_cleanup(&a->arena);
+    buf_cleanup(&a->event);
     sse_cleanup(&a->sse);
     answer_cleanup(&a->ans);
 }
@@ -76,13 +79,114 @@ pick_model(const struct json_field *f, const struct buf *arena,
         memcpy(ans->model, name, sizeof(name));
 }
 
+/* A string member of a tool call, or NULL. */
+static const char *
+call_string(yajl_val call, const char *a, const char *b)
+{
+    const char *path[] = {a, b, NULL};
+    yajl_val v = yajl_tree_get(call, path, yajl_t_string);
+
+    return v ? v->u.string : NULL;
+}
+
+/* The tool_calls array of a message or a delta into ans; each element's
+ * fragment also into out[], for the caller to relay. An element without
+ * an index is the one at its position. Returns 0, or -1 with
+ * ans->message set. */
+static int
+add_tool_calls(struct answer *ans, yajl_val calls, struct answer_piece *out,
+               size_t *nout)
+{
+    const char *index_path[] = {"index", NULL};
+
+    *nout = 0;
+    if (calls->u.array.len > ANSWER_MAX_CALLS) {
+        snprintf(ans->message, sizeof(ans->message),
+                 "the model asked for over %d tool calls", ANSWER_MAX_CALLS);
+        return -1;
+    }
+    for (size_t i = 0; i < calls->u.array.len; i++) {
+        yajl_val c = calls->u.array.values[i];
+        yajl_val index = yajl_tree_get(c, index_path, yajl_t_number);
+        struct answer_piece *p = &out[(*nout)++];
+
+        p->index = index && YAJL_IS_INTEGER(index) ? YAJL_GET_INTEGER(index)
+                                                   : (long long)i;
+        p->id = call_string(c, "id", NULL);
+        p->name = call_string(c, "function", "name");
+        p->arguments = call_string(c, "function", "arguments");
+        p->arguments_len = p->arguments ? strlen(p->arguments) : 0;
+        if (answer_add_piece(ans, p) == -1)
+            return -1;
+    }
+    return 0;
+}
+
+/* choices[0].{where}.tool_calls of a document (yajl_tree_get walks
+ * objects only), or NULL. */
+static yajl_val
+first_choice_calls(yajl_val doc, const char *where)
+{
+    const char *choices_path[] = {"choices", NULL};
+    const char *calls_path[] = {where, "tool_calls", NULL};
+    yajl_val choices = yajl_tree_get(doc, choices_path, yajl_t_array);
+
+    if (choices == NULL || choices->u.array.len == 0)
+        return NULL;
+    return yajl_tree_get(choices->u.array.values[0], calls_path,
+                         yajl_t_array);
+}
+
+/* The tool calls of a document that has some in its first choice's
+ * message or delta (where), from its NUL-terminated text. Returns the
+ * parsed document, which the pieces in out point into (the caller frees
+ * it), or NULL with ans->message set. */
+static yajl_val
+parse_tool_calls(const char *text, const char *where, struct answer *ans,
+                 struct answer_piece *out, size_t *nout)
+{
+    yajl_val doc = yajl_tree_parse(text, NULL, 0);
+    yajl_val calls = doc ? first_choice_calls(doc, where) : NULL;
+
+    if (calls == NULL)
+        snprintf(ans->message, sizeof(ans->message),
+                 "the model's tool calls cannot be read");
+    if (calls == NULL || add_tool_calls(ans, calls, out, nout) == -1) {
+        yajl_tree_free(doc);
+        return NULL;
+    }
+    return doc;
+}
+
+/* A whole answer's tool calls: its body again, as a tree. */
+static int
+parse_answer_calls(const char *body, size_t len, struct answer *ans)
+{
+    struct answer_piece pieces[ANSWER_MAX_CALLS];
+    struct buf text;
+    yajl_val doc = NULL;
+    size_t n;
+
+    buf_init(&text, len + 1);
+    if (buf_append(&text, body, len) == 0 && buf_cstr(&text) != NULL)
+        doc = parse_tool_calls(text.data, "message", ans, pieces, &n);
+    else
+        snprintf(ans->message, sizeof(ans->message), "out of memory");
+    buf_cleanup(&text);
+    yajl_tree_free(doc);
+    return doc ? 0 : -1;
+}
+
 int
 exchange_parse_answer(const char *body, size_t len, struct answer *ans)
 {
-    enum { CONTENT, MODEL, PROMPT, COMPLETION };
+    enum { CONTENT, CALLS, FINISH, MODEL, PROMPT, COMPLETION };
     struct json_field f[] = {
         [CONTENT] = {.path = "choices.0.message.content",
                      .accept = JSON_STRING | JSON_NULL},
+        [CALLS] = {.path = "choices.0.message.tool_calls",
+                   .accept = JSON_ANY},
+        [FINISH] = {.path = "choices.0.finish_reason", .accept = JSON_ANY},
         [MODEL] = {.path = "model", .accept = JSON_ANY},
         [PROMPT] = {.path = "usage.prompt_tokens", .accept = JSON_ANY},
         [COMPLETION] = {.path = "usage.completion_tokens",
@@ -90,28 +194,42 @@ exchange_parse_answer(const char *body, size_t len, struct answer *ans)
     };
     char err[JSON_ERR_LEN];
     struct buf arena;
-    int rc = -1;
+    int rc = -1, has_calls;
 
     buf_init(&arena, len + 8);
-    if (json_pick(body, len, f, 4, &arena, ANSWER_DEPTH, 0, err) == -1) {
+    if (json_pick(body, len, f, 6, &arena, ANSWER_DEPTH, 0, err) == -1) {
         snprintf(ans->message, sizeof(ans->message),
                  "the model's answer is not JSON: %s", err);
-    } else if (f[CONTENT].type != JSON_STRING) {
+        goto out;
+    }
+    has_calls = f[CALLS].type == JSON_ARRAY;
+    if (f[CONTENT].type != JSON_STRING && !has_calls) {
         snprintf(ans->message, sizeof(ans->message),
                  "the model's answer has no choices[0].message.content");
-    } else if (!json_utf8_valid(json_field_text(&f[CONTENT], &arena),
+    } else if (f[CONTENT].type == JSON_STRING &&
+               !json_utf8_valid(json_field_text(&f[CONTENT], &arena),
                                 f[CONTENT].len)) {
         snprintf(ans->message, sizeof(ans->message),
                  "the model's reply is not valid UTF-8");
-    } else if (buf_append(&ans->reply, json_field_text(&f[CONTENT], &arena),
+    } else if (f[CONTENT].type == JSON_STRING &&
+               buf_append(&ans->reply, json_field_text(&f[CONTENT], &arena),
                           f[CONTENT].len) == -1) {
         snprintf(ans->message, sizeof(ans->message),
                  "the model's reply is too long");
+    } else if (has_calls && parse_answer_calls(body, len, ans) == -1) {
+        /* ans->message says why */
+    } else if (f[CONTENT].type != JSON_STRING && ans->ncalls == 0) {
+        snprintf(ans->message, sizeof(ans->message),
+                 "the model's answer has neither content nor tool calls");
     } else {
+        if (f[FINISH].type == JSON_STRING)
+            answer_set_finish(ans, json_field_text(&f[FINISH], &arena),
+                              f[FINISH].len);
         pick_model(&f[MODEL], &arena, ans);
         pick_usage(&f[PROMPT], &f[COMPLETION], &arena, ans);
         rc = 0;
     }
+out:
     buf_cleanup(&arena);
     return rc;
 }
@@ -159,13 +277,55 @@ error_mid_stream(struct exchange *a, const char *data, size_t len)
     return stream_fail(a, ANSWER_HTTP_ERROR, message);
 }
 
+/* The tool-call fragments of a stream event into a->pieces, which point
+ * into the returned tree until the caller frees it; NULL when the event
+ * broke the stream. */
+static yajl_val
+stream_tool_calls(struct exchange *a, const char *data, size_t len)
+{
+    yajl_val doc;
+
+    buf_reset(&a->event);
+    if (buf_append(&a->event, data, len) == -1 ||
+        buf_cstr(&a->event) == NULL) {
+        stream_fail(a, ANSWER_BAD, "the model's stream event is too large");
+        return NULL;
+    }
+    doc = parse_tool_calls(a->event.data, "delta", &a->ans, a->pieces,
+                           &a->npieces);
+    if (doc == NULL) {
+        a->stream_failed = 1; /* ans.message says why */
+        a->ans.status = ANSWER_BAD;
+    }
+    return doc;
+}
+
+/* Text and tool-call fragments of one event, to the caller. */
+static int
+event_content(struct exchange *a, const struct json_field *content)
+{
+    if (content->type == JSON_STRING && content->len > 0 &&
+        buf_append(&a->ans.reply, json_field_text(content, &a->arena),
+                   content->len) == -1)
+        return stream_fail(a, ANSWER_BAD, "the model's reply is larger "
+                           "than max_response_bytes");
+    if (a->npieces == 0 && (content->type != JSON_STRING || content->len == 0))
+        return 0;
+    a->got_content = 1;
+    if (a->on_content(a, a->arg) == 0)
+        return 0;
+    a->stopped = !a->stream_failed;
+    return -1;
+}
+
 /* One event of an upstream stream: a chunk, [DONE], or an error object. */
 static int
 on_event(void *arg, const char *data, size_t len)
 {
-    enum { CONTENT, FINISH, MODEL, PROMPT, COMPLETION, ERROR };
+    enum { CONTENT, CALLS, FINISH, MODEL, PROMPT, COMPLETION, ERROR };
     struct json_field f[] = {
         [CONTENT] = {.path = "choices.0.delta.content", .accept = JSON_ANY},
+        [CALLS] = {.path = "choices.0.delta.tool_calls", .accept = JSON_ANY},
         [FINISH] = {.path = "choices.0.finish_reason", .accept = JSON_ANY},
         [MODEL] = {.path = "model", .accept = JSON_ANY},
         [PROMPT] = {.path = "usage.prompt_tokens", .accept = JSON_ANY},
@@ -175,13 +335,16 @@ on_event(void *arg, const char *data, size_t len)
     };
     struct exchange *a = arg;
     char err[JSON_ERR_LEN];
+    yajl_val calls = NULL;
+    int rc;
 
     if (len == 6 && memcmp(data, "[DONE]", 6) == 0) {
         a->stream_complete = 1;
         return 0;
     }
     buf_reset(&a->arena);
-    if (json_pick(data, len, f, 6, &a->arena, ANSWER_DEPTH, 0, err))
+    a->npieces = 0;
+    if (json_pick(data, len, f, 7, &a->arena, ANSWER_DEPTH, 0, err))
         return stream_fail(a, ANSWER_BAD, "the model's stream carries "
                            "an event that is not JSON");
     if (f[ERROR].type != 0 && f[ERROR].type != JSON_NULL)
@@ -189,19 +352,19 @@ on_event(void *arg, const char *data, size_t len)
     pick_model(&f[MODEL], &a->arena, &a->ans);
     if (f[PROMPT].type == JSON_NUMBER || f[COMPLETION].type == JSON_NUMBER)
         pick_usage(&f[PROMPT], &f[COMPLETION], &a->arena, &a->ans);
-    if (f[FINISH].type == JSON_STRING)
+    if (f[FINISH].type == JSON_STRING) {
         a->stream_complete = 1;
-    if (f[CONTENT].type != JSON_STRING || f[CONTENT].len == 0)
-        return 0;
-    if (buf_append(&a->ans.reply, json_field_text(&f[CONTENT], &a->arena),
-                   f[CONTENT].len) == -1)
-        return stream_fail(a, ANSWER_BAD, "the model's reply is larger "
-                           "than max_response_bytes");
-    a->got_content = 1;
-    if (a->on_content(a, a->arg) == 0)
-        return 0;
-    a->stopped = !a->stream_failed;
-    return -1;
+        answer_set_finish(&a->ans, json_field_text(&f[FINISH], &a->arena),
+                          f[FINISH].len);
+    }
+    if (f[CALLS].type == JSON_ARRAY) {
+        calls = stream_tool_calls(a, data, len);
+        if (calls == NULL)
+            return -1;
+    }
+    rc = event_content(a, &f[CONTENT]);
+    yajl_tree_free(calls);
+    return rc;
 }
 
 /* Decide, at the first bytes of the body, whether it is an event stream
@@ -255,8 +418,8 @@ on_body(char *data, size_t size, size_t n, void *arg)
     return size * n;
 }
 
-static struct curl_slist *
-request_headers(const char *auth_header, const char *request_id)
+struct curl_slist *
+exchange_headers(const char *auth_header, const char *request_id)
 {
     char id_header[HEADER_LEN];
     struct curl_slist *h = NULL, *next;
@@ -281,28 +444,44 @@ request_headers(const char *auth_header, const char *request_id)
     return h;
 }
 
+void
+exchange_post_options(CURL *e, const struct exchange_post *p)
+{
+    curl_easy_reset(e);
+    curl_easy_setopt(e, CURLOPT_URL, p->url);
+    curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(e, CURLOPT_POST, 1L);
+    curl_easy_setopt(e, CURLOPT_POSTFIELDS, p->body);
+    curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)p->body_len);
+    curl_easy_setopt(e, CURLOPT_HTTPHEADER, p->headers);
+    curl_easy_setopt(e, CURLOPT_USERAGENT, "chatfcgi/1");
+    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, p->on_body);
+    curl_easy_setopt(e, CURLOPT_WRITEDATA, p->arg);
+    curl_easy_setopt(e, CURLOPT_PRIVATE, p->arg);
+    curl_easy_setopt(e, CURLOPT_ERRORBUFFER, p->errbuf);
+    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(e, CURLOPT_TCP_NODELAY, 1L);
+    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, p->timeout_ms);
+}
+
 static void
 set_options(struct exchange *a, const struct exchange_spec *spec)
 {
-    CURL *e = a->easy;
+    struct exchange_post post = {
+        .url = spec->url,
+        .body = a->body.data,
+        .body_len = a->body.len,
+        .headers = a->headers,
+        .on_body = on_body,
+        .arg = a,
+        .errbuf = a->errbuf,
+        .timeout_ms = spec->timeout_ms,
+    };
 
-    curl_easy_reset(e);
-    curl_easy_setopt(e, CURLOPT_URL, spec->url);
-    curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
-    curl_easy_setopt(e, CURLOPT_POST, 1L);
-    curl_easy_setopt(e, CURLOPT_POSTFIELDS, a->body.data);
-    curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)a->body.len);
-    curl_easy_setopt(e, CURLOPT_HTTPHEADER, a->headers);
-    curl_easy_setopt(e, CURLOPT_USERAGENT, "chatfcgi/1");
-    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_body);
-    curl_easy_setopt(e, CURLOPT_WRITEDATA, a);
-    curl_easy_setopt(e, CURLOPT_PRIVATE, a);
-    curl_easy_setopt(e, CURLOPT_ERRORBUFFER, a->errbuf);
-    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(e, CURLOPT_TCP_NODELAY, 1L);
-    curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
-    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, spec->connect_timeout_ms);
-    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, spec->timeout_ms);
+    exchange_post_options(a->easy, &post);
+    curl_easy_setopt(a->easy, CURLOPT_TCP_KEEPALIVE, 1L);
+    curl_easy_setopt(a->easy, CURLOPT_CONNECTTIMEOUT_MS,
+                     spec->connect_timeout_ms);
 }
 
 /* Ready for a new request: nothing of the last one is left. */
@@ -313,7 +492,7 @@ exchange_reset(struct exchange *a, const char *model)
 
     ans->status = ANSWER_FAILED;
     ans->http_status = 0;
-    buf_reset(&ans->reply);
+    answer_reset(ans);
     snprintf(ans->model, sizeof(ans->model), "%s", model);
     ans->prompt_tokens = ans->completion_tokens = -1;
     ans->message[0] = '\0';
@@ -335,7 +514,7 @@ exchange_start(struct exchange *a, CURLM *multi,
     exchange_reset(a, model);
     a->want_stream = spec->stream;
     buf_reset(&a->body);
-    a->headers = request_headers(spec->auth_header, spec->request_id);
+    a->headers = exchange_headers(spec->auth_header, spec->request_id);
     if (a->headers == NULL ||
         buf_append(&a->body, spec->body, spec->body_len) == -1) {
         snprintf(a->ans.message, sizeof(a->ans.message),
@@ -411,7 +590,7 @@ judge_whole_answer(struct exchange *a)
         return;
     }
     a->ans.status = ANSWER_OK;
-    a->got_content = a->ans.reply.len > 0;
+    a->got_content = a->ans.reply.len > 0 || a->ans.ncalls > 0;
 }
 
 static void

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <yajl/yajl_parse.h>
+#include <yajl/yajl_tree.h>
 
 #include "buf.h"
 
@@ -558,4 +559,72 @@ int
 json_gen_key_int(yajl_gen g, const char *key, long long v)
 {
     return json_gen_cstr(g, key) == 0 ? json_gen_int(g, v) : -1;
+}
+
+static int
+gen_container(yajl_gen g, yajl_val v, unsigned depth)
+{
+    if (YAJL_IS_ARRAY(v)) {
+        if (yajl_gen_array_open(g) != yajl_gen_status_ok)
+            return -1;
+        for (size_t i = 0; i < v->u.array.len; i++)
+            if (json_gen_value(g, v->u.array.values[i], depth - 1))
+                return -1;
+        return yajl_gen_array_close(g) == yajl_gen_status_ok ? 0 : -1;
+    }
+    if (yajl_gen_map_open(g) != yajl_gen_status_ok)
+        return -1;
+    for (size_t i = 0; i < v->u.object.len; i++)
+        if (json_gen_cstr(g, v->u.object.keys[i]) ||
+            json_gen_value(g, v->u.object.values[i], depth - 1))
+            return -1;
+    return yajl_gen_map_close(g) == yajl_gen_status_ok ? 0 : -1;
+}
+
+int
+json_gen_value(yajl_gen g, yajl_val v, unsigned depth)
+{
+    if (v == NULL || depth == 0)
+        return -1;
+    switch (v->type) {
+    case yajl_t_string:
+        return json_gen_cstr(g, v->u.string);
+    case yajl_t_number:
+        /* The number's own text, so that nothing is lost to a double. */
+        return yajl_gen_number(g, v->u.number.r, strlen(v->u.number.r)) ==
+                       yajl_gen_status_ok ? 0 : -1;
+    case yajl_t_true:
+    case yajl_t_false:
+        return yajl_gen_bool(g, v->type == yajl_t_true) ==
+                       yajl_gen_status_ok ? 0 : -1;
+    case yajl_t_null:
+        return yajl_gen_null(g) == yajl_gen_status_ok ? 0 : -1;
+    case yajl_t_object:
+    case yajl_t_array:
+        return gen_container(g, v, depth);
+    case yajl_t_any:
+        break;
+    }
+    return -1;
+}
+
+#define TEXT_DEPTH 64
+
+int
+json_gen_text(yajl_gen g, const char *json, int inner)
+{
+    yajl_val doc = yajl_tree_parse(json, NULL, 0);
+    int rc = -1;
+
+    if (doc != NULL && !inner)
+        rc = json_gen_value(g, doc, TEXT_DEPTH);
+    else if (YAJL_IS_OBJECT(doc))
+        for (size_t i = rc = 0; rc == 0 && i < doc->u.object.len; i++)
+            rc = json_gen_cstr(g, doc->u.object.keys[i]) ||
+                 json_gen_value(g, doc->u.object.values[i], TEXT_DEPTH);
+    else if (YAJL_IS_ARRAY(doc))
+        for (size_t i = rc = 0; rc == 0 && i < doc->u.array.len; i++)
+            rc = json_gen_value(g, doc->u.array.values[i], TEXT_DEPTH);
+    yajl_tree_free(doc);
+    return rc;
 }

@@ -111,8 +111,7 @@ gen_messages(yajl_gen g, const struct llm_call *call)
         gen_message(g, "system", system, strlen(system)))
         return -1;
     for (size_t i = 0; i < h->count; i++)
-        if (gen_message(g, messages_role_name(h->msgs[i].role),
-                        messages_content(h, i), h->msgs[i].len))
+        if (messages_gen(g, h, i))
             return -1;
     if (call->message != NULL &&
         gen_message(g, "user", call->message, call->message_len))
@@ -136,6 +135,8 @@ gen_request(struct llm *l, const struct llm_call *call, const char *model)
         return -1;
     if (call->max_tokens > 0 &&
         json_gen_key_int(g, "max_tokens", call->max_tokens))
+        return -1;
+    if (call->options != NULL && json_gen_text(g, call->options, 1))
         return -1;
     if (call->on_delta != NULL &&
         (json_gen_cstr(g, "stream") || yajl_gen_bool(g, 1) ||
@@ -191,13 +192,47 @@ emit(struct llm *l, struct exchange *a)
     return 0;
 }
 
+/* Relay tool-call fragments, when the caller wants them. */
+static int
+emit_pieces(struct llm *l, const struct answer_piece *p, size_t n)
+{
+    const struct llm_call *call = l->call;
+
+    for (size_t i = 0; call->on_call != NULL && i < n; i++) {
+        if (call->on_call(call->delta_arg, &p[i]) == -1) {
+            l->client_gone = 1;
+            return -1;
+        }
+    }
+    return 0;
+}
+
 static int
 on_content(struct exchange *a, void *arg)
 {
     struct llm *l = arg;
 
     commit(l, a);
-    return l->committed == a ? emit(l, a) : -1;
+    if (l->committed != a || emit(l, a) == -1)
+        return -1;
+    return emit_pieces(l, a->pieces, a->npieces);
+}
+
+/* A whole answer's tool calls, each as one fragment. */
+static int
+emit_whole_calls(struct llm *l, const struct answer *ans)
+{
+    for (size_t i = 0; i < ans->ncalls; i++) {
+        const struct answer_call *c = &ans->calls[i];
+        struct answer_piece p = {.index = (long long)i, .id = c->id,
+                                 .name = c->name,
+                                 .arguments = c->arguments.data,
+                                 .arguments_len = c->arguments.len};
+
+        if (emit_pieces(l, &p, 1) == -1)
+            return -1;
+    }
+    return 0;
 }
 
 static struct exchange *
@@ -447,15 +482,6 @@ stop_losers(struct llm *l, const struct exchange *keep)
             exchange_stop(&l->attempts[i], l->multi);
 }
 
-static void
-swap_reply(struct answer *a, struct answer *b)
-{
-    struct buf t = a->reply;
-
-    a->reply = b->reply;
-    b->reply = t;
-}
-
 /* Hand the winner's answer to the caller. A whole answer to a streaming
  * call (an upstream that does not stream) goes out as one piece now; when
  * that first write finds the client gone, ans is left to the caller. */
@@ -464,7 +490,10 @@ take_answer(struct llm *l, struct plan *p, struct exchange *a,
             struct answer *ans)
 {
     commit(l, a);
-    if (streaming_call(l) && emit(l, a) == -1 && l->client_gone)
+    if (streaming_call(l) &&
+        (emit(l, a) == -1 ||
+         (!a->streaming && emit_whole_calls(l, &a->ans) == -1)) &&
+        l->client_gone)
         return;
     plan_note_success(p, a->provider, a->hedge);
     ans->status = a->ans.status;
@@ -473,7 +502,7 @@ take_answer(struct llm *l, struct plan *p, struct exchange *a,
     ans->prompt_tokens = a->ans.prompt_tokens;
     ans->completion_tokens = a->ans.completion_tokens;
     ans->message[0] = '\0';
-    swap_reply(ans, &a->ans);
+    answer_swap_content(ans, &a->ans);
 }
 
 /* No winner: the failure of the stream that reached the client, else the
@@ -504,7 +533,7 @@ begin_call(struct llm *l, const struct llm_call *call,
     l->client_gone = 0;
     for (size_t i = 0; i < LLM_ATTEMPTS; i++)
         l->attempts[i].ans.status = ANSWER_OK; /* not failed: not tried */
-    buf_reset(&ans->reply);
+    answer_reset(ans);
     snprintf(ans->model, sizeof(ans->model), "%s",
              call->model ? call->model : l->conf->providers[0].model);
     ans->prompt_tokens = ans->completion_tokens = -1;

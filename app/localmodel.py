@@ -167,26 +167,112 @@ def sse(obj):
     return b"data: " + dump(obj) + b"\n\n"
 
 
+# --- Tools ---------------------------------------------------------------------
+
+ARGUMENT_PIECE = 4     # bytes of arguments per streamed fragment
+DEMO_TOOLS = {"get_time": re.compile(r"\btime\b|\bclock\b", re.I),
+              "calculate": re.compile(r"^\s*(?:calculate|compute)\s+(.+)",
+                                      re.I)}
+
+
+def offered_tools(request):
+    """The names of the functions the request offers the model."""
+    tools = request.get("tools")
+    if not isinstance(tools, list):
+        return set()
+    return {t["function"].get("name") for t in tools if isinstance(t, dict)
+            and isinstance(t.get("function"), dict)}
+
+
+def demo_tool_calls(request):
+    """What the bundled model asks of the demo tools, when they are offered
+    and the last user message asks for the time or a calculation."""
+    messages = request["messages"]
+    if messages[-1].get("role") != "user":
+        return None
+    text, offered = message_text(messages[-1]), offered_tools(request)
+    for name, pattern in DEMO_TOOLS.items():
+        match = pattern.search(text)
+        if name in offered and match:
+            arguments = {"expression": match.group(1)} if pattern.groups \
+                else {}
+            return [{"name": name, "arguments": json.dumps(arguments)}]
+    return None
+
+
+def tool_results_reply(messages):
+    """After tool results: say what the tools answered."""
+    results = []
+    for m in reversed(messages):
+        if m.get("role") != "tool":
+            break
+        results.append(message_text(m))
+    return "The tools answered: " + "; ".join(reversed(results))
+
+
+def with_ids(calls):
+    return [{"id": c.get("id") or "call_" + uuid.uuid4().hex[:12],
+             "name": c["name"], "arguments": c.get("arguments", "{}")}
+            for c in calls]
+
+
 @dataclass
 class Answer:
     """One assistant reply, rendered as a completion or as stream chunks."""
     model: str
     reply: str
     usage: dict
+    tool_calls: list | None = None
+    index_zero: bool = False    # every call streamed with index 0 (Ollama)
     id: str = field(default_factory=lambda: "chatcmpl-" + uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
-    def for_request(cls, request, fixed_reply=None):
+    def for_request(cls, request, behaviour):
         messages = request["messages"]
-        reply = eliza_reply(messages) if fixed_reply is None else fixed_reply
+        calls = behaviour.tool_calls or demo_tool_calls(request)
+        if behaviour.reply is not None:
+            reply = behaviour.reply
+        elif calls:
+            reply = ""
+        elif messages[-1].get("role") == "tool":
+            reply = tool_results_reply(messages)
+        else:
+            reply = eliza_reply(messages)
         model = request.get("model")
         prompt = sum(len(message_text(m).split()) for m in messages)
         completion = len(reply.split())
         return cls(model if isinstance(model, str) and model else MODEL_ID,
                    reply, {"prompt_tokens": prompt,
                            "completion_tokens": completion,
-                           "total_tokens": prompt + completion})
+                           "total_tokens": prompt + completion},
+                   with_ids(calls) if calls else None, behaviour.index_zero)
+
+    @property
+    def finish_reason(self):
+        return "tool_calls" if self.tool_calls else "stop"
+
+    def openai_tool_calls(self):
+        return [{"id": c["id"], "type": "function",
+                 "function": {"name": c["name"],
+                              "arguments": c["arguments"]}}
+                for c in self.tool_calls]
+
+    def tool_call_events(self):
+        """Each call as OpenAI streams it: id, type and name with empty
+        arguments first, then the arguments a few bytes at a time."""
+        events = []
+        for i, c in enumerate(self.tool_calls):
+            index = 0 if self.index_zero else i
+            head = {"index": index, "id": c["id"], "type": "function",
+                    "function": {"name": c["name"], "arguments": ""}}
+            events.append(sse(self.chunk({"tool_calls": [head]})))
+            args = c["arguments"]
+            for at in range(0, len(args), ARGUMENT_PIECE):
+                piece = args[at:at + ARGUMENT_PIECE]
+                events.append(sse(self.chunk({"tool_calls": [
+                    {"index": index, "function": {"arguments": piece}}]})))
+        return events
 
     def _envelope(self, kind):
         return {"id": self.id, "object": kind, "created": self.created,
@@ -194,9 +280,12 @@ class Answer:
 
     def completion(self):
         message = {"role": "assistant", "content": self.reply}
+        if self.tool_calls:
+            message = {"role": "assistant", "content": self.reply or None,
+                       "tool_calls": self.openai_tool_calls()}
         return {**self._envelope("chat.completion"),
                 "choices": [{"index": 0, "message": message,
-                             "finish_reason": "stop"}],
+                             "finish_reason": self.finish_reason}],
                 "usage": self.usage}
 
     def chunk(self, delta, finish_reason=None):
@@ -205,18 +294,45 @@ class Answer:
                              "finish_reason": finish_reason}]}
 
     def content_events(self):
-        """One event per word, spaces kept, so the pieces join to the reply."""
+        """One event per word, spaces kept, so the pieces join to the reply;
+        then the tool calls, if any."""
+        if self.tool_calls:
+            return self.tool_call_events()
         pieces = re.findall(r"\s*\S+\s*", self.reply) or [self.reply]
         return [sse(self.chunk({"role": "assistant", "content": p} if i == 0
                                else {"content": p}))
                 for i, p in enumerate(pieces)]
 
     def closing_events(self, include_usage):
-        events = [sse(self.chunk({}, "stop"))]
+        events = [sse(self.chunk({}, self.finish_reason))]
         if include_usage:
             events.append(sse({**self._envelope("chat.completion.chunk"),
                                "choices": [], "usage": self.usage}))
         return events + [DONE_EVENT]
+
+
+# --- Demo and test tools -------------------------------------------------------
+
+CALC = re.compile(r"^[0-9+\-*/%(). ]{1,200}$")
+
+
+def calculate(expression):
+    """A tiny calculator: digits, + - * / % and parentheses, nothing else
+    (checked before eval, which gets no names at all)."""
+    if not isinstance(expression, str) or not CALC.match(expression):
+        raise ValueError("only digits, + - * / % ( ) . and spaces")
+    try:
+        return eval(expression, {"__builtins__": {}}, {})  # noqa: S307
+    except (SyntaxError, ArithmeticError, TypeError) as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def tool_query(path):
+    """How a test tool at /tools/echo?delay_ms=..&status=..&hang=1 acts."""
+    query = dict(p.split("=", 1) for p in path.partition("?")[2].split("&")
+                 if "=" in p)
+    return (int(query.get("delay_ms", 0)), int(query.get("status", 200)),
+            query.get("hang") == "1", query.get("text") == "1")
 
 
 # --- Test control ------------------------------------------------------------
@@ -236,12 +352,22 @@ def _flag(value):
     return isinstance(value, bool)
 
 
+def _calls(value):
+    """tool_calls: a list of {name, arguments[, id]}, all strings."""
+    return value is None or (isinstance(value, list) and all(
+        isinstance(c, dict) and isinstance(c.get("name"), str) and
+        all(isinstance(c.get(k, ""), str) for k in ("arguments", "id"))
+        for c in value))
+
+
 CONTROL_FIELDS = {
     "mode": lambda v: isinstance(v, str) and v in MODES,
     "status": lambda v: type(v) is int and 200 <= v <= 599,
     "body": _text, "reply": _text, "coalesce": _flag, "sse_comments": _flag,
     "delay_ms": _count, "chunk_delay_ms": _count, "split_bytes": _count,
     "drop_after": _count, "times": _count, "retry_after": _count,
+    "tool_calls": _calls, "index_zero": _flag,
+    "tool_result_failures": _count,
 }
 
 
@@ -260,6 +386,10 @@ class Behaviour:
     retry_after: int = 0    # mode fail: a Retry-After header (seconds)
     coalesce: bool = False
     sse_comments: bool = False
+    tool_calls: list | None = None  # answer with these calls
+    index_zero: bool = False        # stream every call with index 0
+    tool_result_failures: int = 0   # fail (500) this many requests that
+                                    # carry tool results, whatever `times`
 
     @classmethod
     def from_json(cls, obj):
@@ -287,6 +417,7 @@ class State:
         with self.lock:
             self.behaviour, self.remaining = Behaviour(), 0
             self.connections = self.requests = self.disconnects = 0
+            self.tool_calls = self.tool_result_failures = 0
             self.last_disconnect_at = None
             self.recent = collections.deque(maxlen=RECENT_REQUESTS)
 
@@ -302,6 +433,16 @@ class State:
     def set_behaviour(self, behaviour):
         with self.lock:
             self.behaviour, self.remaining = behaviour, behaviour.times
+            self.tool_result_failures = behaviour.tool_result_failures
+
+    def take_tool_result_failure(self, request):
+        """True when this request, which answers tool calls, is to fail."""
+        with self.lock:
+            if self.tool_result_failures and \
+                    request["messages"][-1].get("role") == "tool":
+                self.tool_result_failures -= 1
+                return True
+            return False
 
     def take_behaviour(self):
         """The behaviour for one chat request; counts `times` down."""
@@ -319,6 +460,10 @@ class State:
             self.recent.append({"at": time.time(), "headers": headers,
                                 "body": body})
 
+    def count_tool_call(self):
+        with self.lock:
+            self.tool_calls += 1
+
     def record_disconnect(self):
         with self.lock:
             self.disconnects += 1
@@ -329,6 +474,7 @@ class State:
             return {"connections": self.connections,
                     "open_connections": self.open_connections,
                     "requests": self.requests,
+                    "tool_calls": self.tool_calls,
                     "disconnects": self.disconnects,
                     "last_disconnect_at": self.last_disconnect_at,
                     "recent": list(self.recent)}
@@ -453,6 +599,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_json(400, openai_error(problem))
         behaviour = self.state.take_behaviour()
         self.disconnected = False
+        if self.state.take_tool_result_failure(request):
+            return self.fail(Behaviour())
         if behaviour.mode == "hang":
             return self.hang()
         if not self.wait(behaviour.delay_ms / 1000):
@@ -464,7 +612,7 @@ class Handler(BaseHTTPRequestHandler):
             return self.garbage(behaviour, stream)
         if behaviour.mode == "drop" and not stream:
             return self.abort()
-        answer = Answer.for_request(request, behaviour.reply)
+        answer = Answer.for_request(request, behaviour)
         if not stream:
             return self.send_json(200, answer.completion())
         events = answer.content_events()
@@ -476,6 +624,44 @@ class Handler(BaseHTTPRequestHandler):
             options.get("include_usage") is True
         self.send_stream(events + answer.closing_events(include_usage),
                          behaviour)
+
+    # --- tools
+
+    def tool_arguments(self):
+        arguments = parse_json(self.body)
+        if not isinstance(arguments, dict):
+            self.send_json(400, {"error": "the arguments must be an object"})
+            return None
+        return arguments
+
+    def tool_time(self):
+        if self.tool_arguments() is not None:
+            self.send_json(200, {"utc": time.strftime(
+                "%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+    def tool_calculate(self):
+        arguments = self.tool_arguments()
+        if arguments is None:
+            return
+        try:
+            self.send_json(200, {"result": calculate(
+                arguments.get("expression"))})
+        except ValueError as exc:
+            self.send_json(422, {"error": str(exc)})
+
+    def tool_echo(self):
+        """A test tool: answers its arguments back, after delay_ms, with
+        status, or never (hang=1); text=1 answers in plain text."""
+        delay_ms, status, hang, text = tool_query(self.path)
+        self.state.count_tool_call()
+        self.disconnected = False
+        if hang:
+            return self.hang()
+        if not self.wait(delay_ms / 1000):
+            return
+        if text:
+            return self.send_body(status, self.body or b"-", "text/plain")
+        self.send_json(status, {"echo": parse_json(self.body)})
 
     # --- misbehaviour
 
@@ -579,6 +765,9 @@ ROUTES = {
     "/control": {"POST": Handler.set_control},
     "/control/reset": {"POST": Handler.reset_control},
     "/control/stats": {"GET": Handler.get_stats},
+    "/tools/get_time": {"POST": Handler.tool_time},
+    "/tools/calculate": {"POST": Handler.tool_calculate},
+    "/tools/echo": {"POST": Handler.tool_echo},
 }
 
 

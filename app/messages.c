@@ -3,6 +3,8 @@
 
 #include <stdlib.h>
 
+#include "json.h"
+
 void
 messages_init(struct messages *h, size_t max_text)
 {
@@ -32,6 +34,15 @@ int
 messages_add(struct messages *h, enum message_role role, const char *content,
             size_t len)
 {
+    return messages_add_extra(h, role, content, len, MESSAGE_PLAIN, "", 0);
+}
+
+int
+messages_add_extra(struct messages *h, enum message_role role,
+                   const char *content, size_t len,
+                   enum message_extra kind, const char *extra,
+                   size_t extra_len)
+{
     struct message *m;
 
     if (h->count == h->cap) {
@@ -47,9 +58,15 @@ messages_add(struct messages *h, enum message_role role, const char *content,
     m->role = role;
     m->off = h->text.len;
     m->len = len;
-    /* NUL after each content, so that it can be read as a C string too. */
+    /* No extra: the content's NUL doubles as an empty one. */
+    m->extra_off = extra_len ? m->off + len + 1 : m->off + len;
+    m->extra_len = extra_len;
+    m->extra_kind = extra_len ? kind : MESSAGE_PLAIN;
+    /* NUL after each string, so that it can be read as a C string too. */
     if (buf_append(&h->text, content, len) == -1 ||
-        buf_append(&h->text, "", 1) == -1) {
+        buf_append(&h->text, "", 1) == -1 ||
+        (extra_len > 0 && (buf_append(&h->text, extra, extra_len) == -1 ||
+                           buf_append(&h->text, "", 1) == -1))) {
         h->text.len = m->off;
         return -1;
     }
@@ -63,6 +80,12 @@ messages_content(const struct messages *h, size_t i)
     return h->text.data + h->msgs[i].off;
 }
 
+const char *
+messages_extra(const struct messages *h, size_t i)
+{
+    return h->text.data + h->msgs[i].extra_off;
+}
+
 void
 messages_drop_last(struct messages *h)
 {
@@ -70,6 +93,13 @@ messages_drop_last(struct messages *h)
         return;
     h->count--;
     h->text.len = h->msgs[h->count].off;
+}
+
+void
+messages_truncate(struct messages *h, size_t count)
+{
+    while (h->count > count)
+        messages_drop_last(h);
 }
 
 void
@@ -86,7 +116,33 @@ messages_reverse(struct messages *h)
 const char *
 messages_role_name(enum message_role role)
 {
-    static const char *const names[] = {"user", "assistant", "system"};
+    static const char *const names[] = {"user", "assistant", "system",
+                                          "tool"};
 
     return names[role];
+}
+
+int
+messages_gen(yajl_gen g, const struct messages *h, size_t i)
+{
+    const struct message *m = &h->msgs[i];
+    const char *extra = messages_extra(h, i);
+    int calls = m->extra_kind == MESSAGE_CALLS;
+
+    if (m->extra_kind == MESSAGE_EXCHANGE && json_gen_text(g, extra, 1))
+        return -1;
+    if (yajl_gen_map_open(g) ||
+        json_gen_key_cstr(g, "role", messages_role_name(m->role)) ||
+        json_gen_cstr(g, "content") ||
+        (calls && m->len == 0
+             ? yajl_gen_null(g) != yajl_gen_status_ok
+             : json_gen_str(g, messages_content(h, i), m->len) != 0))
+        return -1;
+    if (calls && (json_gen_cstr(g, "tool_calls") ||
+                  json_gen_text(g, extra, 0)))
+        return -1;
+    if (m->extra_kind == MESSAGE_CALL_ID &&
+        json_gen_key_str(g, "tool_call_id", extra, m->extra_len))
+        return -1;
+    return yajl_gen_map_close(g) ? -1 : 0;
 }

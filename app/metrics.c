@@ -13,6 +13,7 @@
 #include "json.h"
 #include "http.h"
 #include "scoreboard.h"
+#include "tools.h"
 
 static const char *const upstream_error_names[SCOREBOARD_UP_KINDS] = {
     "timeout", "unreachable", "http_error", "bad_answer", "failed",
@@ -313,8 +314,33 @@ put_providers(struct buf *b, const struct scoreboard *p)
            put_provider_health(b, p);
 }
 
+/* Tool calls by tool and outcome, named after the configured tools. */
 static int
-put_all(struct buf *b, const struct scoreboard *p)
+put_tools(struct buf *b, const struct scoreboard *p, const struct conf *c)
+{
+    static const char name[] = "chatfcgi_tool_calls_total";
+    int rc = buf_printf(b, "# HELP %s Tool calls of /api/chat, by tool and "
+                        "outcome.\n# TYPE %s counter\n", name, name);
+
+    for (size_t t = 0; t < SCOREBOARD_TOOLS && rc == 0; t++) {
+        const char *tool = t < c->ntools ? c->tools[t].name
+                         : t == SCOREBOARD_TOOLS - 1 ? "(unconfigured)"
+                                                     : NULL;
+
+        for (unsigned o = 0; tool && o < SCOREBOARD_TOOL_OUTCOMES && rc == 0;
+             o++)
+            rc = buf_printf(b, "%s{tool=\"%s\",outcome=\"%s\"} %llu\n",
+                            name, tool, tools_outcome_name(o),
+                            (unsigned long long)scoreboard_read(
+                                &p->tool_calls[t][o]));
+    }
+    return rc || put_histogram(b, "chatfcgi_tool_duration_seconds",
+                               "Time of each tool call made.",
+                               &p->tool_latency);
+}
+
+static int
+put_all(struct buf *b, const struct scoreboard *p, const struct conf *c)
 {
     return put_requests(b, p) ||
            put_histogram(b, "chatfcgi_request_duration_seconds",
@@ -340,7 +366,7 @@ put_all(struct buf *b, const struct scoreboard *p)
            put_counter(b, "chatfcgi_max_children_reached_total",
                        "Times the dynamic pool hit its maximum.",
                        &p->max_children_reached) ||
-           put_providers(b, p);
+           put_providers(b, p) || put_tools(b, p, c);
 }
 
 void
@@ -349,7 +375,7 @@ metrics_serve_prometheus(struct metrics *m, struct http_request *r)
     if (check_client(m, r) == -1)
         return;
     buf_reset(&m->text);
-    if (put_all(&m->text, m->pool) != 0) {
+    if (put_all(&m->text, m->pool, m->conf) != 0) {
         http_send_error(r, 500, "internal_error", "the metrics do not fit");
         return;
     }

@@ -210,6 +210,17 @@ scoreboard_count_upstream_error(struct scoreboard *p,
     scoreboard_add(&p->upstream_errors[k], 1);
 }
 
+void
+scoreboard_count_tool(struct scoreboard *p, size_t tool, unsigned outcome,
+                      double ms)
+{
+    if (tool >= SCOREBOARD_TOOLS || outcome >= SCOREBOARD_TOOL_OUTCOMES)
+        return;
+    scoreboard_add(&p->tool_calls[tool][outcome], 1);
+    if (ms > 0)
+        observe(&p->tool_latency, ms);
+}
+
 enum scoreboard_status_index
 scoreboard_status_index(int status)
 {

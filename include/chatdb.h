@@ -136,17 +136,20 @@ int chatdb_rate_check(struct chatdb *db, const struct chatdb_turn *t,
 int chatdb_count_tokens(struct chatdb *db, const struct chatdb_turn *t,
                         long long tokens);
 
-/* The stored form of a message, {"role","content"}, into g (restarted).
- * Returns 0 or -1. */
+/* The stored form of a message, {"role","content"[,"tools"]}, into g
+ * (restarted): tools, when exchange_len > 0, is the tool exchange of the
+ * turn this answer ends (see MESSAGE_EXCHANGE), kept as a string so that
+ * a turn stays two items and trims as one pair. Returns 0 or -1. */
 int chatdb_gen_item(yajl_gen g, enum message_role role, const char *content,
-                    size_t len);
+                    size_t len, const char *exchange, size_t exchange_len);
 
 /* Parse one stored item and append it to h. Returns 0, or -1 when the
  * item is not of that form (or does not fit). */
 int chatdb_add_item(struct messages *h, const char *json, size_t len);
 
 /* The trim rule: how many of the oldest messages of h to drop so that at
- * most max_messages messages and max_bytes bytes of content remain: whole
+ * most max_messages messages and max_bytes bytes of content (tool
+ * exchanges included) remain: whole
  * pairs only, never the newest pair, which the turn just added. */
 size_t chatdb_trim_start(const struct messages *h, size_t max_messages,
                          size_t max_bytes);

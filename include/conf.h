@@ -19,6 +19,21 @@ enum conf_pool { CONF_POOL_STATIC, CONF_POOL_DYNAMIC, CONF_POOL_SINGLE };
 #define CONF_DIGEST_LEN 32 /* SHA-256 */
 #define CONF_PROVIDER_NAME_MAX 32
 
+#define CONF_TOOLS_MAX 16
+#define CONF_TOOL_NAME_MAX 65 /* OpenAI's 64 characters, and a NUL */
+
+/* One tool the server runs for /api/chat: a [tool NAME] section. Only
+ * these URLs are ever called, with a POST of the model's arguments. */
+struct conf_tool {
+    char *name;
+    char *url;
+    char *description;
+    char *parameters;      /* a JSON Schema object; from parameters_file
+                              when that is set */
+    char *parameters_file;
+    long long timeout_ms;
+};
+
 /* One model provider: a [provider NAME] section, or one of the URLs of
  * [upstream] url. Keys a section leaves out come from [upstream]. */
 struct conf_provider {
@@ -61,6 +76,7 @@ struct conf {
     char *error_log;
     char *access_log;
     char *pid_file;
+    char *include; /* files or globs read where the key stands */
 
     struct {
         char *url;
@@ -103,7 +119,12 @@ struct conf {
         long long history_max_messages;
         long long history_max_bytes;
         long long history_ttl_seconds;
+        long long max_tool_rounds; /* model calls that may ask for tools */
     } chat;
+
+    /* [tool NAME] sections, in file order. */
+    struct conf_tool tools[CONF_TOOLS_MAX];
+    size_t ntools;
 
     struct {
         long long rpm; /* turns per minute per client; 0: off */

@@ -43,6 +43,10 @@ struct exchange {
     int response_too_large;
     struct sse_parser sse;
     struct buf arena;    /* strings picked from one event */
+    struct buf event;    /* one event with tool calls, NUL-terminated */
+    /* The tool-call fragments of the event on_content is called for: */
+    struct answer_piece pieces[ANSWER_MAX_CALLS];
+    size_t npieces;
     int stream_complete; /* [DONE] or a finish_reason arrived */
     int stream_failed;   /* the stream broke: ans says why */
     int stopped;         /* on_content stopped it: not the provider's doing */
@@ -53,6 +57,28 @@ struct exchange {
     int (*on_content)(struct exchange *a, void *arg);
     void *arg;
 };
+
+/* What every POST of ours sets on its easy handle, a provider's or a
+ * tool's (after curl_easy_reset): the URL (http or https only), the body,
+ * headers, where the answer goes, the handle's private pointer and error
+ * buffer, no signals, no Nagle, the total timeout. */
+struct exchange_post {
+    const char *url;
+    const char *body;
+    size_t body_len;
+    struct curl_slist *headers;
+    curl_write_callback on_body;
+    void *arg; /* WRITEDATA and PRIVATE */
+    char *errbuf;
+    long timeout_ms;
+};
+void exchange_post_options(CURL *e, const struct exchange_post *p);
+
+/* The headers of such a POST: JSON, no 100-continue round trip, the
+ * request id, and auth_header unless NULL. The caller frees them
+ * (curl_slist_free_all); NULL when out of memory. */
+struct curl_slist *exchange_headers(const char *auth_header,
+                                    const char *request_id);
 
 /* Returns 0, or -1 when out of memory. */
 int exchange_init(struct exchange *a, size_t max_reply);
@@ -69,7 +95,8 @@ void exchange_stop(struct exchange *a, CURLM *multi);
 /* Judge a transfer that ended with rc: a->ans.status and message. */
 void exchange_judge(struct exchange *a, CURLcode rc);
 
-/* Parse a non-streaming answer body into ans (reply, model, usage).
+/* Parse a non-streaming answer body into ans (reply, tool calls, finish
+ * reason, model, usage).
  * Returns 0, or -1 with ans->message set. Pure; exposed for tests. */
 int exchange_parse_answer(const char *body, size_t len, struct answer *ans);
 

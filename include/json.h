@@ -12,6 +12,7 @@
 
 #include <stddef.h>
 #include <yajl/yajl_gen.h>
+#include <yajl/yajl_tree.h>
 
 struct buf;
 
@@ -86,5 +87,15 @@ int json_gen_int(yajl_gen g, long long v);
 int json_gen_key_str(yajl_gen g, const char *key, const char *s, size_t n);
 int json_gen_key_cstr(yajl_gen g, const char *key, const char *s);
 int json_gen_key_int(yajl_gen g, const char *key, long long v);
+
+/* Write a value of yajl's tree as it is, at most depth levels deep (a
+ * deeper one is an error, so that no input recurses without bound).
+ * Returns 0 or -1. */
+int json_gen_value(yajl_gen g, yajl_val v, unsigned depth);
+
+/* Write a JSON text of ours (generated, so trusted) into g: as one value,
+ * or with inner set, an object's members or an array's elements into the
+ * container open in g. Returns 0 or -1. */
+int json_gen_text(yajl_gen g, const char *json, int inner);
 
 #endif

@@ -25,6 +25,10 @@ struct scoreboard;
  * returns -1 when the client went away, which cancels the transfer. */
 typedef int (*llm_delta_fn)(void *arg, const char *text, size_t len);
 
+/* Receives a fragment of a tool call as it streams in (or each call of a
+ * whole answer to a streaming call); -1 as for llm_delta_fn. */
+typedef int (*llm_call_fn)(void *arg, const struct answer_piece *p);
+
 /* One chat completion to ask for: [system prompt] + messages + [message]. */
 struct llm_call {
     const char *system_prompt; /* NULL or "": none */
@@ -35,10 +39,14 @@ struct llm_call {
                                   provider's own */
     double temperature;        /* < 0: the model's default */
     long long max_tokens;      /* 0: the model's default */
+    /* NULL, or a JSON object text whose members go into the request as
+     * they are (tools, tool_choice, stop, ...). */
+    const char *options;
     const char *request_id;
     double deadline_ms; /* the request's own deadline (monotonic ms) */
     llm_delta_fn on_delta; /* non-NULL: ask the upstream to stream */
-    void *delta_arg;
+    llm_call_fn on_call;   /* NULL: tool calls are not relayed */
+    void *delta_arg;       /* of both */
     /* The client's connection, watched while the model answers (-1: not
      * watched). When it becomes readable, client_gone(watch_fd) says 1
      * (gone: cancel), 0 (still there) or -1 (cannot tell: stop watching). */

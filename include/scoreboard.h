@@ -89,6 +89,12 @@ struct scoreboard_provider {
     uint64_t errors[SCOREBOARD_UP_KINDS];
 };
 
+/* Tool calls of /api/chat by tool (its index among the configured ones;
+ * the last counts calls of tools that are not configured) and outcome
+ * (enum tool_outcome's order). */
+#define SCOREBOARD_TOOLS 17
+#define SCOREBOARD_TOOL_OUTCOMES 4
+
 /* Slots for the most workers conf.c allows (4096), twice (the old and the
  * new generation during a reload), each with its control worker. The size
  * is fixed so that every process knows from the type alone how far it may
@@ -115,6 +121,10 @@ struct scoreboard {
     struct scoreboard_histogram total, redis, upstream;
     struct scoreboard_provider providers[SCOREBOARD_PROVIDERS];
     struct scoreboard_slot slots[SCOREBOARD_SLOTS_MAX];
+    /* After the slots, so that a reload from a build without them keeps
+     * every offset the older build used. */
+    uint64_t tool_calls[SCOREBOARD_TOOLS][SCOREBOARD_TOOL_OUTCOMES];
+    struct scoreboard_histogram tool_latency; /* of the calls made */
 };
 
 /* Create the shared memory, or adopt the one inherited on fd (after a
@@ -147,6 +157,11 @@ void scoreboard_request_end(struct scoreboard *p, struct scoreboard_slot *s,
 
 void scoreboard_count_upstream_error(struct scoreboard *p,
                                      enum scoreboard_upstream_error kind);
+
+/* One tool call that ended with outcome; made calls (ms > 0) also go
+ * into the latency histogram. */
+void scoreboard_count_tool(struct scoreboard *p, size_t tool,
+                           unsigned outcome, double ms);
 
 /* Name the provider slots after the configured providers; a slot whose
  * name changed (a reload with other providers) starts from zero. */

@@ -48,6 +48,21 @@ REDIS_TEMPLATE = HERE / "redis.conf.in"
 # Start order; stop goes the other way.
 SERVICES = ("redis", "model", "chatfcgi", "nginx")
 
+# The bundled model's demo tools; an include of one's own
+# (CHATFCGI_INCLUDE, even empty) replaces them.
+DEMO_TOOLS = """# Written by deploy/local/stack.py for the bundled model.
+[tool get_time]
+url = {url}/tools/get_time
+description = The current date and time in UTC.
+timeout_ms = 2000
+
+[tool calculate]
+url = {url}/tools/calculate
+description = Evaluate an arithmetic expression: digits, + - * / % ( ).
+parameters = {{"type":"object","properties":{{"expression":{{"type":"string"}}}},"required":["expression"]}}
+timeout_ms = 2000
+"""
+
 # Read by this launcher only; chatfcgi refuses CHATFCGI_ variables it does
 # not know, so they never reach its environment.
 LAUNCHER_ONLY = ("CHATFCGI_PORT", "CHATFCGI_RUN_DIR", "CHATFCGI_MODEL_PORT",
@@ -104,6 +119,9 @@ environment (all optional):
   CHATFCGI_BIN           chatfcgi binary (default bin/chatfcgi; e.g.
                          bin/chatfcgi-asan)
   CHATFCGI_NGINX_ACCESS_LOG  off: no nginx access log
+  CHATFCGI_INCLUDE       drop-in config files or globs (passed to chatfcgi);
+                         unset with the bundled model: its demo tools
+                         get_time and calculate
 Any other CHATFCGI_* variable is passed to chatfcgi unchanged.
 
 commands:
@@ -519,6 +537,14 @@ class Stack:
         return {k: v for k, v in self.child_env.items()
                 if not k.startswith("CHATFCGI_")}
 
+    def _demo_tools(self):
+        """A drop-in config with the bundled model's demo tools (get_time,
+        calculate, served by the model itself), so that `make run` shows
+        tools offline. Returns its path."""
+        path = self.run_dir / "demo-tools.conf"
+        _write_atomic(path, DEMO_TOOLS.format(url=self.model_url))
+        return str(path)
+
     def _chatfcgi_env(self):
         env = {k: v for k, v in self.child_env.items()
                if k not in LAUNCHER_ONLY}
@@ -531,6 +557,8 @@ class Stack:
                                         f"{self.model_url}/v1")
         if not self.upstream_url and "CHATFCGI_MODEL" not in env:
             env["CHATFCGI_MODEL"] = "local-eliza"  # the bundled model's name
+        if not self.upstream_url and "CHATFCGI_INCLUDE" not in env:
+            env["CHATFCGI_INCLUDE"] = self._demo_tools()
         if os.geteuid() == 0:
             # chatfcgi refuses to serve as root: its workers become www-data,
             # which also owns the socket (0660) so nginx's workers connect.

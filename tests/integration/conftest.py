@@ -80,9 +80,11 @@ def free_ports_list(n):
 
 def stack_env(extra=None):
     """Settings for a test Stack: the shell's CHATFCGI_* removed (None),
-    except CHATFCGI_BIN, then the module's own."""
+    except CHATFCGI_BIN, then the module's own. No drop-in config unless a
+    module asks (None brings back the bundled model's demo tools)."""
     env = {k: None for k in os.environ
            if k.startswith("CHATFCGI_") and k != "CHATFCGI_BIN"}
+    env["CHATFCGI_INCLUDE"] = ""
     env.update(extra or {})
     return env
 

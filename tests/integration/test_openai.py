@@ -147,7 +147,7 @@ def test_client_system_messages_can_be_refused(http, stack_factory):
 @pytest.mark.parametrize("body, fragment", [
     ({}, "messages"),
     ({"messages": []}, "messages"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "role"),
+    ({"messages": [{"role": "function", "content": "x"}]}, "role"),
     ({"messages": [{"role": "user"}]}, "content"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
      "content"),

@@ -69,8 +69,62 @@ async function models() {
   assert.ok(list.data.length === 1 && list.data[0].id, "one model");
 }
 
+// Function calling as the SDK's users write it: the bundled model calls
+// get_time when it is offered and asked for the time; the client runs it
+// and sends the result back; the model answers from it.
+const tools = [{
+  type: "function",
+  function: {
+    name: "get_time",
+    description: "the current time in UTC",
+    parameters: { type: "object", properties: {} },
+  },
+}];
+const question = [{ role: "user", content: "What time is it?" }];
+const TOOL_RESULT = '{"utc":"2030-01-01T00:00:00Z"}';
+
+async function answerTheCall(message) {
+  const call = message.tool_calls[0];
+  assert.equal(call.type, "function");
+  assert.equal(call.function.name, "get_time");
+  assert.deepEqual(JSON.parse(call.function.arguments), {});
+  const r = await client.chat.completions.create({
+    model,
+    tools,
+    messages: [...question, message,
+      { role: "tool", tool_call_id: call.id, content: TOOL_RESULT }],
+  });
+  assert.equal(r.choices[0].finish_reason, "stop");
+  assert.ok(r.choices[0].message.content.includes(TOOL_RESULT),
+    r.choices[0].message.content);
+}
+
+async function toolsPlain() {
+  const r = await client.chat.completions.create({
+    model, tools, messages: question,
+  });
+  assert.equal(r.choices[0].finish_reason, "tool_calls");
+  assert.equal(r.choices[0].message.content, null);
+  await answerTheCall(r.choices[0].message);
+}
+
+async function toolsStreamed() {
+  // The SDK's own helper reassembles the streamed fragments.
+  const runner = client.beta.chat.completions.stream({
+    model, tools, messages: question,
+  });
+  const done = await runner.finalChatCompletion();
+  assert.equal(done.choices[0].finish_reason, "tool_calls");
+  const message = done.choices[0].message;
+  assert.equal(message.tool_calls.length, 1);
+  await answerTheCall({ role: "assistant", content: null,
+    tool_calls: message.tool_calls });
+}
+
 const reply = await plain();
 await streamed(reply);
 await error();
 await models();
-console.log("openai sdk: plain, stream, error and models passed");
+await toolsPlain();
+await toolsStreamed();
+console.log("openai sdk: plain, stream, error, models and tools passed");

@@ -172,11 +172,78 @@ test_init_cap_one_append(void **state)
     answer_cleanup(&a);
 }
 
+/* Fragments join into their calls; a provider that numbers every call 0
+ * (some Ollama versions) gets each new id or name its own call, and the
+ * fragments after it follow it. */
+static void
+test_pieces(void **state)
+{
+    struct answer_piece steps[] = {
+        {.index = 0, .id = "a", .name = "f", .arguments = "", 0},
+        {.index = 0, .arguments = "{\"x\"", .arguments_len = 4},
+        {.index = 0, .arguments = ":1}", .arguments_len = 3},
+        {.index = 0, .id = "b", .name = "g", .arguments = "{", 1},
+        {.index = 0, .arguments = "}", .arguments_len = 1},
+        {.index = 2, .name = "h", .arguments = "[]", .arguments_len = 2},
+    };
+    static const long long want_index[] = {0, 0, 0, 1, 1, 2};
+    struct answer a;
+
+    (void)state;
+    answer_init(&a, 64);
+    for (size_t i = 0; i < sizeof(steps) / sizeof(*steps); i++) {
+        assert_int_equal(answer_add_piece(&a, &steps[i]), 0);
+        assert_int_equal(steps[i].index, want_index[i]);
+    }
+    assert_int_equal(a.ncalls, 3);
+    assert_string_equal(a.calls[0].id, "a");
+    assert_memory_equal(a.calls[0].arguments.data, "{\"x\":1}", 7);
+    assert_string_equal(a.calls[1].id, "b");
+    assert_string_equal(a.calls[1].name, "g");
+    assert_memory_equal(a.calls[1].arguments.data, "{}", 2);
+    assert_string_equal(a.calls[2].id, "");
+    answer_reset(&a);
+    assert_int_equal(a.ncalls, 0);
+    answer_cleanup(&a);
+}
+
+/* Bounds: the call count, an index gap, the name's length, UTF-8, the
+ * arguments' cap. */
+static void
+test_pieces_refused(void **state)
+{
+    char long_name[ANSWER_TOOL_NAME_LEN + 1];
+    struct answer a;
+    struct answer_piece p = {.index = 5, .name = "f"};
+
+    (void)state;
+    answer_init(&a, 8);
+    assert_int_equal(answer_add_piece(&a, &p), -1);
+    memset(long_name, 'n', sizeof(long_name) - 1);
+    long_name[sizeof(long_name) - 1] = '\0';
+    p = (struct answer_piece){.index = 0, .name = long_name};
+    assert_int_equal(answer_add_piece(&a, &p), -1);
+    p = (struct answer_piece){.index = 0, .name = "\xc0\xaf"};
+    assert_int_equal(answer_add_piece(&a, &p), -1);
+    p = (struct answer_piece){.index = 0, .arguments = "123456789",
+                              .arguments_len = 9};
+    assert_int_equal(answer_add_piece(&a, &p), -1);
+    answer_reset(&a);
+    for (long long i = 0; i <= ANSWER_MAX_CALLS; i++) {
+        p = (struct answer_piece){.index = i, .name = "f"};
+        assert_int_equal(answer_add_piece(&a, &p),
+                         i < ANSWER_MAX_CALLS ? 0 : -1);
+    }
+    answer_cleanup(&a);
+}
+
 int
 main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_tokens),
+        cmocka_unit_test(test_pieces),
+        cmocka_unit_test(test_pieces_refused),
         cmocka_unit_test(test_error_kind),
         cmocka_unit_test(test_init_cap),
         cmocka_unit_test(test_init_cap_one_append),

@@ -563,7 +563,7 @@ item(struct fixture *f, enum message_role role, const char *text,
     const unsigned char *json;
     size_t len;
 
-    assert_int_equal(chatdb_gen_item(f->gen, role, text, strlen(text)), 0);
+    assert_int_equal(chatdb_gen_item(f->gen, role, text, strlen(text), "", 0), 0);
     yajl_gen_get_buf(f->gen, &json, &len);
     buf_reset(out);
     assert_int_equal(buf_append(out, json, len), 0);

@@ -682,6 +682,17 @@ write_conf(char *path, const char *text)
     assert_int_equal(fclose(f), 0);
 }
 
+/* Replace the text of a file write_conf made. */
+static void
+rewrite_conf(const char *path, const char *text)
+{
+    FILE *f = fopen(path, "w");
+
+    assert_non_null(f);
+    fputs(text, f);
+    assert_int_equal(fclose(f), 0);
+}
+
 /* [provider NAME] sections: file order, what they leave out from
  * [upstream], keys from api_key_env, and the environment's overrides. */
 static void
@@ -835,6 +846,125 @@ test_trusted_proxies_star_refused(void **state)
     conf_free(&c);
 }
 
+/* [tool NAME] sections, from a drop-in file read by include and by
+ * CHATFCGI_INCLUDE: defaults, a schema from parameters_file, the
+ * environment's overrides, file order. */
+static void
+test_tools_and_include(void **state)
+{
+    char schema[] = "/tmp/chatfcgi-test-schema-XXXXXX";
+    char dropin[] = "/tmp/chatfcgi-test-dropin-XXXXXX";
+    char later[] = "/tmp/chatfcgi-test-later-XXXXXX";
+    char main_conf[] = "/tmp/chatfcgi-test-conf-XXXXXX";
+    char text[512], env_include[64];
+    char *envp[] = {env_include, "CHATFCGI_TOOL_CLOCK_TIMEOUT_MS=250",
+                    NULL};
+    char err[CONF_ERR_LEN] = "";
+    struct conf c;
+
+    (void)state;
+    write_conf(schema, "{\"type\": \"object\",\n \"properties\": {}}\n");
+    snprintf(text, sizeof(text), "[tool clock]\nurl = http://t/time\n"
+             "[tool search_2]\nurl = https://t/s\ndescription = find\n"
+             "parameters_file = %s\n", schema);
+    write_conf(dropin, text);
+    write_conf(later, "[tool late]\nurl = http://t/late\n");
+    snprintf(text, sizeof(text), "workers = 3\ninclude = %s\n"
+             "[chat]\nmax_tool_rounds = 2\n", dropin);
+    write_conf(main_conf, text);
+    snprintf(env_include, sizeof(env_include), "CHATFCGI_INCLUDE=%s", later);
+    if (conf_load(&c, main_conf, envp, err) != 0)
+        fail_msg("conf_load: %s", err);
+    assert_int_equal(c.ntools, 3);
+    assert_string_equal(c.tools[0].name, "clock");
+    assert_int_equal(c.tools[0].timeout_ms, 250);
+    assert_string_equal(c.tools[0].parameters,
+                        "{\"type\":\"object\",\"properties\":{}}");
+    assert_string_equal(c.tools[1].description, "find");
+    assert_non_null(strstr(c.tools[1].parameters, "\"properties\": {}"));
+    assert_string_equal(c.tools[2].name, "late");
+    assert_int_equal(c.chat.max_tool_rounds, 2);
+    assert_int_equal(c.workers, 3);
+    conf_free(&c);
+    unlink(schema);
+    unlink(dropin);
+    unlink(later);
+    unlink(main_conf);
+}
+
+struct tool_bad_case {
+    const char *text;
+    const char *why; /* in the message */
+};
+
+static const struct tool_bad_case tool_bad_cases[] = {
+    {"[tool Bad]\nurl = http://t\n", "tool name"},
+    {"[tool a]\nurl = http://t\n[tool a]\nurl = http://t\n", "twice"},
+    {"[tool a]\nurl = ftp://t\n", "http"},
+    {"[tool a]\n", "http"},
+    {"[tool a]\nurl = http://t\nparameters = [1]\n", "JSON object"},
+    {"[tool a]\nurl = http://t\nparameters = {\"a\":1,\"a\":2}\n",
+     "JSON object"},
+    {"[tool a]\nurl = http://t\nparameters_file = /nonexistent/x\n",
+     "nonexistent"},
+    {"[tool a]\nurl = http://t\ntimeout_ms = 0\n", "timeout_ms"},
+    {"[tool a]\nurl = http://t\nmodel = x\n", "unknown key"},
+    {"include = /nonexistent/chatfcgi.conf\n", "no such file"},
+    {"[chat]\nmax_tool_rounds = 11\n", "max_tool_rounds"},
+};
+
+static void
+test_tools_refused(void **state)
+{
+    char path[] = "/tmp/chatfcgi-test-conf-XXXXXX";
+    char *envp[] = {NULL};
+    char err[CONF_ERR_LEN];
+    struct conf c;
+
+    (void)state;
+    for (size_t i = 0; i < sizeof(tool_bad_cases) / sizeof(*tool_bad_cases);
+         i++) {
+        snprintf(path, sizeof(path), "/tmp/chatfcgi-test-conf-XXXXXX");
+        write_conf(path, tool_bad_cases[i].text);
+        err[0] = '\0';
+        if (conf_load(&c, path, envp, err) != -1)
+            fail_msg("accepted: %s", tool_bad_cases[i].text);
+        if (strstr(err, tool_bad_cases[i].why) == NULL)
+            fail_msg("\"%s\" does not say %s", err, tool_bad_cases[i].why);
+        conf_free(&c);
+        unlink(path);
+    }
+}
+
+/* A glob matching nothing is an empty drop-in directory; a file that
+ * includes itself stops at the nesting limit, not in a loop. */
+static void
+test_include_glob_and_loop(void **state)
+{
+    char path[] = "/tmp/chatfcgi-test-conf-XXXXXX";
+    char text[128];
+    char *envp[] = {NULL};
+    char err[CONF_ERR_LEN] = "";
+    struct conf c;
+
+    (void)state;
+    write_conf(path, "include = /nonexistent-dir/*.conf\nworkers = 4\n");
+    if (conf_load(&c, path, envp, err) != 0)
+        fail_msg("conf_load: %s", err);
+    assert_int_equal(c.workers, 4);
+    conf_free(&c);
+    unlink(path);
+    /* the name is known only once the file exists: write it twice */
+    snprintf(path, sizeof(path), "/tmp/chatfcgi-test-conf-XXXXXX");
+    write_conf(path, "");
+    snprintf(text, sizeof(text), "include = %s\n", path);
+    rewrite_conf(path, text);
+    assert_int_equal(conf_load(&c, path, envp, err), -1);
+    assert_non_null(strstr(err, "nested"));
+    conf_free(&c);
+    unlink(path);
+}
+
 int
 main(void)
 {
@@ -858,6 +988,9 @@ main(void)
         cmocka_unit_test(test_env_value_with_equals),
         cmocka_unit_test(test_strings_replaced_without_leak),
         cmocka_unit_test(test_providers),
+        cmocka_unit_test(test_tools_and_include),
+        cmocka_unit_test(test_tools_refused),
+        cmocka_unit_test(test_include_glob_and_loop),
         cmocka_unit_test(test_providers_from_url_list),
         cmocka_unit_test(test_v1_models),
         cmocka_unit_test(test_provider_errors),

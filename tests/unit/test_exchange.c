@@ -470,11 +470,69 @@ test_error_message_truncated(void **state)
     assert_string_equal(out, "\xc3\xa9\xc3\xa9"); /* not 2.5 of them */
 }
 
+/* A tool-call answer: content null, the calls in order (an element
+ * without an index is the one at its position), the finish reason. */
+static void
+test_answer_tool_calls(void **state)
+{
+    static const char body[] =
+        "{\"choices\":[{\"message\":{\"role\":\"assistant\",\"content\":"
+        "null,\"tool_calls\":[{\"id\":\"c1\",\"type\":\"function\","
+        "\"function\":{\"name\":\"now\",\"arguments\":\"{}\"}},"
+        "{\"id\":\"c2\",\"type\":\"function\",\"function\":{\"name\":"
+        "\"calc\",\"arguments\":\"{\\\"x\\\":1}\"}}]},"
+        "\"finish_reason\":\"tool_calls\"}]}";
+    struct answer a;
+
+    (void)state;
+    preset_answer(&a, 4096);
+    assert_int_equal(parse(&a, body), 0);
+    assert_int_equal(a.reply.len, 0);
+    assert_int_equal(a.ncalls, 2);
+    assert_string_equal(a.calls[0].id, "c1");
+    assert_string_equal(a.calls[0].name, "now");
+    assert_string_equal(a.calls[1].name, "calc");
+    assert_int_equal(a.calls[1].arguments.len, 7);
+    assert_memory_equal(a.calls[1].arguments.data, "{\"x\":1}", 7);
+    assert_string_equal(a.finish_reason, "tool_calls");
+    answer_cleanup(&a);
+}
+
+/* Tool calls that cannot be used: a bad answer, never a crash. */
+static void
+test_answer_tool_calls_refused(void **state)
+{
+    static const char *const bodies[] = {
+        /* index out of order */
+        "{\"choices\":[{\"message\":{\"content\":null,\"tool_calls\":"
+        "[{\"index\":3,\"id\":\"c\",\"function\":{\"name\":\"f\"}}]}}]}",
+        /* a name over 64 bytes */
+        "{\"choices\":[{\"message\":{\"content\":null,\"tool_calls\":"
+        "[{\"id\":\"c\",\"function\":{\"name\":\"aaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+        "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"}}]}}]}",
+        /* tool_calls not an array, no content */
+        "{\"choices\":[{\"message\":{\"content\":null,\"tool_calls\":{}}}]}",
+    };
+
+    (void)state;
+    for (size_t i = 0; i < sizeof(bodies) / sizeof(*bodies); i++) {
+        struct answer a;
+
+        preset_answer(&a, 4096);
+        if (parse(&a, bodies[i]) != -1)
+            fail_msg("body %zu accepted", i);
+        assert_true(a.message[0] != '\0');
+        answer_cleanup(&a);
+    }
+}
+
 int
 main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_answer_openai),
+        cmocka_unit_test(test_answer_tool_calls),
+        cmocka_unit_test(test_answer_tool_calls_refused),
         cmocka_unit_test(test_answer_escapes),
         cmocka_unit_test(test_answer_first_choice_only),
         cmocka_unit_test(test_answer_empty_content),

@@ -36,7 +36,8 @@
 
 /* What v1_parse_request works with, as the chat holds it. */
 struct parse {
-    struct buf body, arena, scratch;
+    struct buf body, arena, scratch, options;
+    yajl_gen gen;
     struct messages h;
     struct v1_request q;
     char err[V1_ERR_LEN];
@@ -48,6 +49,9 @@ parse_init(struct parse *p, size_t text_max)
     buf_init(&p->body, BODY_MAX);
     buf_init(&p->arena, BODY_MAX);
     buf_init(&p->scratch, SCRATCH_MAX);
+    buf_init(&p->options, BODY_MAX);
+    p->gen = json_gen_new();
+    assert_non_null(p->gen);
     messages_init(&p->h, text_max);
 }
 
@@ -57,6 +61,8 @@ parse_cleanup(struct parse *p)
     buf_cleanup(&p->body);
     buf_cleanup(&p->arena);
     buf_cleanup(&p->scratch);
+    buf_cleanup(&p->options);
+    yajl_gen_free(p->gen);
     messages_cleanup(&p->h);
 }
 
@@ -64,14 +70,16 @@ parse_cleanup(struct parse *p)
 static int
 parse_run(struct parse *p, const char *text, size_t len)
 {
+    struct v1_scratch s = {.arena = &p->arena, .scratch = &p->scratch,
+                           .options = &p->options, .gen = p->gen};
+
     buf_reset(&p->body);
     assert_int_equal(buf_append(&p->body, text, len), 0);
     memset(&p->q, 0, sizeof(p->q));
     p->q.temperature = DEF_TEMPERATURE;
     p->q.max_tokens = DEF_MAX_TOKENS;
     p->err[0] = '\0';
-    return v1_parse_request(&p->body, &p->arena, &p->scratch, &p->h, &p->q,
-                            p->err);
+    return v1_parse_request(&p->body, &s, &p->h, &p->q, p->err);
 }
 
 static const char *
@@ -84,6 +92,8 @@ role_name(enum message_role role)
         return "assistant";
     case MESSAGE_SYSTEM:
         return "system";
+    case MESSAGE_TOOL:
+        return "tool";
     }
     return "(bad role)";
 }
@@ -403,9 +413,6 @@ static const struct refuse_case refuse_cases[] = {
     {"a message that is a string", MSGS("\"hi\""), 0, "role"},
     {"a message that is null", MSGS("null"), 0, "role"},
     {"no role", MSGS("{\"content\":\"hi\"}"), 0, "role"},
-    {"role tool",
-     MSGS("{\"role\":\"tool\",\"content\":\"42\",\"tool_call_id\":\"c\"}"),
-     0, "role"},
     {"role function",
      MSGS("{\"role\":\"function\",\"name\":\"f\",\"content\":\"42\"}"), 0,
      "role"},
@@ -417,7 +424,7 @@ static const struct refuse_case refuse_cases[] = {
     {"role a number", MSGS("{\"role\":1,\"content\":\"hi\"}"), 0, "role"},
     {"role null", MSGS("{\"role\":null,\"content\":\"hi\"}"), 0, "role"},
     {"a bad role after a good message",
-     MSGS(HI ",{\"role\":\"tool\",\"content\":\"x\"}"), 0, "role"},
+     MSGS(HI ",{\"role\":\"function\",\"content\":\"x\"}"), 0, "role"},
     /* contents */
     {"content missing", MSGS("{\"role\":\"user\"}"), 0, "content"},
     {"content a number", CONTENT("42"), 0, "content"},
@@ -743,6 +750,23 @@ completion_init(struct v1_completion *c)
     c->model = MODEL;
 }
 
+/* A content chunk, or for NULL text the last chunk of an answer with no
+ * finish reason of its own: "stop". */
+static int
+chunk_or_finish(yajl_gen g, struct v1_completion *c, const char *text,
+                size_t len)
+{
+    struct answer a;
+    int rc;
+
+    if (text != NULL)
+        return v1_gen_chunk(g, c, text, len);
+    answer_init(&a, 16);
+    rc = v1_gen_finish_chunk(g, c, &a);
+    answer_cleanup(&a);
+    return rc;
+}
+
 struct chunk_step {
     const char *what;
     const char *text; /* NULL: the last chunk */
@@ -776,7 +800,7 @@ test_chunk_sequence(void **state)
         const struct chunk_step *s = &chunk_steps[i];
         yajl_val doc, choice, delta;
 
-        if (v1_gen_chunk(g, &c, s->text, s->len) != 0)
+        if (chunk_or_finish(g, &c, s->text, s->len) != 0)
             fail_msg("%s: the generator failed", s->what);
         if (!c.sent_role)
             fail_msg("%s: sent_role not set", s->what);
@@ -817,7 +841,7 @@ test_chunk_stop_first(void **state)
         yajl_val doc, choice, delta;
 
         completion_init(&c);
-        assert_int_equal(v1_gen_chunk(g, &c, NULL, 0), 0);
+        assert_int_equal(chunk_or_finish(g, &c, NULL, 0), 0);
         doc = doc_of(g, what[i]);
         expect_head(what[i], doc, "chat.completion.chunk");
         choice = only_choice(what[i], doc);
@@ -1125,6 +1149,233 @@ test_bad_utf8(void **state)
     yajl_gen_free(g);
 }
 
+/* ---- function calling ---- */
+
+#define TOOL_MSGS                                                              \
+    "{\"role\":\"user\",\"content\":\"time?\"},"                              \
+    "{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[{\"id\":"      \
+    "\"call_1\",\"type\":\"function\",\"function\":{\"name\":\"now\","         \
+    "\"arguments\":\"{}\"},\"extra\":1}]},"                                    \
+    "{\"role\":\"tool\",\"tool_call_id\":\"call_1\",\"content\":\"12:00\"}"
+
+/* A tool exchange in messages[] keeps its calls and ids, in OpenAI's
+ * shape (what else a call carried is left out). */
+static void
+test_parse_tool_messages(void **state)
+{
+    static const char body[] = MSGS(TOOL_MSGS);
+    struct parse p;
+
+    (void)state;
+    parse_init(&p, TEXT_MAX);
+    if (parse_run(&p, body, strlen(body)) != 0)
+        fail_msg("refused: %s", p.err);
+    assert_int_equal(p.h.count, 3);
+    assert_int_equal(p.h.msgs[1].role, MESSAGE_ASSISTANT);
+    assert_int_equal(p.h.msgs[1].len, 0);
+    assert_string_equal(messages_extra(&p.h, 1),
+                        "[{\"id\":\"call_1\",\"type\":\"function\","
+                        "\"function\":{\"name\":\"now\",\"arguments\":"
+                        "\"{}\"}}]");
+    assert_int_equal(p.h.msgs[2].role, MESSAGE_TOOL);
+    assert_string_equal(messages_extra(&p.h, 2), "call_1");
+    assert_string_equal(messages_content(&p.h, 2), "12:00");
+    assert_int_equal(p.h.msgs[0].extra_len, 0);
+    assert_string_equal(p.q.options, "{}");
+    parse_cleanup(&p);
+}
+
+/* The options passed through come back as one object, in the table's
+ * order, numbers as written; nulls are left out. */
+static void
+test_parse_passed_options(void **state)
+{
+    static const char body[] =
+        WITH_HI(",\"user\":\"u1\",\"seed\":1234567890123,"
+                "\"top_p\":0.5,\"stop\":[\"a\",\"b\"],\"tool_choice\":"
+                "\"auto\",\"tools\":[{\"type\":\"function\",\"function\":"
+                "{\"name\":\"get_time\",\"parameters\":{\"type\":"
+                "\"object\"}}}],\"parallel_tool_calls\":false,"
+                "\"presence_penalty\":-2,\"frequency_penalty\":null,"
+                "\"response_format\":{\"type\":\"json_object\"},"
+                "\"unknown\":[1]");
+    struct parse p;
+
+    (void)state;
+    parse_init(&p, TEXT_MAX);
+    if (parse_run(&p, body, strlen(body)) != 0)
+        fail_msg("refused: %s", p.err);
+    assert_string_equal(
+        p.q.options,
+        "{\"tools\":[{\"type\":\"function\",\"function\":{\"name\":"
+        "\"get_time\",\"parameters\":{\"type\":\"object\"}}}],"
+        "\"tool_choice\":\"auto\",\"parallel_tool_calls\":false,"
+        "\"response_format\":{\"type\":\"json_object\"},\"stop\":"
+        "[\"a\",\"b\"],\"seed\":1234567890123,\"top_p\":0.5,"
+        "\"presence_penalty\":-2,\"user\":\"u1\"}");
+    parse_cleanup(&p);
+}
+
+static const struct refuse_case tool_refuse_cases[] = {
+    {"a tool message without tool_call_id",
+     MSGS("{\"role\":\"tool\",\"content\":\"x\"}"), 0, "tool_call_id"},
+    {"a tool message with an empty tool_call_id",
+     MSGS("{\"role\":\"tool\",\"tool_call_id\":\"\",\"content\":\"x\"}"),
+     0, "tool_call_id"},
+    {"a tool message without content",
+     MSGS("{\"role\":\"tool\",\"tool_call_id\":\"c\"}"), 0, "content"},
+    {"tool_calls without an id",
+     MSGS("{\"role\":\"assistant\",\"tool_calls\":[{\"type\":"
+          "\"function\",\"function\":{\"name\":\"f\",\"arguments\":"
+          "\"{}\"}}]}"), 0, "tool_calls"},
+    {"tool_calls with a bad name",
+     MSGS("{\"role\":\"assistant\",\"tool_calls\":[{\"id\":\"c\","
+          "\"type\":\"function\",\"function\":{\"name\":\"a b\","
+          "\"arguments\":\"{}\"}}]}"), 0, "tool_calls"},
+    {"empty tool_calls and no content",
+     MSGS("{\"role\":\"assistant\",\"tool_calls\":[]}"), 0,
+     "tool_calls"},
+    {"tools not an array", WITH_HI(",\"tools\":{}"), 0, "tools"},
+    {"a tool of another type",
+     WITH_HI(",\"tools\":[{\"type\":\"code\",\"function\":{\"name\":"
+             "\"f\"}}]"), 0, "tool"},
+    {"a tool name over 64",
+     WITH_HI(",\"tools\":[{\"type\":\"function\",\"function\":{\"name\":"
+             "\"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\""
+             "}}]"), 0, "tool"},
+    {"tool_choice unknown", WITH_HI(",\"tool_choice\":\"always\""), 0,
+     "tool_choice"},
+    {"parallel_tool_calls a string",
+     WITH_HI(",\"parallel_tool_calls\":\"yes\""), 0, "parallel_tool_calls"},
+    {"response_format without type", WITH_HI(",\"response_format\":{}"), 0,
+     "response_format"},
+    {"five stops", WITH_HI(",\"stop\":[\"a\",\"b\",\"c\",\"d\",\"e\"]"), 0,
+     "stop"},
+    {"a stop not a string", WITH_HI(",\"stop\":[1]"), 0, "stop"},
+    {"seed a fraction", WITH_HI(",\"seed\":1.5"), 0, "seed"},
+    {"seed over 64 bits", WITH_HI(",\"seed\":12345678901234567890"), 0,
+     "seed"},
+    {"top_p over 1", WITH_HI(",\"top_p\":1.01"), 0, "top_p"},
+    {"a penalty under -2", WITH_HI(",\"presence_penalty\":-2.5"), 0,
+     "penalt"},
+    {"user a number", WITH_HI(",\"user\":7"), 0, "user"},
+};
+
+static void
+test_parse_tools_refused(void **state)
+{
+    struct parse p;
+    struct buf body;
+
+    (void)state;
+    parse_init(&p, TEXT_MAX);
+    for (size_t i = 0; i < NELEM(tool_refuse_cases); i++) {
+        const struct refuse_case *c = &tool_refuse_cases[i];
+
+        if (parse_run(&p, c->body, strlen(c->body)) != -1)
+            fail_msg("%s: accepted", c->what);
+        if (strstr(p.err, c->why) == NULL)
+            fail_msg("%s: reason \"%s\" does not mention \"%s\"", c->what,
+                     p.err, c->why);
+    }
+    /* 129 tools, one over OpenAI's limit; 128 pass */
+    buf_init(&body, BODY_MAX);
+    for (size_t n = V1_MAX_TOOLS; n <= V1_MAX_TOOLS + 1; n++) {
+        buf_reset(&body);
+        assert_int_equal(buf_append_str(&body, WITH_HI(",\"tools\":[")), 0);
+        body.len--; /* the closing brace of WITH_HI */
+        for (size_t i = 0; i < n; i++)
+            assert_int_equal(buf_printf(&body, "%s{\"type\":\"function\","
+                                        "\"function\":{\"name\":\"f%zu\"}}",
+                                        i ? "," : "", i), 0);
+        assert_int_equal(buf_append_str(&body, "]}"), 0);
+        assert_int_equal(parse_run(&p, body.data, body.len),
+                         n == V1_MAX_TOOLS ? 0 : -1);
+    }
+    buf_cleanup(&body);
+    parse_cleanup(&p);
+}
+
+/* A fragment re-streamed: index, id and type with the id, the name when
+ * given, the arguments piece always. */
+static void
+test_call_chunks(void **state)
+{
+    struct answer_piece first = {.index = 1, .id = "call_9", .name = "now",
+                                 .arguments = "", .arguments_len = 0};
+    struct answer_piece more = {.index = 1, .arguments = "{\"tz\"",
+                                .arguments_len = 5};
+    struct v1_completion c;
+    yajl_gen g = json_gen_new();
+    yajl_val doc, delta, call, fn;
+
+    (void)state;
+    completion_init(&c);
+    assert_int_equal(v1_gen_call_chunk(g, &c, &first), 0);
+    doc = doc_of(g, "first fragment");
+    delta = expect_object("first", only_choice("first", doc), "delta");
+    expect_str("first", delta, "role", "assistant");
+    call = expect_array("first", delta, "tool_calls", 1)->u.array.values[0];
+    expect_int("first", call, "index", 1);
+    expect_str("first", call, "id", "call_9");
+    expect_str("first", call, "type", "function");
+    fn = expect_object("first", call, "function");
+    expect_str("first", fn, "name", "now");
+    expect_str("first", fn, "arguments", "");
+    yajl_tree_free(doc);
+    assert_int_equal(v1_gen_call_chunk(g, &c, &more), 0);
+    doc = doc_of(g, "next fragment");
+    delta = expect_object("next", only_choice("next", doc), "delta");
+    expect_absent("next", delta, "role");
+    call = expect_array("next", delta, "tool_calls", 1)->u.array.values[0];
+    expect_absent("next", call, "id");
+    expect_absent("next", call, "type");
+    fn = expect_object("next", call, "function");
+    expect_absent("next", fn, "name");
+    expect_str("next", fn, "arguments", "{\"tz\"");
+    yajl_tree_free(doc);
+    yajl_gen_free(g);
+}
+
+/* A completion with tool calls: content null, the calls, finish_reason
+ * tool_calls unless the model said otherwise. */
+static void
+test_completion_tool_calls(void **state)
+{
+    struct answer_piece p = {.index = 0, .id = "c1", .name = "now",
+                             .arguments = "{}", .arguments_len = 2};
+    struct v1_completion c;
+    struct answer a;
+    yajl_gen g = json_gen_new();
+    yajl_val doc, choice, message, call;
+
+    (void)state;
+    completion_init(&c);
+    answer_init(&a, 4096);
+    assert_int_equal(answer_add_piece(&a, &p), 0);
+    assert_int_equal(v1_gen_completion(g, &c, &a), 0);
+    doc = doc_of(g, "tool calls");
+    choice = only_choice("tool calls", doc);
+    message = expect_object("tool calls", choice, "message");
+    expect_null("tool calls", message, "content");
+    call = expect_array("tool calls", message, "tool_calls", 1)
+               ->u.array.values[0];
+    expect_absent("tool calls", call, "index");
+    expect_str("tool calls", call, "id", "c1");
+    expect_str("tool calls", expect_object("tool calls", call, "function"),
+               "arguments", "{}");
+    expect_str("tool calls", choice, "finish_reason", "tool_calls");
+    yajl_tree_free(doc);
+    answer_set_finish(&a, "length", 6);
+    assert_int_equal(v1_gen_finish_chunk(g, &c, &a), 0);
+    doc = doc_of(g, "finish");
+    expect_str("finish", only_choice("finish", doc), "finish_reason",
+               "length");
+    yajl_tree_free(doc);
+    answer_cleanup(&a);
+    yajl_gen_free(g);
+}
+
 int
 main(void)
 {
@@ -1134,6 +1385,11 @@ main(void)
         cmocka_unit_test(test_parse_many_messages),
         cmocka_unit_test(test_parse_refused),
         cmocka_unit_test(test_parse_text_cap),
+        cmocka_unit_test(test_parse_tool_messages),
+        cmocka_unit_test(test_parse_passed_options),
+        cmocka_unit_test(test_parse_tools_refused),
+        cmocka_unit_test(test_call_chunks),
+        cmocka_unit_test(test_completion_tool_calls),
         cmocka_unit_test(test_chunk_sequence),
         cmocka_unit_test(test_chunk_stop_first),
         cmocka_unit_test(test_usage_chunk),
