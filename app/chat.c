@@ -696,27 +696,13 @@ add_call_message(struct chat *ch, long long round)
                               (const char *)json, len);
 }
 
-/* One round: the model's calls, all at once, and their results as tool
- * messages. The turn's user message joins the history before the first
- * round, so that the next model call sees the whole exchange. */
+/* The calls of one round, counted and logged; their results join the
+ * history as tool messages and, when streaming, end their tool events. */
 static int
-run_tool_round(struct chat *ch, struct llm_call *call, long long round)
+add_tool_results(struct chat *ch, int streaming)
 {
     const struct answer *a = &ch->answer;
-    int streaming = call->on_delta != NULL;
 
-    if (call->message != NULL &&
-        messages_add(&ch->history, MESSAGE_USER, call->message,
-                     call->message_len) == -1)
-        return -1;
-    call->message = NULL;
-    if (add_call_message(ch, round) == -1)
-        return -1;
-    for (size_t i = 0; streaming && i < a->ncalls; i++)
-        if (send_tool_event(ch, &a->calls[i], NULL) == -1)
-            return -1;
-    phase(ch, SCOREBOARD_UPSTREAM);
-    tools_run(&ch->tools, a, ch->req->id, call->deadline_ms);
     for (size_t i = 0; i < a->ncalls; i++) {
         const struct tool_run *run = &ch->tools.runs[i];
 
@@ -735,6 +721,41 @@ run_tool_round(struct chat *ch, struct llm_call *call, long long round)
             return -1;
     }
     return 0;
+}
+
+/* One round: the model's calls, all at once, and their results as tool
+ * messages. The turn's user message joins the history before the first
+ * round, so that the next model call sees the whole exchange. Returns 0,
+ * or -1 when the request has been answered (502; nothing when the client
+ * went away). */
+static int
+run_tool_round(struct chat *ch, struct llm_call *call, long long round)
+{
+    const struct answer *a = &ch->answer;
+    int streaming = call->on_delta != NULL;
+
+    int ok = call->message == NULL ||
+             messages_add(&ch->history, MESSAGE_USER, call->message,
+                          call->message_len) == 0;
+
+    call->message = NULL;
+    ok = ok && add_call_message(ch, round) == 0;
+    for (size_t i = 0; ok && streaming && i < a->ncalls; i++)
+        ok = send_tool_event(ch, &a->calls[i], NULL) == 0;
+    if (ok) {
+        phase(ch, SCOREBOARD_UPSTREAM);
+        if (tools_run(&ch->tools, a, call) == -1) {
+            log_info("chat", "the client went away; %zu tool call(s) "
+                     "cancelled", a->ncalls);
+            ch->req->status = HTTP_STATUS_CLIENT_GONE;
+            return -1;
+        }
+        ok = add_tool_results(ch, streaming) == 0;
+    }
+    if (!ok)
+        http_send_error(ch->req, 502, "upstream_error", "the model's tool "
+                        "calls cannot be handled");
+    return ok ? 0 : -1;
 }
 
 /* Step 3: history + message to the model; while it asks for tools, a
@@ -766,11 +787,8 @@ ask_turn(struct chat *ch, const struct chat_turn *t)
         if (ch->answer.ncalls == 0 || call.options == NULL ||
             round == rounds)
             return 0;
-        if (run_tool_round(ch, &call, round) == -1) {
-            http_send_error(ch->req, 502, "upstream_error", "the model's "
-                            "tool calls cannot be handled");
+        if (run_tool_round(ch, &call, round) == -1)
             return -1;
-        }
     }
 }
 

@@ -416,6 +416,22 @@ next_timer_ms(const struct llm *l, const struct plan *p)
     return wait < 1 ? 1 : wait;
 }
 
+int
+llm_client_left(const struct llm_call *call, const struct curl_waitfd *w,
+                unsigned *watching)
+{
+    if (!*watching || !w->revents)
+        return 0;
+    switch (call->client_gone(call->watch_fd)) {
+    case 1:
+        return 1;
+    case -1:
+        *watching = 0; /* unreadable data: stop watching, don't spin */
+        break;
+    }
+    return 0;
+}
+
 /* Run the transfers until something may have happened. Returns 0, or -1
  * when the client went away (the web server closed the connection). */
 static int
@@ -429,17 +445,9 @@ drive(struct llm *l, const struct plan *p, unsigned *watching)
         running < (int)active_attempts(l))
         return 0; /* a transfer ended: collect() reads it, no waiting */
     if (curl_multi_poll(l->multi, *watching ? &client : NULL, *watching,
-                        (int)next_timer_ms(l, p), NULL) != CURLM_OK ||
-        !client.revents)
+                        (int)next_timer_ms(l, p), NULL) != CURLM_OK)
         return 0;
-    switch (l->call->client_gone(l->call->watch_fd)) {
-    case 1:
-        return -1;
-    case -1:
-        *watching = 0; /* unreadable data: stop watching, don't spin */
-        break;
-    }
-    return 0;
+    return llm_client_left(l->call, &client, watching) ? -1 : 0;
 }
 
 /* Judge every transfer that ended. Returns the winner, or NULL. */

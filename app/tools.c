@@ -219,26 +219,43 @@ collect(struct tools *t, size_t n, double started_ms)
     return running;
 }
 
-void
-tools_run(struct tools *t, const struct answer *ans, const char *request_id,
-          double deadline_ms)
+/* Stop the calls still running, each with why as its error result. */
+static void
+stop_running(struct tools *t, size_t n, const char *why)
 {
+    for (size_t i = 0; i < n; i++) {
+        if (t->runs[i].active) {
+            stop(t, &t->runs[i]);
+            fail(&t->runs[i], TOOL_FAILED, why);
+        }
+    }
+}
+
+int
+tools_run(struct tools *t, const struct answer *ans,
+          const struct llm_call *call)
+{
+    struct curl_waitfd client = {.fd = call->watch_fd,
+                                 .events = CURL_WAIT_POLLIN};
+    unsigned watching = call->watch_fd >= 0;
     double started = clock_ms();
     size_t n = ans->ncalls;
     int still;
 
     for (size_t i = 0; i < n; i++)
         if (prepare(t, &t->runs[i], &ans->calls[i]))
-            start(t, &t->runs[i], request_id, deadline_ms);
+            start(t, &t->runs[i], call->request_id, call->deadline_ms);
     /* curl enforces each call's timeout: the loop cannot outlive them. */
     while (curl_multi_perform(t->multi, &still) == CURLM_OK &&
-           collect(t, n, started) > 0)
-        if (curl_multi_poll(t->multi, NULL, 0, POLL_MS, NULL) != CURLM_OK)
+           collect(t, n, started) > 0) {
+        if (curl_multi_poll(t->multi, watching ? &client : NULL, watching,
+                            POLL_MS, NULL) != CURLM_OK)
             break;
-    for (size_t i = 0; i < n; i++) {
-        if (t->runs[i].active) {
-            stop(t, &t->runs[i]);
-            fail(&t->runs[i], TOOL_FAILED, "the tool call broke off");
+        if (llm_client_left(call, &client, &watching)) {
+            stop_running(t, n, "cancelled: the client went away");
+            return -1;
         }
     }
+    stop_running(t, n, "the tool call broke off");
+    return 0;
 }

@@ -54,6 +54,12 @@ struct llm_call {
     int (*client_gone)(int fd);
 };
 
+/* After a poll that watched call's client as w (while *watching): 1 when
+ * the client went away; else 0, clearing *watching when the connection
+ * cannot tell, so that a poll never spins on it. Tools use it too. */
+int llm_client_left(const struct llm_call *call, const struct curl_waitfd *w,
+                    unsigned *watching);
+
 /* At most this many requests at once for one call: the one running and a
  * hedge beside it. */
 #define LLM_ATTEMPTS 2

@@ -14,6 +14,7 @@
 #include "answer.h"
 #include "buf.h"
 #include "conf.h"
+#include "llm.h"
 
 #define TOOLS_RESULT_MAX (64 * 1024) /* bytes of one result */
 
@@ -51,10 +52,12 @@ int tools_init(struct tools *t, const struct conf *c, CURLM *multi);
 void tools_cleanup(struct tools *t);
 
 /* Run the calls of ans, each into t->runs[i], at once, until all have
- * ended or the deadline (monotonic ms) passed. Never longer than the
- * slowest tool's timeout_ms. */
-void tools_run(struct tools *t, const struct answer *ans,
-               const char *request_id, double deadline_ms);
+ * ended or the deadline of call (the model call that asked for them)
+ * passed; never longer than the slowest tool's timeout_ms. Watches call's
+ * client: returns -1, the calls cancelled, as soon as it went away;
+ * else 0. */
+int tools_run(struct tools *t, const struct answer *ans,
+              const struct llm_call *call);
 
 /* "ok", "failed", "timeout" or "refused". */
 const char *tools_outcome_name(enum tool_outcome o);

@@ -7,11 +7,13 @@ import json
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from helpers import LocalModel, post_chat
+from polling import wait_for
 from sse_client import stream_chat
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,6 +53,10 @@ timeout_ms = 300
 
 [tool texty]
 url = {echo}?text=1
+
+[tool stuck]
+url = {echo}?hang=1
+timeout_ms = 20000
 """)
     return stack_factory({"CHATFCGI_INCLUDE": str(drop_in),
                           "CHATFCGI_WORKERS": "1"})
@@ -81,7 +87,7 @@ def test_the_tools_are_declared_to_the_model(http, tool_stack, tool_model):
     assert r.status_code == 200, r.text
     body = tool_model.stats()["recent"][-1]["body"]
     names = [t["function"]["name"] for t in body["tools"]]
-    assert names == ["slow", "failing", "hanging", "texty"]
+    assert names == ["slow", "failing", "hanging", "texty", "stuck"]
     assert body["tools"][0]["function"]["parameters"]["properties"] == {
         "n": {"type": "integer"}}
 
@@ -153,6 +159,33 @@ def test_failing_hanging_and_unknown_tools_give_error_results(
     assert "300 ms" in json.loads(results[1])["error"]
     assert "nosuch" in json.loads(results[2])["error"]
     assert results[3] == "{}"  # text out, passed as it is
+
+
+def test_a_client_that_hangs_up_cancels_the_running_tools(
+        http, tool_stack, tool_model, tool_server):
+    """The client leaves while a tool that would take 20 s runs: the
+    worker notices at once, cancels the call (the tool sees its client
+    go), stores nothing of the turn and takes the next one."""
+    tool_model.set(tool_calls=calls("stuck"), times=1)
+    before = tool_stats(http, tool_server)["disconnects"]
+    sid = "gone-" + uuid.uuid4().hex
+    res = stream_chat(tool_stack.url, "wait for it", sid,
+                      close_after_events=1, read_timeout=5)
+    assert res.closed_by_client and res.names == ["tool"], res.events
+    stats = wait_for(lambda: (lambda s: s if s["disconnects"] > before
+                              else None)(tool_stats(http, tool_server)), 3)
+    assert stats, "the tool call was not cancelled within 3 s"
+    latency = stats["last_disconnect_at"] - res.wall_closed
+    print(f"\n[tools] cancelled {latency * 1000:.0f} ms after the hang-up")
+    assert latency <= 1.0, latency
+    t0 = time.monotonic()
+    r = post_chat(http, tool_stack, "next turn", sid, timeout=5)
+    assert r.status_code == 200, r.text
+    assert time.monotonic() - t0 < 2
+    stored = http.get(f"{tool_stack.url}/api/chat/{sid}",
+                      timeout=5).json()["messages"]
+    assert [m["content"] for m in stored if m["role"] == "user"] == \
+        ["next turn"]
 
 
 def test_bad_arguments_are_refused_without_a_call(http, tool_stack,
