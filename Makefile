@@ -3,7 +3,7 @@
 
 PREFIX ?= /usr/local
 PYTHON := /usr/bin/python3
-PKGS := fcgi hiredis libcurl yajl libcrypto
+PKGS := fcgi hiredis libcurl yajl libssl libcrypto
 
 # Debian packages for building; `make deb` needs these and debhelper only.
 BUILD_PACKAGES := build-essential pkg-config libfcgi-dev libhiredis-dev \
@@ -14,7 +14,7 @@ DEB_PACKAGES := $(DEB_BUILD_PACKAGES) libfcgi-bin libcmocka-dev lintian \
 	ca-certificates curl procps nginx redis-server redis-tools \
 	python3 python3-pytest python3-requests clang libclang-rt-14-dev \
 	chromium groff-base man-db apache2 libapache2-mod-fcgid lighttpd \
-	spawn-fcgi systemd logrotate strace iproute2
+	spawn-fcgi systemd logrotate strace iproute2 openssl
 # Installed only when the command is missing, whoever provides it: a
 # NodeSource nodejs brings its own npm, which Debian's npm would conflict
 # with. Node runs the OpenAI SDK test and the browser test.

@@ -121,6 +121,9 @@ static const struct conf_key keys[] = {
     INT("upstream", "cooldown_failures", 1, 1000, "3",
         upstream.cooldown_failures),
     INT("upstream", "cooldown_s", 0, 86400, "30", upstream.cooldown_s),
+    STR("upstream", "ca_file", "", upstream.ca_file),
+    STR("upstream", "ca_path", "", upstream.ca_path),
+    INT("upstream", "tls_handshakes", 1, 1000, "4", upstream.tls_handshakes),
 
     INT("chat", "max_body_bytes", 64, 16LL << 20, "65536",
         chat.max_body_bytes),
@@ -158,6 +161,8 @@ static const struct conf_key provider_keys[] = {
      P(connect_timeout_ms), NULL, NULL},
     {"provider", "timeout_ms", CONF_INT, 0, MS_MAX, "0", P(timeout_ms), NULL,
      NULL},
+    {"provider", "ca_file", CONF_STRING, 0, 0, "", P(ca_file), NULL, NULL},
+    {"provider", "ca_path", CONF_STRING, 0, 0, "", P(ca_path), NULL, NULL},
 };
 
 #define NPKEYS (sizeof(provider_keys) / sizeof(*provider_keys))
@@ -790,8 +795,13 @@ complete_provider(struct conf_provider *p, const struct conf *c,
 {
     const char *key;
 
+    /* A provider's own ca_file or ca_path replaces both of [upstream]'s. */
+    int own_cas = p->ca_file[0] != '\0' || p->ca_path[0] != '\0';
+
     if ((p->url[0] == '\0' && set_string(&p->url, c->upstream.url)) ||
-        (p->model[0] == '\0' && set_string(&p->model, c->upstream.model)))
+        (p->model[0] == '\0' && set_string(&p->model, c->upstream.model)) ||
+        (!own_cas && (set_string(&p->ca_file, c->upstream.ca_file) ||
+                      set_string(&p->ca_path, c->upstream.ca_path))))
         goto oom;
     if (p->connect_timeout_ms == 0)
         p->connect_timeout_ms = c->upstream.connect_timeout_ms;
@@ -837,7 +847,8 @@ providers_from_upstream(struct conf *c, char err[CONF_ERR_LEN])
         memset(pr, 0, sizeof(*pr));
         if (set_string(&pr->name, name) || set_string(&pr->url, url) ||
             set_string(&pr->api_key, "") || set_string(&pr->api_key_env, "") ||
-            set_string(&pr->model, "")) {
+            set_string(&pr->model, "") || set_string(&pr->ca_file, "") ||
+            set_string(&pr->ca_path, "")) {
             snprintf(err, CONF_ERR_LEN, "out of memory");
             return -1;
         }

@@ -9,6 +9,7 @@
 
 #include "clock.h"
 #include "json.h"
+#include "tls.h"
 
 #define ANSWER_DEPTH 32
 #define HEADER_LEN 160
@@ -462,6 +463,7 @@ exchange_post_options(CURL *e, const struct exchange_post *p)
     curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(e, CURLOPT_TCP_NODELAY, 1L);
     curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, p->timeout_ms);
+    tls_use(e, p->tls);
 }
 
 static void
@@ -476,7 +478,10 @@ set_options(struct exchange *a, const struct exchange_spec *spec)
         .arg = a,
         .errbuf = a->errbuf,
         .timeout_ms = spec->timeout_ms,
+        .tls = &a->tls,
     };
+
+    a->tls.peer = a->provider;
 
     exchange_post_options(a->easy, &post);
     curl_easy_setopt(a->easy, CURLOPT_TCP_KEEPALIVE, 1L);
@@ -501,6 +506,7 @@ exchange_reset(struct exchange *a, const char *model)
     curl_slist_free_all(a->headers);
     a->headers = NULL;
     a->response_too_large = a->stream_complete = a->stream_failed = 0;
+    a->handshake_timeout = 0;
     a->stopped = 0;
     a->got_bytes = a->got_content = a->streaming = a->hedge = 0;
     a->errbuf[0] = '\0';
@@ -558,6 +564,7 @@ judge_curl_error(struct exchange *a, CURLcode rc)
     switch (rc) {
     case CURLE_OPERATION_TIMEDOUT:
         ans->status = ANSWER_TIMEOUT;
+        a->handshake_timeout = a->tls.started && !a->tls.done;
         break;
     case CURLE_COULDNT_CONNECT:
     case CURLE_COULDNT_RESOLVE_HOST:

@@ -12,8 +12,14 @@
 #include "messages.h"
 #include "plan.h"
 #include "scoreboard.h"
+#include "tls.h"
 
 #define POLL_MS 1000
+/* A call waiting for a TLS handshake slot looks again after 2 ms, then
+ * less and less often: a thousand waiting workers must leave the CPU to
+ * the handshakes they wait for. */
+#define ADMIT_POLL_MIN_MS 2
+#define ADMIT_POLL_MAX_MS 64
 
 static char *
 join(const char *a, const char *b)
@@ -304,7 +310,10 @@ start_next(struct llm *l, struct plan *p, int hedge)
 static void
 after_failure(struct llm *l, struct plan *p, struct exchange *a)
 {
-    plan_note_failure(p, a->provider, a->ans.status, a->ans.message);
+    if (a->handshake_timeout)
+        plan_note_local_failure(p, a->provider, a->ans.status);
+    else
+        plan_note_failure(p, a->provider, a->ans.status, a->ans.message);
     if (l->committed == a) {
         p->done = 1;
         return;
@@ -531,6 +540,40 @@ take_failure(const struct llm *l, struct answer *ans)
              last ? last->ans.message : "no provider could be asked");
 }
 
+/* Before the first attempt of a call to an HTTPS provider this worker has
+ * no TLS session with: wait for one of the pool's full-handshake slots, or
+ * for a session another worker published, watching the client. The wait
+ * is local queueing, never the provider's failure. (A retry or a hedge of
+ * a call goes straight: the bound is for bursts of first calls.) Returns
+ * 0 to go on, -1 when the client left or the deadline passed. */
+static int
+wait_for_tls(struct llm *l, const struct plan *p, struct answer *ans)
+{
+    struct curl_waitfd client = {.fd = l->call->watch_fd,
+                                 .events = CURL_WAIT_POLLIN};
+    unsigned watching = l->call->watch_fd >= 0;
+    int pause_ms = ADMIT_POLL_MIN_MS;
+
+    while (plan_has_next(p) && !tls_admit(plan_peek(p))) {
+        if (l->call->deadline_ms > 0 && clock_ms() >= l->call->deadline_ms) {
+            ans->status = ANSWER_TIMEOUT;
+            snprintf(ans->message, sizeof(ans->message), "the request's "
+                     "deadline passed while it waited for a TLS handshake "
+                     "slot (tls_handshakes)");
+            return -1;
+        }
+        curl_multi_poll(l->multi, watching ? &client : NULL, watching,
+                        pause_ms, NULL);
+        if (llm_client_left(l->call, &client, &watching)) {
+            l->client_gone = 1;
+            return -1;
+        }
+        if (pause_ms < ADMIT_POLL_MAX_MS)
+            pause_ms *= 2;
+    }
+    return 0;
+}
+
 static void
 begin_call(struct llm *l, const struct llm_call *call,
            struct answer *ans)
@@ -547,6 +590,23 @@ begin_call(struct llm *l, const struct llm_call *call,
     ans->prompt_tokens = ans->completion_tokens = -1;
 }
 
+/* A call's end: the handshake slots it may hold given back, a client
+ * gone said (also after take_answer: its write may be the one that finds
+ * the client gone, and ans must not keep the status of an earlier call),
+ * its time. */
+static void
+end_call(struct llm *l, struct answer *ans, double start)
+{
+    for (size_t i = 0; i < l->conf->nproviders; i++)
+        tls_release(i);
+    if (l->client_gone) {
+        ans->status = ANSWER_CLIENT_GONE;
+        snprintf(ans->message, sizeof(ans->message),
+                 "the client went away while the model was answering");
+    }
+    ans->ms = clock_ms() - start;
+}
+
 void
 llm_complete(struct llm *l, const struct llm_call *call,
              struct answer *ans)
@@ -558,6 +618,10 @@ llm_complete(struct llm *l, const struct llm_call *call,
 
     begin_call(l, call, ans);
     plan_begin(&p, l->conf, l->pool ? l->pool->providers : NULL, &l->rng);
+    if (wait_for_tls(l, &p, ans) == -1) {
+        end_call(l, ans, start);
+        return;
+    }
     first = start_next(l, &p, 0);
     if (first != NULL && !first->active)
         after_failure(l, &p, first);
@@ -576,14 +640,7 @@ llm_complete(struct llm *l, const struct llm_call *call,
     stop_losers(l, NULL);
     if (winner != NULL)
         take_answer(l, &p, winner, ans);
-    /* Also after take_answer: its write may be the one that finds the
-     * client gone, and ans must not keep the status of an earlier call. */
-    if (l->client_gone) {
-        ans->status = ANSWER_CLIENT_GONE;
-        snprintf(ans->message, sizeof(ans->message),
-                 "the client went away while the model was answering");
-    } else if (winner == NULL) {
+    else if (!l->client_gone)
         take_failure(l, ans);
-    }
-    ans->ms = clock_ms() - start;
+    end_call(l, ans, start);
 }

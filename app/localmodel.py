@@ -9,6 +9,7 @@ the integration tests drive every upstream failure path for real.
 Standard library only: it runs under a bare Debian /usr/bin/python3.
 
     python3 app/localmodel.py --host 127.0.0.1 --port 8081 [--verbose]
+        [--tls-cert FILE --tls-key FILE]    # HTTPS, as real providers are
 """
 
 import argparse
@@ -17,6 +18,7 @@ import json
 import re
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -367,7 +369,7 @@ CONTROL_FIELDS = {
     "delay_ms": _count, "chunk_delay_ms": _count, "split_bytes": _count,
     "drop_after": _count, "times": _count, "retry_after": _count,
     "tool_calls": _calls, "index_zero": _flag,
-    "tool_result_failures": _count,
+    "tool_result_failures": _count, "handshake_delay_ms": _count,
 }
 
 
@@ -390,6 +392,8 @@ class Behaviour:
     index_zero: bool = False        # stream every call with index 0
     tool_result_failures: int = 0   # fail (500) this many requests that
                                     # carry tool results, whatever `times`
+    handshake_delay_ms: int = 0     # TLS: wait before each handshake, as a
+                                    # provider short of CPU would
 
     @classmethod
     def from_json(cls, obj):
@@ -418,6 +422,7 @@ class State:
             self.behaviour, self.remaining = Behaviour(), 0
             self.connections = self.requests = self.disconnects = 0
             self.tool_calls = self.tool_result_failures = 0
+            self.tls_full = self.tls_resumed = 0
             self.last_disconnect_at = None
             self.recent = collections.deque(maxlen=RECENT_REQUESTS)
 
@@ -460,6 +465,13 @@ class State:
             self.recent.append({"at": time.time(), "headers": headers,
                                 "body": body})
 
+    def count_handshake(self, resumed):
+        with self.lock:
+            if resumed:
+                self.tls_resumed += 1
+            else:
+                self.tls_full += 1
+
     def count_tool_call(self):
         with self.lock:
             self.tool_calls += 1
@@ -475,6 +487,8 @@ class State:
                     "open_connections": self.open_connections,
                     "requests": self.requests,
                     "tool_calls": self.tool_calls,
+                    "tls_handshakes": {"full": self.tls_full,
+                                       "resumed": self.tls_resumed},
                     "disconnects": self.disconnects,
                     "last_disconnect_at": self.last_disconnect_at,
                     "recent": list(self.recent)}
@@ -512,6 +526,15 @@ class Handler(BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.state = self.server.state
         self.state.connection_opened()
+        if isinstance(self.connection, ssl.SSLSocket):
+            self.handshake()
+
+    def handshake(self):
+        """TLS in this connection's thread, so that a slow or stalled
+        client holds up no other; counted as full or resumed."""
+        time.sleep(self.state.behaviour.handshake_delay_ms / 1000)
+        self.connection.do_handshake()
+        self.state.count_handshake(self.connection.session_reused)
 
     def finish(self):
         try:
@@ -742,9 +765,14 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(min(left, POLL_SECONDS))
 
     def client_gone(self):
-        """True once the peer has closed: a read would see end of file."""
+        """True once the peer has closed: a read would see end of file.
+        Over TLS the peek is of the raw socket, where a client waiting for
+        its answer sends nothing but, as it goes, a close_notify alert."""
         try:
             peek = socket.MSG_PEEK | socket.MSG_DONTWAIT
+            if isinstance(self.connection, ssl.SSLSocket):
+                return socket.socket.recv(self.connection, 1, peek) != \
+                    b"-"  # any byte, or end of file
             return self.connection.recv(1, peek) == b""
         except BlockingIOError:
             return False    # still there, just quiet
@@ -776,15 +804,20 @@ class Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128    # socketserver's 5 drops SYNs under load tests
 
-    def __init__(self, address, verbose):
+    def __init__(self, address, verbose, tls=None):
         self.state = State()
         self.verbose = verbose
         super().__init__(address, Handler)
+        if tls is not None:
+            self.socket = tls.wrap_socket(self.socket, server_side=True,
+                                          do_handshake_on_connect=False)
 
     def handle_error(self, request, client_address):
-        # A client vanishing mid-answer is routine here, not a bug to report.
-        if not isinstance(sys.exc_info()[1], ConnectionError):
+        # A client vanishing mid-answer, or mid-handshake, is routine here,
+        # not a bug to report.
+        if not isinstance(sys.exc_info()[1], (ConnectionError, ssl.SSLError)):
             super().handle_error(request, client_address)
+
 
 
 def parse_args(argv):
@@ -794,7 +827,19 @@ def parse_args(argv):
                         help="0 picks a free port (printed once listening)")
     parser.add_argument("--verbose", action="store_true",
                         help="log every request to stderr")
+    parser.add_argument("--tls-cert", help="serve HTTPS with this PEM "
+                        "certificate (chain), and --tls-key")
+    parser.add_argument("--tls-key")
     return parser.parse_args(argv)
+
+
+def tls_context(args):
+    """The server's TLS context, or None for plain HTTP."""
+    if not args.tls_cert:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(args.tls_cert, args.tls_key)
+    return context
 
 
 def stop(signum, frame):
@@ -804,14 +849,16 @@ def stop(signum, frame):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        server = Server((args.host, args.port), args.verbose)
-    except OSError as exc:
+        server = Server((args.host, args.port), args.verbose,
+                        tls_context(args))
+    except (OSError, ssl.SSLError) as exc:
         sys.exit(f"localmodel: cannot listen on {args.host}:{args.port}: "
                  f"{exc}")
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     host, port = server.server_address[:2]
-    print(f"localmodel listening on http://{host}:{port}/v1", flush=True)
+    scheme = "https" if args.tls_cert else "http"
+    print(f"localmodel listening on {scheme}://{host}:{port}/v1", flush=True)
     try:
         server.serve_forever()
     finally:

@@ -9,6 +9,7 @@
 #include "listener.h"
 #include "log.h"
 #include "master.h"
+#include "tls.h"
 #include "worker.h"
 
 #ifndef CHATFCGI_CONF_PATH
@@ -142,10 +143,15 @@ main(int argc, char **argv)
         fprintf(stderr, "chatfcgi: cannot initialise libcurl\n");
         return 1;
     }
+    if (tls_init(&conf, err) == -1) {
+        log_error("tls", "%s", err);
+        return 1;
+    }
     if (single || conf.pm == CONF_POOL_SINGLE)
         rc = master_run_single(&conf);
     else
         rc = master_run(&conf, path, argv);
+    tls_cleanup();
     curl_global_cleanup();
     conf_free(&conf);
     return rc;

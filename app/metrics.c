@@ -13,6 +13,7 @@
 #include "json.h"
 #include "http.h"
 #include "scoreboard.h"
+#include "tls.h"
 #include "tools.h"
 
 static const char *const upstream_error_names[SCOREBOARD_UP_KINDS] = {
@@ -297,6 +298,30 @@ put_provider_health(struct buf *b, const struct scoreboard *p)
     return rc;
 }
 
+/* The pool's TLS handshakes with each provider: full ones cost the
+ * certificate chain's verification, resumed ones reuse a session. */
+static int
+put_tls(struct buf *b, const struct scoreboard *p)
+{
+    static const char name[] = "chatfcgi_tls_handshakes_total";
+    int rc = buf_printf(b, "# HELP %s TLS handshakes with the provider, "
+                        "full or resumed.\n# TYPE %s counter\n", name, name);
+
+    for (size_t i = 0; i < SCOREBOARD_PROVIDERS && rc == 0; i++) {
+        struct tls_counts n;
+
+        if (p->providers[i].name[0] == '\0')
+            continue;
+        tls_counts(i, &n);
+        rc = buf_printf(b, "%s{provider=\"%s\",kind=\"full\"} %llu\n"
+                        "%s{provider=\"%s\",kind=\"resumed\"} %llu\n",
+                        name, p->providers[i].name,
+                        (unsigned long long)n.full, name,
+                        p->providers[i].name, (unsigned long long)n.resumed);
+    }
+    return rc;
+}
+
 #define PROVIDER_COUNTER(field, help)                                          \
     put_provider_counter(b, p, "chatfcgi_provider_" #field "_total", help,    \
                          offsetof(struct scoreboard_provider, field))
@@ -311,7 +336,7 @@ put_providers(struct buf *b, const struct scoreboard *p)
            PROVIDER_COUNTER(hedges_won, "Hedges that gave the answer.") ||
            PROVIDER_COUNTER(cooldowns, "Times the provider was skipped "
                                        "for its failures.") ||
-           put_provider_health(b, p);
+           put_provider_health(b, p) || put_tls(b, p);
 }
 
 /* Tool calls by tool and outcome, named after the configured tools. */

@@ -55,6 +55,12 @@ plan_next_round(struct plan *p)
     order_round(p);
 }
 
+size_t
+plan_peek(const struct plan *p)
+{
+    return p->order[p->next];
+}
+
 int
 plan_has_next(const struct plan *p)
 {
@@ -162,6 +168,16 @@ plan_note_success(struct plan *p, size_t provider, int hedge)
 }
 
 void
+plan_note_local_failure(struct plan *p, size_t provider,
+                        enum answer_status status)
+{
+    struct scoreboard_provider *h = health(p, provider);
+
+    if (h != NULL && status != ANSWER_CLIENT_GONE)
+        scoreboard_add(&h->errors[answer_error_kind(status)], 1);
+}
+
+void
 plan_note_failure(struct plan *p, size_t provider, enum answer_status status,
                   const char *why)
 {
@@ -169,9 +185,9 @@ plan_note_failure(struct plan *p, size_t provider, enum answer_status status,
     struct scoreboard_provider *h = health(p, provider);
     uint32_t row;
 
+    plan_note_local_failure(p, provider, status);
     if (h == NULL || status == ANSWER_CLIENT_GONE)
         return;
-    scoreboard_add(&h->errors[answer_error_kind(status)], 1);
     row = __atomic_add_fetch(&h->failures, 1, __ATOMIC_RELAXED);
     if (row < (uint32_t)c->upstream.cooldown_failures ||
         c->upstream.cooldown_s == 0)

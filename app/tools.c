@@ -18,6 +18,7 @@ tools_init(struct tools *t, const struct conf *c, CURLM *multi)
     t->conf = c;
     t->multi = multi;
     for (size_t i = 0; i < ANSWER_MAX_CALLS; i++) {
+        t->runs[i].tls.peer = TLS_TOOLS;
         buf_init(&t->runs[i].result, TOOLS_RESULT_MAX);
         t->runs[i].easy = curl_easy_init();
         if (t->runs[i].easy == NULL)
@@ -127,6 +128,7 @@ start(struct tools *t, struct tool_run *r, const char *request_id,
         .on_body = on_body,
         .arg = r,
         .errbuf = r->errbuf,
+        .tls = &r->tls,
     };
 
     if (left < (double)timeout)

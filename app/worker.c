@@ -23,6 +23,7 @@
 #include "log.h"
 #include "metrics.h"
 #include "route.h"
+#include "tls.h"
 #include "v1.h"
 
 #define PATH_SCRATCH 2048
@@ -152,10 +153,17 @@ worker_check_conf(const struct conf *c, char *err, size_t size)
 {
     char why[CHAT_ERR_LEN];
 
-    if (chat_check_conf(c, why) == 0)
-        return 0;
-    snprintf(err, size, "%s", why);
-    return -1;
+    char tls_err[CONF_ERR_LEN];
+
+    if (chat_check_conf(c, why) == -1) {
+        snprintf(err, size, "%s", why);
+        return -1;
+    }
+    if (tls_check(c, tls_err) == -1) {
+        snprintf(err, size, "%s", tls_err);
+        return -1;
+    }
+    return 0;
 }
 
 static void

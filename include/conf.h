@@ -44,6 +44,8 @@ struct conf_provider {
     char *model;
     long long connect_timeout_ms; /* 0: [upstream]'s */
     long long timeout_ms;
+    char *ca_file; /* both "": the system's CAs */
+    char *ca_path;
 };
 
 struct conf {
@@ -106,6 +108,9 @@ struct conf {
         long long hedge_after_ms; /* 0: no hedging */
         long long cooldown_failures;
         long long cooldown_s;
+        char *ca_file; /* PEM bundle trusted instead of the system's */
+        char *ca_path; /* c_rehash'd directory, the same */
+        long long tls_handshakes; /* full handshakes at once per provider */
     } upstream;
 
     /* Tried in this order; filled by conf_load from [provider] sections

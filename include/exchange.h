@@ -14,6 +14,7 @@
 #include "answer.h"
 #include "buf.h"
 #include "sse.h"
+#include "tls.h"
 
 /* What an exchange needs to start. */
 struct exchange_spec {
@@ -50,6 +51,11 @@ struct exchange {
     int stream_complete; /* [DONE] or a finish_reason arrived */
     int stream_failed;   /* the stream broke: ans says why */
     int stopped;         /* on_content stopped it: not the provider's doing */
+    /* It timed out connected but within the TLS handshake, which a host
+     * short of CPU (a burst) makes as likely as the provider: a failure,
+     * but not one that counts toward the provider's cooldown. */
+    int handshake_timeout;
+    struct tls_handshake tls;
     struct answer ans;
     struct curl_slist *headers;
     char errbuf[CURL_ERROR_SIZE];
@@ -61,7 +67,8 @@ struct exchange {
 /* What every POST of ours sets on its easy handle, a provider's or a
  * tool's (after curl_easy_reset): the URL (http or https only), the body,
  * headers, where the answer goes, the handle's private pointer and error
- * buffer, no signals, no Nagle, the total timeout. */
+ * buffer, no signals, no Nagle, the total timeout, the pool's TLS set-up
+ * (tls_use). */
 struct exchange_post {
     const char *url;
     const char *body;
@@ -71,6 +78,7 @@ struct exchange_post {
     void *arg; /* WRITEDATA and PRIVATE */
     char *errbuf;
     long timeout_ms;
+    struct tls_handshake *tls; /* its peer set */
 };
 void exchange_post_options(CURL *e, const struct exchange_post *p);
 

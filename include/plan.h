@@ -44,6 +44,9 @@ int plan_has_next(const struct plan *p);
 /* The round's next provider (an index into conf->providers). */
 size_t plan_take(struct plan *p);
 
+/* The provider plan_take would give, without taking it. */
+size_t plan_peek(const struct plan *p);
+
 /* A failed request to a provider: remembers whether a retry is worth it
  * and how long the provider asked to wait; a failure the request caused
  * itself (a 4xx other than 408 and 429) ends the plan. */
@@ -65,6 +68,12 @@ int plan_cooling_down(const struct plan *p, size_t provider);
 void plan_note_success(struct plan *p, size_t provider, int hedge);
 void plan_note_failure(struct plan *p, size_t provider,
                        enum answer_status status, const char *why);
+
+/* A failure that is not the provider's doing (its TLS handshake timed out
+ * while this host was short of CPU, as in a burst): counted among its
+ * errors, never toward its cooldown. */
+void plan_note_local_failure(struct plan *p, size_t provider,
+                             enum answer_status status);
 
 /* Count a request started to provider (a retry, a hedge) in its health. */
 void plan_note_start(struct plan *p, size_t provider, int hedge);

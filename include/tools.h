@@ -15,6 +15,7 @@
 #include "buf.h"
 #include "conf.h"
 #include "llm.h"
+#include "tls.h"
 
 #define TOOLS_RESULT_MAX (64 * 1024) /* bytes of one result */
 
@@ -36,6 +37,7 @@ struct tool_run {
     double ms;
     /* Private: */
     CURL *easy;
+    struct tls_handshake tls;
     struct curl_slist *headers;
     int active;
     char errbuf[CURL_ERROR_SIZE];

@@ -28,9 +28,22 @@ def ip(*args):
                    timeout=20)
 
 
+def in_chroot():
+    """Whether / is not the root of PID 1, as in a chroot (root only):
+    namespaces made there need mounts that outlive the chroot (ip netns)
+    or cannot be made (/ is no mount point)."""
+    try:
+        root, init_root = os.stat("/"), os.stat("/proc/1/root")
+    except OSError:
+        return False
+    return (root.st_dev, root.st_ino) != (init_root.st_dev, init_root.st_ino)
+
+
 def netns_available():
-    """Whether this process may make network namespaces (root, ip)."""
-    return os.geteuid() == 0 and shutil.which("ip") is not None
+    """Whether this process may make network namespaces (root, ip, not in
+    a chroot)."""
+    return (os.geteuid() == 0 and shutil.which("ip") is not None and
+            not in_chroot())
 
 
 class Segment:

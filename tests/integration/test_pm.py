@@ -37,6 +37,7 @@ import requests
 import fcgi_client
 import stack as stack_mod  # deploy/local/stack.py, on sys.path via conftest
 from helpers import LocalModel, assert_json_error, new_session, post_chat
+from netns import in_chroot
 from polling import wait_for
 from redis_cluster import redis_command
 
@@ -1342,6 +1343,11 @@ def test_unix_socket_swapped_for_a_symlink(stack):
 # so that a regression cannot signal anything outside it.
 
 PIDNS = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
+# Root reads a worker's mapping; --mount-proc needs / to be a mount point,
+# which it is not in a chroot (fresh-debian.sh's).
+needs_pidns = pytest.mark.skipif(
+    not IS_ROOT or in_chroot(), reason="needs root, outside a chroot, for "
+    "a PID namespace and a worker's mapping")
 OLD_REQUEST_MS = 3600 * 1000  # far past any watchdog limit
 
 
@@ -1499,7 +1505,7 @@ def test_watchdog_kills_only_the_worker_it_forked(stack):
         assert wait_for(lambda: m.workers(2), 3), m.log_text()
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="reads a worker's mapping as root")
+@needs_pidns
 def test_watchdog_never_signals_minus_one(stack):
     """pid -1 with an old request start in a free slot: kill(-1, SIGKILL)
     from root would end every process there is. Nothing is signalled."""
@@ -1515,7 +1521,7 @@ def test_watchdog_never_signals_minus_one(stack):
         assert fcgi_chat(m.sock)[0] == 200
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="reads a worker's mapping as root")
+@needs_pidns
 def test_huge_slot_count_is_not_trusted(stack):
     """nslots = 2^32 - 1: neither the master nor a worker reads past the
     memory mapped; the pool serves, and serves after a reload (whose new

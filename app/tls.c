@@ -1,0 +1,535 @@
+/* tls: the pool's CA stores and TLS sessions, set up before fork. */
+#include "tls.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <limits.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "clock.h"
+#include "log.h"
+
+#define SESSION_MAX 8192  /* DER of one session with its ticket */
+#define HOLD_MAX_MS 30000 /* a slot held longer was lost by its holder */
+/* TLS 1.3 sends the session after the handshake: the slot stays taken
+ * this long for it, so that the workers waiting resume it instead of
+ * making full handshakes of their own. */
+#define TICKET_GRACE_MS 250
+#define LOCK_TRIES 100
+#define NPEERS (CONF_PROVIDERS_MAX + 1)
+
+/* A worker doing a full handshake with the provider. */
+struct holder {
+    pid_t pid;          /* 0: free */
+    int64_t expires_ms; /* wall clock; 0 while being taken or given back */
+};
+
+/* Per provider, in memory shared by the pool. */
+struct shared_peer {
+    uint32_t lock; /* guards len and der */
+    uint32_t len;  /* of der; 0: no session yet */
+    unsigned char der[SESSION_MAX];
+    struct holder holders[TLS_HANDSHAKES_MAX];
+    uint64_t full, resumed;
+};
+
+/* Per peer, in each process. */
+struct peer {
+    X509_STORE *store;          /* NULL: curl's own defaults */
+    struct shared_peer *shared; /* NULL: tool calls */
+    int https;
+    int warm; /* a handshake completed here: curl keeps its session */
+    int held; /* 1 + the slot this process holds; 0: none */
+};
+
+static struct {
+    int ready;
+    int peer_index;      /* of the peer in an SSL_CTX's ex_data */
+    int handshake_index; /* of the tls_handshake */
+    long bound;   /* tls_handshakes */
+    struct peer peers[NPEERS];
+    struct shared_peer *shared; /* CONF_PROVIDERS_MAX of them */
+    int (*curl_new_session)(SSL *, SSL_SESSION *);
+} tls;
+
+/* ---------------------------------------------------------------- stores */
+
+/* Every PEM file of dir, now: OpenSSL's own directory lookup would read
+ * them later, in the workers, which may not be allowed to. Returns how
+ * many files gave certificates. */
+static int
+load_dir(X509_STORE *st, const char *dir)
+{
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    char path[PATH_MAX];
+    int loaded = 0;
+
+    if (d == NULL)
+        return 0;
+    while ((e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.' ||
+            snprintf(path, sizeof(path), "%s/%s", dir, e->d_name) >=
+                (int)sizeof(path))
+            continue;
+        loaded += X509_STORE_load_file(st, path) == 1;
+    }
+    closedir(d);
+    ERR_clear_error(); /* the files that were no certificates */
+    return loaded;
+}
+
+static X509_STORE *
+load_store(const char *file, const char *dir, char err[CONF_ERR_LEN])
+{
+    X509_STORE *st = X509_STORE_new();
+
+    if (st == NULL) {
+        snprintf(err, CONF_ERR_LEN, "out of memory");
+        return NULL;
+    }
+    if ((file[0] != '\0' && !X509_STORE_load_file(st, file)) ||
+        (dir[0] != '\0' && load_dir(st, dir) == 0)) {
+        snprintf(err, CONF_ERR_LEN, "cannot load the CA certificates of "
+                 "%s: no PEM certificate can be read there",
+                 file[0] != '\0' ? file : dir);
+        X509_STORE_free(st);
+        return NULL;
+    }
+    /* What curl sets on every connection's store, set once here. */
+    X509_STORE_set_flags(st, X509_V_FLAG_TRUSTED_FIRST |
+                                 X509_V_FLAG_PARTIAL_CHAIN);
+    return st;
+}
+
+/* The CAs curl would trust by default: its bundle (Debian: the
+ * ca-certificates one), else its directory, which holds the same
+ * certificates; NULL, with a warning, when they cannot be read, so that
+ * curl's own message says why a call fails. */
+static X509_STORE *
+system_store(void)
+{
+    const curl_version_info_data *v = curl_version_info(CURLVERSION_NOW);
+    char err[CONF_ERR_LEN];
+    X509_STORE *st;
+
+    if (v->cainfo != NULL && access(v->cainfo, R_OK) == 0)
+        st = load_store(v->cainfo, "", err);
+    else
+        st = load_store("", v->capath ? v->capath : "", err);
+    if (st == NULL)
+        log_warnx("tls", "%s; calls use curl's defaults", err);
+    return st;
+}
+
+static int
+same(const char *a, const char *b)
+{
+    return strcmp(a, b) == 0;
+}
+
+/* The store of CAs file and dir: one already loaded for the same pair, or
+ * a new one; the system's when both are "". */
+static X509_STORE *
+store_for(const char *file, const char *dir, const char *const *files,
+          const char *const *dirs, size_t n, char err[CONF_ERR_LEN])
+{
+    for (size_t i = 0; i < n; i++) {
+        X509_STORE *st = tls.peers[i].store;
+
+        if (same(files[i], file) && same(dirs[i], dir) &&
+            (st == NULL || X509_STORE_up_ref(st)))
+            return st;
+    }
+    if (file[0] == '\0' && dir[0] == '\0')
+        return system_store();
+    return load_store(file, dir, err);
+}
+
+static int
+is_https(const char *url)
+{
+    return strncmp(url, "https://", 8) == 0;
+}
+
+static int
+any_https(const struct conf *c)
+{
+    for (size_t i = 0; i < c->nproviders; i++)
+        if (is_https(c->providers[i].url))
+            return 1;
+    for (size_t i = 0; i < c->ntools; i++)
+        if (is_https(c->tools[i].url))
+            return 1;
+    return 0;
+}
+
+/* A store per peer (the tools' last, with [upstream]'s CAs); a CA file
+ * that cannot be read is an error even when no URL is https yet. */
+static int
+load_stores(const struct conf *c, char err[CONF_ERR_LEN])
+{
+    const char *files[NPEERS], *dirs[NPEERS];
+    int needed = any_https(c);
+    size_t n = 0;
+
+    for (; n <= c->nproviders; n++) {
+        int tools = n == c->nproviders;
+
+        files[n] = tools ? c->upstream.ca_file : c->providers[n].ca_file;
+        dirs[n] = tools ? c->upstream.ca_path : c->providers[n].ca_path;
+        if (!needed && files[n][0] == '\0' && dirs[n][0] == '\0')
+            continue;
+        tls.peers[tools ? TLS_TOOLS : n].store =
+            store_for(files[n], dirs[n], files, dirs, n, err);
+        if (tls.peers[tools ? TLS_TOOLS : n].store == NULL &&
+            (files[n][0] != '\0' || dirs[n][0] != '\0'))
+            return -1;
+    }
+    return 0;
+}
+
+int
+tls_check(const struct conf *c, char err[CONF_ERR_LEN])
+{
+    for (size_t i = 0; i <= c->nproviders; i++) {
+        int tools = i == c->nproviders;
+        const char *file = tools ? c->upstream.ca_file
+                                 : c->providers[i].ca_file;
+        const char *dir = tools ? c->upstream.ca_path
+                                : c->providers[i].ca_path;
+        X509_STORE *st;
+
+        if (file[0] == '\0' && dir[0] == '\0')
+            continue;
+        st = load_store(file, dir, err);
+        if (st == NULL)
+            return -1;
+        X509_STORE_free(st);
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------- shared sessions */
+
+static int
+lock(uint32_t *l)
+{
+    for (int i = 0; i < LOCK_TRIES; i++) {
+        if (__atomic_exchange_n(l, 1, __ATOMIC_ACQUIRE) == 0)
+            return 1;
+        sched_yield();
+    }
+    return 0; /* its holder is not running: do without */
+}
+
+static void
+unlock(uint32_t *l)
+{
+    __atomic_store_n(l, 0, __ATOMIC_RELEASE);
+}
+
+static void
+publish(struct shared_peer *s, SSL_SESSION *sess)
+{
+    unsigned char der[SESSION_MAX], *w = der;
+    int len = i2d_SSL_SESSION(sess, NULL);
+
+    if (len <= 0 || len > SESSION_MAX || !SSL_SESSION_is_resumable(sess) ||
+        i2d_SSL_SESSION(sess, &w) != len || !lock(&s->lock))
+        return;
+    memcpy(s->der, der, (size_t)len);
+    __atomic_store_n(&s->len, (uint32_t)len, __ATOMIC_RELEASE);
+    unlock(&s->lock);
+}
+
+/* The published session, or NULL. */
+static SSL_SESSION *
+take_published(struct shared_peer *s)
+{
+    unsigned char der[SESSION_MAX];
+    const unsigned char *r = der;
+    uint32_t len;
+
+    if (__atomic_load_n(&s->len, __ATOMIC_ACQUIRE) == 0 || !lock(&s->lock))
+        return NULL;
+    len = s->len;
+    memcpy(der, s->der, len);
+    unlock(&s->lock);
+    return d2i_SSL_SESSION(NULL, &r, (long)len);
+}
+
+/* ------------------------------------------------------ handshake slots */
+
+static int
+lost(const struct holder *h, pid_t pid, int64_t now)
+{
+    int64_t expires = __atomic_load_n(&h->expires_ms, __ATOMIC_RELAXED);
+
+    return (expires != 0 && now > expires) ||
+           (kill(pid, 0) == -1 && errno == ESRCH);
+}
+
+static int
+take_slot(struct peer *p)
+{
+    int64_t now = clock_wall_ms();
+
+    for (long i = 0; i < tls.bound; i++) {
+        struct holder *h = &p->shared->holders[i];
+        pid_t pid = __atomic_load_n(&h->pid, __ATOMIC_ACQUIRE);
+
+        if (pid != 0 && !lost(h, pid, now))
+            continue;
+        if (__atomic_compare_exchange_n(&h->pid, &pid, getpid(), 0,
+                                        __ATOMIC_ACQ_REL,
+                                        __ATOMIC_RELAXED)) {
+            __atomic_store_n(&h->expires_ms, now + HOLD_MAX_MS,
+                             __ATOMIC_RELAXED);
+            p->held = (int)i + 1;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Free the slot this process holds, unless it expired and another
+ * worker has taken it since. */
+static void
+give_back(struct peer *p)
+{
+    pid_t me = getpid();
+    struct holder *h;
+
+    if (!p->held)
+        return;
+    h = &p->shared->holders[p->held - 1];
+    p->held = 0;
+    if (__atomic_load_n(&h->pid, __ATOMIC_ACQUIRE) != me)
+        return;
+    __atomic_store_n(&h->expires_ms, 0, __ATOMIC_RELAXED);
+    __atomic_compare_exchange_n(&h->pid, &me, 0, 0, __ATOMIC_ACQ_REL,
+                                __ATOMIC_RELAXED);
+}
+
+/* The handshake is done, its session may follow: the slot frees itself
+ * TICKET_GRACE_MS from now, or when the session is published. */
+static void
+expire_soon(struct peer *p)
+{
+    if (p->held)
+        __atomic_store_n(&p->shared->holders[p->held - 1].expires_ms,
+                         clock_wall_ms() + TICKET_GRACE_MS,
+                         __ATOMIC_RELAXED);
+}
+
+/* ------------------------------------------------------ OpenSSL's hooks */
+
+static void *
+ex_data(const SSL *ssl, int index)
+{
+    return SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), index);
+}
+
+/* A handshake starts: without a session of curl's own, resume the pool's.
+ * OpenSSL reads the session as it writes the ClientHello, after this. */
+static void
+resume_published(struct peer *p, SSL *ssl)
+{
+    SSL_SESSION *sess;
+
+    if (SSL_get_session(ssl) != NULL)
+        return;
+    sess = take_published(p->shared);
+    if (sess == NULL)
+        return;
+    SSL_set_session(ssl, sess);
+    SSL_SESSION_free(sess);
+}
+
+static void
+on_info(const SSL *ssl, int where, int ret)
+{
+    struct tls_handshake *h = ex_data(ssl, tls.handshake_index);
+    struct peer *p = ex_data(ssl, tls.peer_index);
+
+    (void)ret;
+    if (h == NULL || p == NULL)
+        return;
+    if (where & SSL_CB_HANDSHAKE_START) {
+        h->started = 1;
+        /* The SSL is curl's, not yet connecting: ours to prepare. */
+        if (p->shared != NULL)
+            resume_published(p, (SSL *)ssl);
+    } else if ((where & SSL_CB_HANDSHAKE_DONE) && !h->done) {
+        h->done = 1;
+        if (p->shared == NULL)
+            return;
+        p->warm = 1;
+        __atomic_add_fetch(SSL_session_reused(ssl) ? &p->shared->resumed
+                                                   : &p->shared->full,
+                           1, __ATOMIC_RELAXED);
+        expire_soon(p);
+    }
+}
+
+/* A session from the provider (TLS 1.3: a ticket after the handshake):
+ * published for the pool, then passed on to curl's own cache. */
+static int
+on_new_session(SSL *ssl, SSL_SESSION *sess)
+{
+    struct peer *p = ex_data(ssl, tls.peer_index);
+
+    if (p != NULL && p->shared != NULL) {
+        publish(p->shared, sess);
+        give_back(p);
+    }
+    return tls.curl_new_session ? tls.curl_new_session(ssl, sess) : 0;
+}
+
+/* A new connection of curl's: its SSL_CTX is its own, ours to set up. */
+static CURLcode
+on_ssl_ctx(CURL *e, void *ssl_ctx, void *arg)
+{
+    SSL_CTX *ctx = ssl_ctx;
+    struct tls_handshake *h = arg;
+    struct peer *p = &tls.peers[h->peer];
+
+    (void)e;
+    SSL_CTX_set1_cert_store(ctx, p->store);
+    SSL_CTX_set_ex_data(ctx, tls.peer_index, p);
+    SSL_CTX_set_ex_data(ctx, tls.handshake_index, h);
+    SSL_CTX_set_info_callback(ctx, on_info);
+    if (p->shared != NULL) {
+        tls.curl_new_session = SSL_CTX_sess_get_new_cb(ctx);
+        SSL_CTX_sess_set_new_cb(ctx, on_new_session);
+    }
+    return CURLE_OK;
+}
+
+/* ------------------------------------------------------------ interface */
+
+static int
+curl_uses_openssl(void)
+{
+    const curl_version_info_data *v = curl_version_info(CURLVERSION_NOW);
+
+    return v->ssl_version != NULL &&
+           strncmp(v->ssl_version, "OpenSSL/", 8) == 0;
+}
+
+static int
+map_shared(void)
+{
+    size_t size = CONF_PROVIDERS_MAX * sizeof(struct shared_peer);
+    void *m = mmap(NULL, size, PROT_READ | PROT_WRITE,
+                   MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+
+    if (m == MAP_FAILED)
+        return -1;
+    tls.shared = m;
+    return 0;
+}
+
+/* OpenSSL's algorithms and tables, fetched once here and inherited by
+ * every worker instead of each fetching them on its first call. */
+static void
+warm_openssl(void)
+{
+    SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+
+    if (ctx != NULL)
+        SSL_free(SSL_new(ctx));
+    SSL_CTX_free(ctx);
+}
+
+int
+tls_init(const struct conf *c, char err[CONF_ERR_LEN])
+{
+    tls_cleanup();
+    if (!curl_uses_openssl()) {
+        log_warnx("tls", "libcurl is not built on OpenSSL: every worker "
+                  "loads its CAs and makes its TLS sessions itself");
+        return 0;
+    }
+    tls.peer_index = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, NULL);
+    tls.handshake_index = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL,
+                                                   NULL);
+    if (tls.peer_index < 0 || tls.handshake_index < 0 ||
+        map_shared() == -1) {
+        snprintf(err, CONF_ERR_LEN, "cannot set up TLS: out of memory");
+        return -1;
+    }
+    if (load_stores(c, err) == -1) {
+        tls_cleanup();
+        return -1;
+    }
+    tls.bound = (long)c->upstream.tls_handshakes;
+    for (size_t i = 0; i < c->nproviders; i++) {
+        tls.peers[i].shared = &tls.shared[i];
+        tls.peers[i].https = is_https(c->providers[i].url);
+    }
+    warm_openssl();
+    tls.ready = 1;
+    return 0;
+}
+
+void
+tls_cleanup(void)
+{
+    for (size_t i = 0; i < NPEERS; i++)
+        X509_STORE_free(tls.peers[i].store);
+    if (tls.shared != NULL)
+        munmap(tls.shared, CONF_PROVIDERS_MAX * sizeof(struct shared_peer));
+    memset(&tls, 0, sizeof(tls));
+}
+
+void
+tls_use(CURL *e, struct tls_handshake *h)
+{
+    h->started = h->done = 0;
+    if (!tls.ready || tls.peers[h->peer].store == NULL)
+        return;
+    /* curl loads no CA file of its own, and caches no store across
+     * handles: the peer's store is set by on_ssl_ctx. */
+    curl_easy_setopt(e, CURLOPT_CAINFO, NULL);
+    curl_easy_setopt(e, CURLOPT_CAPATH, NULL);
+    curl_easy_setopt(e, CURLOPT_CA_CACHE_TIMEOUT, 0L);
+    curl_easy_setopt(e, CURLOPT_SSL_CTX_FUNCTION, on_ssl_ctx);
+    curl_easy_setopt(e, CURLOPT_SSL_CTX_DATA, h);
+}
+
+int
+tls_admit(size_t i)
+{
+    struct peer *p = &tls.peers[i];
+
+    if (!tls.ready || p->shared == NULL || !p->https || p->warm ||
+        p->held || __atomic_load_n(&p->shared->len, __ATOMIC_ACQUIRE) > 0)
+        return 1;
+    return take_slot(p);
+}
+
+void
+tls_release(size_t i)
+{
+    if (tls.ready && tls.peers[i].shared != NULL)
+        give_back(&tls.peers[i]);
+}
+
+void
+tls_counts(size_t i, struct tls_counts *out)
+{
+    const struct shared_peer *s = tls.ready ? tls.peers[i].shared : NULL;
+
+    out->full = s ? __atomic_load_n(&s->full, __ATOMIC_RELAXED) : 0;
+    out->resumed = s ? __atomic_load_n(&s->resumed, __ATOMIC_RELAXED) : 0;
+}

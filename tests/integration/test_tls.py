@@ -1,0 +1,222 @@
+"""An HTTPS model provider behind a private CA, through nginx: ca_file and
+ca_path, per provider too; the pool's TLS set up once (one full handshake,
+the other workers resume its session); the bound on full handshakes; a
+handshake that times out is not held against the provider.
+
+The provider is the local model serving HTTPS (--tls-cert), its
+certificate signed by a CA made here with the openssl command."""
+
+import concurrent.futures
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import LocalModel, assert_json_error, new_session, post_chat
+
+REPO = Path(__file__).resolve().parents[2]
+WORKERS = 4
+
+
+def openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True,
+                   capture_output=True)
+
+
+def make_ca(d, name):
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out",
+            f"{name}.crt", cwd=d)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA, a certificate for 127.0.0.1 that it signed, and another CA
+    that signed nothing here; ca_dir holds the CA as c_rehash would."""
+    d = tmp_path_factory.mktemp("pki")
+    make_ca(d, "ca")
+    make_ca(d, "other")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=model",
+            "-keyout", "server.key", "-out", "server.csr", cwd=d)
+    (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey",
+            "ca.key", "-CAcreateserial", "-days", "2", "-extfile", "san.cnf",
+            "-out", "server.crt", cwd=d)
+    subject_hash = subprocess.run(
+        ["openssl", "x509", "-hash", "-noout", "-in", d / "ca.crt"],
+        check=True, capture_output=True, text=True).stdout.strip()
+    (d / "ca_dir").mkdir()
+    (d / "ca_dir" / f"{subject_hash}.0").write_bytes(
+        (d / "ca.crt").read_bytes())
+    (d / "not-pem.crt").write_text("this is no certificate\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def tls_model(pki, free_ports):
+    port = free_ports(1)[0]
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "app/localmodel.py"), "--port",
+         str(port), "--tls-cert", str(pki / "server.crt"), "--tls-key",
+         str(pki / "server.key")], stdout=subprocess.PIPE, text=True)
+    assert "listening on https://" in proc.stdout.readline()
+    yield f"https://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def model(tls_model, pki):
+    session = new_session()
+    session.verify = str(pki / "ca.crt")
+    m = LocalModel(tls_model, session)
+    m.reset()
+    yield m
+    m.reset()
+
+
+def tls_stack(stack_factory, tls_model, **env):
+    base = {"CHATFCGI_UPSTREAM_URL": f"{tls_model}/v1",
+            "CHATFCGI_WORKERS": str(WORKERS)}
+    return stack_factory({**base, **{k: str(v) for k, v in env.items()}})
+
+
+def handshakes(model):
+    return model.stats()["tls_handshakes"]
+
+
+def metric(http, st, name, **labels):
+    text = http.get(f"{st.url}/api/metrics", timeout=5).text
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    found = re.search(r"^%s\{%s\} (\d+)$" % (re.escape(name),
+                                            re.escape(want)), text, re.M)
+    assert found, f"{name}{{{want}}} not in the metrics"
+    return int(found.group(1))
+
+
+def test_ca_file_trusts_a_private_ca(http, stack_factory, tls_model, pki,
+                                     model):
+    st = tls_stack(stack_factory, tls_model,
+                   CHATFCGI_UPSTREAM_CA_FILE=pki / "ca.crt")
+    r = post_chat(http, st, "hello over TLS")
+    assert r.status_code == 200, r.text
+    assert model.stats()["requests"] == 1
+
+
+def test_ca_path_trusts_a_private_ca(http, stack_factory, tls_model, pki,
+                                     model):
+    st = tls_stack(stack_factory, tls_model,
+                   CHATFCGI_UPSTREAM_CA_PATH=pki / "ca_dir")
+    r = post_chat(http, st, "hello over TLS")
+    assert r.status_code == 200, r.text
+
+
+def test_a_provider_the_cas_do_not_vouch_for_is_refused(
+        http, stack_factory, tls_model, pki, model):
+    """The system's CAs (no ca_file), or another CA: the certificate is
+    not trusted, the turn fails with 502 and the model is never asked."""
+    for env in ({}, {"CHATFCGI_UPSTREAM_CA_FILE": pki / "other.crt"}):
+        st = tls_stack(stack_factory, tls_model, CHATFCGI_UPSTREAM_RETRIES=0,
+                       **env)
+        r = post_chat(http, st, "hello?")
+        assert_json_error(r, 502, "upstream_error")
+        assert model.stats()["requests"] == 0
+        log = st.log_path("chatfcgi").read_text()
+        assert "certificate" in log, log[-2000:]
+
+
+def test_a_providers_own_ca_file_replaces_upstreams(
+        http, stack_factory, tls_model, pki, model, tmp_path):
+    drop_in = tmp_path / "providers.conf"
+    drop_in.write_text(f"""
+[provider private]
+url = {tls_model}/v1
+ca_file = {pki / "ca.crt"}
+""")
+    st = tls_stack(stack_factory, tls_model, CHATFCGI_INCLUDE=drop_in,
+                   CHATFCGI_UPSTREAM_CA_FILE=pki / "other.crt")
+    r = post_chat(http, st, "hello over TLS")
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("key, file", [("CA_FILE", "not-pem.crt"),
+                                       ("CA_FILE", "missing.crt"),
+                                       ("CA_PATH", "missing-dir")])
+def test_a_ca_that_cannot_be_loaded_is_a_configuration_error(pki, key,
+                                                             file):
+    env = {"PATH": "/usr/bin:/bin", f"CHATFCGI_UPSTREAM_{key}":
+           str(pki / file)}
+    res = subprocess.run([str(REPO / "bin/chatfcgi"), "-t", "-c",
+                          str(REPO / "conf/chatfcgi.conf")], env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 1, res
+    assert "cannot load the CA certificates of" in res.stderr
+    assert file in res.stderr
+
+
+def concurrent_turns(http, st, n):
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        return list(pool.map(lambda i: post_chat(http, st, f"turn {i}",
+                                                 timeout=20), range(n)))
+
+
+def test_one_full_handshake_and_the_other_workers_resume_it(
+        http, stack_factory, tls_model, pki, model):
+    """A cold pool of 4 takes 4 turns at once, each on its own worker (the
+    model answers after 300 ms, so none is free for another): with
+    tls_handshakes = 1, one worker makes the full handshake and the three
+    others wait for its session and resume it."""
+    st = tls_stack(stack_factory, tls_model,
+                   CHATFCGI_UPSTREAM_CA_FILE=pki / "ca.crt",
+                   CHATFCGI_UPSTREAM_TLS_HANDSHAKES=1)
+    model.set(delay_ms=300)
+    answers = concurrent_turns(http, st, WORKERS)
+    assert [r.status_code for r in answers] == [200] * WORKERS
+    assert handshakes(model) == {"full": 1, "resumed": WORKERS - 1}
+    assert metric(http, st, "chatfcgi_tls_handshakes_total",
+                  provider="upstream1", kind="full") == 1
+    assert metric(http, st, "chatfcgi_tls_handshakes_total",
+                  provider="upstream1", kind="resumed") == WORKERS - 1
+
+
+def test_without_a_bound_workers_still_resume_once_a_session_is_out(
+        http, stack_factory, tls_model, pki, model):
+    """The default bound (4): at most 4 full handshakes for a pool of 4,
+    and a turn on a fresh worker after that resumes."""
+    st = tls_stack(stack_factory, tls_model,
+                   CHATFCGI_UPSTREAM_CA_FILE=pki / "ca.crt")
+    model.set(delay_ms=300)
+    assert [r.status_code for r in concurrent_turns(http, st, WORKERS)] == \
+        [200] * WORKERS
+    counts = handshakes(model)
+    assert counts["full"] + counts["resumed"] == WORKERS
+    assert counts["full"] >= 1
+
+
+def test_a_handshake_that_times_out_opens_no_cooldown(
+        http, stack_factory, tls_model, pki, model):
+    """The provider takes 1.5 s to begin each handshake and the connect
+    timeout is 0.5 s: the turns fail (504) and are counted as the
+    provider's errors, but a handshake cut short is as likely the host's
+    lack of CPU as the provider's: the cooldown stays shut and every turn
+    asks the provider again."""
+    st = tls_stack(stack_factory, tls_model,
+                   CHATFCGI_UPSTREAM_CA_FILE=pki / "ca.crt",
+                   CHATFCGI_UPSTREAM_CONNECT_TIMEOUT_MS=500,
+                   CHATFCGI_UPSTREAM_RETRIES=0,
+                   CHATFCGI_UPSTREAM_COOLDOWN_FAILURES=1)
+    model.set(handshake_delay_ms=1500)
+    for _ in range(3):
+        assert_json_error(post_chat(http, st, "are you there?"), 504,
+                          "upstream_timeout")
+    assert model.stats()["connections"] == 3
+    assert metric(http, st, "chatfcgi_provider_cooling_down",
+                  provider="upstream1") == 0
+    assert metric(http, st, "chatfcgi_provider_errors_total",
+                  provider="upstream1", kind="timeout") == 3
+    model.set()
+    time.sleep(1.1)  # the model's handshake threads are done sleeping
+    assert post_chat(http, st, "and now?").status_code == 200
