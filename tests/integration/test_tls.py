@@ -9,61 +9,27 @@ certificate signed by a CA made here with the openssl command."""
 import concurrent.futures
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from helpers import LocalModel, assert_json_error, new_session, post_chat
+from pki import make_pki, start_tls_model
 
 REPO = Path(__file__).resolve().parents[2]
 WORKERS = 4
 
 
-def openssl(*args, cwd):
-    subprocess.run(["openssl", *args], cwd=cwd, check=True,
-                   capture_output=True)
-
-
-def make_ca(d, name):
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-            "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out",
-            f"{name}.crt", cwd=d)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    """A CA, a certificate for 127.0.0.1 that it signed, and another CA
-    that signed nothing here; ca_dir holds the CA as c_rehash would."""
-    d = tmp_path_factory.mktemp("pki")
-    make_ca(d, "ca")
-    make_ca(d, "other")
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=model",
-            "-keyout", "server.key", "-out", "server.csr", cwd=d)
-    (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey",
-            "ca.key", "-CAcreateserial", "-days", "2", "-extfile", "san.cnf",
-            "-out", "server.crt", cwd=d)
-    subject_hash = subprocess.run(
-        ["openssl", "x509", "-hash", "-noout", "-in", d / "ca.crt"],
-        check=True, capture_output=True, text=True).stdout.strip()
-    (d / "ca_dir").mkdir()
-    (d / "ca_dir" / f"{subject_hash}.0").write_bytes(
-        (d / "ca.crt").read_bytes())
-    (d / "not-pem.crt").write_text("this is no certificate\n")
-    return d
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")
 def tls_model(pki, free_ports):
-    port = free_ports(1)[0]
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "app/localmodel.py"), "--port",
-         str(port), "--tls-cert", str(pki / "server.crt"), "--tls-key",
-         str(pki / "server.key")], stdout=subprocess.PIPE, text=True)
-    assert "listening on https://" in proc.stdout.readline()
-    yield f"https://127.0.0.1:{port}"
+    proc, url = start_tls_model(pki, free_ports(1)[0])
+    yield url
     proc.terminate()
     proc.wait(timeout=10)
 
