@@ -179,8 +179,8 @@ chat_new(const struct conf *c, struct scoreboard *pool,
         chat_free(ch);
         return NULL;
     }
-    if (tools_init(&ch->tools, c, ch->llm.multi) == -1 ||
-        declare_tools(ch) == -1) {
+    tools_init(&ch->tools, c, ch->llm.multi);
+    if (declare_tools(ch) == -1) {
         snprintf(err, CHAT_ERR_LEN, "cannot set up the tools: out of memory");
         chat_free(ch);
         return NULL;

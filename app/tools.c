@@ -11,7 +11,7 @@
 #define ARGUMENTS_DEPTH 32
 #define POLL_MS 1000
 
-int
+void
 tools_init(struct tools *t, const struct conf *c, CURLM *multi)
 {
     memset(t, 0, sizeof(*t));
@@ -20,11 +20,7 @@ tools_init(struct tools *t, const struct conf *c, CURLM *multi)
     for (size_t i = 0; i < ANSWER_MAX_CALLS; i++) {
         t->runs[i].tls.peer = TLS_TOOLS;
         buf_init(&t->runs[i].result, TOOLS_RESULT_MAX);
-        t->runs[i].easy = curl_easy_init();
-        if (t->runs[i].easy == NULL)
-            return -1;
     }
-    return 0;
 }
 
 static void
@@ -136,8 +132,13 @@ start(struct tools *t, struct tool_run *r, const char *request_id,
     r->headers = exchange_headers(NULL, request_id);
     post.headers = r->headers;
     post.timeout_ms = timeout;
-    exchange_post_options(r->easy, &post);
-    if (r->headers == NULL ||
+    /* Made at the first call: a pool of thousands without tools, or
+     * with rounds of one call, pays for no handle it does not use. */
+    if (r->easy == NULL)
+        r->easy = curl_easy_init();
+    if (r->easy != NULL)
+        exchange_post_options(r->easy, &post);
+    if (r->easy == NULL || r->headers == NULL ||
         curl_multi_add_handle(t->multi, r->easy) != CURLM_OK) {
         fail(r, TOOL_FAILED, "the tool could not be called");
         return -1;

@@ -4,7 +4,8 @@
  * (a JSON object) to its configured URL; the answer, JSON or text, is
  * the result; a failure, a timeout, an unknown tool or bad arguments give
  * the model an error result instead. Only configured URLs are called.
- * Owned by the chat; the easy handles stay warm across rounds.
+ * Owned by the chat; the easy handles, made at their first call, stay
+ * warm across rounds.
  */
 #ifndef CHATFCGI_TOOLS_H
 #define CHATFCGI_TOOLS_H
@@ -49,8 +50,8 @@ struct tools {
     struct tool_run runs[ANSWER_MAX_CALLS];
 };
 
-/* Returns 0, or -1 when out of memory. */
-int tools_init(struct tools *t, const struct conf *c, CURLM *multi);
+/* The easy handles are made as calls need them. */
+void tools_init(struct tools *t, const struct conf *c, CURLM *multi);
 void tools_cleanup(struct tools *t);
 
 /* Run the calls of ans, each into t->runs[i], at once, until all have
