@@ -63,21 +63,15 @@ def metric(http, st, name, **labels):
     return int(found.group(1))
 
 
-def test_ca_file_trusts_a_private_ca(http, stack_factory, tls_model, pki,
-                                     model):
+@pytest.mark.parametrize("key, value", [("CA_FILE", "ca.crt"),
+                                        ("CA_PATH", "ca_dir")])
+def test_a_private_ca_is_trusted(http, stack_factory, tls_model, pki,
+                                 model, key, value):
     st = tls_stack(stack_factory, tls_model,
-                   CHATFCGI_UPSTREAM_CA_FILE=pki / "ca.crt")
+                   **{f"CHATFCGI_UPSTREAM_{key}": pki / value})
     r = post_chat(http, st, "hello over TLS")
     assert r.status_code == 200, r.text
     assert model.stats()["requests"] == 1
-
-
-def test_ca_path_trusts_a_private_ca(http, stack_factory, tls_model, pki,
-                                     model):
-    st = tls_stack(stack_factory, tls_model,
-                   CHATFCGI_UPSTREAM_CA_PATH=pki / "ca_dir")
-    r = post_chat(http, st, "hello over TLS")
-    assert r.status_code == 200, r.text
 
 
 def test_a_provider_the_cas_do_not_vouch_for_is_refused(
