@@ -8,6 +8,8 @@
 
 #define BUF_MIN_CAP 256
 
+static unsigned long large_growths;
+
 void
 buf_init(struct buf *b, size_t max)
 {
@@ -20,6 +22,11 @@ buf_init(struct buf *b, size_t max)
 void
 buf_reset(struct buf *b)
 {
+    if (b->cap > BUF_KEEP_BYTES) {
+        free(b->data);
+        b->data = NULL;
+        b->cap = 0;
+    }
     b->len = 0;
 }
 
@@ -51,7 +58,14 @@ buf_reserve(struct buf *b, size_t need)
         return -1;
     b->data = p;
     b->cap = cap;
+    large_growths += cap > BUF_KEEP_BYTES;
     return 0;
+}
+
+unsigned long
+buf_large_growths(void)
+{
+    return large_growths;
 }
 
 int

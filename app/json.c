@@ -520,6 +520,21 @@ json_gen_restart(yajl_gen g)
 }
 
 int
+json_gen_shrink(yajl_gen *g)
+{
+    const unsigned char *doc;
+    size_t len = 0;
+    yajl_gen fresh;
+
+    yajl_gen_get_buf(*g, &doc, &len);
+    if (len <= BUF_KEEP_BYTES || (fresh = json_gen_new()) == NULL)
+        return 0;
+    yajl_gen_free(*g);
+    *g = fresh;
+    return 1;
+}
+
+int
 json_gen_str(yajl_gen g, const char *s, size_t n)
 {
     /* yajl's own check lets overlongs and surrogates through. */

@@ -599,6 +599,7 @@ end_call(struct llm *l, struct answer *ans, double start)
 {
     for (size_t i = 0; i < l->conf->nproviders; i++)
         tls_release(i);
+    json_gen_shrink(&l->gen);
     if (l->client_gone) {
         ans->status = ANSWER_CLIENT_GONE;
         snprintf(ans->message, sizeof(ans->message),

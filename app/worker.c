@@ -1,6 +1,7 @@
 /* worker: one process's accept loop, routing and context. */
 #include "worker.h"
 
+#include <malloc.h>
 #include <errno.h>
 #include <fcgiapp.h>
 #include <fcntl.h>
@@ -13,6 +14,7 @@
 #include <unistd.h>
 #include <yajl/yajl_gen.h>
 
+#include "buf.h"
 #include "chat.h"
 #include "clock.h"
 #include "conf.h"
@@ -40,6 +42,7 @@ struct worker {
     FCGX_Request spill; /* control: on the chat socket, to turn requests
                            away */
     int unix_socket;    /* fcgi's socket is AF_UNIX: no close linger */
+    unsigned long large_growths; /* buf_large_growths() after the last request */
     struct http_request req; /* the request in hand */
     struct route_match route; /* and its route */
     yajl_gen gen;       /* response bodies */
@@ -120,6 +123,10 @@ worker_setup(struct worker *w, const struct worker_setup *ws)
     char err[CHAT_ERR_LEN];
 
     memset(w, 0, sizeof(*w));
+    /* A fixed threshold: glibc's own rises with every large block freed,
+     * after which large blocks come from the heap and stay with the
+     * process. From 128 KiB up they are mapped, and unmapped when freed. */
+    mallopt(M_MMAP_THRESHOLD, 128 * 1024);
     w->conf = ws->conf;
     w->setup = ws;
     w->pool = ws->pool;
@@ -293,6 +300,20 @@ finish_request(struct worker *w, FCGX_Request *fr)
     FCGX_Finish_r(fr);
 }
 
+/* After a request that needed large buffers: the heap they leave free goes
+ * back to the system (each buffer gives its own back when next reset), so
+ * that each of thousands of workers does not keep its largest request.
+ * Not after every request: malloc_trim walks the heap. */
+static void
+give_back_memory(struct worker *w)
+{
+    unsigned long grown = buf_large_growths();
+
+    if (json_gen_shrink(&w->gen) || grown != w->large_growths)
+        malloc_trim(0);
+    w->large_growths = grown;
+}
+
 /* One request from accept to access log, whatever serves it. */
 static void
 serve_one(struct worker *w, FCGX_Request *fr, serve_fn serve)
@@ -310,6 +331,7 @@ serve_one(struct worker *w, FCGX_Request *fr, serve_fn serve)
     scoreboard_request_begin(w->pool, w->slot, r->method, w->route.pattern,
                              r->id);
     serve(w);
+    give_back_memory(w);
     total_ms = clock_ms() - r->start_ms;
     scoreboard_request_end(w->pool, w->slot, r->status, total_ms,
                            r->redis_ms, r->upstream_ms);

@@ -18,8 +18,15 @@ struct buf {
 /* An empty buffer that will refuse to hold more than max bytes. */
 void buf_init(struct buf *b, size_t max);
 
-/* Forget the content but keep the memory for the next use. */
+/* Forget the content but keep the memory for the next use, unless it grew
+ * past BUF_KEEP_BYTES: what one large request needed is given back rather
+ * than kept by each of a pool's thousands of workers. */
+#define BUF_KEEP_BYTES (64 * 1024)
 void buf_reset(struct buf *b);
+
+/* How many times a buffer of this process grew past BUF_KEEP_BYTES: the
+ * worker gives memory back to the system after a request that did. */
+unsigned long buf_large_growths(void);
 
 void buf_cleanup(struct buf *b);
 

@@ -80,6 +80,12 @@ yajl_gen json_gen_new(void);
 /* Clear the generator's buffer and state for the next document. */
 void json_gen_restart(yajl_gen g);
 
+/* After a document of over BUF_KEEP_BYTES in *g: a new generator there,
+ * since yajl never shrinks its buffer and a worker would keep the largest
+ * answer it ever wrote. Returns 1 when it did; 0 (*g unchanged) when the
+ * document was small or memory runs out. */
+int json_gen_shrink(yajl_gen *g);
+
 /* Writers returning 0, or -1 (invalid UTF-8, wrong state). */
 int json_gen_str(yajl_gen g, const char *s, size_t n);
 int json_gen_cstr(yajl_gen g, const char *s);

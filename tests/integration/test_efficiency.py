@@ -75,11 +75,19 @@ def the_worker(st):
     return kids[0]
 
 
-def rss_kib(pid):
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+def proc_kib(path, field):
+    for line in Path(path).read_text().splitlines():
+        if line.startswith(field + ":"):
             return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
+    raise AssertionError(f"no {field} in {path}")
+
+
+def rss_kib(pid):
+    return proc_kib(f"/proc/{pid}/status", "VmRSS")
+
+
+def private_dirty_kib(pid):
+    return proc_kib(f"/proc/{pid}/smaps_rollup", "Private_Dirty")
 
 
 # ---------------------------------------------------- Redis round trips
@@ -134,11 +142,15 @@ def test_upstream_connection_is_reused(stack_factory, http):
 
 # ------------------------------------------------------- worker memory
 
+NO_ASAN = pytest.mark.skipif(
+    "asan" in os.environ.get("CHATFCGI_BIN", ""),
+    reason="ASan keeps freed memory in quarantine, so a worker's memory "
+    "measures nothing; LSan checks leaks")
+
+
 @pytest.mark.skipif(RSS_TURNS <= RSS_WARMUP,
                     reason="CHATFCGI_RSS_TURNS must exceed the warm-up")
-@pytest.mark.skipif("asan" in os.environ.get("CHATFCGI_BIN", ""),
-                    reason="ASan keeps freed memory in quarantine (up to "
-                    "256 MB), so RSS measures nothing; LSan checks leaks")
+@NO_ASAN
 def test_worker_rss_is_flat_over_many_turns(stack, http, model, capsys):
     """Warm up with 1,000 turns, read the worker's RSS, run the rest, read
     it again: it grew by less than 10%. The sessions rotate and their
@@ -166,3 +178,34 @@ def test_worker_rss_is_flat_over_many_turns(stack, http, model, capsys):
         print(f"\nworker {worker} RSS: {warm} KiB after {RSS_WARMUP} turns, "
               f"{end} KiB after {RSS_TURNS} ({growth:+.1%})")
     assert growth < RSS_GROWTH_MAX, (warm, end)
+
+
+@NO_ASAN
+def test_memory_of_a_large_answer_is_given_back(stack, http, model, capsys):
+    """Two answers of 900 KB (whole and streamed) through /v1, then a
+    small one: the worker's private memory is back within 128 KiB of what
+    it was after a small answer, not holding the largest answer it ever
+    wrote (5 MiB before), times thousands of workers."""
+    worker = the_worker(stack)
+    ask = {"messages": [{"role": "user", "content": "hi"}]}
+
+    def complete(**fields):
+        r = http.post(f"{stack.url}/v1/chat/completions",
+                      json={**ask, **fields}, timeout=10)
+        assert r.status_code == 200, r.text[:200]
+
+    complete()
+    small = private_dirty_kib(worker)
+    model.set(reply=("y" * 999 + " ") * 900)
+    complete()
+    complete(stream=True)
+    large = private_dirty_kib(worker)
+    model.reset()
+    complete()
+    after = private_dirty_kib(worker)
+    with capsys.disabled():
+        print(f"\nworker private dirty: {small} KiB after a small answer, "
+              f"{large} KiB after two of 900 KB, {after} KiB after the "
+              f"next small one")
+    assert large > small + 512  # the large answers were held meanwhile
+    assert after - small < 128, (small, large, after)

@@ -170,6 +170,30 @@ test_reset_keeps_memory(void **state)
     buf_cleanup(&b);
 }
 
+/* What one large request needed goes back at the reset; the growth is
+ * counted, so that the worker knows to trim the heap. */
+static void
+test_reset_gives_back_a_large_buffer(void **state)
+{
+    static char big[BUF_KEEP_BYTES + 1];
+    unsigned long grown = buf_large_growths();
+    struct buf b;
+
+    (void)state;
+    buf_init(&b, 4 * BUF_KEEP_BYTES);
+    assert_int_equal(buf_append(&b, big, BUF_KEEP_BYTES / 2), 0);
+    assert_int_equal(buf_large_growths(), grown);
+    assert_int_equal(buf_append(&b, big, sizeof(big)), 0);
+    assert_true(buf_large_growths() > grown);
+    buf_reset(&b);
+    assert_null(b.data);
+    assert_int_equal(b.cap, 0);
+    assert_int_equal(b.max, 4 * BUF_KEEP_BYTES);
+    assert_int_equal(buf_append_str(&b, "small"), 0);
+    assert_memory_equal(b.data, "small", 5);
+    buf_cleanup(&b);
+}
+
 static void
 test_cleanup_keeps_max(void **state)
 {
@@ -255,6 +279,7 @@ main(void)
         cmocka_unit_test(test_growth_capped),
         cmocka_unit_test(test_max_zero),
         cmocka_unit_test(test_reset_keeps_memory),
+        cmocka_unit_test(test_reset_gives_back_a_large_buffer),
         cmocka_unit_test(test_cleanup_keeps_max),
         cmocka_unit_test(test_cstr),
         cmocka_unit_test(test_cstr_at_max),

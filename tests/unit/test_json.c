@@ -1207,6 +1207,32 @@ test_gen_refuses_overlong_and_surrogates(void **state)
                  accepted);
 }
 
+/* A generator that wrote a large document is replaced by a new one; one
+ * that wrote a small one is kept. Both go on working. */
+static void
+test_gen_shrink(void **state)
+{
+    static char big[BUF_KEEP_BYTES + 1];
+    yajl_gen g = json_gen_new(), before = g;
+    const unsigned char *doc;
+    size_t len;
+
+    (void)state;
+    assert_int_equal(json_gen_str(g, "small", 5), 0);
+    assert_int_equal(json_gen_shrink(&g), 0);
+    assert_ptr_equal(g, before);
+    json_gen_restart(g);
+    memset(big, 'a', sizeof(big) - 1);
+    assert_int_equal(json_gen_str(g, big, sizeof(big) - 1), 0);
+    assert_int_equal(json_gen_shrink(&g), 1);
+    assert_ptr_not_equal(g, NULL);
+    assert_int_equal(json_gen_str(g, "next", 4), 0);
+    yajl_gen_get_buf(g, &doc, &len);
+    assert_int_equal(len, 6);
+    assert_memory_equal(doc, "\"next\"", 6);
+    yajl_gen_free(g);
+}
+
 int
 main(void)
 {
@@ -1243,6 +1269,7 @@ main(void)
         cmocka_unit_test(test_gen_wrong_state),
         cmocka_unit_test(test_gen_refuses_bad_utf8),
         cmocka_unit_test(test_gen_refuses_overlong_and_surrogates),
+        cmocka_unit_test(test_gen_shrink),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
