@@ -40,10 +40,10 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import (PROBLEMS, REPO, BaseCfg, BenchError, Chatfcgi,
-                      SharedHarness, cpu_pct, cpu_snap, descendants, die,
-                      env_int, env_list, env_str, fmt, git_rev,
-                      health_report, host_line, port_busy, problem,
+from benchlib import (PROBLEMS, BaseCfg, BenchError, Chatfcgi,
+                      SharedHarness, check_ready, cpu_pct, cpu_snap,
+                      descendants, die, env_int, env_list, env_str, fmt,
+                      git_rev, health_report, host_line, problem,
                       proc_kib, progress, pss_mib, record, stack_mod)
 import stream_client
 
@@ -674,10 +674,7 @@ def preflight(cfg, harness):
     if not Path(ECHO_MODULE).is_file():
         missing.append("the nginx echo module")
     if harness.kind == "shared" and missing:
-        progress(f"missing: {', '.join(missing)}: running "
-                 f"{cfg.bench_dir / 'install-deps.sh'}")
-        subprocess.run([str(cfg.bench_dir / "install-deps.sh")], check=False,
-                       stdout=sys.stderr)
+        harness.install_deps(missing)
     elif missing:
         pkgs = "wrk libnginx-mod-http-echo redis-server redis-tools nginx"
         if os.geteuid() == 0:
@@ -688,12 +685,7 @@ def preflight(cfg, harness):
                            stdout=sys.stderr, check=False)
         else:
             die(f"missing: {', '.join(missing)}: sudo apt-get install {pkgs}")
-    if not (REPO / "bin" / "chatfcgi").is_file():
-        die("bin/chatfcgi is missing: run make")
-    busy = [p for p in harness.ports() + [cfg.port] if port_busy(p)]
-    if busy:
-        die(f"ports already in use on 127.0.0.1: {busy} (another bench, or a "
-            f"stack left running? ctl.sh status / ss -ltnp)")
+    check_ready(cfg, harness)
 
 
 def main():

@@ -213,6 +213,12 @@ class SharedHarness:
     def stop_ceil_proxy(self):
         self.ctl("stop", "ceil-proxy")
 
+    def install_deps(self, missing):
+        progress(f"missing: {', '.join(missing)}: running "
+                 f"{self.cfg.bench_dir / 'install-deps.sh'}")
+        subprocess.run([str(self.cfg.bench_dir / "install-deps.sh")],
+                       check=False, stdout=sys.stderr)
+
     def stop_all(self):
         if self.cfg.run_dir.is_dir():
             subprocess.run([str(self.cfg.bench_dir / "ctl.sh"), "stop", "all"],
@@ -223,6 +229,16 @@ class SharedHarness:
         return [self.cfg.redis_port, self.cfg.upstream_port,
                 self.cfg.upstream_tls_port, 18001, self.cfg.ceil_port, 18010,
                 18011, 18020]
+
+
+def check_ready(cfg, harness):
+    """bin/chatfcgi is built and no port of the bench is taken."""
+    if not (REPO / "bin" / "chatfcgi").is_file():
+        die("bin/chatfcgi is missing: run make")
+    busy = [p for p in harness.ports() + [cfg.port] if port_busy(p)]
+    if busy:
+        die(f"ports already in use on 127.0.0.1: {busy} (another bench, or a "
+            f"stack left running? ctl.sh status / ss -ltnp)")
 
 
 # ------------------------------------------------------------ chatfcgi
