@@ -2,7 +2,7 @@
 """Streamed answers over keep-alive HTTP/1.1 connections, timed.
 
     stream_client.py URL [--kind chat|openai] [-n STREAMS] [-c CONNECTIONS]
-                     [--timeout S] [--ticks] [--json]
+                     [--timeout S] [--ticks] [--ready] [--json]
 
 Sends STREAMS streaming POSTs to URL, spread over CONNECTIONS keep-alive
 connections (raw non-blocking sockets, one selector loop, so no thread or
@@ -34,7 +34,9 @@ otherwise it is an error of one kind: non200 (another status), broken (a
 (first delta), or with --json one JSON object with every field and sample.
 --ticks prints, once a second, "@@TICK t=S active=A started=B ended=C" (A:
 streams in progress) for a driver that samples memory while they are held
-(make bench-held). The soft RLIMIT_NOFILE is raised to the hard one, so
+(make bench-held); --ready prints "@@READY" and waits for a line on stdin
+before the first stream, so that such a driver can take its "before"
+sample with this process already started. The soft RLIMIT_NOFILE is raised to the hard one, so
 that thousands of connections fit. Python 3 standard library only.
 """
 
@@ -435,9 +437,14 @@ def main(argv=None):
                     help="seconds a stream may take (default 30)")
     ap.add_argument("--ticks", action="store_true",
                     help="print @@TICK lines once a second")
+    ap.add_argument("--ready", action="store_true",
+                    help="print @@READY, start once a line comes on stdin")
     ap.add_argument("--json", action="store_true",
                     help="print one JSON object (with every sample)")
     args = ap.parse_args(argv)
+    if args.ready:
+        print("@@READY", flush=True)
+        sys.stdin.readline()
     r = run(args.url, args.kind, args.streams, args.connections,
             args.timeout, print_tick if args.ticks else None)
     if args.json:
