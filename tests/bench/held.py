@@ -60,6 +60,9 @@ ANSWER_S = (FIRST_TOKEN_MS + CHUNKS * CHUNK_GAP_MS) / 1000.0
 CONF = REPO / "conf" / "chatfcgi.conf"
 SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 PEER_PORTS = {"peer-a": 18010, "peer-b": 18020}
+# Processes that may come and go on a quiet host during a row (cron, a
+# shell) before its memory figure is called unreliable.
+OTHER_PROCS_MAX = 20
 
 
 # ------------------------------------------------------------ settings
@@ -240,6 +243,12 @@ def mem_available_kib():
     return 0
 
 
+def host_procs():
+    """Processes on the host. The targets fork nothing during a burst, so
+    a change means other work came or went, moving MemAvailable too."""
+    return sum(1 for e in os.listdir("/proc") if e.isdigit())
+
+
 def parse_tick(line):
     """@@TICK t=S active=A started=B ended=C -> {"t": S, "active": A, ...}"""
     return {k: float(v) for k, v in
@@ -250,9 +259,9 @@ def hold(cfg, target, n):
     """The burst: N connections, ROUNDS answers each, in a client process
     of its own (its loop must not wait while this one reads /proc). The
     "before" sample is taken once that process has started, so that its
-    interpreter is not counted; then MemAvailable at each tick with all N
-    streams in progress, and the pool's PSS once, at the first such tick
-    past the first token."""
+    interpreter is not counted; then MemAvailable (and the host's process
+    count) at each tick with all N streams in progress, and the pool's PSS
+    once, at the first such tick past the first token."""
     cmd = [PYTHON, str(HERE / "stream_client.py"), target.url, "--kind",
            "chat", "-n", str(n * cfg.rounds), "-c", str(n), "--timeout",
            str(cfg.timeout_s), "--ticks", "--ready", "--json"]
@@ -260,18 +269,18 @@ def hold(cfg, target, n):
              f"(about {cfg.rounds * ANSWER_S:.0f} s)")
     p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          text=True)
-    held, before, pss, res = [], None, None, None
+    held, before, pss, res = [], None, None, None  # held: (KiB, procs)
     try:
         for line in p.stdout:
             if line.startswith("@@READY"):
                 time.sleep(0.5)
-                before = mem_available_kib()
+                before = (mem_available_kib(), host_procs())
                 p.stdin.write("go\n")
                 p.stdin.flush()
             elif line.startswith("@@TICK"):
                 tick = parse_tick(line)
                 if tick["active"] == n:
-                    held.append(mem_available_kib())
+                    held.append((mem_available_kib(), host_procs()))
                     if pss is None and tick["t"] >= FIRST_TOKEN_MS / 1000 + 1:
                         pss = target.pss()
             elif line.startswith("{"):
@@ -295,12 +304,17 @@ def measure(cfg, target, n):
     time.sleep(1)
     res, before, held, pss = hold(cfg, target, n)
     rate = res["ok"] / res["elapsed_s"] if res["elapsed_s"] else 0.0
+    kib = other = None
+    if held and before:
+        low = min(held)
+        kib = (before[0] - low[0]) / n
+        other = max(abs(procs - before[1]) for _, procs in held)
     return {"req_s": rate, "ideal": n / ANSWER_S,
             "p50_s": sec(res["answer_p50_ms"]),
             "p99_s": sec(res["answer_p99_ms"]),
             "errors": f"{res['non200']}+{res['broken']}+{res['sockerr']}",
             "first_errors": res["first_errors"],
-            "kib": (before - min(held)) / n if held and before else None,
+            "kib": kib, "other_procs": other,
             "pss": pss, "cooldown": target.cooldown()}
 
 
@@ -367,6 +381,10 @@ def table(cfg, rows, out):
                    f"{num(r['pss'], 1):>12} {r['cooldown']:>8}")
         for e in r["first_errors"]:
             out.append(f"    error: {e}")
+        if (r["other_procs"] or 0) > OTHER_PROCS_MAX:
+            out.append(f"    KiB/stream unreliable: the host's process count "
+                       f"moved by up to {r['other_procs']} while the streams "
+                       f"were held (other work on the host): rerun")
     out.append("")
     out.append(f"req/s = answers that ended well / (burst to last byte); "
                f"ideal = N / {ANSWER_S} s; p50/p99 = answer time, connect to "
