@@ -51,7 +51,8 @@ UNIT_SRCS := $(wildcard tests/unit/test_*.c)
 UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=$(OBJDIR)/tests/%)
 
 .PHONY: all deps deb-deps run start stop test check unit layout integration \
-	asan clean fuzz install uninstall FORCE bench deb test-deb test-fleet
+	asan clean fuzz install uninstall FORCE bench bench-held deb test-deb \
+	test-fleet
 
 all: $(BIN)
 
@@ -145,6 +146,15 @@ clean:
 bench: deps
 	@$(MAKE) --no-print-directory all
 	@$(PYTHON) tests/bench/bench.py
+
+# Many slow streamed answers held open at once (N = 1,000 and 4,000 by
+# default; HELD_N, HELD_TARGETS, HELD_UPSTREAMS for a quick run): chatfcgi
+# beside the peers, over plain HTTP and TLS, appended to
+# tests/bench/results.md. See tests/bench/README.md. Takes about 7 minutes;
+# never part of `make test`.
+bench-held: deps
+	@$(MAKE) --no-print-directory all
+	@$(PYTHON) tests/bench/held.py
 
 # Installation: `make install PREFIX=/usr DESTDIR=/tmp/pkg` (PREFIX defaults
 # to /usr/local). The configuration lives in SYSCONFDIR: /etc for

@@ -67,7 +67,7 @@ timeout_ms = 2000
 # not know, so they never reach its environment.
 LAUNCHER_ONLY = ("CHATFCGI_PORT", "CHATFCGI_RUN_DIR", "CHATFCGI_MODEL_PORT",
                  "CHATFCGI_REDIS_PORT", "CHATFCGI_BIN",
-                 "CHATFCGI_NGINX_ACCESS_LOG")
+                 "CHATFCGI_NGINX_ACCESS_LOG", "CHATFCGI_NGINX_CONNECTIONS")
 
 # What /proc/<pid>/cmdline must contain before a pid file is trusted: a pid
 # may have been reused since the file was written.
@@ -119,6 +119,9 @@ environment (all optional):
   CHATFCGI_BIN           chatfcgi binary (default bin/chatfcgi; e.g.
                          bin/chatfcgi-asan)
   CHATFCGI_NGINX_ACCESS_LOG  off: no nginx access log
+  CHATFCGI_NGINX_CONNECTIONS nginx's worker_connections (default 1024; a
+                         stream holds two); also sets its file limit and
+                         listen backlog (make bench-held)
   CHATFCGI_INCLUDE       drop-in config files or globs (passed to chatfcgi);
                          unset with the bundled model: its demo tools
                          get_time and calculate
@@ -630,15 +633,7 @@ class Stack:
             self.pid_path(name).unlink(missing_ok=True)  # stale: checked above
             if name in self.services:
                 self.log_path(name).write_bytes(b"")
-        user_line = f"user {WEB_USER} {WEB_USER};" if os.geteuid() == 0 else ""
-        _write_atomic(run / "nginx.conf", _render(NGINX_TEMPLATE, {
-            "USER_LINE": user_line, "PORT": str(self.port),
-            "NGINX_DIR": str(run / "nginx"),
-            "ACCESS_LOG": self._nginx_access_log(),
-            "ERROR_LOG": str(self.log_path("nginx")),
-            "SOCKET": str(self.socket_path),
-            "STATUS_SOCKET": str(self.status_socket_path),
-            "WWW_DIR": str(REPO / "app" / "www")}))
+        _write_atomic(run / "nginx.conf", self._nginx_conf())
         _write_atomic(run / "redis.conf", _render(REDIS_TEMPLATE, {
             "REDIS_PORT": str(self._redis_port),
             "REDIS_DIR": str(run / "redis"),
@@ -647,6 +642,34 @@ class Stack:
             "url": self.url, "services": self.services,
             "model_url": self.model_url, "redis_port": self.redis_port,
             "socket": str(self.socket_path)}, indent=1) + "\n")
+
+    def _nginx_conf(self):
+        user_line = f"user {WEB_USER} {WEB_USER};" if os.geteuid() == 0 else ""
+        return _render(NGINX_TEMPLATE, {
+            "USER_LINE": user_line, "PORT": str(self.port),
+            **self._nginx_sizes(),
+            "NGINX_DIR": str(self.run_dir / "nginx"),
+            "ACCESS_LOG": self._nginx_access_log(),
+            "ERROR_LOG": str(self.log_path("nginx")),
+            "SOCKET": str(self.socket_path),
+            "STATUS_SOCKET": str(self.status_socket_path),
+            "WWW_DIR": str(REPO / "app" / "www")})
+
+    def _nginx_sizes(self):
+        """worker_connections, and for more than the default a file limit
+        to match and a listen backlog as long (the kernel caps it at
+        net.core.somaxconn), so that a burst of that many streams is
+        neither refused nor left waiting for SYN retries."""
+        conns = self.child_env.get("CHATFCGI_NGINX_CONNECTIONS") or ""
+        if not conns:
+            return {"CONNECTIONS": "1024", "RLIMIT_LINE": "", "BACKLOG": ""}
+        if not conns.isdigit() or int(conns) < 1:
+            raise StackError(f"CHATFCGI_NGINX_CONNECTIONS={conns} is not a "
+                             f"positive number")
+        n = int(conns)
+        return {"CONNECTIONS": str(n),
+                "RLIMIT_LINE": f"worker_rlimit_nofile {n + 1024};",
+                "BACKLOG": f" backlog={n}"}
 
     def _nginx_access_log(self):
         """nginx's access_log argument: its own file, or off (for the

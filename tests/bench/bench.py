@@ -31,55 +31,30 @@ them. Python 3 standard library only.
 """
 
 import datetime
-import json
 import os
-import platform
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
+from benchlib import (PROBLEMS, BaseCfg, BenchError, Chatfcgi,
+                      SharedHarness, check_ready, cpu_pct, cpu_snap,
+                      descendants, die, env_int, env_list, env_str, fmt,
+                      git_rev, health_report, host_line, problem,
+                      proc_kib, progress, pss_mib, record, stack_mod)
+import stream_client
+
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-sys.path.insert(0, str(REPO / "deploy" / "local"))
-sys.path.insert(0, str(HERE))
-
-import stack as stack_mod  # noqa: E402  (deploy/local/stack.py)
-import stream_client  # noqa: E402
-
-RESULTS = HERE / "results.md"
 NGINX = "/usr/sbin/nginx"
 REDIS_SERVER = "/usr/bin/redis-server"
 ECHO_MODULE = "/usr/lib/nginx/modules/ngx_http_echo_module.so"
-SYSTEM_PROMPT = "You are a helpful assistant."
 PEER_A, PEER_B, CEIL = "peer-a", "peer-b", "ceil-proxy"
 
 
 # ------------------------------------------------------------ settings
-
-def env_str(name, default):
-    v = os.environ.get(name)
-    return v if v not in (None, "") else default
-
-
-def env_int(name, default):
-    v = env_str(name, None)
-    if v is None:
-        return default
-    try:
-        return int(v)
-    except ValueError:
-        die(f"{name}={v} is not an integer")
-
-
-def env_list(name, default):
-    return [x.strip() for x in env_str(name, default).split(",") if x.strip()]
-
 
 def parse_workers(spec):
     """"16" -> {None: 16}; "0=16,50=256" -> {0: 16, 50: 256}."""
@@ -96,17 +71,9 @@ def parse_workers(spec):
     return out
 
 
-class Cfg:
+class Cfg(BaseCfg):
     def __init__(self):
-        self.bench_dir = Path(env_str("BENCH_DIR",
-                                      str(REPO.parent / "shared" / "bench")))
-        self.shared = (self.bench_dir / "run.sh").is_file()
-        self.out = Path(env_str("BENCH_OUT_DIR", str(REPO / "build" / "bench")))
-        self.run_dir = Path(env_str("BENCH_RUN_DIR", str(self.out / "harness")))
-        self.port = env_int("BENCH_PORT", 18100)
-        self.redis_port = env_int("REDIS_PORT", 16379)
-        self.upstream_port = env_int("UPSTREAM_PORT", 18000)
-        self.ceil_port = env_int("PORT_CEIL_PROXY", 18002)
+        super().__init__()
         self.duration = env_str("BENCH_DURATION", "8s")
         if not self.duration.endswith("s"):
             self.duration += "s"
@@ -126,7 +93,6 @@ class Cfg:
         self.rss_conc = env_int("BENCH_RSS_CONC", 8)
         self.threads = env_int("BENCH_THREADS", 2)
         self.phases = env_list("BENCH_PHASES", "table,stream,memory")
-        self.record = env_str("BENCH_RECORD", "1") != "0"
 
     def workers_for(self, delay):
         if delay in self.workers:
@@ -141,117 +107,11 @@ class Cfg:
 
 # ------------------------------------------------------------ helpers
 
-class BenchError(Exception):
-    pass
-
-
-PROBLEMS = []  # what went wrong but did not stop the bench; in the report
-
-
-def problem(msg):
-    PROBLEMS.append(msg)
-    progress(f"problem: {msg}")
-
-
-def die(msg):
-    raise BenchError(msg)
-
-
-def progress(msg):
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-def port_busy(port):
-    with socket.socket() as s:
-        s.settimeout(0.3)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def http_json(url, timeout=5.0):
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(url, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-def descendants(pids):
-    kids = {}
-    for e in os.listdir("/proc"):
-        if not e.isdigit():
-            continue
-        try:
-            with open(f"/proc/{e}/stat") as f:
-                data = f.read()
-        except OSError:
-            continue
-        ppid = int(data[data.rfind(")") + 2:].split()[1])
-        kids.setdefault(ppid, []).append(int(e))
-    out, todo = [], list(pids)
-    while todo:
-        p = todo.pop()
-        if p in out:
-            continue
-        out.append(p)
-        todo.extend(kids.get(p, []))
-    return out
-
-
-def proc_kib(pid, field, source="smaps_rollup"):
-    """A kB field (Pss, Rss, ...) of /proc/PID/smaps_rollup (or status)."""
-    try:
-        with open(f"/proc/{pid}/{source}") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def pss_mib(pids):
-    return sum(proc_kib(p, "Pss") for p in descendants(pids)) / 1024.0
-
-
-def cpu_snap():
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    busy = v[0] + v[1] + v[2] + v[5] + v[6]
-    idle = v[3] + v[4]
-    steal = v[7] if len(v) > 7 else 0
-    return busy, idle, steal
-
-
-def cpu_pct(a, b):
-    bu, idl, st = (b[i] - a[i] for i in range(3))
-    t = bu + idl + st
-    return (100.0 * bu / t, 100.0 * st / t) if t > 0 else (0.0, 0.0)
-
-
-def git_rev():
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                             capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "app",
-                                "include", "conf", "deploy"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
-        return rev + (" (+ uncommitted changes in app/include/conf/deploy)"
-                      if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def parse_result(text):
     m = re.search(r"@@RESULT (.*)", text)
     if not m:
         return None
     return dict(kv.split("=", 1) for kv in m.group(1).split())
-
-
-def fmt(v, nd=1):
-    if v is None or v == "-":
-        return "-"
-    if isinstance(v, str):
-        return v
-    return f"{v:.{nd}f}"
 
 
 def ratio(a, b):
@@ -263,52 +123,6 @@ def ratio(a, b):
 
 
 # ------------------------------------------------------------ harnesses
-
-class SharedHarness:
-    """The shared bench (../shared/bench): its ctl.sh starts and stops
-    Redis, the fake upstream and the built-in targets, all under
-    BENCH_RUN_DIR; run.sh measures."""
-
-    kind = "shared"
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.env = dict(os.environ, BENCH_RUN_DIR=str(cfg.run_dir))
-
-    def ctl(self, *args, extra=None):
-        env = dict(self.env, **(extra or {}))
-        r = subprocess.run([str(self.cfg.bench_dir / "ctl.sh"), *map(str, args)],
-                           env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
-        if r.returncode != 0:
-            die(f"ctl.sh {' '.join(map(str, args))} failed:\n{r.stdout}")
-        return r.stdout
-
-    def start_base(self, delay=0, chunk_gap_ms=None):
-        extra = {"CHUNK_GAP_MS": str(chunk_gap_ms)} if chunk_gap_ms else None
-        self.ctl("start", "redis")
-        self.ctl("start", "upstream", delay, extra=extra)
-
-    def set_delay(self, ms):
-        self.ctl("delay", ms)
-
-    def start_ceil_proxy(self):
-        self.ctl("start", "ceil-proxy")
-        return f"http://127.0.0.1:{self.cfg.ceil_port}"
-
-    def stop_ceil_proxy(self):
-        self.ctl("stop", "ceil-proxy")
-
-    def stop_all(self):
-        if self.cfg.run_dir.is_dir():
-            subprocess.run([str(self.cfg.bench_dir / "ctl.sh"), "stop", "all"],
-                           env=self.env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
-
-    def ports(self):
-        return [self.cfg.redis_port, self.cfg.upstream_port, 18001,
-                self.cfg.ceil_port, 18010, 18011, 18020]
-
 
 class OwnHarness:
     """Without the shared bench: a Redis and a fake model (nginx + echo
@@ -400,119 +214,6 @@ class OwnHarness:
 
     def ports(self):
         return [self.cfg.redis_port, self.cfg.upstream_port]
-
-
-# ------------------------------------------------------------ chatfcgi
-
-class Chatfcgi:
-    """One chatfcgi + nginx stack (deploy/local/stack.py) in its own run
-    directory under build/bench/run/, on BENCH_PORT."""
-
-    def __init__(self, cfg, name, workers, extra_env=None):
-        self.cfg, self.name, self.workers = cfg, name, workers
-        self.run_dir = cfg.out / "run" / name
-        if self.run_dir.exists():
-            shutil.rmtree(self.run_dir)
-        env = {
-            "CHATFCGI_REDIS_URL": f"redis://127.0.0.1:{cfg.redis_port}/0",
-            "CHATFCGI_UPSTREAM_URL": f"http://127.0.0.1:{cfg.upstream_port}/v1",
-            "CHATFCGI_API_KEY": "sk-fake",
-            "CHATFCGI_MODEL": "fake-1",
-            "CHATFCGI_UPSTREAM_SYSTEM_PROMPT": SYSTEM_PROMPT,
-            "CHATFCGI_UPSTREAM_TIMEOUT_MS": "30000",
-            "CHATFCGI_WORKERS": str(workers),
-            # Like the peers and the ceilings, which log nothing per request.
-            "CHATFCGI_ACCESS_LOG": "off",
-            "CHATFCGI_NGINX_ACCESS_LOG": "off",
-        }
-        env.update(extra_env or {})
-        self.env = env
-        self.stack = stack_mod.Stack(self.run_dir, cfg.port, env=env,
-                                     progress=None)
-        self.url = self.stack.url
-
-    def start(self):
-        progress(f"starting chatfcgi ({self.workers} workers) on {self.url}, "
-                 f"run dir {self.run_dir.relative_to(REPO)}")
-        try:
-            self.stack.start()
-        except stack_mod.StackError as e:
-            die(f"chatfcgi stack did not start: {e}")
-        return self
-
-    @property
-    def pid_file(self):
-        return self.run_dir / "chatfcgi.pid"
-
-    @property
-    def nginx_pid_file(self):
-        return self.run_dir / "nginx" / "nginx.pid"
-
-    def master_pid(self):
-        return self.stack.pid("chatfcgi")
-
-    def nginx_pid(self):
-        return self.stack.pid("nginx")
-
-    def status(self):
-        return http_json(f"{self.url}/api/status")
-
-    def chat_workers(self):
-        return [p for p in self.status()["processes"] if p["role"] == "chat"]
-
-    def served(self):
-        return sum(p["requests"] for p in self.chat_workers())
-
-    def health(self):
-        """What the pool says about itself (before it stops) and what its
-        log says: request counts by status, worker deaths, log warnings and
-        errors."""
-        h = {"name": self.name, "workers": self.workers}
-        try:
-            st = self.status()
-            for k in ("worker_deaths", "watchdog_kills", "queue_timeouts",
-                      "slow_requests", "max_children_reached"):
-                h[k] = st.get(k)
-            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-            with opener.open(f"{self.url}/api/metrics", timeout=5) as r:
-                text = r.read().decode()
-            by = {}
-            for m in re.finditer(r'chatfcgi_requests_total\{status="([^"]+)"\} (\d+)', text):
-                if int(m.group(2)):
-                    by[m.group(1)] = int(m.group(2))
-            h["by_status"] = by
-        except (OSError, ValueError) as e:
-            h["status_error"] = str(e)
-        return h
-
-    def stop(self):
-        h = self.health() if self.stack.pid("chatfcgi") else {"name": self.name}
-        self.stack.stop()
-        h.update(scan_log(self.run_dir / "chatfcgi.log"))
-        return h
-
-
-LOG_LEVEL = re.compile(r"^\S+ \d+ \S+ (warn|error|crit|fatal)\b(.*)$")
-
-
-def scan_log(path):
-    """Counts of warn/error lines in a chatfcgi log and their first few
-    distinct messages (request ids and numbers folded)."""
-    counts, samples = {}, []
-    try:
-        with open(path, errors="replace") as f:
-            for line in f:
-                m = LOG_LEVEL.match(line.rstrip("\n"))
-                if not m:
-                    continue
-                counts[m.group(1)] = counts.get(m.group(1), 0) + 1
-                msg = re.sub(r"req=\w+", "req=…", m.group(2).strip())
-                msg = re.sub(r"\d+", "N", msg)
-                if msg not in samples and len(samples) < 6:
-                    samples.append(f"{m.group(1)}: {msg}")
-    except OSError:
-        pass
-    return {"log_counts": counts, "log_samples": samples}
 
 
 # ------------------------------------------------------------ wrk
@@ -965,25 +666,6 @@ def targets_report(cfg, rows, ratios, ov, mem, rss_ratio, out):
         out.append("")
 
 
-def health_report(healths, out):
-    out.append("## chatfcgi's own account (per stack, read before it stopped)")
-    out.append("")
-    for h in healths:
-        by = ", ".join(f"{k}: {v}" for k, v in sorted(h.get("by_status", {}).items()))
-        logc = ", ".join(f"{k} {v}" for k, v in sorted(h.get("log_counts", {}).items()))
-        out.append(f"{h['name']:<12} answers {{{by}}}; worker deaths "
-                   f"{h.get('worker_deaths', '-')}, watchdog kills "
-                   f"{h.get('watchdog_kills', '-')}, queue timeouts "
-                   f"{h.get('queue_timeouts', '-')}; log: {logc or 'no warn/error lines'}")
-        if h.get("status_error"):
-            out.append(f"    status/metrics unreadable: {h['status_error']}")
-        for s in h.get("log_samples", []):
-            out.append(f"    {s}")
-    out.append("(499 = the client went away: wrk closes its open connections "
-               "when a run ends)")
-    out.append("")
-
-
 # ------------------------------------------------------------ main
 
 def preflight(cfg, harness):
@@ -992,10 +674,7 @@ def preflight(cfg, harness):
     if not Path(ECHO_MODULE).is_file():
         missing.append("the nginx echo module")
     if harness.kind == "shared" and missing:
-        progress(f"missing: {', '.join(missing)}: running "
-                 f"{cfg.bench_dir / 'install-deps.sh'}")
-        subprocess.run([str(cfg.bench_dir / "install-deps.sh")], check=False,
-                       stdout=sys.stderr)
+        harness.install_deps(missing)
     elif missing:
         pkgs = "wrk libnginx-mod-http-echo redis-server redis-tools nginx"
         if os.geteuid() == 0:
@@ -1006,22 +685,7 @@ def preflight(cfg, harness):
                            stdout=sys.stderr, check=False)
         else:
             die(f"missing: {', '.join(missing)}: sudo apt-get install {pkgs}")
-    if not (REPO / "bin" / "chatfcgi").is_file():
-        die("bin/chatfcgi is missing: run make")
-    busy = [p for p in harness.ports() + [cfg.port] if port_busy(p)]
-    if busy:
-        die(f"ports already in use on 127.0.0.1: {busy} (another bench, or a "
-            f"stack left running? ctl.sh status / ss -ltnp)")
-
-
-def host_line():
-    s0 = cpu_snap()
-    time.sleep(1.0)
-    busy, _ = cpu_pct(s0, cpu_snap())
-    load = os.getloadavg()
-    return (f"host: {os.cpu_count()} CPUs, {platform.release()}, load "
-            f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, CPU busy before start "
-            f"{busy:.0f}% (other work on the host skews every figure)")
+    check_ready(cfg, harness)
 
 
 def main():
@@ -1094,7 +758,8 @@ def main():
     ov = stream_report(cfg, stream_res, out) if stream_res else {}
     rss_ratio = memory_report(cfg, mem, out) if mem else None
     targets_report(cfg, rows, ratios, ov, mem, rss_ratio, out)
-    health_report(healths, out)
+    health_report(healths, out, note="(499 = the client went away: wrk "
+                  "closes its open connections when a run ends)")
     if PROBLEMS:
         out.append("## Problems")
         out.append("")
@@ -1103,15 +768,7 @@ def main():
     text = "\n".join(out)
     print(text, flush=True)
     if cfg.record:
-        new = not RESULTS.exists()
-        with open(RESULTS, "a") as f:
-            if new:
-                f.write("# make bench results\n\nEach run of `make bench` "
-                        "appends its whole report here, newest last "
-                        "(tests/bench/README.md explains the columns).\n")
-            f.write(f"\n## {started:%Y-%m-%d %H:%M} UTC, {git_rev()}\n\n"
-                    f"```text\n{text}\n```\n")
-        progress(f"appended to {RESULTS.relative_to(REPO)}")
+        record(started, text)
     return 1 if PROBLEMS else 0
 
 

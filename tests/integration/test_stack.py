@@ -242,3 +242,20 @@ def test_chatfcgi_environment(tmp_path, monkeypatch):
     env = st._chatfcgi_env()
     assert env["CHATFCGI_UPSTREAM_URL"] == "https://api.example/v1"
     assert env["CHATFCGI_REDIS_URL"] == "redis://127.0.0.1:7000/3"
+
+
+def test_nginx_sized_for_held_streams(tmp_path):
+    """CHATFCGI_NGINX_CONNECTIONS sizes nginx for make bench-held; unset,
+    the config keeps nginx's defaults."""
+    conf = stack_mod.Stack(tmp_path, 18000)._nginx_conf()
+    assert "worker_connections 1024;" in conf
+    assert "worker_rlimit_nofile" not in conf
+    assert "listen 127.0.0.1:18000;" in conf
+    conf = stack_mod.Stack(tmp_path, 18000, env={
+        "CHATFCGI_NGINX_CONNECTIONS": "21000"})._nginx_conf()
+    assert "worker_connections 21000;" in conf
+    assert "worker_rlimit_nofile 22024;" in conf
+    assert "listen 127.0.0.1:18000 backlog=21000;" in conf
+    with pytest.raises(stack_mod.StackError):
+        stack_mod.Stack(tmp_path, 18000, env={
+            "CHATFCGI_NGINX_CONNECTIONS": "many"})._nginx_conf()
