@@ -58,7 +58,6 @@ PYTHON = "/usr/bin/python3"
 FIRST_TOKEN_MS, CHUNK_GAP_MS, CHUNKS = 500, 1000, 5
 ANSWER_S = (FIRST_TOKEN_MS + CHUNKS * CHUNK_GAP_MS) / 1000.0
 CONF = REPO / "conf" / "chatfcgi.conf"
-SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 PEER_PORTS = {"peer-a": 18010, "peer-b": 18020}
 # Processes that may come and go on a quiet host during a row (cron, a
 # shell) before its memory figure is called unreliable.
@@ -126,31 +125,6 @@ def conf_error(extra_env):
     return None if r.returncode == 0 else (r.stderr or r.stdout).strip()
 
 
-def chatfcgi_trust(cfg):
-    """({settings}, how) that make chatfcgi trust the harness's CA, or
-    (None, why not). [upstream] ca_file when this build has it. Else, as
-    root, chatfcgi runs in a mount namespace of its own where the CA is
-    bound over the system bundle: libcurl here ignores SSL_CERT_FILE and
-    CURL_CA_BUNDLE (Debian builds it with a fixed CA file), and the system
-    store is the other developers' too."""
-    if conf_error({"CHATFCGI_UPSTREAM_CA_FILE": str(cfg.ca)}) is None:
-        return {"CHATFCGI_UPSTREAM_CA_FILE": str(cfg.ca)}, "[upstream] ca_file"
-    if os.geteuid() != 0 or not shutil.which("unshare"):
-        return None, ("this chatfcgi has no [upstream] ca_file, and binding "
-                      "the CA in a mount namespace needs root")
-    wrapper = cfg.held_dir / "chatfcgi-ca.sh"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        "# Written by tests/bench/held.py: chatfcgi trusting the bench's CA\n"
-        "# (bound over the system bundle in a mount namespace of its own).\n"
-        "exec unshare --mount --propagation private sh -c "
-        "'mount --bind \"$0\" " + SYSTEM_BUNDLE + " && exec \"$@\"' "
-        f"{cfg.ca} {REPO / 'bin' / 'chatfcgi'} \"$@\"\n")
-    wrapper.chmod(0o755)
-    return {"CHATFCGI_BIN": str(wrapper)}, \
-        "the CA bound over the system bundle in a mount namespace"
-
-
 def peer_trust(cfg, target):
     """The environment that makes a peer trust the harness's CA: OpenSSL's
     SSL_CERT_FILE for aiohttp; for php-curl, curl.cainfo in an extra ini
@@ -171,12 +145,13 @@ class ChatfcgiTarget:
     """chatfcgi with N workers (a prefork worker holds one stream), its
     listen backlog N, its nginx sized for N streams."""
 
-    def __init__(self, cfg, upstream, n, trust):
+    def __init__(self, cfg, upstream, n):
         self.n = n
         env = {"CHATFCGI_UPSTREAM_URL": cfg.upstream_url(upstream),
                "CHATFCGI_LISTEN_BACKLOG": str(max(n, 511)),
-               "CHATFCGI_NGINX_CONNECTIONS": str(2 * n + 1024),
-               **(trust if upstream == "tls" else {})}
+               "CHATFCGI_NGINX_CONNECTIONS": str(2 * n + 1024)}
+        if upstream == "tls":
+            env["CHATFCGI_UPSTREAM_CA_FILE"] = str(cfg.ca)
         self.chat = Chatfcgi(cfg, f"held-{upstream}-{n}", n, env)
         self.name = f"chatfcgi-w{n}"
         self.url = f"{self.chat.url}/api/chat"
@@ -322,23 +297,21 @@ def sec(ms):
     return None if ms is None else ms / 1000.0
 
 
-def make_target(cfg, harness, name, upstream, n, trust):
+def make_target(cfg, harness, name, upstream, n):
     """The target of a row, or the reason it does not run."""
     if name == "peer-b" and n > cfg.peer_b_max:
         return None, None  # not asked for: no row
     if name != "chatfcgi":
         return PeerTarget(cfg, harness, name, upstream, n), None
-    if upstream == "tls" and trust[0] is None:
-        return None, f"chatfcgi over TLS: {trust[1]}"
     why = conf_error({"CHATFCGI_WORKERS": str(n),
                       "CHATFCGI_LISTEN_BACKLOG": str(max(n, 511))})
     if why:
         return None, f"chatfcgi refuses {n} workers: {why}"
-    return ChatfcgiTarget(cfg, upstream, n, trust[0]), None
+    return ChatfcgiTarget(cfg, upstream, n), None
 
 
-def run_row(cfg, harness, name, upstream, n, trust, healths):
-    target, why = make_target(cfg, harness, name, upstream, n, trust)
+def run_row(cfg, harness, name, upstream, n, healths):
+    target, why = make_target(cfg, harness, name, upstream, n)
     if target is None:
         return why and {"target": name, "upstream": upstream, "n": n,
                         "note": f"not run: {why}"}
@@ -400,7 +373,7 @@ def num(v, nd):
     return "-" if v is None else f"{v:.{nd}f}"
 
 
-def header(cfg, host, took, trust):
+def header(cfg, host, took):
     somaxconn = Path("/proc/sys/net/core/somaxconn").read_text().strip()
     return [
         host,
@@ -409,7 +382,7 @@ def header(cfg, host, took, trust):
         f"N clients in one burst, one keep-alive connection each",
         f"chatfcgi: N workers, listen_backlog N, nginx worker_connections "
         f"2N+1024 (net.core.somaxconn {somaxconn} caps every backlog); "
-        f"TLS trust: chatfcgi {trust[1] if trust[0] else 'none'}, "
+        f"TLS trust: chatfcgi [upstream] ca_file, "
         f"peer-a SSL_CERT_FILE, peer-b curl.cainfo (PHP_INI_SCAN_DIR); "
         f"peer-b only for N <= {cfg.peer_b_max}",
         ""]
@@ -447,14 +420,13 @@ def start_base(cfg, harness):
 def run_all(cfg, harness, healths):
     rows = []
     start_base(cfg, harness)
-    trust = chatfcgi_trust(cfg)
     for upstream in cfg.upstreams:
         for n in cfg.ns:
             for name in cfg.targets:
-                row = run_row(cfg, harness, name, upstream, n, trust, healths)
+                row = run_row(cfg, harness, name, upstream, n, healths)
                 if row:
                     rows.append(row)
-    return rows, trust
+    return rows
 
 
 def main(argv=None):
@@ -477,7 +449,7 @@ def main(argv=None):
         preflight(cfg, harness)
         host = host_line()
         progress(host)
-        rows, trust = run_all(cfg, harness, healths)
+        rows = run_all(cfg, harness, healths)
     except KeyboardInterrupt:
         progress("interrupted: stopping what was started")
         return 130
@@ -490,7 +462,7 @@ def main(argv=None):
                .total_seconds())
     out = [f"# chatfcgi held streams, {started:%Y-%m-%d %H:%M} UTC, "
            f"{git_rev()}", ""]
-    out += header(cfg, host, took, trust)
+    out += header(cfg, host, took)
     table(cfg, rows, out)
     if healths:
         health_report(healths, out)
