@@ -295,7 +295,7 @@ spawn(struct master *m, enum scoreboard_role role)
 
     if (slot == -1)
         return -1;
-    s = &m->pool->slots[slot];
+    s = scoreboard_slot(m->pool, (uint32_t)slot);
     memset(s, 0, sizeof(*s));
     s->role = (int)role;
     s->started_at_ms = clock_wall_ms();
@@ -337,7 +337,7 @@ count_workers(const struct master *m, enum scoreboard_role role,
         if (!is_serving(m, i, role))
             continue;
         n++;
-        state = m->pool->slots[i].state;
+        state = scoreboard_slot(m->pool, i)->state;
         free_now += state == SCOREBOARD_IDLE || state == SCOREBOARD_STARTING;
     }
     if (idle != NULL)
@@ -411,7 +411,8 @@ reap(struct master *m)
         } else {
             scoreboard_add(&m->pool->worker_recycles, 1);
         }
-        memset(&m->pool->slots[slot], 0, sizeof(m->pool->slots[slot]));
+        memset(scoreboard_slot(m->pool, (uint32_t)slot), 0,
+               sizeof(struct scoreboard_slot));
         memset(&m->children[slot], 0, sizeof(m->children[slot]));
     }
     if (m->backoff_ms > 0 && m->ndeaths > 0 &&
@@ -454,7 +455,7 @@ idle_chat_slot(const struct master *m)
 {
     for (uint32_t i = 0; i < m->nslots; i++)
         if (is_serving(m, i, SCOREBOARD_CHAT) &&
-            m->pool->slots[i].state == SCOREBOARD_IDLE)
+            scoreboard_slot(m->pool, i)->state == SCOREBOARD_IDLE)
             return (int)i;
     return -1;
 }
@@ -512,7 +513,7 @@ watchdog(struct master *m)
                    WATCHDOG_GRACE_MS;
 
     for (uint32_t i = 0; i < m->nslots; i++) {
-        struct scoreboard_slot *s = &m->pool->slots[i];
+        struct scoreboard_slot *s = scoreboard_slot(m->pool, i);
         pid_t pid = m->children[i].pid;
         int64_t began = s->request_at_ms;
 
@@ -877,7 +878,7 @@ static void
 take_over_workers(struct master *m)
 {
     for (uint32_t i = 0; i < m->nslots; i++) {
-        struct scoreboard_slot *s = &m->pool->slots[i];
+        struct scoreboard_slot *s = scoreboard_slot(m->pool, i);
         pid_t pid = s->pid;
 
         if (!is_own_child(pid) || slot_of(m, pid) != -1) {

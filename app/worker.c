@@ -124,7 +124,7 @@ worker_setup(struct worker *w, const struct worker_setup *ws)
     w->conf = ws->conf;
     w->setup = ws;
     w->pool = ws->pool;
-    w->slot = &ws->pool->slots[ws->slot];
+    w->slot = scoreboard_slot(ws->pool, (uint32_t)ws->slot);
     if (FCGX_Init() != 0 ||
         FCGX_InitRequest(&w->fcgi, fd, FCGI_FAIL_ACCEPT_ON_INTR) != 0 ||
         FCGX_InitRequest(&w->spill, ws->chat_fd, 0) != 0)
