@@ -60,7 +60,7 @@ static const struct conf_key keys[] = {
     STR("", "listen_group", "", listen_group),
     {"", "listen_mode", CONF_MODE, 0, 0777, "0660", F(listen_mode), NULL,
      NULL},
-    INT("", "listen_backlog", 1, 65535, "511", listen_backlog),
+    INT("", "listen_backlog", 0, 65535, "0", listen_backlog),
     CHOICE("", "pm", pool_words, "static", pm),
     INT("", "workers", 1, 16384, "8", workers),
     INT("", "start_workers", 1, 16384, "2", start_workers),

@@ -130,12 +130,15 @@ static int
 socket_owner(const struct master *m, struct listener_owner *o)
 {
     const struct conf *c = m->conf;
+    char note[LISTENER_NOTE_LEN];
     struct identity id;
 
     o->uid = m->worker_id.switch_user ? m->worker_id.uid : (uid_t)-1;
     o->gid = m->worker_id.switch_user ? m->worker_id.gid : (gid_t)-1;
     o->mode = (mode_t)c->listen_mode;
-    o->backlog = (int)c->listen_backlog;
+    o->backlog = listener_backlog_of(c, note);
+    if (note[0] != '\0')
+        log_warnx("listener", "%s", note);
     if (c->listen_owner[0] == '\0' && c->listen_group[0] == '\0')
         return 0;
     if (lookup_identity(c->listen_owner[0] ? c->listen_owner : "root",

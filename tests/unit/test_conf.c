@@ -58,7 +58,7 @@ test_defaults(void **state)
     assert_string_equal(c.listen_owner, "");
     assert_string_equal(c.listen_group, "");
     assert_int_equal(c.listen_mode, 0660);
-    assert_int_equal(c.listen_backlog, 511);
+    assert_int_equal(c.listen_backlog, 0);
     assert_int_equal(c.workers, 8);
     assert_string_equal(c.user, "");
     assert_string_equal(c.group, "");
