@@ -4,12 +4,14 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <limits.h>
 #include <poll.h>
 #include <pwd.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -34,6 +36,7 @@
 #define POLL_MS 10.0      /* the pool's state while it starts or grows */
 #define WATCH_MS 25.0     /* dynamic: the listen queue, the spares */
 #define WHOLE_BOUND_MS 20000.0 /* ready at the latest (see check_whole) */
+#define WORKER_FILES_MIN 256 /* descriptors a worker may need at once */
 
 extern char **environ;
 
@@ -1101,6 +1104,115 @@ open_scoreboard(struct master *m, int inherited_fd)
     return 0;
 }
 
+/* The soft limit raised to the hard one where it is lower (unprivileged
+ * processes may); returns the soft limit in force. */
+static unsigned long long
+raise_soft_limit(int resource, const char *name)
+{
+    struct rlimit rl;
+    rlim_t was;
+
+    if (getrlimit(resource, &rl) == -1)
+        return (unsigned long long)RLIM_INFINITY;
+    was = rl.rlim_cur;
+    if (rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        if (setrlimit(resource, &rl) == -1) {
+            log_warn("master", "cannot raise %s from %llu to %llu", name,
+                     (unsigned long long)was,
+                     (unsigned long long)rl.rlim_max);
+            return (unsigned long long)was;
+        }
+    }
+    return (unsigned long long)rl.rlim_cur;
+}
+
+/* A number from a one-line file ("max": none), or ULLONG_MAX. */
+static unsigned long long
+number_in(const char *path)
+{
+    unsigned long long v = ULLONG_MAX;
+    FILE *f = fopen(path, "re");
+
+    if (f == NULL)
+        return ULLONG_MAX;
+    if (fscanf(f, "%llu", &v) != 1)
+        v = ULLONG_MAX;
+    fclose(f);
+    return v;
+}
+
+/* pids.max of this process's cgroup (systemd's TasksMax=): the
+ * unified hierarchy's ("0::/path"), or the v1 pids controller's. */
+static unsigned long long
+cgroup_pids_max(void)
+{
+    char line[512], path[600];
+    unsigned long long v = ULLONG_MAX, here;
+    FILE *f = fopen("/proc/self/cgroup", "re");
+
+    if (f == NULL)
+        return ULLONG_MAX;
+    while (fgets(line, sizeof(line), f) != NULL) {
+        char *where = strchr(line, ':');
+
+        line[strcspn(line, "\n")] = '\0';
+        if (strncmp(line, "0::", 3) == 0)
+            snprintf(path, sizeof(path), "/sys/fs/cgroup%s/pids.max",
+                     line + 3);
+        else if (where != NULL && strncmp(where, ":pids:", 6) == 0)
+            snprintf(path, sizeof(path), "/sys/fs/cgroup/pids%s/pids.max",
+                     where + 6);
+        else
+            continue;
+        here = number_in(path);
+        v = here < v ? here : v;
+    }
+    fclose(f);
+    return v;
+}
+
+static void
+limit_short(const char *what, unsigned long long have, unsigned long need,
+            const char *fix)
+{
+    log_warnx("master", "%s allows %llu processes, but the pool may run %lu "
+              "(two generations of workers during a reload): forks beyond "
+              "it fail; %s", what, have, need, fix);
+}
+
+/* 10,000 workers need room: the soft limits go up to the hard ones
+ * (descriptors for each worker's connections; processes, when the master
+ * is not root), and every limit on the number of processes that is below
+ * what the pool may run is named in the log with what raises it. */
+static void
+raise_limits(const struct master *m)
+{
+    unsigned long need = pool_processes_needed((unsigned)m->conf->workers);
+    unsigned long long files, procs, v;
+
+    files = raise_soft_limit(RLIMIT_NOFILE, "RLIMIT_NOFILE");
+    procs = raise_soft_limit(RLIMIT_NPROC, "RLIMIT_NPROC");
+    if (files < WORKER_FILES_MIN)
+        log_warnx("master", "RLIMIT_NOFILE is %llu: a worker may need %d "
+                  "descriptors for its connections to Redis, the model and "
+                  "tools; raise it (LimitNOFILE= under systemd, ulimit -n)",
+                  files, WORKER_FILES_MIN);
+    /* Root forks past RLIMIT_NPROC. */
+    if (geteuid() != 0 && procs < need)
+        limit_short("RLIMIT_NPROC", procs, need,
+                    "raise it (LimitNPROC= under systemd, ulimit -u)");
+    if ((v = cgroup_pids_max()) < need)
+        limit_short("the cgroup's pids.max", v, need,
+                    "raise it (TasksMax= under systemd)");
+    if ((v = number_in("/proc/sys/kernel/pid_max")) < need)
+        limit_short("kernel.pid_max", v, need,
+                    "raise it: sysctl -w kernel.pid_max=4194304");
+    if ((v = number_in("/proc/sys/kernel/threads-max")) < need)
+        limit_short("kernel.threads-max", v, need,
+                    "raise it: sysctl -w kernel.threads-max=N");
+}
+
 static int
 start(struct master *m)
 {
@@ -1108,6 +1220,7 @@ start(struct master *m)
 
     if (worker_identity(m) == -1)
         return -1;
+    raise_limits(m);
     if (m->worker_id.switch_user &&
         log_chown(m->worker_id.uid, m->worker_id.gid) == -1)
         log_warn("master", "cannot give the log files to %s",

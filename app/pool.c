@@ -37,6 +37,12 @@ pool_grow(const struct pool_counts *n, int waiting,
     return want;
 }
 
+unsigned long
+pool_processes_needed(unsigned workers)
+{
+    return 2 * ((unsigned long)workers + 1) + 1;
+}
+
 unsigned
 pool_shrink(const struct pool_counts *n, const struct pool_limits *l)
 {

@@ -55,6 +55,11 @@ struct pool_limits {
 unsigned pool_grow(const struct pool_counts *n, int waiting,
                    const struct pool_limits *l, unsigned *rate);
 
+/* The processes a pool of `workers` may run at once: during a reload the
+ * previous generation finishes beside the new one, each with its control
+ * worker, and the master. */
+unsigned long pool_processes_needed(unsigned workers);
+
 /* How many idle chat workers to retire: those over max_spare. */
 unsigned pool_shrink(const struct pool_counts *n,
                      const struct pool_limits *l);
