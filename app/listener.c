@@ -529,7 +529,16 @@ listener_notify(const char *state)
     fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
     if (fd == -1)
         return;
-    if (sendto(fd, state, strlen(state), 0, (struct sockaddr *)&sa, len) < 0)
-        log_warn("listener", "sd_notify(%s) failed", state);
+    /* Gone (ENOENT): whoever asked, like make start, listened only while
+     * the pool started. */
+    if (sendto(fd, state, strlen(state), 0, (struct sockaddr *)&sa, len) < 0) {
+        int first = (int)strcspn(state, "\n"); /* READY=1\nSTATUS=... */
+
+        if (errno == ENOENT)
+            log_debug("listener", "sd_notify(%.*s): %s is gone", first,
+                      state, path);
+        else
+            log_warn("listener", "sd_notify(%.*s) failed", first, state);
+    }
     close(fd);
 }
