@@ -116,13 +116,13 @@ NGINX_FILES = 2 * NGINX_CONNECTIONS
 
 def nginx_sizing():
     """(worker_connections, worker_rlimit_nofile): as sized, or what the
-    hard limit on open files allows when not root (only root may raise
-    it, and nginx would warn at every start)."""
+    hard limit on open files allows: raising it takes CAP_SYS_RESOURCE,
+    which even root may lack (in a container), and nginx would log an
+    alert at every start."""
     files = NGINX_FILES
-    if os.geteuid() != 0:
-        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        if hard != resource.RLIM_INFINITY:
-            files = min(files, hard)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY:
+        files = min(files, hard)
     return max(256, min(NGINX_CONNECTIONS, files // 2)), files
 
 ENV_HELP = """\
