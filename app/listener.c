@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <netdb.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -356,9 +357,66 @@ listener_open(const char *spec, const struct listener_owner *owner)
                              : open_tcp(spec, owner->backlog);
 }
 
+int
+listener_backlog(long long configured, long long workers, long somaxconn,
+                 int *wanted)
+{
+    long long want = configured;
+
+    if (want <= 0)
+        want = workers > LISTENER_BACKLOG_MIN ? workers
+                                              : LISTENER_BACKLOG_MIN;
+    if (want > INT_MAX)
+        want = INT_MAX;
+    *wanted = (int)want;
+    return somaxconn > 0 && somaxconn < want ? (int)somaxconn : (int)want;
+}
+
+long
+listener_somaxconn(void)
+{
+    FILE *f = fopen("/proc/sys/net/core/somaxconn", "re");
+    long v = -1;
+
+    if (f == NULL)
+        return -1;
+    if (fscanf(f, "%ld", &v) != 1)
+        v = -1;
+    fclose(f);
+    return v;
+}
+
+int
+listener_backlog_of(const struct conf *c, char note[LISTENER_NOTE_LEN])
+{
+    long somaxconn = listener_somaxconn();
+    int wanted, backlog = listener_backlog(c->listen_backlog, c->workers,
+                                           somaxconn, &wanted);
+    char why[96];
+
+    note[0] = '\0';
+    if (backlog == wanted)
+        return backlog;
+    if (c->listen_backlog > 0)
+        snprintf(why, sizeof(why), "listen_backlog = %lld",
+                 c->listen_backlog);
+    else
+        snprintf(why, sizeof(why), "listen_backlog = 0: sized to the pool, "
+                 "workers = %lld", c->workers);
+    snprintf(note, LISTENER_NOTE_LEN, "the listen backlog should be %d (%s) "
+             "but net.core.somaxconn is %ld, and the kernel caps it there: "
+             "a burst of more connections than %ld waiting for a worker is "
+             "refused (the web server answers 502); raise it with "
+             "`sysctl -w net.core.somaxconn=%d` (and a file in "
+             "/etc/sysctl.d/ to keep it), then restart", wanted, why,
+             somaxconn, somaxconn, wanted);
+    return backlog;
+}
+
 void
 listener_keys_of(struct listener_keys *k, const struct conf *c)
 {
+    int backlog;
     const char *strings[] = {
         [LISTENER_LISTEN] = c->listen,
         [LISTENER_STATUS_LISTEN] = c->status_listen,
@@ -370,8 +428,9 @@ listener_keys_of(struct listener_keys *k, const struct conf *c)
         snprintf(k->value[i], LISTENER_VALUE_MAX, "%s", strings[i]);
     snprintf(k->value[LISTENER_MODE], LISTENER_VALUE_MAX, "%04llo",
              c->listen_mode);
-    snprintf(k->value[LISTENER_BACKLOG], LISTENER_VALUE_MAX, "%lld",
-             c->listen_backlog);
+    /* The backlog asked for, not the key: 0 sizes it to the pool. */
+    listener_backlog(c->listen_backlog, c->workers, -1, &backlog);
+    snprintf(k->value[LISTENER_BACKLOG], LISTENER_VALUE_MAX, "%d", backlog);
 }
 
 /* Whether a key is ours to apply (at a restart): it shaped a socket we
@@ -403,19 +462,24 @@ listener_report_unapplied(const struct listeners *ls,
     listener_keys_of(&now, fresh);
     for (int k = 0; k < LISTENER_NKEYS; k++) {
         const char *was = ls->made_from.value[k], *is = now.value[k];
+        char name[96];
 
         if (strcmp(was, is) == 0)
             continue;
+        snprintf(name, sizeof(name), "%s", key_names[k]);
+        if (k == LISTENER_BACKLOG && fresh->listen_backlog == 0)
+            snprintf(name, sizeof(name), "listen_backlog (0: sized to the "
+                     "pool, workers = %lld)", fresh->workers);
         if (is_ours(ls, (enum listener_key)k))
             log_warnx("listener", "reload: %s changed from %s to %s; it "
                       "takes effect after a restart (the socket is kept so "
-                      "that no request is refused)", key_names[k],
-                      shown(was), shown(is));
+                      "that no request is refused)", name, shown(was),
+                      shown(is));
         else
             log_warnx("listener", "reload: %s changed from %s to %s; "
                       "chatfcgi does not apply it, not even after a "
                       "restart: systemd or a spawner hands the socket "
-                      "over (change it there)", key_names[k], shown(was),
+                      "over (change it there)", name, shown(was),
                       shown(is));
     }
 }
@@ -465,7 +529,16 @@ listener_notify(const char *state)
     fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
     if (fd == -1)
         return;
-    if (sendto(fd, state, strlen(state), 0, (struct sockaddr *)&sa, len) < 0)
-        log_warn("listener", "sd_notify(%s) failed", state);
+    /* Gone (ENOENT): whoever asked, like make start, listened only while
+     * the pool started. */
+    if (sendto(fd, state, strlen(state), 0, (struct sockaddr *)&sa, len) < 0) {
+        int first = (int)strcspn(state, "\n"); /* READY=1\nSTATUS=... */
+
+        if (errno == ENOENT)
+            log_debug("listener", "sd_notify(%.*s): %s is gone", first,
+                      state, path);
+        else
+            log_warn("listener", "sd_notify(%.*s) failed", first, state);
+    }
     close(fd);
 }

@@ -93,6 +93,18 @@ note_running_master(const struct conf *c)
            "changed)\n", pid);
 }
 
+/* -t: what the master would warn about its socket's backlog. Only for a
+ * socket it would make: systemd's and a spawner's are theirs to size. */
+static void
+note_backlog(const struct conf *c)
+{
+    char note[LISTENER_NOTE_LEN];
+
+    listener_backlog_of(c, note);
+    if (note[0] != '\0')
+        fprintf(stderr, "chatfcgi: warning: %s\n", note);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -130,6 +142,7 @@ main(int argc, char **argv)
     }
     if (test_only) {
         printf("chatfcgi: configuration %s is valid\n", path);
+        note_backlog(&conf);
         note_running_master(&conf);
         conf_free(&conf);
         return 0;

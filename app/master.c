@@ -4,11 +4,14 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <limits.h>
+#include <poll.h>
 #include <pwd.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -19,6 +22,7 @@
 #include "conf.h"
 #include "listener.h"
 #include "log.h"
+#include "pool.h"
 #include "scoreboard.h"
 #include "worker.h"
 
@@ -29,7 +33,10 @@
 #define CRASH_WINDOW_MS 10000.0   /* ... within this window: a crash loop */
 #define CRASH_BACKOFF_FIRST_MS 1000.0
 #define CRASH_BACKOFF_MAX_MS 30000.0
-#define SPAWN_RATE_MAX 32 /* dynamic: forks per tick, doubling up to this */
+#define POLL_MS 10.0      /* the pool's state while it starts or grows */
+#define WATCH_MS 25.0     /* dynamic: the listen queue, the spares */
+#define WHOLE_BOUND_MS 20000.0 /* ready at the latest (see check_whole) */
+#define WORKER_FILES_MIN 256 /* descriptors a worker may need at once */
 
 extern char **environ;
 
@@ -67,9 +74,18 @@ struct master {
     int scoreboard_fd;
     struct child *children; /* nslots of them, slot by slot */
     uint32_t nslots;
+    uint32_t high;          /* no worker in the slots from here on */
+    uint32_t free_hint;     /* no free slot below this one */
     unsigned generation;
     unsigned chat_target;   /* chat workers wanted now */
-    unsigned spawn_rate;    /* dynamic: forks allowed in the next tick */
+    unsigned spawn_rate;    /* dynamic: forks of the next round of growth */
+    unsigned starting;      /* chat workers not accepting yet, last seen */
+    unsigned initial;       /* chat workers that make the pool whole */
+    int ready;              /* READY=1 sent: whole, or partial at the bound */
+    int whole;              /* the initial pool accepted connections */
+    int said_empty;
+    double born_ms;         /* when this master started */
+    double whole_by_ms;     /* ready at the latest then */
     enum stop_mode stop;
     double stop_deadline_ms;
     double deaths[CRASH_DEATHS]; /* times of the latest failures, a ring */
@@ -130,12 +146,15 @@ static int
 socket_owner(const struct master *m, struct listener_owner *o)
 {
     const struct conf *c = m->conf;
+    char note[LISTENER_NOTE_LEN];
     struct identity id;
 
     o->uid = m->worker_id.switch_user ? m->worker_id.uid : (uid_t)-1;
     o->gid = m->worker_id.switch_user ? m->worker_id.gid : (gid_t)-1;
     o->mode = (mode_t)c->listen_mode;
-    o->backlog = (int)c->listen_backlog;
+    o->backlog = listener_backlog_of(c, note);
+    if (note[0] != '\0')
+        log_warnx("listener", "%s", note);
     if (c->listen_owner[0] == '\0' && c->listen_group[0] == '\0')
         return 0;
     if (lookup_identity(c->listen_owner[0] ? c->listen_owner : "root",
@@ -277,13 +296,29 @@ run_child(struct master *m, int slot, enum scoreboard_role role)
     worker_main(&ws);
 }
 
+/* The lowest free slot: in use they stay packed at the bottom, so that
+ * every walk over the children stops at high. */
 static int
-free_slot(const struct master *m)
+free_slot(struct master *m)
 {
-    for (uint32_t i = 0; i < m->nslots; i++)
-        if (m->children[i].pid == 0)
+    for (uint32_t i = m->free_hint; i < m->nslots; i++) {
+        if (m->children[i].pid == 0) {
+            m->free_hint = i + 1;
             return (int)i;
+        }
+    }
+    m->free_hint = m->nslots;
     return -1;
+}
+
+static void
+slot_freed(struct master *m, uint32_t slot)
+{
+    memset(&m->children[slot], 0, sizeof(m->children[slot]));
+    if (slot < m->free_hint)
+        m->free_hint = slot;
+    while (m->high > 0 && m->children[m->high - 1].pid == 0)
+        m->high--;
 }
 
 static int
@@ -295,13 +330,14 @@ spawn(struct master *m, enum scoreboard_role role)
 
     if (slot == -1)
         return -1;
-    s = &m->pool->slots[slot];
+    s = scoreboard_slot(m->pool, (uint32_t)slot);
     memset(s, 0, sizeof(*s));
     s->role = (int)role;
     s->started_at_ms = clock_wall_ms();
     pid = fork();
     if (pid == -1) {
         log_warn("master", "cannot fork a worker");
+        slot_freed(m, (uint32_t)slot);
         return -1;
     }
     if (pid == 0)
@@ -309,6 +345,8 @@ spawn(struct master *m, enum scoreboard_role role)
     s->pid = pid;
     m->children[slot] = (struct child){.pid = pid, .role = role,
                                        .generation = m->generation};
+    if ((uint32_t)slot >= m->high)
+        m->high = (uint32_t)slot + 1;
     log_debug("master", "worker %d started as pid %ld", slot, (long)pid);
     return 0;
 }
@@ -323,26 +361,37 @@ is_serving(const struct master *m, uint32_t slot, enum scoreboard_role role)
            !c->retiring;
 }
 
-/* Live workers of the current generation with a role, and how many of
- * them are idle (or starting, which will be idle in a moment). The state
- * is the worker's word, good enough for sizing the pool. */
-static unsigned
-count_workers(const struct master *m, enum scoreboard_role role,
-              unsigned *idle)
-{
-    unsigned n = 0, free_now = 0;
-    int state;
+/* The workers of the current generation, by role and state. The state is
+ * the worker's word (it leaves "starting" as it enters its accept loop),
+ * good enough for sizing the pool and telling when it is whole. */
+struct census {
+    struct pool_counts chat;
+    unsigned chat_up;   /* accepting: idle or busy */
+    unsigned control;   /* 0 or 1 */
+    unsigned control_up;
+};
 
-    for (uint32_t i = 0; i < m->nslots; i++) {
-        if (!is_serving(m, i, role))
+static void
+take_census(const struct master *m, struct census *n)
+{
+    memset(n, 0, sizeof(*n));
+    for (uint32_t i = 0; i < m->high; i++) {
+        const struct child *c = &m->children[i];
+        int state;
+
+        if (c->pid == 0 || c->generation != m->generation || c->retiring)
             continue;
-        n++;
-        state = m->pool->slots[i].state;
-        free_now += state == SCOREBOARD_IDLE || state == SCOREBOARD_STARTING;
+        state = scoreboard_slot(m->pool, i)->state;
+        if (c->role == SCOREBOARD_CONTROL) {
+            n->control++;
+            n->control_up += state != SCOREBOARD_STARTING;
+            continue;
+        }
+        n->chat.total++;
+        n->chat.idle += state == SCOREBOARD_IDLE;
+        n->chat.starting += state == SCOREBOARD_STARTING;
     }
-    if (idle != NULL)
-        *idle = free_now;
-    return n;
+    n->chat_up = n->chat.total - n->chat.starting;
 }
 
 /* Many failures in a short window: wait longer and longer before forking
@@ -384,7 +433,7 @@ log_exit(int slot, pid_t pid, int status)
 static int
 slot_of(const struct master *m, pid_t pid)
 {
-    for (uint32_t i = 0; i < m->nslots; i++)
+    for (uint32_t i = 0; i < m->high; i++)
         if (m->children[i].pid == pid)
             return (int)i;
     return -1;
@@ -411,8 +460,9 @@ reap(struct master *m)
         } else {
             scoreboard_add(&m->pool->worker_recycles, 1);
         }
-        memset(&m->pool->slots[slot], 0, sizeof(m->pool->slots[slot]));
-        memset(&m->children[slot], 0, sizeof(m->children[slot]));
+        memset(scoreboard_slot(m->pool, (uint32_t)slot), 0,
+               sizeof(struct scoreboard_slot));
+        slot_freed(m, (uint32_t)slot);
     }
     if (m->backoff_ms > 0 && m->ndeaths > 0 &&
         now - m->deaths[(m->ndeaths - 1) % CRASH_DEATHS] >
@@ -428,15 +478,14 @@ reap(struct master *m)
 static void
 spawn_due(struct master *m)
 {
-    unsigned have;
+    struct census n;
 
     if (m->stop != RUNNING || clock_ms() < m->spawn_after_ms)
         return;
-    if (m->ls.status_fd >= 0 &&
-        count_workers(m, SCOREBOARD_CONTROL, NULL) == 0)
+    take_census(m, &n);
+    if (m->ls.status_fd >= 0 && n.control == 0)
         spawn(m, SCOREBOARD_CONTROL);
-    for (have = count_workers(m, SCOREBOARD_CHAT, NULL); have < m->chat_target;
-         have++)
+    for (unsigned have = n.chat.total; have < m->chat_target; have++)
         if (spawn(m, SCOREBOARD_CHAT) == -1)
             break;
 }
@@ -452,52 +501,78 @@ retire(struct master *m, int slot)
 static int
 idle_chat_slot(const struct master *m)
 {
-    for (uint32_t i = 0; i < m->nslots; i++)
+    for (uint32_t i = 0; i < m->high; i++)
         if (is_serving(m, i, SCOREBOARD_CHAT) &&
-            m->pool->slots[i].state == SCOREBOARD_IDLE)
+            scoreboard_slot(m->pool, i)->state == SCOREBOARD_IDLE)
             return (int)i;
     return -1;
 }
 
-/* pm = dynamic: keep between min and max spare idle workers, never more
- * than `workers` in all; fork faster while the shortage lasts, as
- * PHP-FPM does. */
+static struct pool_limits
+dynamic_limits(const struct conf *c)
+{
+    return (struct pool_limits){.min_spare = (unsigned)c->min_spare_workers,
+                                .max_spare = (unsigned)c->max_spare_workers,
+                                .most = (unsigned)c->workers};
+}
+
+/* Connections wait in the listen queue (none may, when it is gone). */
+static int
+connections_waiting(const struct master *m)
+{
+    struct pollfd queue = {.fd = m->ls.chat_fd, .events = POLLIN};
+
+    return m->ls.chat_fd >= 0 && poll(&queue, 1, 0) == 1 &&
+           (queue.revents & POLLIN);
+}
+
+/* pm = dynamic: fork while connections wait and no worker is free, in
+ * rounds that double (pool_grow), and keep min_spare_workers idle ones;
+ * never more than `workers` in all. Looked at every POLL_MS or WATCH_MS,
+ * so that a burst is met within milliseconds, not at the next tick. */
 static void
-size_dynamic_pool(struct master *m)
+grow_dynamic_pool(struct master *m, const struct census *n)
 {
     const struct conf *c = m->conf;
-    unsigned idle, total = count_workers(m, SCOREBOARD_CHAT, &idle);
+    struct pool_limits l = dynamic_limits(c);
+    int waiting = connections_waiting(m);
+    unsigned want = pool_grow(&n->chat, waiting, &l, &m->spawn_rate);
 
-    if (idle < (unsigned)c->min_spare_workers) {
-        unsigned want = (unsigned)c->min_spare_workers - idle;
-
-        if (want > m->spawn_rate)
-            want = m->spawn_rate;
-        m->chat_target = total + want;
-        if (m->chat_target >= (unsigned)c->workers) {
-            m->chat_target = (unsigned)c->workers;
-            if (idle == 0 && !m->at_max_children) {
-                log_warnx("master", "all %lld workers are busy "
-                          "(workers reached): raise 'workers'", c->workers);
-                scoreboard_add(&m->pool->max_children_reached, 1);
-            }
-            m->at_max_children = idle == 0;
-        }
-        if (m->spawn_rate < SPAWN_RATE_MAX)
-            m->spawn_rate *= 2;
+    m->chat_target = n->chat.total + want;
+    if (n->chat.total < l.most || n->chat.idle > 0 || !waiting) {
+        m->at_max_children = 0;
         return;
     }
-    m->spawn_rate = 1;
-    m->at_max_children = 0;
-    m->chat_target = total;
-    for (; idle > (unsigned)c->max_spare_workers; idle--) {
+    if (!m->at_max_children) {
+        log_warnx("master", "all %lld workers are busy (workers reached): "
+                  "raise 'workers'", c->workers);
+        scoreboard_add(&m->pool->max_children_reached, 1);
+    }
+    m->at_max_children = 1;
+}
+
+/* pm = dynamic, on the tick: retire the idle workers over
+ * max_spare_workers; not before the pool was reported ready. */
+static void
+shrink_dynamic_pool(struct master *m)
+{
+    struct pool_limits l = dynamic_limits(m->conf);
+    struct census n;
+    unsigned retire_n;
+
+    if (!m->ready)
+        return;
+    take_census(m, &n);
+    for (retire_n = pool_shrink(&n.chat, &l); retire_n > 0; retire_n--) {
         int slot = idle_chat_slot(m);
 
         if (slot == -1)
             break;
         retire(m, slot);
-        m->chat_target--;
     }
+    take_census(m, &n);
+    if (m->chat_target > n.chat.total)
+        m->chat_target = n.chat.total;
 }
 
 /* The master behind each worker's own deadline: a worker still inside one
@@ -511,8 +586,8 @@ watchdog(struct master *m)
     double limit = (double)m->conf->request_timeout_s * 1000.0 +
                    WATCHDOG_GRACE_MS;
 
-    for (uint32_t i = 0; i < m->nslots; i++) {
-        struct scoreboard_slot *s = &m->pool->slots[i];
+    for (uint32_t i = 0; i < m->high; i++) {
+        struct scoreboard_slot *s = scoreboard_slot(m->pool, i);
         pid_t pid = m->children[i].pid;
         int64_t began = s->request_at_ms;
 
@@ -540,13 +615,13 @@ tick(struct master *m)
     m->next_tick_ms = now + TICK_MS;
     watchdog(m);
     if (m->stop == RUNNING && m->conf->pm == CONF_POOL_DYNAMIC)
-        size_dynamic_pool(m);
+        shrink_dynamic_pool(m);
 }
 
 static void
 signal_workers(const struct master *m, int sig)
 {
-    for (uint32_t i = 0; i < m->nslots; i++)
+    for (uint32_t i = 0; i < m->high; i++)
         if (m->children[i].pid != 0)
             kill(m->children[i].pid, sig);
 }
@@ -556,7 +631,7 @@ live_workers(const struct master *m)
 {
     unsigned n = 0;
 
-    for (uint32_t i = 0; i < m->nslots; i++)
+    for (uint32_t i = 0; i < m->high; i++)
         n += m->children[i].pid != 0;
     return n;
 }
@@ -735,7 +810,8 @@ handle_signal(struct master *m, int sig)
 }
 
 /* How long to wait for the next signal: until the next tick, backoff end
- * or stop deadline. */
+ * or stop deadline; a few milliseconds while the pool starts or grows,
+ * and in dynamic mode, where a burst must be met at once. */
 static struct timespec
 next_wait(const struct master *m)
 {
@@ -746,6 +822,12 @@ next_wait(const struct master *m)
         wait = m->spawn_after_ms - now;
     if (m->stop != RUNNING && m->stop_deadline_ms - now < wait)
         wait = m->stop_deadline_ms - now;
+    if (m->stop == RUNNING && wait > POLL_MS &&
+        (!m->whole || m->starting > 0 || m->spawn_rate > 1))
+        wait = POLL_MS;
+    if (m->stop == RUNNING && wait > WATCH_MS &&
+        m->conf->pm == CONF_POOL_DYNAMIC)
+        wait = WATCH_MS;
     if (wait < 1)
         wait = 1;
     ts.tv_sec = (time_t)(wait / 1000);
@@ -765,6 +847,102 @@ enforce_stop_deadline(struct master *m)
     m->stop_deadline_ms = clock_ms() + FAST_STOP_MS;
 }
 
+/* After a reload's exec: the workers of the previous generation, taken
+ * over from the scoreboard. They serve on until the new generation is
+ * ready (check_whole), then finish what they hold and exit. */
+static void
+retire_older_generations(struct master *m)
+{
+    for (uint32_t i = 0; i < m->high; i++)
+        if (m->children[i].pid != 0 &&
+            m->children[i].generation != m->generation)
+            retire(m, (int)i);
+}
+
+static void
+report_ready(struct master *m, const struct census *n, const char *how)
+{
+    char msg[160];
+
+    snprintf(msg, sizeof(msg), "%sSTATUS=%u of %u chat workers accept "
+             "connections%s", m->ready ? "" : "READY=1\n", n->chat_up,
+             m->initial, how);
+    if (!m->ready)
+        retire_older_generations(m);
+    m->ready = 1;
+    listener_notify(msg);
+}
+
+/* Ready (sd_notify READY=1; `make start` waits for it too) once every
+ * worker of the starting pool accepts connections: the chat workers
+ * (static: workers; dynamic: start_workers) and the control worker. At
+ * WHOLE_BOUND_MS, well within systemd's TimeoutStartSec, a partial pool
+ * is reported ready all the same, with a warning: serving with most of
+ * the pool beats a start that systemd fails and kills, and the master
+ * keeps forking the rest. A pool where no chat worker accepts is never
+ * reported ready (systemd then fails the start), and after a reload the
+ * previous generation keeps serving meanwhile. */
+static void
+check_whole(struct master *m, const struct census *n)
+{
+    unsigned want = m->initial + (m->ls.status_fd >= 0);
+    unsigned up = (n->chat_up < m->initial ? n->chat_up : m->initial) +
+                  (n->control_up > 0 && m->ls.status_fd >= 0);
+    double now = clock_ms(), took = now - m->born_ms;
+
+    if (m->whole || m->stop != RUNNING)
+        return;
+    switch (pool_readiness(up, want, n->chat_up, now, m->whole_by_ms)) {
+    case POOL_NOT_YET:
+        return;
+    case POOL_WHOLE:
+        m->whole = 1;
+        log_info("master", "the pool is whole%s: %u chat workers%s accept "
+                 "connections, %.0f ms after the start",
+                 m->ready ? " now" : "", n->chat_up,
+                 m->ls.status_fd >= 0 ? " and the control worker" : "",
+                 took);
+        report_ready(m, n, "");
+        return;
+    case POOL_PARTIAL:
+        if (m->ready)
+            return;
+        log_warnx("master", "the pool is not whole %.0f s after the start: "
+                  "%u of %u chat workers accept connections%s; reporting "
+                  "ready with those (the rest are forked as they can be: "
+                  "see the errors above)", took / 1000, n->chat_up,
+                  m->initial, m->ls.status_fd >= 0 && !n->control_up
+                                  ? ", the control worker does not" : "");
+        report_ready(m, n, " (not whole)");
+        return;
+    case POOL_EMPTY:
+        if (!m->said_empty)
+            log_error("master", "no chat worker accepts connections %.0f s "
+                      "after the start: not reporting ready%s (see the "
+                      "errors above)", took / 1000,
+                      m->generation > 1 ? "; the previous workers serve "
+                                          "on" : "");
+        m->said_empty = 1;
+        return;
+    }
+}
+
+/* The pool as the workers report it: whole yet, and in dynamic mode big
+ * enough for what waits. */
+static void
+look_at_pool(struct master *m)
+{
+    struct census n;
+
+    if (m->stop != RUNNING)
+        return;
+    take_census(m, &n);
+    m->starting = n.chat.starting + (n.control - n.control_up);
+    check_whole(m, &n);
+    if (m->conf->pm == CONF_POOL_DYNAMIC && clock_ms() >= m->spawn_after_ms)
+        grow_dynamic_pool(m, &n);
+}
+
 /* Signals are taken synchronously with sigtimedwait: no handler code runs
  * in the master, and its timers need no extra machinery. */
 static void
@@ -778,21 +956,10 @@ supervise(struct master *m, const sigset_t *set)
             handle_signal(m, sig);
         reap(m);
         tick(m);
+        look_at_pool(m);
         spawn_due(m);
         enforce_stop_deadline(m);
     }
-}
-
-/* After a reload's exec: the workers of the previous generation, taken
- * over from the scoreboard. Start the new ones first, then let the old
- * ones finish. */
-static void
-retire_older_generations(struct master *m)
-{
-    for (uint32_t i = 0; i < m->nslots; i++)
-        if (m->children[i].pid != 0 &&
-            m->children[i].generation != m->generation)
-            retire(m, (int)i);
 }
 
 /* Workers switch user only from root; already being that user is fine. */
@@ -877,13 +1044,14 @@ static void
 take_over_workers(struct master *m)
 {
     for (uint32_t i = 0; i < m->nslots; i++) {
-        struct scoreboard_slot *s = &m->pool->slots[i];
+        struct scoreboard_slot *s = scoreboard_slot(m->pool, i);
         pid_t pid = s->pid;
 
         if (!is_own_child(pid) || slot_of(m, pid) != -1) {
             memset(s, 0, sizeof(*s));
             continue;
         }
+        m->high = i + 1;
         m->children[i] = (struct child){
             .pid = pid,
             .role = s->role == SCOREBOARD_CONTROL ? SCOREBOARD_CONTROL
@@ -936,6 +1104,115 @@ open_scoreboard(struct master *m, int inherited_fd)
     return 0;
 }
 
+/* The soft limit raised to the hard one where it is lower (unprivileged
+ * processes may); returns the soft limit in force. */
+static unsigned long long
+raise_soft_limit(int resource, const char *name)
+{
+    struct rlimit rl;
+    rlim_t was;
+
+    if (getrlimit(resource, &rl) == -1)
+        return (unsigned long long)RLIM_INFINITY;
+    was = rl.rlim_cur;
+    if (rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        if (setrlimit(resource, &rl) == -1) {
+            log_warn("master", "cannot raise %s from %llu to %llu", name,
+                     (unsigned long long)was,
+                     (unsigned long long)rl.rlim_max);
+            return (unsigned long long)was;
+        }
+    }
+    return (unsigned long long)rl.rlim_cur;
+}
+
+/* A number from a one-line file ("max": none), or ULLONG_MAX. */
+static unsigned long long
+number_in(const char *path)
+{
+    unsigned long long v = ULLONG_MAX;
+    FILE *f = fopen(path, "re");
+
+    if (f == NULL)
+        return ULLONG_MAX;
+    if (fscanf(f, "%llu", &v) != 1)
+        v = ULLONG_MAX;
+    fclose(f);
+    return v;
+}
+
+/* pids.max of this process's cgroup (systemd's TasksMax=): the
+ * unified hierarchy's ("0::/path"), or the v1 pids controller's. */
+static unsigned long long
+cgroup_pids_max(void)
+{
+    char line[512], path[600];
+    unsigned long long v = ULLONG_MAX, here;
+    FILE *f = fopen("/proc/self/cgroup", "re");
+
+    if (f == NULL)
+        return ULLONG_MAX;
+    while (fgets(line, sizeof(line), f) != NULL) {
+        char *where = strchr(line, ':');
+
+        line[strcspn(line, "\n")] = '\0';
+        if (strncmp(line, "0::", 3) == 0)
+            snprintf(path, sizeof(path), "/sys/fs/cgroup%s/pids.max",
+                     line + 3);
+        else if (where != NULL && strncmp(where, ":pids:", 6) == 0)
+            snprintf(path, sizeof(path), "/sys/fs/cgroup/pids%s/pids.max",
+                     where + 6);
+        else
+            continue;
+        here = number_in(path);
+        v = here < v ? here : v;
+    }
+    fclose(f);
+    return v;
+}
+
+static void
+limit_short(const char *what, unsigned long long have, unsigned long need,
+            const char *fix)
+{
+    log_warnx("master", "%s allows %llu processes, but the pool may run %lu "
+              "(two generations of workers during a reload): forks beyond "
+              "it fail; %s", what, have, need, fix);
+}
+
+/* 10,000 workers need room: the soft limits go up to the hard ones
+ * (descriptors for each worker's connections; processes, when the master
+ * is not root), and every limit on the number of processes that is below
+ * what the pool may run is named in the log with what raises it. */
+static void
+raise_limits(const struct master *m)
+{
+    unsigned long need = pool_processes_needed((unsigned)m->conf->workers);
+    unsigned long long files, procs, v;
+
+    files = raise_soft_limit(RLIMIT_NOFILE, "RLIMIT_NOFILE");
+    procs = raise_soft_limit(RLIMIT_NPROC, "RLIMIT_NPROC");
+    if (files < WORKER_FILES_MIN)
+        log_warnx("master", "RLIMIT_NOFILE is %llu: a worker may need %d "
+                  "descriptors for its connections to Redis, the model and "
+                  "tools; raise it (LimitNOFILE= under systemd, ulimit -n)",
+                  files, WORKER_FILES_MIN);
+    /* Root forks past RLIMIT_NPROC. */
+    if (geteuid() != 0 && procs < need)
+        limit_short("RLIMIT_NPROC", procs, need,
+                    "raise it (LimitNPROC= under systemd, ulimit -u)");
+    if ((v = cgroup_pids_max()) < need)
+        limit_short("the cgroup's pids.max", v, need,
+                    "raise it (TasksMax= under systemd)");
+    if ((v = number_in("/proc/sys/kernel/pid_max")) < need)
+        limit_short("kernel.pid_max", v, need,
+                    "raise it: sysctl -w kernel.pid_max=4194304");
+    if ((v = number_in("/proc/sys/kernel/threads-max")) < need)
+        limit_short("kernel.threads-max", v, need,
+                    "raise it: sysctl -w kernel.threads-max=N");
+}
+
 static int
 start(struct master *m)
 {
@@ -943,6 +1220,7 @@ start(struct master *m)
 
     if (worker_identity(m) == -1)
         return -1;
+    raise_limits(m);
     if (m->worker_id.switch_user &&
         log_chown(m->worker_id.uid, m->worker_id.gid) == -1)
         log_warn("master", "cannot give the log files to %s",
@@ -972,12 +1250,13 @@ master_run(const struct conf *c, const char *conf_path, char *const argv[])
         return 1;
     m.chat_target = (unsigned)(c->pm == CONF_POOL_DYNAMIC ? c->start_workers
                                                            : c->workers);
+    m.initial = m.chat_target;
+    m.born_ms = clock_ms();
+    m.whole_by_ms = m.born_ms + WHOLE_BOUND_MS;
     log_info("master", "listening on %s%s, pm %s, %u workers",
              m.ls.origin, m.ls.status_fd >= 0 ? " and a status socket" : "",
              c->pm == CONF_POOL_DYNAMIC ? "dynamic" : "static", m.chat_target);
     spawn_due(&m);
-    retire_older_generations(&m);
-    listener_notify("READY=1");
     supervise(&m, &set);
     listener_close(&m.ls, c->listen, c->status_listen);
     if (c->pid_file[0] != '\0')

@@ -108,7 +108,8 @@ gen_processes(yajl_gen g, const struct scoreboard *p)
     if (json_gen_cstr(g, "processes") || yajl_gen_array_open(g))
         return -1;
     for (uint32_t i = 0; i < nslots; i++)
-        if (p->slots[i].pid != 0 && gen_process(g, &p->slots[i], now))
+        if (scoreboard_slot(p, i)->pid != 0 &&
+            gen_process(g, scoreboard_slot(p, i), now))
             return -1;
     return yajl_gen_array_close(g) ? -1 : 0;
 }

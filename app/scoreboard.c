@@ -119,7 +119,7 @@ scoreboard_count_states(const struct scoreboard *p,
 
     memset(n, 0, SCOREBOARD_STATES * sizeof(*n));
     for (uint32_t i = 0; i < nslots; i++) {
-        const struct scoreboard_slot *s = &p->slots[i];
+        const struct scoreboard_slot *s = scoreboard_slot(p, i);
         int state = __atomic_load_n(&s->state, __ATOMIC_RELAXED);
 
         if (s->pid != 0 && s->role == (int)role && state >= 0 &&

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 #include <yajl/yajl_gen.h>
 
@@ -31,6 +32,7 @@
 #define PATH_SCRATCH 2048
 #define IDLE_WAKE_MS 1000    /* look at signals and the master this often */
 #define CONTROL_TICK_MS 50   /* how often the control worker checks the queue */
+#define ACCEPT_RETRY_MS 100  /* after an accept() error other than those */
 
 /* Everything a worker keeps, set up after fork. */
 struct worker {
@@ -130,7 +132,7 @@ worker_setup(struct worker *w, const struct worker_setup *ws)
     w->conf = ws->conf;
     w->setup = ws;
     w->pool = ws->pool;
-    w->slot = &ws->pool->slots[ws->slot];
+    w->slot = scoreboard_slot(ws->pool, (uint32_t)ws->slot);
     if (FCGX_Init() != 0 ||
         FCGX_InitRequest(&w->fcgi, fd, FCGI_FAIL_ACCEPT_ON_INTR) != 0 ||
         FCGX_InitRequest(&w->spill, ws->chat_fd, 0) != 0)
@@ -403,16 +405,44 @@ recycle_due(const struct worker *w)
     return 1;
 }
 
+/* accept() failed for another reason than its idle timeout or a signal:
+ * the listening socket shut down by a master that is stopping (EINVAL; its
+ * stop signal follows at once), or descriptors or memory running short.
+ * Trying again at once would spin on the CPU, thousands of workers at a
+ * time in a big pool: wait a little, or until the signal comes. */
+static void
+accept_failed(int rc)
+{
+    static int said;
+    struct timespec pause = {.tv_sec = 0,
+                             .tv_nsec = ACCEPT_RETRY_MS * 1000000L};
+
+    if (rc == -EAGAIN || rc == -EWOULDBLOCK || rc == -EINTR)
+        return;
+    if (rc != -EINVAL && !said) {
+        said = 1;
+        log_warnx("worker", "cannot accept: %s; retrying every %d ms",
+                  rc < 0 && rc > -4096 ? strerror(-rc) : "libfcgi error",
+                  ACCEPT_RETRY_MS);
+    }
+    nanosleep(&pause, NULL);
+}
+
 static void
 chat_loop(struct worker *w)
 {
+    int rc;
+
     for (;;) {
         between_requests(w);
         if (stop_requested)
             break;
         /* Fails after a quiet IDLE_WAKE_MS or a signal: look around. */
-        if (FCGX_Accept_r(&w->fcgi) < 0)
+        rc = FCGX_Accept_r(&w->fcgi);
+        if (rc < 0) {
+            accept_failed(rc);
             continue;
+        }
         serve_one(w, &w->fcgi, serve_routed);
         finish_request(w, &w->fcgi);
         if (recycle_due(w))
@@ -432,10 +462,14 @@ shed_waiting_requests(struct worker *w)
     double now = clock_ms();
     unsigned n[SCOREBOARD_STATES];
 
+    /* The queue first: a walk over every slot, 20 times a second, costs
+     * a pool of thousands more than one poll(). */
+    if (w->conf->queue_timeout_ms <= 0 || poll(&queue, 1, 0) != 1) {
+        w->queue_since_ms = 0;
+        return;
+    }
     scoreboard_count_states(w->pool, SCOREBOARD_CHAT, n);
-    if (w->conf->queue_timeout_ms <= 0 ||
-        n[SCOREBOARD_IDLE] + n[SCOREBOARD_STARTING] > 0 ||
-        poll(&queue, 1, 0) != 1) {
+    if (n[SCOREBOARD_IDLE] + n[SCOREBOARD_STARTING] > 0) {
         w->queue_since_ms = 0;
         return;
     }

@@ -53,7 +53,7 @@ struct conf {
     char *listen_owner;
     char *listen_group;
     long long listen_mode;
-    long long listen_backlog;
+    long long listen_backlog; /* 0: sized to the pool */
     long long pm; /* enum conf_pool */
     long long workers; /* static: the pool; dynamic: the most at once */
     long long start_workers;

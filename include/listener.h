@@ -59,6 +59,25 @@ struct listeners {
     const char *origin; /* how the chat socket was obtained, for the log */
 };
 
+/* The backlog when listen_backlog is 0 (sized to the pool) is the most
+ * chat workers at once, but never below this, the usual default. */
+#define LISTENER_BACKLOG_MIN 511
+#define LISTENER_NOTE_LEN 512
+
+/* The listen backlog for listen_backlog = configured (0: sized to the
+ * pool, workers at most, but at least LISTENER_BACKLOG_MIN), capped by
+ * somaxconn as the kernel caps it (somaxconn <= 0: unknown, no cap).
+ * *wanted gets the value before the cap. */
+int listener_backlog(long long configured, long long workers, long somaxconn,
+                     int *wanted);
+
+/* net.core.somaxconn of this network namespace, or -1 when unreadable. */
+long listener_somaxconn(void);
+
+/* The backlog a configuration's sockets are made with. When somaxconn
+ * caps it, note says so and what to do (else it is empty). */
+int listener_backlog_of(const struct conf *c, char note[LISTENER_NOTE_LEN]);
+
 /* Who owns a unix socket we create, and its mode. */
 struct listener_owner {
     uid_t uid; /* (uid_t)-1: leave as is */

@@ -95,12 +95,18 @@ struct scoreboard_provider {
 #define SCOREBOARD_TOOLS 17
 #define SCOREBOARD_TOOL_OUTCOMES 4
 
-/* Slots for the most workers conf.c allows (4096), twice (the old and the
+/* Slots for the most workers conf.c allows (16384), twice (the old and the
  * new generation during a reload), each with its control worker. The size
  * is fixed so that every process knows from the type alone how far it may
  * read, whatever a worker writes into nslots. The memfd is sparse: only
  * the slots in use take memory. */
-#define SCOREBOARD_SLOTS_MAX (2 * (4096 + 1))
+#define SCOREBOARD_WORKERS_MAX 16384
+#define SCOREBOARD_SLOTS_MAX (2 * (SCOREBOARD_WORKERS_MAX + 1))
+/* The slots of builds that allowed 4096 workers stay where those builds
+ * put them; the others come after everything else (more_slots), so that a
+ * reload from such a build keeps every offset it used. scoreboard_slot()
+ * finds slot i in either. */
+#define SCOREBOARD_SLOTS_FIRST (2 * (4096 + 1))
 
 struct scoreboard {
     uint64_t magic;
@@ -120,12 +126,26 @@ struct scoreboard {
     uint64_t max_children_reached;
     struct scoreboard_histogram total, redis, upstream;
     struct scoreboard_provider providers[SCOREBOARD_PROVIDERS];
-    struct scoreboard_slot slots[SCOREBOARD_SLOTS_MAX];
+    struct scoreboard_slot slots[SCOREBOARD_SLOTS_FIRST];
     /* After the slots, so that a reload from a build without them keeps
      * every offset the older build used. */
     uint64_t tool_calls[SCOREBOARD_TOOLS][SCOREBOARD_TOOL_OUTCOMES];
     struct scoreboard_histogram tool_latency; /* of the calls made */
+    struct scoreboard_slot more_slots[SCOREBOARD_SLOTS_MAX -
+                                      SCOREBOARD_SLOTS_FIRST];
 };
+
+/* Slot i (< SCOREBOARD_SLOTS_MAX) of either array. Like strchr(), it
+ * takes a const scoreboard for the readers and returns a slot the
+ * writers can write. */
+static inline struct scoreboard_slot *
+scoreboard_slot(const struct scoreboard *p, uint32_t i)
+{
+    return (struct scoreboard_slot *)(i < SCOREBOARD_SLOTS_FIRST
+                                          ? &p->slots[i]
+                                          : &p->more_slots[i -
+                                                SCOREBOARD_SLOTS_FIRST]);
+}
 
 /* Create the shared memory, or adopt the one inherited on fd (after a
  * reload's exec; -1: none), grown to this build's size when an older one

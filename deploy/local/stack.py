@@ -22,6 +22,7 @@ import json
 import os
 import pwd
 import re
+import resource
 import signal
 import socket
 import stat
@@ -67,7 +68,7 @@ timeout_ms = 2000
 # not know, so they never reach its environment.
 LAUNCHER_ONLY = ("CHATFCGI_PORT", "CHATFCGI_RUN_DIR", "CHATFCGI_MODEL_PORT",
                  "CHATFCGI_REDIS_PORT", "CHATFCGI_BIN",
-                 "CHATFCGI_NGINX_ACCESS_LOG", "CHATFCGI_NGINX_CONNECTIONS")
+                 "CHATFCGI_NGINX_ACCESS_LOG")
 
 # What /proc/<pid>/cmdline must contain before a pid file is trusted: a pid
 # may have been reused since the file was written.
@@ -83,8 +84,12 @@ LOG_NAME = {"redis": "redis.log", "model": "model.log",
 STOP_SIGNAL = {"redis": signal.SIGTERM, "model": signal.SIGTERM,
                "chatfcgi": signal.SIGTERM, "nginx": signal.SIGQUIT}
 
-READY_TIMEOUT = {"redis": 10.0, "model": 10.0, "chatfcgi": 15.0,
+# chatfcgi is ready once it says READY=1 on the NOTIFY_SOCKET given here,
+# as systemd would be told: when every worker accepts connections, or 20 s
+# after its start with those there are.
+READY_TIMEOUT = {"redis": 10.0, "model": 10.0, "chatfcgi": 30.0,
                  "nginx": 10.0}
+NOTIFY_NAME = "notify.sock"
 HEALTH_TIMEOUT = 15.0
 # Written by `stop` before it signals anything, so that a `run` launcher
 # whose children it stops exits 0 instead of reporting a crash; that launcher
@@ -100,6 +105,25 @@ SOCKET_PATH_MAX = 100
 UNSAFE_PATH = re.compile(r"[\s\"'`;{}$#\\@]")
 
 WEB_USER = "www-data"
+
+# The local nginx is sized for this many streams held at once: two
+# connections each (client and FastCGI), and two descriptors per
+# connection (see nginx.conf.in).
+NGINX_STREAMS = 10000
+NGINX_CONNECTIONS = 2 * NGINX_STREAMS + 480
+NGINX_FILES = 2 * NGINX_CONNECTIONS
+
+
+def nginx_sizing():
+    """(worker_connections, worker_rlimit_nofile): as sized, or what the
+    hard limit on open files allows: raising it takes CAP_SYS_RESOURCE,
+    which even root may lack (in a container), and nginx would log an
+    alert at every start."""
+    files = NGINX_FILES
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY:
+        files = min(files, hard)
+    return max(256, min(NGINX_CONNECTIONS, files // 2)), files
 
 ENV_HELP = """\
 environment (all optional):
@@ -119,9 +143,6 @@ environment (all optional):
   CHATFCGI_BIN           chatfcgi binary (default bin/chatfcgi; e.g.
                          bin/chatfcgi-asan)
   CHATFCGI_NGINX_ACCESS_LOG  off: no nginx access log
-  CHATFCGI_NGINX_CONNECTIONS nginx's worker_connections (default 1024; a
-                         stream holds two); also sets its file limit and
-                         listen backlog (make bench-held)
   CHATFCGI_INCLUDE       drop-in config files or globs (passed to chatfcgi);
                          unset with the bundled model: its demo tools
                          get_time and calculate
@@ -390,6 +411,9 @@ class Stack:
                          if not (s == "redis" and self.redis_url)
                          and not (s == "model" and self.upstream_url)]
         self.procs = {}
+        self._notify = None        # chatfcgi's NOTIFY_SOCKET while it starts
+        self._notified = False     # READY=1 came on it
+        self.chatfcgi_status = ""  # its last STATUS= line
 
     # -- properties
 
@@ -484,6 +508,7 @@ class Stack:
                              f"in use (pick other ports with CHATFCGI_PORT)")
         if name == "chatfcgi":
             self._remove_stale_socket()
+            self._open_notify()
         where = f"127.0.0.1:{port}" if port else _short(self.socket_path)
         self._progress(f"starting {name} on {where} ...")
         with open(self.log_path(name), "ab") as log:
@@ -492,7 +517,13 @@ class Stack:
                                     stderr=subprocess.STDOUT,
                                     start_new_session=True)
         self.procs[name] = proc
-        self._wait_ready(name, proc)
+        try:
+            self._wait_ready(name, proc)
+        finally:
+            if name == "chatfcgi":
+                self._close_notify()
+        if name == "chatfcgi":
+            self._progress(f"chatfcgi is ready: {self.chatfcgi_status}")
         pid_file = self.pid_path(name)
         # chatfcgi writes the same file (CHATFCGI_PID_FILE) with the same pid.
         if read_pid_file(pid_file) != proc.pid:
@@ -552,6 +583,7 @@ class Stack:
         env = {k: v for k, v in self.child_env.items()
                if k not in LAUNCHER_ONLY}
         env["CHATFCGI_LISTEN"] = str(self.socket_path)
+        env["NOTIFY_SOCKET"] = str(self.run_dir / NOTIFY_NAME)
         env["CHATFCGI_STATUS_LISTEN"] = str(self.status_socket_path)
         env["CHATFCGI_PID_FILE"] = str(self.pid_path("chatfcgi"))
         env["CHATFCGI_REDIS_URL"] = (self.redis_url or
@@ -645,31 +677,17 @@ class Stack:
 
     def _nginx_conf(self):
         user_line = f"user {WEB_USER} {WEB_USER};" if os.geteuid() == 0 else ""
+        connections, files = nginx_sizing()
         return _render(NGINX_TEMPLATE, {
+            "WORKER_CONNECTIONS": str(connections),
+            "WORKER_RLIMIT_NOFILE": str(files),
             "USER_LINE": user_line, "PORT": str(self.port),
-            **self._nginx_sizes(),
             "NGINX_DIR": str(self.run_dir / "nginx"),
             "ACCESS_LOG": self._nginx_access_log(),
             "ERROR_LOG": str(self.log_path("nginx")),
             "SOCKET": str(self.socket_path),
             "STATUS_SOCKET": str(self.status_socket_path),
             "WWW_DIR": str(REPO / "app" / "www")})
-
-    def _nginx_sizes(self):
-        """worker_connections, and for more than the default a file limit
-        to match and a listen backlog as long (the kernel caps it at
-        net.core.somaxconn), so that a burst of that many streams is
-        neither refused nor left waiting for SYN retries."""
-        conns = self.child_env.get("CHATFCGI_NGINX_CONNECTIONS") or ""
-        if not conns:
-            return {"CONNECTIONS": "1024", "RLIMIT_LINE": "", "BACKLOG": ""}
-        if not conns.isdigit() or int(conns) < 1:
-            raise StackError(f"CHATFCGI_NGINX_CONNECTIONS={conns} is not a "
-                             f"positive number")
-        n = int(conns)
-        return {"CONNECTIONS": str(n),
-                "RLIMIT_LINE": f"worker_rlimit_nofile {n + 1024};",
-                "BACKLOG": f" backlog={n}"}
 
     def _nginx_access_log(self):
         """nginx's access_log argument: its own file, or off (for the
@@ -707,6 +725,40 @@ class Stack:
                          + (text or "(empty)"))
         return StackError("\n".join(parts))
 
+    def _open_notify(self):
+        """A NOTIFY_SOCKET for chatfcgi, as systemd's: its master says
+        READY=1 there once its pool is whole."""
+        path = self.run_dir / NOTIFY_NAME
+        path.unlink(missing_ok=True)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        s.bind(str(path))
+        s.setblocking(False)
+        self._notify = s
+        self._notified = False
+        self.chatfcgi_status = ""
+
+    def _close_notify(self):
+        """Once started: the socket goes, so that the master's later
+        states (RELOADING=1, STOPPING=1) find no one, which it takes
+        quietly, as outside systemd."""
+        if self._notify is not None:
+            self._notify.close()
+            self._notify = None
+        (self.run_dir / NOTIFY_NAME).unlink(missing_ok=True)
+
+    def _notified_ready(self):
+        """Whether READY=1 came (reading what the master said so far)."""
+        while self._notify is not None:
+            try:
+                msg = self._notify.recv(4096).decode("utf-8", "replace")
+            except BlockingIOError:
+                break
+            for line in msg.split("\n"):
+                if line.startswith("STATUS="):
+                    self.chatfcgi_status = line[len("STATUS="):]
+                self._notified = self._notified or line == "READY=1"
+        return self._notified
+
     def _ready(self, name):
         if name == "redis":
             return _redis_ping(self._redis_port)
@@ -717,9 +769,10 @@ class Stack:
                 return False
         if name == "chatfcgi":
             try:
-                return stat.S_ISSOCK(self.socket_path.stat().st_mode)
+                made = stat.S_ISSOCK(self.socket_path.stat().st_mode)
             except OSError:
-                return False
+                made = False
+            return self._notified_ready() and made
         return _tcp_open(self.port)
 
     def _wait_ready(self, name, proc):

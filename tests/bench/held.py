@@ -25,8 +25,8 @@ end), so that N streams are held for about ROUNDS x 5.5 s. Per row:
   cooldown   whether chatfcgi put the provider in cooldown during the run
              (chatfcgi_provider_cooldowns_total); the peers have no metrics
 
-Targets: chatfcgi (N workers, listen_backlog N, its nginx sized for N
-streams), peer-a (FastAPI, uvicorn --workers 2) and peer-b (PHP-FPM, N
+Targets: chatfcgi (N workers, every other setting its default, its local
+nginx as deploy/local sizes it: 10,000 streams), peer-a (FastAPI, uvicorn --workers 2) and peer-b (PHP-FPM, N
 children, only for N <= HELD_PEER_B_MAX: a child per stream). Prints the
 table and appends it to tests/bench/results.md.
 
@@ -142,14 +142,12 @@ def peer_trust(cfg, target):
 # ------------------------------------------------------------ targets
 
 class ChatfcgiTarget:
-    """chatfcgi with N workers (a prefork worker holds one stream), its
-    listen backlog N, its nginx sized for N streams."""
+    """chatfcgi with N workers (a prefork worker holds one stream) and
+    its defaults otherwise (listen_backlog follows the pool)."""
 
     def __init__(self, cfg, upstream, n):
         self.n = n
-        env = {"CHATFCGI_UPSTREAM_URL": cfg.upstream_url(upstream),
-               "CHATFCGI_LISTEN_BACKLOG": str(max(n, 511)),
-               "CHATFCGI_NGINX_CONNECTIONS": str(2 * n + 1024)}
+        env = {"CHATFCGI_UPSTREAM_URL": cfg.upstream_url(upstream)}
         if upstream == "tls":
             env["CHATFCGI_UPSTREAM_CA_FILE"] = str(cfg.ca)
         self.chat = Chatfcgi(cfg, f"held-{upstream}-{n}", n, env)
@@ -303,8 +301,7 @@ def make_target(cfg, harness, name, upstream, n):
         return None, None  # not asked for: no row
     if name != "chatfcgi":
         return PeerTarget(cfg, harness, name, upstream, n), None
-    why = conf_error({"CHATFCGI_WORKERS": str(n),
-                      "CHATFCGI_LISTEN_BACKLOG": str(max(n, 511))})
+    why = conf_error({"CHATFCGI_WORKERS": str(n)})
     if why:
         return None, f"chatfcgi refuses {n} workers: {why}"
     return ChatfcgiTarget(cfg, upstream, n), None
@@ -380,8 +377,8 @@ def header(cfg, host, took):
         f"harness: {cfg.bench_dir}; took {took} s; model: first token after "
         f"{FIRST_TOKEN_MS} ms, {CHUNKS} chunks {CHUNK_GAP_MS} ms apart; "
         f"N clients in one burst, one keep-alive connection each",
-        f"chatfcgi: N workers, listen_backlog N, nginx worker_connections "
-        f"2N+1024 (net.core.somaxconn {somaxconn} caps every backlog); "
+        f"chatfcgi: N workers, defaults otherwise, nginx sized for 10,000 "
+        f"streams (net.core.somaxconn {somaxconn} caps every backlog); "
         f"TLS trust: chatfcgi [upstream] ca_file, "
         f"peer-a SSL_CERT_FILE, peer-b curl.cainfo (PHP_INI_SCAN_DIR); "
         f"peer-b only for N <= {cfg.peer_b_max}",

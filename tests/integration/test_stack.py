@@ -5,6 +5,7 @@ leaving no process behind."""
 
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -245,17 +246,14 @@ def test_chatfcgi_environment(tmp_path, monkeypatch):
 
 
 def test_nginx_sized_for_held_streams(tmp_path):
-    """CHATFCGI_NGINX_CONNECTIONS sizes nginx for make bench-held; unset,
-    the config keeps nginx's defaults."""
+    """The local nginx holds 10,000 streams (two connections each), as far
+    as the hard limit on open files allows, and queues a burst of clients
+    instead of refusing them."""
     conf = stack_mod.Stack(tmp_path, 18000)._nginx_conf()
-    assert "worker_connections 1024;" in conf
-    assert "worker_rlimit_nofile" not in conf
-    assert "listen 127.0.0.1:18000;" in conf
-    conf = stack_mod.Stack(tmp_path, 18000, env={
-        "CHATFCGI_NGINX_CONNECTIONS": "21000"})._nginx_conf()
-    assert "worker_connections 21000;" in conf
-    assert "worker_rlimit_nofile 22024;" in conf
-    assert "listen 127.0.0.1:18000 backlog=21000;" in conf
-    with pytest.raises(stack_mod.StackError):
-        stack_mod.Stack(tmp_path, 18000, env={
-            "CHATFCGI_NGINX_CONNECTIONS": "many"})._nginx_conf()
+    connections, files = stack_mod.nginx_sizing()
+    assert f"worker_connections {connections};" in conf
+    assert f"worker_rlimit_nofile {files};" in conf
+    assert "listen 127.0.0.1:18000 backlog=4096;" in conf
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY or hard >= 2 * 20480:
+        assert connections == 20480

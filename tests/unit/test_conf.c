@@ -58,7 +58,7 @@ test_defaults(void **state)
     assert_string_equal(c.listen_owner, "");
     assert_string_equal(c.listen_group, "");
     assert_int_equal(c.listen_mode, 0660);
-    assert_int_equal(c.listen_backlog, 511);
+    assert_int_equal(c.listen_backlog, 0);
     assert_int_equal(c.workers, 8);
     assert_string_equal(c.user, "");
     assert_string_equal(c.group, "");
@@ -232,9 +232,9 @@ test_parse_bounds_accepted(void **state)
     assert_int_equal(c.chat.history_max_messages, 2);
     conf_free(&c);
 
-    parse_ok(&c, "workers = 4096\nlisten_mode = 0777\n"
+    parse_ok(&c, "workers = 16384\nlisten_mode = 0777\n"
                  "[upstream]\ntemperature = 2\n");
-    assert_int_equal(c.workers, 4096);
+    assert_int_equal(c.workers, 16384);
     assert_int_equal(c.listen_mode, 0777);
     assert_true(c.upstream.temperature == 2.0);
     conf_free(&c);
@@ -296,8 +296,8 @@ static const struct bad_case bad_cases[] = {
     {"[redis]\nurl = a\n[upstream]\nurl = b\n[redis]\nurl = c\n", 6,
      "already set on line 2"},
     /* integers: range and syntax */
-    {"workers = 0\n", 1, "not an integer from 1 to 4096"},
-    {"workers = 4097\n", 1, "not an integer from 1 to 4096"},
+    {"workers = 0\n", 1, "not an integer from 1 to 16384"},
+    {"workers = 16385\n", 1, "not an integer from 1 to 16384"},
     {"workers = -1\n", 1, "integer"},
     {"workers = 99999999999999999999999\n", 1, "integer"},
     {"workers = eight\n", 1, "integer"},
