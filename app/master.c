@@ -823,7 +823,7 @@ next_wait(const struct master *m)
     if (m->stop != RUNNING && m->stop_deadline_ms - now < wait)
         wait = m->stop_deadline_ms - now;
     if (m->stop == RUNNING && wait > POLL_MS &&
-        (!m->whole || m->starting > 0 || m->spawn_rate > 1))
+        (!m->ready || m->starting > 0 || m->spawn_rate > 1))
         wait = POLL_MS;
     if (m->stop == RUNNING && wait > WATCH_MS &&
         m->conf->pm == CONF_POOL_DYNAMIC)
