@@ -823,7 +823,7 @@ next_wait(const struct master *m)
     if (m->stop != RUNNING && m->stop_deadline_ms - now < wait)
         wait = m->stop_deadline_ms - now;
     if (m->stop == RUNNING && wait > POLL_MS &&
-        (!m->whole || m->starting > 0 || m->spawn_rate > 1))
+        (!m->ready || m->starting > 0 || m->spawn_rate > 1))
         wait = POLL_MS;
     if (m->stop == RUNNING && wait > WATCH_MS &&
         m->conf->pm == CONF_POOL_DYNAMIC)
@@ -857,6 +857,24 @@ retire_older_generations(struct master *m)
         if (m->children[i].pid != 0 &&
             m->children[i].generation != m->generation)
             retire(m, (int)i);
+}
+
+/* The earlier generations serve until the new one is ready, but only
+ * when both fit in the slots: after reloads in quick succession (the one
+ * before not ready yet) they may not, and the new pool could never be
+ * whole. Then they go now, as they finish what they hold. */
+static void
+make_room(struct master *m)
+{
+    unsigned old = live_workers(m);
+    unsigned need = m->initial + (m->ls.status_fd >= 0);
+
+    if (old == 0 || m->nslots - old >= need)
+        return;
+    log_info("master", "%u workers of earlier generations leave no room for "
+             "%u new ones in %u slots: retiring them now, not once the new "
+             "pool is ready", old, need, m->nslots);
+    retire_older_generations(m);
 }
 
 static void
@@ -1256,6 +1274,7 @@ master_run(const struct conf *c, const char *conf_path, char *const argv[])
     log_info("master", "listening on %s%s, pm %s, %u workers",
              m.ls.origin, m.ls.status_fd >= 0 ? " and a status socket" : "",
              c->pm == CONF_POOL_DYNAMIC ? "dynamic" : "static", m.chat_target);
+    make_room(&m);
     spawn_due(&m);
     supervise(&m, &set);
     listener_close(&m.ls, c->listen, c->status_listen);

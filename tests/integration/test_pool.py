@@ -22,8 +22,9 @@ import pytest
 
 import fcgi_client
 from polling import wait_for
-from test_pm import (chat_rows, direct_master, fcgi_request, log_text,
-                     own_stack, status)
+from test_pm import (chat_rows, children, direct_master, fcgi_chat,
+                     fcgi_request, log_text, own_stack, restart_warnings,
+                     status)
 
 SS = "/usr/bin/ss"
 
@@ -121,6 +122,38 @@ def test_backlog_over_somaxconn_is_capped_with_a_warning(stack_factory,
         assert "is valid" in out.stdout
         assert f"sysctl -w net.core.somaxconn={cap + 1}" in out.stderr
         assert "sized to the pool" in out.stderr
+
+
+def test_reload_names_a_backlog_the_pool_outgrew(stack):
+    """listen_backlog = 0 sizes the socket to the pool when it is made; a
+    reload that grows the pool keeps the socket, so it says the backlog
+    asked for changed and takes a restart, while a reload whose pool still
+    fits the same backlog says nothing."""
+    with direct_master(stack) as m:
+        m.write_conf(workers=600)
+        m.start(600)
+        pid = m.proc.pid
+        m.write_conf(workers=500)  # 511 asked for, not 600: a change too
+        os.kill(pid, signal.SIGHUP)
+        assert wait_for(lambda: len(restart_warnings(m.log_text())) == 1, 15)
+        m.write_conf(workers=700)
+        os.kill(pid, signal.SIGHUP)
+        assert wait_for(lambda: len(restart_warnings(m.log_text())) == 2, 15)
+        warned = restart_warnings(m.log_text())
+        assert "listen_backlog (0: sized to the pool, workers = 500) " \
+               "changed from 600 to 511" in warned[0], warned
+        assert "listen_backlog (0: sized to the pool, workers = 700) " \
+               "changed from 600 to 700" in warned[1], warned
+        m.write_conf(workers=600, listen_backlog=600)  # the same number
+        os.kill(pid, signal.SIGHUP)
+        assert wait_for(lambda: m.log_text().count("reloading: exec") == 3,
+                        15)
+        # Reloads in quick succession, each before the last was whole: the
+        # earlier generations make room, and the pool ends as configured.
+        assert wait_for(lambda: len(children(pid)) == 600, 20), \
+            (len(children(pid)), m.log_text()[-3000:])
+        assert len(restart_warnings(m.log_text())) == 2
+        assert fcgi_chat(m.sock, "after the reloads")[0] == 200
 
 
 # ---------------------------------------------------- ready when whole
