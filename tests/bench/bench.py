@@ -40,11 +40,11 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import (PROBLEMS, BaseCfg, BenchError, Chatfcgi,
-                      SharedHarness, check_ready, cpu_pct, cpu_snap,
-                      descendants, die, env_int, env_list, env_str, fmt,
+from benchlib import (BaseCfg, BenchError, Chatfcgi, SharedHarness,
+                      check_ready, cpu_pct, cpu_snap, descendants, die,
+                      env_int, env_list, env_str, finish_report, fmt,
                       git_rev, health_report, host_line, problem,
-                      proc_kib, progress, pss_mib, record, stack_mod)
+                      proc_kib, progress, pss_mib, stack_mod)
 import stream_client
 
 HERE = Path(__file__).resolve().parent
@@ -760,16 +760,7 @@ def main():
     targets_report(cfg, rows, ratios, ov, mem, rss_ratio, out)
     health_report(healths, out, note="(499 = the client went away: wrk "
                   "closes its open connections when a run ends)")
-    if PROBLEMS:
-        out.append("## Problems")
-        out.append("")
-        out.extend(f"- {p}" for p in PROBLEMS)
-        out.append("")
-    text = "\n".join(out)
-    print(text, flush=True)
-    if cfg.record:
-        record(started, text)
-    return 1 if PROBLEMS else 0
+    return finish_report(cfg, started, out)
 
 
 if __name__ == "__main__":

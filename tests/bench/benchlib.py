@@ -415,3 +415,16 @@ def record(started, text):
         f.write(f"\n## {started:%Y-%m-%d %H:%M} UTC, {git_rev()}\n\n"
                 f"```text\n{text}\n```\n")
     progress(f"appended to {RESULTS.relative_to(REPO)}")
+
+
+def finish_report(cfg, started, out):
+    """The report's Problems section, then print it and (unless
+    --no-record) append it to results.md. Returns the exit status: 1 when
+    something went wrong on the way."""
+    if PROBLEMS:
+        out += ["## Problems", ""] + [f"- {p}" for p in PROBLEMS] + [""]
+    text = "\n".join(out)
+    print(text, flush=True)
+    if cfg.record:
+        record(started, text)
+    return 1 if PROBLEMS else 0

@@ -47,10 +47,10 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import (PROBLEMS, REPO, BaseCfg, BenchError, Chatfcgi,
-                      SharedHarness, check_ready, die, env_int, env_list,
+from benchlib import (REPO, BaseCfg, BenchError, Chatfcgi, SharedHarness,
+                      check_ready, die, env_int, env_list, finish_report,
                       git_rev, health_report, host_line, problem,
-                      progress, pss_mib, record)
+                      progress, pss_mib)
 import stream_client
 
 HERE = Path(__file__).resolve().parent
@@ -463,13 +463,7 @@ def main(argv=None):
     table(cfg, rows, out)
     if healths:
         health_report(healths, out)
-    if PROBLEMS:
-        out += ["## Problems", ""] + [f"- {p}" for p in PROBLEMS] + [""]
-    text = "\n".join(out)
-    print(text, flush=True)
-    if cfg.record:
-        record(started, text)
-    return 1 if PROBLEMS else 0
+    return finish_report(cfg, started, out)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
 
 import fcgi_client  # noqa: E402
+from c_layout import compiled_values  # noqa: E402
+from notify import Notify  # noqa: E402
 
 IS_ROOT = os.geteuid() == 0
 WEB_USER = "www-data"
@@ -74,15 +76,9 @@ int main(void)
 
 
 def layout():
-    with tempfile.TemporaryDirectory() as d:
-        src, exe = Path(d) / "layout.c", Path(d) / "layout"
-        src.write_text(LAYOUT_C)
-        subprocess.run(["cc", "-std=gnu11", f"-I{REPO / 'include'}", "-o",
-                        str(exe), str(src)], check=True, timeout=60)
-        out = subprocess.run([str(exe)], capture_output=True, text=True,
-                             check=True, timeout=10).stdout.split()
-    return dict(zip(("nslots", "slots", "more_slots", "first", "slot_size",
-                     "pid", "state", "role"), map(int, out)))
+    return compiled_values(LAYOUT_C, ("nslots", "slots", "more_slots",
+                                      "first", "slot_size", "pid", "state",
+                                      "role"))
 
 
 class Scoreboard:
@@ -132,28 +128,6 @@ class Scoreboard:
 
     def close(self):
         self.mem.close()
-
-
-class Notify:
-    def __init__(self, path):
-        self.path = str(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        os.chmod(self.path, 0o666)
-        self.sock.setblocking(False)
-        self.seen = []
-
-    def ready(self):
-        while True:
-            try:
-                msg = self.sock.recv(4096).decode()
-            except BlockingIOError:
-                break
-            self.seen.append(msg)
-        return any("READY=1" in m.split("\n") for m in self.seen)
-
-    def close(self):
-        self.sock.close()
 
 
 def write_conf(d, **keys):
@@ -280,7 +254,7 @@ def run_static(args, at):
                     t_forked = now
                 if t_whole is None and accepting >= n:
                     t_whole = now
-                if t_ready is None and m.notify.ready():
+                if t_ready is None and m.notify.has_said("READY=1"):
                     t_ready = now
                 if t_whole is not None and t_ready is not None:
                     break
@@ -326,18 +300,6 @@ def run_static(args, at):
                 print(f"  log: {line}")
 
 
-def held_request():
-    """A request head and part of its body: the worker that accepts it
-    waits for the rest, busy."""
-    params = fcgi_client.chat_params(content_length=100)
-    begin = fcgi_client.record(fcgi_client.FCGI_BEGIN_REQUEST,
-                               fcgi_client.BEGIN_BODY.pack(
-                                   fcgi_client.FCGI_RESPONDER, 0))
-    return (begin + fcgi_client.stream_records(
-        fcgi_client.FCGI_PARAMS, fcgi_client.encode_params(params)) +
-        fcgi_client.record(fcgi_client.FCGI_STDIN, b"{"))
-
-
 def run_dynamic(args, at):
     top = args.dynamic_max
     with tempfile.TemporaryDirectory(prefix="cfburst") as d:
@@ -357,7 +319,7 @@ def run_dynamic(args, at):
                 time.sleep(0.01)
             time.sleep(1.5)  # a quiet pool at its floor
             floor = sb.counts()[0]
-            payload = held_request()
+            payload = fcgi_client.partial_request()
             refused = other = 0
             t0 = time.monotonic()
             for _ in range(args.burst):

@@ -285,3 +285,12 @@ def fcgi_request(address, params, body=b"", timeout=5.0, end_stdin=True,
                      if wait_close is not None else None)
     return FcgiResponse(stdout, stderr, app_status, protocol_status,
                         elapsed, closed_in)
+
+
+def partial_request():
+    """A chat request's head and the first byte of its body: the worker
+    that accepts it waits for the rest, busy, until the connection
+    closes."""
+    begin = record(FCGI_BEGIN_REQUEST, BEGIN_BODY.pack(FCGI_RESPONDER, 0))
+    return (begin + stream_records(FCGI_PARAMS, encode_params(
+        chat_params(content_length=100))) + record(FCGI_STDIN, b"{"))

@@ -41,6 +41,7 @@ import pytest
 import deploy_servers as ds
 from fcgi_client import chat_params, fcgi_request
 from helpers import assert_json_error
+from notify import Notify
 from sse_client import stream_chat
 
 STACK_ENV = {"CHATFCGI_WORKERS": "2"}
@@ -471,33 +472,6 @@ def test_systemd_units_verify(stack, work):
         assert ds.unit_value(u, "Socket", "SocketMode") == "0660"
         assert ds.unit_value(u, "Socket", "SocketGroup") == ds.WEB_USER
         assert ds.unit_value(u, "Socket", "ListenStream").startswith(RUN_DIR)
-
-
-class Notify:
-    """A NOTIFY_SOCKET, as systemd's: collects sd_notify datagrams."""
-
-    def __init__(self, path):
-        self.path = str(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        os.chmod(self.path, 0o666)
-        self.seen = []
-
-    def wait_for(self, state, timeout=10.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                msg = self.sock.recv(4096).decode()
-            except socket.timeout:
-                break
-            self.seen.append(msg)
-            if state in msg.split("\n"):
-                return
-        raise AssertionError(f"no {state} from sd_notify; got {self.seen}")
-
-    def close(self):
-        self.sock.close()
 
 
 def activation_command(d, stack, extra_env):

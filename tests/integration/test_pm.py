@@ -37,6 +37,7 @@ import requests
 import fcgi_client
 import stack as stack_mod  # deploy/local/stack.py, on sys.path via conftest
 from helpers import LocalModel, assert_json_error, new_session, post_chat
+from c_layout import compiled_values
 from netns import in_chroot
 from polling import wait_for
 from redis_cluster import redis_command
@@ -1371,15 +1372,8 @@ int main(void)
     return 0;
 }
 """
-    with tempfile.TemporaryDirectory() as d:
-        src, exe = Path(d) / "layout.c", Path(d) / "layout"
-        src.write_text(program)
-        subprocess.run(["cc", "-std=gnu11", f"-I{REPO / 'include'}", "-o",
-                        str(exe), str(src)], check=True, timeout=60)
-        out = subprocess.run([str(exe)], capture_output=True, text=True,
-                             check=True, timeout=10).stdout.split()
-    return dict(zip(("magic", "nslots", "slots", "slot_size", "pid",
-                     "request_at_ms"), map(int, out)))
+    return compiled_values(program, ("magic", "nslots", "slots",
+                                     "slot_size", "pid", "request_at_ms"))
 
 
 class Scoreboard:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 import fcgi_client
+from notify import Notify
 from polling import wait_for
 from test_pm import (chat_rows, children, direct_master, fcgi_chat,
                      fcgi_request, log_text, own_stack, restart_warnings,
@@ -43,34 +44,6 @@ def listen_backlog(path):
         if str(path) in fields and fields[1] == "LISTEN":
             return int(fields[3])
     return None
-
-
-class Notify:
-    """A NOTIFY_SOCKET, as systemd's: collects sd_notify datagrams."""
-
-    def __init__(self, path):
-        self.path = str(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        os.chmod(self.path, 0o666)
-        self.seen = []
-
-    def wait_for(self, state, timeout):
-        """Until a datagram holds the line state (not one seen before)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                msg = self.sock.recv(4096).decode()
-            except socket.timeout:
-                break
-            self.seen.append(msg)
-            if state in msg.split("\n"):
-                return msg
-        raise AssertionError(f"no {state} from sd_notify; got {self.seen}")
-
-    def close(self):
-        self.sock.close()
 
 
 def need_ss():
@@ -225,18 +198,6 @@ def test_ready_only_when_whole_also_after_a_reload(stack):
 
 # ----------------------------------------------------- dynamic growth
 
-def held_request():
-    """A request head and part of its body: the worker that takes it waits
-    for the rest, busy, until the connection closes."""
-    params = fcgi_client.chat_params(content_length=100)
-    begin = fcgi_client.record(fcgi_client.FCGI_BEGIN_REQUEST,
-                               fcgi_client.BEGIN_BODY.pack(
-                                   fcgi_client.FCGI_RESPONDER, 0))
-    return (begin + fcgi_client.stream_records(
-        fcgi_client.FCGI_PARAMS, fcgi_client.encode_params(params)) +
-        fcgi_client.record(fcgi_client.FCGI_STDIN, b"{"))
-
-
 def test_dynamic_pool_meets_a_burst(stack_factory, http):
     """From its floor of 2, a dynamic pool takes a burst of 150 held
     requests within seconds (it used to add one worker a second), none
@@ -248,7 +209,7 @@ def test_dynamic_pool_meets_a_burst(stack_factory, http):
            "CHATFCGI_QUEUE_TIMEOUT_MS": "0"}
     with own_stack(stack_factory, env) as st:
         assert len(chat_rows(status(http, st))) == 2
-        payload, socks = held_request(), []
+        payload, socks = fcgi_client.partial_request(), []
         try:
             t0 = time.monotonic()
             for _ in range(burst):
