@@ -29,14 +29,15 @@ def ip(*args):
 
 
 def in_chroot():
-    """Whether / is not the root of PID 1, as in a chroot (root only):
-    namespaces made there need mounts that outlive the chroot (ip netns)
-    or cannot be made (/ is no mount point)."""
+    """Whether / is no mount point, as in a chroot (fresh-debian.sh's):
+    namespaces made there cannot be made (unshare --mount-proc) or need
+    mounts that outlive the chroot (ip netns)."""
     try:
-        root, init_root = os.stat("/"), os.stat("/proc/1/root")
+        with open("/proc/self/mountinfo") as f:
+            # The fifth field is the mount point, as this process sees it.
+            return not any(line.split()[4] == "/" for line in f)
     except OSError:
         return False
-    return (root.st_dev, root.st_ino) != (init_root.st_dev, init_root.st_ino)
 
 
 def netns_available():
