@@ -365,7 +365,6 @@ on_info(const SSL *ssl, int where, int ret)
     if (h == NULL || p == NULL)
         return;
     if (where & SSL_CB_HANDSHAKE_START) {
-        h->started = 1;
         /* The SSL is curl's, not yet connecting: ours to prepare. */
         if (p->shared != NULL)
             resume_published(p, (SSL *)ssl);
@@ -404,6 +403,7 @@ on_ssl_ctx(CURL *e, void *ssl_ctx, void *arg)
     struct peer *p = &tls.peers[h->peer];
 
     (void)e;
+    h->started = 1; /* curl sets TLS up once TCP is connected */
     SSL_CTX_set1_cert_store(ctx, p->store);
     SSL_CTX_set_ex_data(ctx, tls.peer_index, p);
     SSL_CTX_set_ex_data(ctx, tls.handshake_index, h);
