@@ -564,7 +564,9 @@ judge_curl_error(struct exchange *a, CURLcode rc)
     switch (rc) {
     case CURLE_OPERATION_TIMEDOUT:
         ans->status = ANSWER_TIMEOUT;
-        a->handshake_timeout = a->tls.started && !a->tls.done;
+        /* curl's own words when TCP connected too late to begin TLS. */
+        a->handshake_timeout = (a->tls.started && !a->tls.done) ||
+                               strcmp(a->errbuf, "SSL connection timeout") == 0;
         break;
     case CURLE_COULDNT_CONNECT:
     case CURLE_COULDNT_RESOLVE_HOST:
