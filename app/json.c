@@ -413,7 +413,8 @@ json_pick(const char *doc, size_t len, struct json_field *fields,
 const char *
 json_field_text(const struct json_field *f, const struct buf *arena)
 {
-    return arena->data + f->off;
+    /* An arena nothing was picked into has no memory yet. */
+    return arena->data != NULL ? arena->data + f->off : "";
 }
 
 int

@@ -12,6 +12,7 @@
 
 #include "fuzz.h"
 #include "conf.h"
+#include "scoreboard.h"
 #include "log.h"
 
 #define ENV_PREFIX "CHATFCGI_"
@@ -75,7 +76,7 @@ check_conf(const struct conf *c)
     check(c->listen_mode >= 0 && c->listen_mode <= 0777);
     check(c->pm >= CONF_POOL_STATIC && c->pm <= CONF_POOL_SINGLE);
     check(c->log_level >= LOG_DEBUG && c->log_level <= LOG_ERROR);
-    check(c->workers >= 1 && c->workers <= 4096);
+    check(c->workers >= 1 && c->workers <= SCOREBOARD_WORKERS_MAX);
     check(c->upstream.temperature == -1 ||
           (c->upstream.temperature >= 0 && c->upstream.temperature <= 2));
     check(c->upstream.max_response_bytes >= 1024);
