@@ -172,6 +172,18 @@ any_https(const struct conf *c)
     return 0;
 }
 
+/* The CA settings of provider i, or of the tools (i == nproviders:
+ * [upstream]'s). Returns the peer's index in tls.peers. */
+static size_t
+cas_of(const struct conf *c, size_t i, const char **file, const char **dir)
+{
+    int tools = i == c->nproviders;
+
+    *file = tools ? c->upstream.ca_file : c->providers[i].ca_file;
+    *dir = tools ? c->upstream.ca_path : c->providers[i].ca_path;
+    return tools ? TLS_TOOLS : i;
+}
+
 /* A store per peer (the tools' last, with [upstream]'s CAs); a CA file
  * that cannot be read is an error even when no URL is https yet. */
 static int
@@ -179,19 +191,16 @@ load_stores(const struct conf *c, char err[CONF_ERR_LEN])
 {
     const char *files[NPEERS], *dirs[NPEERS];
     int needed = any_https(c);
-    size_t n = 0;
 
-    for (; n <= c->nproviders; n++) {
-        int tools = n == c->nproviders;
+    for (size_t n = 0; n <= c->nproviders; n++) {
+        size_t peer = cas_of(c, n, &files[n], &dirs[n]);
+        int configured = files[n][0] != '\0' || dirs[n][0] != '\0';
 
-        files[n] = tools ? c->upstream.ca_file : c->providers[n].ca_file;
-        dirs[n] = tools ? c->upstream.ca_path : c->providers[n].ca_path;
-        if (!needed && files[n][0] == '\0' && dirs[n][0] == '\0')
+        if (!needed && !configured)
             continue;
-        tls.peers[tools ? TLS_TOOLS : n].store =
+        tls.peers[peer].store =
             store_for(files[n], dirs[n], files, dirs, n, err);
-        if (tls.peers[tools ? TLS_TOOLS : n].store == NULL &&
-            (files[n][0] != '\0' || dirs[n][0] != '\0'))
+        if (tls.peers[peer].store == NULL && configured)
             return -1;
     }
     return 0;
@@ -201,13 +210,10 @@ int
 tls_check(const struct conf *c, char err[CONF_ERR_LEN])
 {
     for (size_t i = 0; i <= c->nproviders; i++) {
-        int tools = i == c->nproviders;
-        const char *file = tools ? c->upstream.ca_file
-                                 : c->providers[i].ca_file;
-        const char *dir = tools ? c->upstream.ca_path
-                                : c->providers[i].ca_path;
+        const char *file, *dir;
         X509_STORE *st;
 
+        cas_of(c, i, &file, &dir);
         if (file[0] == '\0' && dir[0] == '\0')
             continue;
         st = load_store(file, dir, err);
