@@ -10,7 +10,22 @@ otherwise to its command name. wrk's own time comes from wait4(). Prints,
 per group, CPU microseconds per request (user + system) and its share.
 The request count is read from wrk's @@RESULT line (post.lua prints it).
 
-Used by profile.sh; run by hand, not by make bench or make test.
+A process is the same one in both snapshots of /proc when its pid and its
+start time (field 22 of /proc/PID/stat) are: its command name may change
+meanwhile (a kernel worker's does, kworker/0:2-events <-> kworker/0:2-mm_percpu_wq)
+and a pid may be reused. Time of processes that started and ended between
+the snapshots is not seen (their parent reaps it, as cutime).
+
+As a library (bench.py's "cpu" phase):
+
+    us, requests, result = cpu_split.split(argv, labels, env=None)
+
+us: {group: CPU microseconds per request}, labelled groups under their
+NAME, the others under their command name, wrk under "wrk"; requests: the
+count of wrk's @@RESULT line; result: that line's fields (rps, non2xx...).
+Raises SplitError when wrk fails or served nothing.
+
+Used by profile.sh and by bench.py; not by make test.
 """
 
 import os
@@ -19,6 +34,11 @@ import subprocess
 import sys
 
 TICK_US = 1e6 / os.sysconf("SC_CLK_TCK")
+WRK = "wrk"  # the group of the wrk process run here (from wait4)
+
+
+class SplitError(Exception):
+    pass
 
 
 def read(path):
@@ -35,7 +55,7 @@ def cmdline(pid):
 
 
 def snapshot():
-    """pid -> (comm, cpu ticks, own + parent command line)."""
+    """(pid, start time) -> (comm, cpu ticks, own + parent command line)."""
     procs = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         stat = read(f"/proc/{pid}/stat").decode("utf-8", "replace")
@@ -43,9 +63,11 @@ def snapshot():
             continue
         # comm may hold spaces: the fields after it start past the last ')'.
         comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        # fields[0] is field 3 (state): utime, stime = 14, 15; starttime = 22
         fields = stat[stat.rindex(")") + 2:].split()
         ppid, ticks = fields[1], int(fields[11]) + int(fields[12])
-        procs[pid] = (comm, ticks, cmdline(pid) + " " + cmdline(ppid))
+        procs[(pid, fields[19])] = (comm, ticks,
+                                    cmdline(pid) + " " + cmdline(ppid))
     return procs
 
 
@@ -54,6 +76,50 @@ def group_of(comm, cmd, labels):
         if needle in cmd:
             return name
     return comm
+
+
+def charge(before, after, labels):
+    """{group: CPU microseconds} spent between two snapshots."""
+    spent = {}
+    for key, (comm, ticks, cmd) in after.items():
+        was = before.get(key)
+        used = ticks - (was[1] if was else 0)
+        if used > 0:
+            name = group_of(comm, cmd, labels)
+            spent[name] = spent.get(name, 0.0) + used * TICK_US
+    return spent
+
+
+def parse_result(text):
+    m = re.search(r"^@@RESULT (.*)$", text, re.M)
+    if not m:
+        return None
+    return dict(kv.split("=", 1) for kv in m.group(1).split())
+
+
+def split(argv, labels, env=None):
+    """Run wrk (argv) and return ({group: us per request}, requests,
+    @@RESULT fields). labels: [(substring, group name)], first match wins.
+    wrk's own time is under "wrk"; a process of another wrk (a command
+    name "wrk" that no label claims) under "wrk (other)"."""
+    labels = list(labels)
+    before = snapshot()
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, env=env)
+    out = p.stdout.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    after = snapshot()
+    p.returncode = os.waitstatus_to_exitcode(status)
+    res = parse_result(out)
+    if status != 0 or res is None or int(res.get("requests", 0)) == 0:
+        raise SplitError(f"wrk failed or served nothing:\n{out.strip()}")
+    requests = int(res["requests"])
+    spent = charge(before, after, labels)
+    if WRK in spent:
+        spent[WRK + " (other)"] = spent.pop(WRK)
+    spent[WRK] = (usage.ru_utime + usage.ru_stime) * 1e6
+    return ({k: v / requests for k, v in spent.items()}, requests,
+            dict(res, output=out))
 
 
 def main(argv):
@@ -65,30 +131,18 @@ def main(argv):
     if not argv or argv[0] != "--":
         print(__doc__.strip(), file=sys.stderr)
         return 2
-    before = snapshot()
-    wrk = subprocess.Popen(argv[1:], stdout=subprocess.PIPE, text=True)
-    out = wrk.stdout.read()
-    _, status, usage = os.wait4(wrk.pid, 0)
-    after = snapshot()
-    sys.stdout.write(out)
-    m = re.search(r"@@RESULT requests=(\d+)", out)
-    if status != 0 or m is None or int(m.group(1)) == 0:
-        print("cpu_split: wrk failed or served nothing", file=sys.stderr)
+    try:
+        us, requests, res = split(argv[1:], labels)
+    except SplitError as e:
+        print(f"cpu_split: {e}", file=sys.stderr)
         return 1
-    requests = int(m.group(1))
-    spent = {"wrk": (usage.ru_utime + usage.ru_stime) * 1e6}
-    for pid, (comm, ticks, cmd) in after.items():
-        was = before.get(pid)
-        used = ticks - (was[1] if was and was[0] == comm else 0)
-        if used > 0:
-            name = group_of(comm, cmd, labels)
-            spent[name] = spent.get(name, 0.0) + used * TICK_US
-    total = sum(spent.values())
+    sys.stdout.write(res["output"])
+    total = sum(us.values())
     print(f"CPU per request over {requests} requests (us, user+system):")
-    for name, us in sorted(spent.items(), key=lambda kv: -kv[1]):
-        if us / requests >= 0.5:
-            print(f"  {name:<20} {us / requests:8.1f}  {100 * us / total:5.1f}%")
-    print(f"  {'total':<20} {total / requests:8.1f}")
+    for name, v in sorted(us.items(), key=lambda kv: -kv[1]):
+        if v >= 0.5:
+            print(f"  {name:<20} {v:8.1f}  {100 * v / total:5.1f}%")
+    print(f"  {'total':<20} {total:8.1f}")
     return 0
 
 
