@@ -6,7 +6,8 @@ every process on the host used meanwhile to its group.
 
 A process belongs to the first label whose SUBSTRING is in its own or its
 parent's command line (so an nginx worker goes with its master's -c path);
-otherwise to its command name. wrk's own time comes from wait4(). Prints,
+otherwise to its command name. (As a library, a label may also name pids:
+those processes and their descendants.) wrk's own time comes from wait4(). Prints,
 per group, CPU microseconds per request (user + system) and its share.
 The request count is read from wrk's @@RESULT line (post.lua prints it).
 
@@ -55,7 +56,8 @@ def cmdline(pid):
 
 
 def snapshot():
-    """(pid, start time) -> (comm, cpu ticks, own + parent command line)."""
+    """(pid, start time) -> (comm, cpu ticks, own + parent command line,
+    parent pid)."""
     procs = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         stat = read(f"/proc/{pid}/stat").decode("utf-8", "replace")
@@ -67,25 +69,40 @@ def snapshot():
         fields = stat[stat.rindex(")") + 2:].split()
         ppid, ticks = fields[1], int(fields[11]) + int(fields[12])
         procs[(pid, fields[19])] = (comm, ticks,
-                                    cmdline(pid) + " " + cmdline(ppid))
+                                    cmdline(pid) + " " + cmdline(ppid), ppid)
     return procs
 
 
-def group_of(comm, cmd, labels):
+def group_of(pid, comm, cmd, labels, parent):
+    """The first label that claims the process, else its command name. A
+    label's needle is a string (in the process's or its parent's command
+    line) or a collection of pids (the process is one of them or descends
+    from one)."""
     for needle, name in labels:
-        if needle in cmd:
-            return name
+        if isinstance(needle, str):
+            if needle in cmd:
+                return name
+            continue
+        p, hops = pid, 0
+        while p and p != "0" and hops < 32:
+            if p in needle:
+                return name
+            p, hops = parent.get(p), hops + 1
     return comm
 
 
 def charge(before, after, labels):
     """{group: CPU microseconds} spent between two snapshots."""
+    labels = [(n if isinstance(n, str) else {str(p) for p in n}, name)
+              for n, name in labels]
+    parent = {pid: ppid for (pid, _), (*_, ppid) in before.items()}
+    parent.update({pid: ppid for (pid, _), (*_, ppid) in after.items()})
     spent = {}
-    for key, (comm, ticks, cmd) in after.items():
+    for key, (comm, ticks, cmd, _) in after.items():
         was = before.get(key)
         used = ticks - (was[1] if was else 0)
         if used > 0:
-            name = group_of(comm, cmd, labels)
+            name = group_of(key[0], comm, cmd, labels, parent)
             spent[name] = spent.get(name, 0.0) + used * TICK_US
     return spent
 
@@ -99,7 +116,9 @@ def parse_result(text):
 
 def split(argv, labels, env=None):
     """Run wrk (argv) and return ({group: us per request}, requests,
-    @@RESULT fields). labels: [(substring, group name)], first match wins.
+    @@RESULT fields). labels: [(needle, group name)], first match wins; a
+    needle is a substring of the command line or a collection of pids
+    (those processes and their descendants), see group_of().
     wrk's own time is under "wrk"; a process of another wrk (a command
     name "wrk" that no label claims) under "wrk (other)"."""
     labels = list(labels)
@@ -107,6 +126,7 @@ def split(argv, labels, env=None):
     p = subprocess.Popen(argv, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, env=env)
     out = p.stdout.read()
+    p.stdout.close()
     _, status, usage = os.wait4(p.pid, 0)
     after = snapshot()
     p.returncode = os.waitstatus_to_exitcode(status)
