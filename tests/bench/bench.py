@@ -6,25 +6,33 @@
 Starts chatfcgi + nginx with deploy/local/stack.py against the shared
 harness's Redis (16379) and fake OpenAI upstream (18000), then:
 
-  1. table      the shared harness (../shared/bench/run.sh) measures the
-                built-in targets (ceil-proxy, peer-a-w2, peer-b-c8) and
-                chatfcgi, delays 0 and 50 ms, c = 16, 64, 256; ratios of
-                chatfcgi to each of them per (delay, conc)
-  2. stream     time to the first delta over keep-alive connections
+  1. cpu        the CPU one turn costs per process group (app, web, redis,
+                fake model, wrk, other; cpu_split.py) for chatfcgi (8
+                workers), peer-a-w2, peer-b-c8 and ceil-proxy, model 0 ms,
+                histories at the trim limit, wrk -c64; 2 rounds, the targets
+                interleaved
+  2. table      the built-in targets (ceil-proxy, peer-a-w2, peer-b-c8) and
+                chatfcgi, delays 0 and 50 ms, c = 16, 64, 256, in two
+                session modes: conn (4 sessions per connection, histories
+                warmed to the trim limit first: bench.py's loop with
+                session.lua) then request (a fresh session per request: the
+                shared harness's run.sh); ratios of chatfcgi to each of them
+                per (mode, delay, conc)
+  3. stream     time to the first delta over keep-alive connections
                 (stream_client.py): chatfcgi, the ceil-proxy nginx and the
                 fake upstream itself; first-delta overhead = chatfcgi's time
                 minus the upstream's own
-  3. memory     pool PSS (master + workers) at 64 and 256 workers after
+  4. memory     pool PSS (master + workers) at 64 and 256 workers after
                 20,000 requests each; one worker's RSS at 10,000 and 100,000
                 requests (CHATFCGI_WORKERS=1)
 
-then prints one report (the table, the ratios, the streaming and memory
-results, the targets met or missed) and appends it, with the date and the
-git revision, to tests/bench/results.md.
+then prints one report (the CPU split, the table, the ratios, the streaming
+and memory results, the targets met or missed) and appends it, with the
+date and the git revision, to tests/bench/results.md.
 
 Without the shared harness (BENCH_DIR missing) it starts a Redis and a fake
 model of its own (tests/bench/fake-upstream.conf.in: nginx + echo module)
-and measures chatfcgi's own rows with wrk and tests/bench/post.lua.
+and measures chatfcgi alone (its CPU split and its rows, session.lua).
 
 Every setting is an environment variable; README.md in this directory lists
 them. Python 3 standard library only.
@@ -38,13 +46,15 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 from benchlib import (BaseCfg, BenchError, Chatfcgi, SharedHarness,
                       check_ready, cpu_pct, cpu_snap, descendants, die,
                       env_int, env_list, env_str, finish_report, fmt,
                       git_rev, health_report, host_line, problem,
-                      proc_kib, progress, pss_mib, stack_mod)
+                      proc_kib, progress, pss_mib, redis_flush, stack_mod)
+import cpu_split
 import stream_client
 
 HERE = Path(__file__).resolve().parent
@@ -92,7 +102,21 @@ class Cfg(BaseCfg):
         self.rss_last = env_int("BENCH_RSS_LAST", 100000)
         self.rss_conc = env_int("BENCH_RSS_CONC", 8)
         self.threads = env_int("BENCH_THREADS", 2)
-        self.phases = env_list("BENCH_PHASES", "table,stream,memory")
+        self.phases = env_list("BENCH_PHASES", "cpu,table,stream,memory")
+        self.modes = env_list("BENCH_MODES", "conn,request")
+        bad = [m for m in self.modes if m not in ("conn", "request")]
+        if bad:
+            die(f"BENCH_MODES: unknown mode(s) {', '.join(bad)} (conn, request)")
+        # a history holds 20 messages (HISTORY_MAX_MESSAGES, chatfcgi's
+        # history_max_messages): 10 turns fill it, the 11th is trimmed
+        self.warm_turns = env_int("BENCH_WARM_TURNS", 11)
+        self.warm_cap_s = env_int("BENCH_WARM_CAP_S", 120)
+        self.cpu_duration = env_str("BENCH_CPU_DURATION", "5s")
+        if not self.cpu_duration.endswith("s"):
+            self.cpu_duration += "s"
+        self.cpu_conc = env_int("BENCH_CPU_CONC", 64)
+        self.cpu_workers = env_int("BENCH_CPU_WORKERS", 8)
+        self.cpu_rounds = env_int("BENCH_CPU_ROUNDS", 2)
 
     def workers_for(self, delay):
         if delay in self.workers:
@@ -215,6 +239,10 @@ class OwnHarness:
     def ports(self):
         return [self.cfg.redis_port, self.cfg.upstream_port]
 
+    def pids(self, name):
+        p = self.procs.get({"fake-upstream": "upstream"}.get(name, name))
+        return [p.pid] if p is not None and p.poll() is None else []
+
 
 # ------------------------------------------------------------ wrk
 
@@ -259,7 +287,84 @@ def wrk_until(chat, target, conc, threads, script):
     return chat.served()
 
 
-# ------------------------------------------------------------ phase 1: table
+SESSION_LUA = HERE / "session.lua"
+
+
+def seed_of(target):
+    """A fixed BENCH_SEED per target: its warm-up and its measured runs send
+    the same session ids, and no two targets share one (they share Redis
+    and, peers and chatfcgi, the key names)."""
+    return zlib.crc32(target.encode()) % 1000000 + 1
+
+
+def session_cmd(url, conc, duration, threads):
+    """wrk with session.lua (the harness's post.lua, seeded): argv, spt."""
+    threads = max(1, min(threads, conc))
+    spt = max(1, conc // threads)
+    return (["wrk", f"-t{threads}", f"-c{conc}", f"-d{duration}", "--timeout",
+             "10s", "-s", str(SESSION_LUA), url, "--", str(spt)], threads, spt)
+
+
+def session_env(mode, seed, **extra):
+    env = dict(os.environ, SESSION_MODE=mode, BENCH_SEED=str(seed))
+    env.pop("BENCH_STOP_AFTER", None)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def session_run(url, conc, duration, threads, mode, seed):
+    """One wrk run with session.lua; its @@RESULT fields ({} if none)."""
+    cmd, _, _ = session_cmd(url, conc, duration, threads)
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True, env=session_env(mode, seed))
+    return parse_result(r.stdout) or {}
+
+
+def warm_histories(cfg, name, url, conc, seed):
+    """Conn mode: send every session of the pool of `conc` connections
+    (4 per connection, session.lua's ids for `seed`) cfg.warm_turns turns,
+    so that the measured runs start with every history at the trim limit.
+    Each wrk thread stops after its share (turns x pool + one turn per
+    connection, for the turns still in flight) and prints @@DONE; wrk
+    runs out its -d, so it gets SIGINT when all have. Returns (requests,
+    seconds)."""
+    cmd, threads, spt = session_cmd(url, conc, f"{cfg.warm_cap_s}s",
+                                    cfg.threads)
+    share = cfg.warm_turns * 4 * spt + spt
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, env=session_env("conn", seed,
+                                                    BENCH_STOP_AFTER=share))
+    lines, done = [], 0
+    try:
+        for line in p.stdout:
+            lines.append(line)
+            if line.startswith("@@DONE"):
+                done += 1
+                if done == threads:
+                    p.send_signal(signal.SIGINT)
+    finally:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+        p.wait()
+    secs = time.monotonic() - t0
+    res = parse_result("".join(lines)) or {}
+    if done < threads:
+        problem(f"{name}: the history warm-up (c={conc}, {cfg.warm_turns} "
+                f"turns per session) did not finish in {cfg.warm_cap_s} s "
+                f"({res.get('requests', '?')} requests): its histories are "
+                f"not all at the limit")
+    elif int(res.get("non2xx", 0)) + int(res.get("sockerr", 0)):
+        problem(f"{name}: the history warm-up had errors: "
+                f"{res.get('non2xx')}+{res.get('sockerr')}")
+    progress(f"{name}: warmed {4 * spt * threads} sessions x "
+             f"{cfg.warm_turns} turns: {res.get('requests', '?')} requests "
+             f"in {secs:.1f} s")
+    time.sleep(0.5)  # the turns in flight when wrk stopped end
+    return res.get("requests"), secs
+
+
+# ------------------------------------------------------------ phase: table
 
 TSV_FIELDS = ["date", "target", "delay_ms", "conc", "req_s", "p50_ms", "p99_ms",
               "non2xx", "sockerr", "app_pss_mib", "web_pss_mib", "cpu_pct",
@@ -268,20 +373,139 @@ TSV_FIELDS = ["date", "target", "delay_ms", "conc", "req_s", "p50_ms", "p99_ms",
 
 def phase_table(cfg, harness, healths):
     rows = []
+    for mode in cfg.modes:
+        if mode == "conn":
+            rows += table_conn(cfg, harness, healths)
+        else:
+            rows += table_request(cfg, harness, healths)
+    return rows
+
+
+def worker_groups(cfg):
+    """{chatfcgi workers: [delays]} in the order of cfg.delays."""
     groups = {}
     for d in cfg.delays:
         groups.setdefault(cfg.workers_for(d), []).append(d)
-    for workers, delays in groups.items():
+    return groups
+
+
+def table_request(cfg, harness, healths):
+    """A fresh session per request: run.sh --session-mode request (or, with
+    no shared harness, our own loop in request mode)."""
+    rows = []
+    for workers, delays in worker_groups(cfg).items():
         harness.start_base(delays[0])
-        chat = Chatfcgi(cfg, f"table-w{workers}", workers).start()
+        chat = Chatfcgi(cfg, f"request-w{workers}", workers).start()
         try:
             if harness.kind == "shared":
                 rows += run_shared(cfg, harness, chat, delays)
             else:
-                rows += run_own(cfg, harness, chat, delays)
+                rows += session_rows(cfg, harness, "chatfcgi", f"{chat.url}/api/chat",
+                                  delays, [chat.master_pid()], [chat.nginx_pid()],
+                                  "request", chat.workers)
         finally:
             healths.append(chat.stop())
             harness.stop_all()
+    return rows
+
+
+def table_conn(cfg, harness, healths):
+    """Four sessions per connection, histories at the trim limit: per
+    target (the harness's built-in ones, then chatfcgi) its Redis is
+    flushed, its histories are warmed at 0 ms (warm_histories, at the
+    largest concurrency: its pool holds the smaller ones'), then per delay
+    a 1 s warm-up and one wrk run per concurrency, all with session.lua and
+    the target's seed. run.sh cannot do this: its warm-up and every row
+    are separate wrk runs of post.lua, each with new random ids."""
+    rows = []
+    harness.start_base(0)
+    try:
+        if harness.kind == "shared":
+            for t in cfg.targets:
+                rows += conn_target(cfg, harness, t)
+        first = True
+        for workers, delays in worker_groups(cfg).items():
+            chat = Chatfcgi(cfg, f"conn-w{workers}", workers).start()
+            try:
+                url = f"{chat.url}/api/chat"
+                if first:
+                    redis_flush(cfg)
+                    harness.set_delay(0)
+                    warm_histories(cfg, "chatfcgi", url, max(cfg.concs),
+                                   seed_of("chatfcgi"))
+                    first = False
+                rows += session_rows(cfg, harness, "chatfcgi", url, delays,
+                                  [chat.master_pid()], [chat.nginx_pid()],
+                                  "conn", chat.workers)
+            finally:
+                healths.append(chat.stop())
+    finally:
+        harness.stop_all()
+    return rows
+
+
+def start_target(harness, t):
+    """ctl.sh start TARGET, once more if it did not start in time (a busy
+    host); stopped again when the second try fails too."""
+    try:
+        harness.ctl("start", t)
+    except BenchError as e:
+        progress(f"{t} did not start, once more: {str(e).splitlines()[0]}")
+        harness.ctl("stop", t)
+        try:
+            harness.ctl("start", t)
+        except BenchError:
+            harness.ctl("stop", t)
+            raise
+
+
+def conn_target(cfg, harness, t):
+    try:
+        start_target(harness, t)
+    except BenchError as e:
+        problem(f"table (conn): {t}: {e}")
+        return []
+    try:
+        url = f"{harness.target_url(t)}/api/chat"
+        redis_flush(cfg)
+        harness.set_delay(0)
+        warm_histories(cfg, t, url, max(cfg.concs), seed_of(t))
+        return session_rows(cfg, harness, t, url, cfg.delays,
+                         harness.pids(f"{t}-app"), harness.pids(f"{t}-web"),
+                         "conn", None)
+    finally:
+        harness.ctl("stop", t)
+
+
+def session_rows(cfg, harness, name, url, delays, app_pids, web_pids, mode,
+              workers):
+    """run.sh's loop for one running target, with session.lua: per delay a
+    1 s warm-up (c=16, the same ids), then one wrk run per concurrency,
+    PSS after each."""
+    rows = []
+    seed = seed_of(name)
+    for d in delays:
+        harness.set_delay(d)
+        session_run(url, 16, "1s", cfg.threads, mode, seed)
+        for c in cfg.concs:
+            s0 = cpu_snap()
+            res = session_run(url, c, cfg.duration, cfg.threads, mode, seed)
+            cpu, steal = cpu_pct(s0, cpu_snap())
+            row = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%FT%TZ"),
+                   "target": name, "delay_ms": str(d), "conc": str(c),
+                   "req_s": res.get("rps", "-"), "p50_ms": res.get("p50_ms", "-"),
+                   "p99_ms": res.get("p99_ms", "-"), "non2xx": res.get("non2xx", "-"),
+                   "sockerr": res.get("sockerr", "-"),
+                   "app_pss_mib": f"{pss_mib(app_pids):.1f}" if app_pids else "-",
+                   "web_pss_mib": f"{pss_mib(web_pids):.1f}" if web_pids else "-",
+                   "cpu_pct": f"{cpu:.0f}", "steal_pct": f"{steal:.0f}",
+                   "workers": workers, "mode": mode}
+            progress(f"{name} ({mode}) delay={d} c={c}: {row['req_s']} req/s, "
+                     f"p99 {row['p99_ms']} ms, errors {row['non2xx']}+{row['sockerr']}")
+            if not res:
+                problem(f"{name} ({mode}) delay={d} c={c}: wrk gave no result")
+            rows.append(row)
+            time.sleep(1)
     return rows
 
 
@@ -299,12 +523,8 @@ def run_shared(cfg, harness, chat, delays):
                "--delays", ",".join(map(str, delays)),
                "--conc", ",".join(map(str, cfg.concs)),
                "--duration", cfg.duration, "--threads", str(cfg.threads),
-               # A fresh session per request, for every target: chatfcgi
-               # refuses a second concurrent turn of one session (409) and
-               # the peers do not, while the harness's default "conn" mode
-               # round-robins sessions so that two connections can send
-               # turns of one session at once. Those 409s would count as
-               # errors, and as cheap answers.
+               # A fresh session per request, for every target (empty
+               # histories); the conn-mode rows are table_conn's.
                "--session-mode", "request",
                "--target", f"chatfcgi={chat.url}",
                "--pss", f"chatfcgi={chat.pid_file}",
@@ -321,6 +541,7 @@ def run_shared(cfg, harness, chat, delays):
                     continue
                 row = dict(zip(TSV_FIELDS, f))
                 row["workers"] = chat.workers if row["target"] == "chatfcgi" else None
+                row["mode"] = "request"
                 rows.append(row)
         if r.returncode == 0:
             return rows
@@ -334,37 +555,6 @@ def run_shared(cfg, harness, chat, delays):
     return best
 
 
-def run_own(cfg, harness, chat, delays):
-    """run.sh's loop for chatfcgi alone: per delay, a 1 s warm-up, then one
-    wrk run per concurrency, PSS after each."""
-    rows = []
-    url = f"{chat.url}/api/chat"
-    script = HERE / "post.lua"
-    for d in delays:
-        harness.set_delay(d)
-        wrk(url, 16, "1s", cfg.threads, script, [8]).communicate()
-        for c in cfg.concs:
-            spt = max(1, c // cfg.threads)
-            s0 = cpu_snap()
-            out, _ = wrk(url, c, cfg.duration, cfg.threads, script, [spt]).communicate()
-            cpu, steal = cpu_pct(s0, cpu_snap())
-            res = parse_result(out) or {}
-            row = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%FT%TZ"),
-                   "target": "chatfcgi", "delay_ms": str(d), "conc": str(c),
-                   "req_s": res.get("rps", "-"), "p50_ms": res.get("p50_ms", "-"),
-                   "p99_ms": res.get("p99_ms", "-"), "non2xx": res.get("non2xx", "-"),
-                   "sockerr": res.get("sockerr", "-"),
-                   "app_pss_mib": f"{pss_mib([chat.master_pid()]):.1f}",
-                   "web_pss_mib": f"{pss_mib([chat.nginx_pid()]):.1f}",
-                   "cpu_pct": f"{cpu:.0f}", "steal_pct": f"{steal:.0f}",
-                   "workers": chat.workers}
-            progress(f"chatfcgi delay={d} c={c}: {row['req_s']} req/s, "
-                     f"p99 {row['p99_ms']} ms, errors {row['non2xx']}+{row['sockerr']}")
-            rows.append(row)
-            time.sleep(1)
-    return rows
-
-
 def peer_name(cfg, prefix):
     for t in cfg.targets:
         if t.startswith(prefix):
@@ -372,67 +562,84 @@ def peer_name(cfg, prefix):
     return None
 
 
+MODE_WHAT = {"conn": "4 sessions per connection, histories warmed to the "
+                     "trim limit first; session.lua, bench.py's loop",
+             "request": "a fresh session per request, empty histories; "
+                        "run.sh --session-mode request"}
+
+
 def table_report(cfg, rows, out):
+    """The rows, grouped by mode, then (delay, conc); the ratios of
+    chatfcgi to each peer per mode. Returns {(mode, target, delay, conc):
+    (req/s ratio, p99 ratio)}."""
     order = {t: i for i, t in enumerate(cfg.targets + ["chatfcgi"])}
-    rows = sorted(rows, key=lambda r: (int(r["delay_ms"]), int(r["conc"]),
+    morder = {m: i for i, m in enumerate(cfg.modes)}
+    rows = sorted(rows, key=lambda r: (morder.get(r["mode"], 9),
+                                       int(r["delay_ms"]), int(r["conc"]),
                                        order.get(r["target"], 99)))
     out.append("## Throughput and latency (wrk, POST /api/chat, "
                f"{cfg.duration} per row)")
     out.append("")
-    hdr = (f"{'target':<14} {'delay':>5} {'conc':>4} {'req/s':>9} {'p50_ms':>8} "
-           f"{'p99_ms':>8} {'errors':>9} {'app_PSS':>8} {'web_PSS':>8} {'cpu%':>4} "
-           f"{'steal%':>6}")
+    for m in cfg.modes:
+        if any(r["mode"] == m for r in rows):
+            out.append(f"{m + ':':<9} {MODE_WHAT.get(m, m)}")
+    out.append("")
+    hdr = (f"{'target':<14} {'mode':<7} {'delay':>5} {'conc':>4} {'req/s':>9} "
+           f"{'p50_ms':>8} {'p99_ms':>8} {'errors':>9} {'app_PSS':>8} "
+           f"{'web_PSS':>8} {'cpu%':>4} {'steal%':>6}")
     out.append(hdr)
     out.append("-" * len(hdr))
     last = None
     for r in rows:
-        key = (r["delay_ms"], r["conc"])
+        key = (r["mode"], r["delay_ms"], r["conc"])
         if last is not None and key != last:
             out.append("")
         last = key
         name = r["target"] + (f"-w{r['workers']}" if r.get("workers") else "")
-        out.append(f"{name:<14} {r['delay_ms']:>5} {r['conc']:>4} {r['req_s']:>9} "
-                   f"{r['p50_ms']:>8} {r['p99_ms']:>8} "
+        out.append(f"{name:<14} {r['mode']:<7} {r['delay_ms']:>5} {r['conc']:>4} "
+                   f"{r['req_s']:>9} {r['p50_ms']:>8} {r['p99_ms']:>8} "
                    f"{r['non2xx'] + '+' + r['sockerr']:>9} {r['app_pss_mib']:>8} "
                    f"{r['web_pss_mib']:>8} {r['cpu_pct']:>4} {r['steal_pct']:>6}")
     out.append("")
-    out.append("errors = non-2xx + socket errors; PSS in MiB (app: processes "
+    out.append("errors = non-2xx + socket errors (in conn mode a 409 would be "
+               "two turns of one session at once); PSS in MiB (app: processes "
                "and descendants; web: its nginx); cpu% = host CPU busy during "
                "the run (both cores, wrk included); steal% = CPU taken by the "
                "hypervisor.")
     out.append("")
-    # ratios
-    idx = {(r["target"], r["delay_ms"], r["conc"]): r for r in rows}
+    # ratios, per mode
+    idx = {(r["mode"], r["target"], r["delay_ms"], r["conc"]): r for r in rows}
     pa, pb = peer_name(cfg, "peer-a"), peer_name(cfg, "peer-b")
     cols = [(pa, None), (pb, None), (CEIL if CEIL in cfg.targets else None, "slow")]
     cols = [(t, w) for t, w in cols
             if t and any(r["target"] == t for r in rows)]
     if not cols:
         return {}
-    out.append("## chatfcgi / peer (req/s ratio: higher is better; p99 ratio: "
-               "lower is better)")
+    out.append("## chatfcgi / peer, per mode (req/s ratio: higher is better; "
+               "p99 ratio: lower is better)")
     out.append("")
-    h = f"{'delay':>5} {'conc':>4} " + " ".join(
+    h = f"{'mode':<7} {'delay':>5} {'conc':>4} " + " ".join(
         f"{'rps x ' + t:>18} {'p99 x ' + t:>18}" for t, _ in cols)
     out.append(h)
     out.append("-" * len(h))
     ratios = {}
-    for d in cfg.delays:
-        for c in cfg.concs:
-            me = idx.get(("chatfcgi", str(d), str(c)))
-            if not me:
-                continue
-            cells = []
-            for t, when in cols:
-                peer = idx.get((t, str(d), str(c)))
-                if peer is None or (when == "slow" and d == 0):
-                    cells.append(f"{'-':>18} {'-':>18}")
+    for m in cfg.modes:
+        for d in cfg.delays:
+            for c in cfg.concs:
+                me = idx.get((m, "chatfcgi", str(d), str(c)))
+                if not me:
                     continue
-                rr = ratio(me["req_s"], peer["req_s"])
-                pr = ratio(me["p99_ms"], peer["p99_ms"])
-                ratios[(t, d, c)] = (rr, pr)
-                cells.append(f"{fmt(rr, 2) + 'x':>18} {fmt(pr, 2) + 'x':>18}")
-            out.append(f"{d:>5} {c:>4} " + " ".join(cells))
+                cells = []
+                for t, when in cols:
+                    peer = idx.get((m, t, str(d), str(c)))
+                    if peer is None or (when == "slow" and d == 0):
+                        cells.append(f"{'-':>18} {'-':>18}")
+                        continue
+                    rr = ratio(me["req_s"], peer["req_s"])
+                    pr = ratio(me["p99_ms"], peer["p99_ms"])
+                    ratios[(m, t, d, c)] = (rr, pr)
+                    cells.append(f"{fmt(rr, 2) + 'x':>18} {fmt(pr, 2) + 'x':>18}")
+                out.append(f"{m:<7} {d:>5} {c:>4} " + " ".join(cells))
     out.append("")
     out.append("(ceil-proxy columns only for delays > 0: there it is the "
                "ceiling of a web server + one hop at the same concurrency)")
@@ -440,7 +647,144 @@ def table_report(cfg, rows, out):
     return ratios
 
 
-# ------------------------------------------------------------ phase 2: stream
+# ------------------------------------------------------------ phase: cpu
+
+CPU_COLS = ("app", "web", "redis", "stack", "fake model", "wrk", "other")
+
+
+def cpu_order(cfg, harness):
+    """chatfcgi, then the peers, then the ceilings (the harness's targets)."""
+    if harness.kind != "shared":
+        return ["chatfcgi"]
+    peers = [t for t in cfg.targets if t.startswith("peer-")]
+    return ["chatfcgi"] + peers + [t for t in cfg.targets if t not in peers]
+
+
+def phase_cpu(cfg, harness, healths):
+    """The CPU one turn costs, per process group: per target (started alone,
+    histories warmed to the limit at c=cfg.cpu_conc), cpu_split.split()
+    around one wrk run of session.lua in conn mode, model delay 0;
+    cfg.cpu_rounds rounds, the targets interleaved in each."""
+    order = cpu_order(cfg, harness)
+    res = {t: [] for t in order}
+    harness.start_base(0)
+    try:
+        redis_flush(cfg)
+        for rnd in range(1, cfg.cpu_rounds + 1):
+            for t in order:
+                try:
+                    res[t].append(cpu_one(cfg, harness, t, rnd, healths))
+                except (BenchError, cpu_split.SplitError) as e:
+                    problem(f"cpu: {t}, round {rnd}: {e}")
+    finally:
+        harness.stop_all()
+    return res
+
+
+def cpu_one(cfg, harness, t, rnd, healths):
+    chat = None
+    if t == "chatfcgi":
+        chat = Chatfcgi(cfg, f"cpu-w{cfg.cpu_workers}-{rnd}",
+                        cfg.cpu_workers).start()
+        url = chat.url
+        app, web = [chat.master_pid()], [chat.nginx_pid()]
+    else:
+        start_target(harness, t)
+        url = harness.target_url(t)
+        app, web = harness.pids(f"{t}-app"), harness.pids(f"{t}-web")
+    try:
+        url += "/api/chat"
+        warm_histories(cfg, f"{t} (cpu, round {rnd})", url, cfg.cpu_conc,
+                       seed_of(t))
+        labels = [(app, "app"), (web, "web"), (harness.pids("redis"), "redis"),
+                  (harness.pids("fake-upstream"), "fake model")]
+        cmd, _, _ = session_cmd(url, cfg.cpu_conc, cfg.cpu_duration, cfg.threads)
+        progress(f"cpu split, round {rnd}: {t}, {' '.join(cmd[:5])}")
+        s0 = cpu_snap()
+        us, n, result = cpu_split.split(cmd, [lb for lb in labels if lb[0]],
+                                        env=session_env("conn", seed_of(t)))
+        cpu, steal = cpu_pct(s0, cpu_snap())
+    finally:
+        if chat:
+            healths.append(chat.stop())
+        else:
+            harness.ctl("stop", t)
+    # a group with no process (ceil-proxy has no app) is None, "-" below
+    named = {name: (us.pop(name, 0.0) if pids else None)
+             for pids, name in labels + [([0], "wrk")]}
+    named["stack"] = sum(named[k] or 0.0 for k in ("app", "web", "redis"))
+    named["other"] = sum(us.values())
+    top = sorted(us.items(), key=lambda kv: -kv[1])[:3]
+    return {"us": named, "others": top, "requests": n,
+            "rps": float(result["rps"]), "non2xx": int(result["non2xx"]),
+            "sockerr": int(result["sockerr"]), "cpu_pct": cpu,
+            "steal_pct": steal, "workers": cfg.cpu_workers if chat else None}
+
+
+def span(vals, nd=0):
+    """'lo-hi' of a list of numbers ('v' when they round the same; '-'
+    when there are none)."""
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "-"
+    lo, hi = fmt(min(vals), nd), fmt(max(vals), nd)
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+def cpu_report(cfg, res, out):
+    runs = max((len(v) for v in res.values()), default=0)
+    out.append(f"## CPU per turn by process group (conn mode, histories at the "
+               f"limit, model 0 ms, wrk -t{cfg.threads} -c{cfg.cpu_conc} "
+               f"-d{cfg.cpu_duration}; {cfg.cpu_rounds} "
+               f"round{'s' if cfg.cpu_rounds != 1 else ''}, targets "
+               f"interleaved; lo-hi over the rounds)")
+    out.append("")
+    hdr = (f"{'target':<14} " + " ".join(f"{c:>11}" for c in CPU_COLS) +
+           f" {'req/s':>11} {'errors':>7} {'cpu%':>7}")
+    out.append(hdr)
+    out.append("-" * len(hdr))
+    for t, rs in res.items():
+        if not rs:
+            out.append(f"{t:<14} (not measured: see Problems)")
+            continue
+        name = t + (f"-w{rs[0]['workers']}" if rs[0]["workers"] else "")
+        cells = [span([r["us"][c] for r in rs]) for c in CPU_COLS]
+        errs = f"{sum(r['non2xx'] for r in rs)}+{sum(r['sockerr'] for r in rs)}"
+        out.append(f"{name:<14} " + " ".join(f"{c:>11}" for c in cells) +
+                   f" {span([r['rps'] for r in rs]):>11} {errs:>7} "
+                   f"{span([r['cpu_pct'] for r in rs]):>7}")
+    out.append("")
+    out.append("us of CPU (user + system, /proc/PID/stat) per request over "
+               "the wrk run: app = chatfcgi's master and workers / uvicorn / "
+               "php-fpm; web = the target's nginx; redis; stack = app + web + "
+               "redis; fake model = the fake upstream's nginx; wrk = the load "
+               "generator; other = every other process on the host (other "
+               "work on it shows there; largest below). errors = non-2xx + "
+               "socket errors over all rounds; cpu% = host CPU busy.")
+    for t, rs in res.items():
+        tops = {}
+        for r in rs:
+            for k, v in r["others"]:
+                tops[k] = max(tops.get(k, 0.0), v)
+        if tops:
+            big = sorted(tops.items(), key=lambda kv: -kv[1])[:3]
+            out.append(f"  other, {t}: " + ", ".join(
+                f"{k} {v:.1f}" for k, v in big))
+    if runs < cfg.cpu_rounds:
+        out.append(f"(fewer than {cfg.cpu_rounds} rounds for some targets: "
+                   f"see Problems)")
+    out.append("")
+
+
+def cpu_mean(res, t, col="stack"):
+    rs = res.get(t) or []
+    if not rs:
+        return None, []
+    vals = [r["us"][col] for r in rs]
+    return sum(vals) / len(vals), vals
+
+
+# ------------------------------------------------------------ phase: stream
 
 def phase_stream(cfg, harness, healths):
     harness.start_base(0, chunk_gap_ms=cfg.chunk_gap)
@@ -509,7 +853,7 @@ def stream_report(cfg, res, out):
     return ov
 
 
-# ------------------------------------------------------------ phase 3: memory
+# ------------------------------------------------------------ phase: memory
 
 def phase_memory(cfg, harness, healths):
     harness.start_base(0)
@@ -615,35 +959,76 @@ def memory_report(cfg, res, out):
 
 # ------------------------------------------------------------ targets
 
-def targets_report(cfg, rows, ratios, ov, mem, rss_ratio, out):
+def targets_report(cfg, rows, ratios, cpu, ov, mem, rss_ratio, out):
+    """The project's targets, PASS or MISS (n/a: not measured in this run):
+    the throughput ones per session mode, issue 16's in conn mode (its CPU
+    split and its table rows), then memory and streaming."""
+    sections = []
     lines = []
 
     def check(ok, text):
         tag = "n/a " if ok is None else ("PASS" if ok else "MISS")
         lines.append(f"[{tag}] {text}")
 
-    idx = {(r["target"], r["delay_ms"], r["conc"]): r for r in rows}
     pa, pb = peer_name(cfg, "peer-a"), peer_name(cfg, "peer-b")
-    me = idx.get(("chatfcgi", "0", "64"))
-    if me:
-        rr = ratios.get((pa, 0, 64), (None, None))
-        check(None if rr[0] is None else rr[0] >= 5,
-              f"0 ms, c=64: req/s >= 5x {pa}: {fmt(rr[0], 2)}x")
-        rb = ratios.get((pb, 0, 64), (None, None))
-        check(None if rb[0] is None else rb[0] >= 4,
-              f"0 ms, c=64: req/s >= 4x {pb}: {fmt(rb[0], 2)}x")
-        errs = int(me["non2xx"]) + int(me["sockerr"]) if me["non2xx"] != "-" else None
-        check(None if errs is None else errs == 0,
-              f"0 ms, c=64: zero errors: {me['non2xx']}+{me['sockerr']}")
-        check(None if rr[1] is None else rr[1] <= 0.2,
-              f"0 ms, c=64: p99 <= 1/5 of {pa}'s: {me['p99_ms']} ms vs "
-              f"{idx.get((pa, '0', '64'), {}).get('p99_ms', '-')} ms "
-              f"({fmt(rr[1], 2)}x)")
-    rc = ratios.get((CEIL, 50, 256), (None, None))
-    if ("chatfcgi", "50", "256") in idx:
-        check(None if rc[0] is None else rc[0] >= 0.9,
-              f"50 ms, c=256: req/s >= 90% of ceil-proxy: "
-              f"{fmt(None if rc[0] is None else rc[0] * 100, 0)}%")
+    for m in cfg.modes:
+        idx = {(r["target"], r["delay_ms"], r["conc"]): r for r in rows
+               if r["mode"] == m}
+        lines = []
+        if m == "conn" and cpu:
+            me, me_v = cpu_mean(cpu, "chatfcgi")
+            pe, pe_v = cpu_mean(cpu, pa) if pa else (None, [])
+            rng = f" (runs {', '.join(f'{v:.0f}' for v in me_v)})" if me_v else ""
+            check(None if me is None else me <= 200,
+                  f"issue 16 (a): chatfcgi's stack CPU per turn (app + web + "
+                  f"redis, mean of the cpu rounds) <= 200 us: "
+                  f"{fmt(me, 0)} us{rng}")
+            rat = pe / me if me and pe is not None else None
+            check(None if rat is None else rat >= 4.8,
+                  f"issue 16 (a): <= 1/4.8 of {pa}'s: {fmt(me, 0)} vs "
+                  f"{fmt(pe, 0)} us, {pa} / chatfcgi = {fmt(rat, 2)}x"
+                  + (f" (runs {', '.join(f'{v:.0f}' for v in pe_v)})"
+                     if pe_v else ""))
+        if ("chatfcgi", "50", "256") in idx:
+            rc = ratios.get((m, CEIL, 50, 256), (None, None))
+            check(None if rc[0] is None else rc[0] >= 0.9,
+                  ("issue 16 (b): " if m == "conn" else "") +
+                  f"50 ms, c=256: req/s >= 90% of ceil-proxy: "
+                  f"{fmt(None if rc[0] is None else rc[0] * 100, 0)}%")
+        me = idx.get(("chatfcgi", "0", "64"))
+        if me:
+            rr = ratios.get((m, pa, 0, 64), (None, None))
+            rb = ratios.get((m, pb, 0, 64), (None, None))
+            if m == "conn":
+                check(None if rr[0] is None else rr[0] >= 3,
+                      f"issue 16 (c): 0 ms, c=64: req/s >= 3x {pa}: "
+                      f"{fmt(rr[0], 2)}x")
+                check(None if rb[0] is None else rb[0] >= 3,
+                      f"issue 16 (c): 0 ms, c=64: req/s >= 3x {pb}: "
+                      f"{fmt(rb[0], 2)}x")
+            check(None if rr[0] is None else rr[0] >= 5,
+                  f"0 ms, c=64: req/s >= 5x {pa}: {fmt(rr[0], 2)}x")
+            check(None if rb[0] is None else rb[0] >= 4,
+                  f"0 ms, c=64: req/s >= 4x {pb}: {fmt(rb[0], 2)}x")
+            errs = (int(me["non2xx"]) + int(me["sockerr"])
+                    if me["non2xx"] != "-" else None)
+            check(None if errs is None else errs == 0,
+                  f"0 ms, c=64: zero errors: {me['non2xx']}+{me['sockerr']}")
+            check(None if rr[1] is None else rr[1] <= 0.2,
+                  f"0 ms, c=64: p99 <= 1/5 of {pa}'s: {me['p99_ms']} ms vs "
+                  f"{idx.get((pa, '0', '64'), {}).get('p99_ms', '-')} ms "
+                  f"({fmt(rr[1], 2)}x)")
+        if lines:
+            sections.append((f"{m} mode ({MODE_WHAT[m].split(';')[0]})",
+                             lines))
+    if "conn" not in cfg.modes and cpu:
+        lines = []
+        me, _ = cpu_mean(cpu, "chatfcgi")
+        check(None if me is None else me <= 200,
+              f"issue 16 (a): chatfcgi's stack CPU per turn <= 200 us: "
+              f"{fmt(me, 0)} us")
+        sections.append(("cpu phase", lines))
+    lines = []
     for p in (mem or {}).get("pools", []):
         check(p["per_worker"] <= 0.5,
               f"PSS per worker <= 0.5 MiB at {p['workers']} workers after "
@@ -660,10 +1045,14 @@ def targets_report(cfg, rows, ratios, ov, mem, rss_ratio, out):
                   f"first-delta overhead p50 <= ceil-proxy's + 1 ms: "
                   f"{ov['chatfcgi'][0]:+.2f} vs {ov['ceil-proxy'][0]:+.2f} ms")
     if lines:
+        sections.append(("memory and streaming", lines))
+    if sections:
         out.append("## Targets")
         out.append("")
-        out.extend(lines)
-        out.append("")
+        for title, ls in sections:
+            out.append(f"{title}:")
+            out.extend(ls)
+            out.append("")
 
 
 # ------------------------------------------------------------ main
@@ -708,27 +1097,23 @@ def main():
     signal.signal(signal.SIGTERM, on_term)
     started = datetime.datetime.now(datetime.timezone.utc)
     healths = []
-    rows, ratios, stream_res, mem = [], {}, {}, None
+    took = {}
+    got = {}
     try:
         preflight(cfg, harness)
         host = host_line()
         progress(host)
-        for name, fn in (("table", phase_table), ("stream", phase_stream),
-                         ("memory", phase_memory)):
+        for name, fn in (("cpu", phase_cpu), ("table", phase_table),
+                         ("stream", phase_stream), ("memory", phase_memory)):
             if name not in cfg.phases:
                 continue
+            t0 = time.monotonic()
             try:
-                got = fn(cfg, harness, healths)
+                got[name] = fn(cfg, harness, healths)
             except BenchError as e:
                 problem(f"{name}: {e}")
                 harness.stop_all()
-                continue
-            if name == "table":
-                rows = got
-            elif name == "stream":
-                stream_res = got
-            else:
-                mem = got
+            took[name] = time.monotonic() - t0
     except KeyboardInterrupt:
         progress("interrupted: stopping what was started")
         harness.stop_all()
@@ -746,18 +1131,22 @@ def main():
     out.append("")
     out.append(host)
     out.append(f"harness: {cfg.bench_dir if cfg.shared else 'tests/bench (own Redis and fake model; no peers)'}; "
-               f"took {int((ended - started).total_seconds())} s")
+               f"took {int((ended - started).total_seconds())} s ("
+               + ", ".join(f"{k} {v:.0f} s" for k, v in took.items()) + ")")
     wk = ", ".join(f"{d} ms: {cfg.workers_for(d)}" for d in cfg.delays)
     out.append(f"chatfcgi workers (static pool) per model delay: {wk}; "
-               f"wrk -t{cfg.threads}, {cfg.duration} per row, a fresh "
-               f"session per request (run.sh --session-mode request); no "
-               f"access logs")
+               f"wrk -t{cfg.threads}, {cfg.duration} per row; session modes: "
+               f"{', '.join(cfg.modes)}; no access logs")
     out.append("")
+    rows, ratios, cpu = got.get("table", []), {}, got.get("cpu")
+    if cpu:
+        cpu_report(cfg, cpu, out)
     if rows:
         ratios = table_report(cfg, rows, out)
+    stream_res, mem = got.get("stream"), got.get("memory")
     ov = stream_report(cfg, stream_res, out) if stream_res else {}
     rss_ratio = memory_report(cfg, mem, out) if mem else None
-    targets_report(cfg, rows, ratios, ov, mem, rss_ratio, out)
+    targets_report(cfg, rows, ratios, cpu, ov, mem, rss_ratio, out)
     health_report(healths, out, note="(499 = the client went away: wrk "
                   "closes its open connections when a run ends)")
     return finish_report(cfg, started, out)

@@ -213,6 +213,24 @@ class SharedHarness:
     def stop_ceil_proxy(self):
         self.ctl("stop", "ceil-proxy")
 
+    def target_url(self, target):
+        """The base URL of a built-in target's front (lib.sh's ports)."""
+        for prefix, var, port in (("ceil-static", "PORT_CEIL_STATIC", 18001),
+                                  ("ceil-proxy", "PORT_CEIL_PROXY", 18002),
+                                  ("peer-a-w", "PORT_PEER_A", 18010),
+                                  ("peer-b-c", "PORT_PEER_B", 18020)):
+            if target.startswith(prefix):
+                return f"http://127.0.0.1:{env_int(var, port)}"
+        die(f"unknown target {target}")
+
+    def pids(self, name):
+        """The pid in BENCH_RUN_DIR/NAME.pid ([] when none): redis,
+        fake-upstream, TARGET-app, TARGET-web."""
+        try:
+            return [int((self.cfg.run_dir / f"{name}.pid").read_text().split()[0])]
+        except (OSError, ValueError, IndexError):
+            return []
+
     def install_deps(self, missing):
         progress(f"missing: {', '.join(missing)}: running "
                  f"{self.cfg.bench_dir / 'install-deps.sh'}")
@@ -229,6 +247,14 @@ class SharedHarness:
         return [self.cfg.redis_port, self.cfg.upstream_port,
                 self.cfg.upstream_tls_port, 18001, self.cfg.ceil_port, 18010,
                 18011, 18020]
+
+
+def redis_flush(cfg):
+    """FLUSHALL on the bench's Redis (run.sh does it before each target)."""
+    r = subprocess.run(["redis-cli", "-p", str(cfg.redis_port), "flushall"],
+                       capture_output=True, text=True)
+    if r.returncode != 0 or "OK" not in r.stdout:
+        die(f"redis-cli -p {cfg.redis_port} flushall: {r.stdout}{r.stderr}")
 
 
 def check_ready(cfg, harness):
