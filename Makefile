@@ -287,7 +287,7 @@ FUZZ_SECONDS ?= 60
 FUZZ_MAX_LEN ?= 65536
 # A slow input is a finding too (a quadratic parser is a DoS).
 FUZZ_TIMEOUT ?= 10
-FUZZ_TARGETS := request answer sse conf route
+FUZZ_TARGETS := request answer sse conf route item
 FUZZ_DIR := build/fuzz
 # Not CFLAGS: those carry gcc-only switches and _FORTIFY_SOURCE.
 FUZZ_CFLAGS = -std=gnu11 -D_GNU_SOURCE -g -O1 -fno-omit-frame-pointer \

@@ -111,13 +111,13 @@ gen_tool(yajl_gen g, const struct conf_tool *t)
            json_gen_key_cstr(g, "name", t->name) ||
            json_gen_key_cstr(g, "description", t->description) ||
            json_gen_cstr(g, "parameters") ||
-           yajl_gen_number(g, t->parameters, strlen(t->parameters)) ||
+           json_gen_raw(g, t->parameters, strlen(t->parameters)) ||
            yajl_gen_map_close(g) || yajl_gen_map_close(g);
 }
 
 /* {"tools": [...][, "tool_choice": "none"]} as text, or NULL. The
  * parameters were checked to be a JSON object by conf, so they go in as
- * they are (yajl_gen_number writes its text unchanged). */
+ * they are. */
 static char *
 tools_request(const struct conf *c, int last_round)
 {

@@ -370,8 +370,66 @@ chatdb_gen_item(yajl_gen g, enum message_role role, const char *content,
            yajl_gen_map_close(g);
 }
 
-int
-chatdb_add_item(struct messages *h, const char *json, size_t len)
+/* Readers of an item as written: each takes its part at s[*i] and moves
+ * *i past it, or returns 0. */
+static int
+literal_at(const char *s, size_t n, size_t *i, const char *lit)
+{
+    size_t k = strlen(lit);
+
+    if (n - *i < k || memcmp(s + *i, lit, k) != 0)
+        return 0;
+    *i += k;
+    return 1;
+}
+
+static int
+role_at(const char *s, size_t n, size_t *i, enum message_role *role)
+{
+    if (literal_at(s, n, i, "user\""))
+        *role = MESSAGE_USER;
+    else if (literal_at(s, n, i, "assistant\""))
+        *role = MESSAGE_ASSISTANT;
+    else
+        return 0;
+    return 1;
+}
+
+static int
+string_at(const char *s, size_t n, size_t *i, struct buf *out)
+{
+    size_t k = json_string_decode(s + *i, n - *i, out);
+
+    *i += k;
+    return k > 0;
+}
+
+/* An item in the very form chatdb_gen_item writes, read without a parser:
+ * every turn reads the whole history, and yajl's callbacks cost ten times
+ * this. The form is fixed: {"role":R,"content":C} or with ,"tools":T
+ * before the brace. Decoding checks the strings as json_pick would. Into
+ * text: the content, then the tool exchange. Returns 1 with the parts set,
+ * 0 when the item has another form. */
+static int
+read_item_as_written(const char *s, size_t n, enum message_role *role,
+                     struct buf *text, size_t *content_len)
+{
+    size_t i = 0;
+
+    if (!literal_at(s, n, &i, "{\"role\":\"") || !role_at(s, n, &i, role) ||
+        !literal_at(s, n, &i, ",\"content\":\"") ||
+        !string_at(s, n, &i, text))
+        return 0;
+    *content_len = text->len;
+    if (literal_at(s, n, &i, ",\"tools\":\"") && !string_at(s, n, &i, text))
+        return 0;
+    return i + 1 == n && s[i] == '}';
+}
+
+/* The same item through json_pick: any key order, spacing or extra key. */
+static int
+read_item_parsed(const char *json, size_t len, enum message_role *role,
+                 struct buf *text, size_t *content_len)
 {
     struct json_field f[] = {
         {.path = "role", .accept = JSON_STRING},
@@ -380,9 +438,8 @@ chatdb_add_item(struct messages *h, const char *json, size_t len)
     };
     char err[JSON_ERR_LEN];
     struct buf arena;
-    enum message_role role;
     const char *name;
-    int rc = -1;
+    int ok = 0;
 
     buf_init(&arena, len + 2);
     if (json_pick(json, len, f, 3, &arena, ITEM_DEPTH, 0, err) == -1 ||
@@ -390,17 +447,46 @@ chatdb_add_item(struct messages *h, const char *json, size_t len)
         goto out;
     name = json_field_text(&f[0], &arena);
     if (f[0].len == 4 && memcmp(name, "user", 4) == 0)
-        role = MESSAGE_USER;
+        *role = MESSAGE_USER;
     else if (f[0].len == 9 && memcmp(name, "assistant", 9) == 0)
-        role = MESSAGE_ASSISTANT;
+        *role = MESSAGE_ASSISTANT;
     else
         goto out;
-    rc = messages_add_extra(h, role, json_field_text(&f[1], &arena),
-                            f[1].len, MESSAGE_EXCHANGE,
-                            f[2].type ? json_field_text(&f[2], &arena) : "",
-                            f[2].len);
+    *content_len = f[1].len;
+    ok = buf_append(text, json_field_text(&f[1], &arena), f[1].len) == 0 &&
+         (f[2].type == 0 ||
+          buf_append(text, json_field_text(&f[2], &arena), f[2].len) == 0);
 out:
     buf_cleanup(&arena);
+    return ok;
+}
+
+int
+chatdb_add_item(struct messages *h, const char *json, size_t len)
+{
+    enum message_role role;
+    struct buf text;
+    const char *parts;
+    size_t content_len;
+    int as_written, rc = -1;
+
+    buf_init(&text, len);
+    as_written = read_item_as_written(json, len, &role, &text, &content_len);
+    if (!as_written) {
+        buf_reset(&text);
+        if (!read_item_parsed(json, len, &role, &text, &content_len))
+            goto out;
+    }
+    if ((parts = buf_cstr(&text)) == NULL)
+        goto out;
+    rc = messages_add_extra(h, role, parts, content_len, MESSAGE_EXCHANGE,
+                            parts + content_len, text.len - content_len);
+    /* Without a tool exchange the item is the message in OpenAI's shape
+     * already: the request to the model takes it as it is. */
+    if (rc == 0 && as_written && text.len == content_len)
+        messages_attach_json(h, json, len);
+out:
+    buf_cleanup(&text);
     return rc;
 }
 

@@ -343,6 +343,86 @@ escapes_valid(const char *s, size_t n)
     return 1;
 }
 
+/* Append code point cp as UTF-8 (cp is a valid scalar value). */
+static int
+append_utf8(struct buf *out, unsigned cp)
+{
+    char u[4];
+    size_t n;
+
+    if (cp < 0x80) {
+        u[0] = (char)cp;
+        n = 1;
+    } else if (cp < 0x800) {
+        u[0] = (char)(0xC0 | cp >> 6);
+        u[1] = (char)(0x80 | (cp & 0x3F));
+        n = 2;
+    } else if (cp < 0x10000) {
+        u[0] = (char)(0xE0 | cp >> 12);
+        u[1] = (char)(0x80 | (cp >> 6 & 0x3F));
+        u[2] = (char)(0x80 | (cp & 0x3F));
+        n = 3;
+    } else {
+        u[0] = (char)(0xF0 | cp >> 18);
+        u[1] = (char)(0x80 | (cp >> 12 & 0x3F));
+        u[2] = (char)(0x80 | (cp >> 6 & 0x3F));
+        u[3] = (char)(0x80 | (cp & 0x3F));
+        n = 4;
+    }
+    return buf_append(out, u, n);
+}
+
+/* The escape at s[i] (just past its backslash) into out. Returns the
+ * offset after it, or 0 when it is unknown, cut short or a lone
+ * surrogate. */
+static size_t
+decode_escape(const char *s, size_t n, size_t i, struct buf *out)
+{
+    static const char simple[] = "\"\"\\\\//b\bf\fn\nr\rt\t";
+    size_t end;
+    unsigned hi, lo;
+
+    if (i >= n)
+        return 0;
+    if (s[i] != 'u') {
+        for (size_t k = 0; k < sizeof(simple) - 1; k += 2)
+            if (s[i] == simple[k])
+                return buf_append(out, &simple[k + 1], 1) == 0 ? i + 1 : 0;
+        return 0;
+    }
+    end = unicode_escape_end(s, n, i);
+    if (end == 0)
+        return 0;
+    hex4(s + i + 1, &hi);
+    if (end == i + 11) {
+        hex4(s + i + 7, &lo);
+        hi = 0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00);
+    }
+    return append_utf8(out, hi) == 0 ? end : 0;
+}
+
+size_t
+json_string_decode(const char *s, size_t n, struct buf *out)
+{
+    size_t i = 0;
+
+    for (;;) {
+        size_t run = i;
+
+        while (i < n && s[i] != '"' && s[i] != '\\' &&
+               (unsigned char)s[i] >= 0x20)
+            i++;
+        /* Escapes are ASCII, so no UTF-8 sequence spans two runs. */
+        if (!json_utf8_valid(s + run, i - run) ||
+            buf_append(out, s + run, i - run) == -1 || i == n)
+            return 0;
+        if (s[i] == '"')
+            return i + 1;
+        if (s[i] != '\\' || (i = decode_escape(s, n, i + 1, out)) == 0)
+            return 0; /* a raw control character, or a bad escape */
+    }
+}
+
 /* yajl's message, first line only: "parse error: ...". */
 static void
 yajl_reason(yajl_handle h, const char *doc, size_t len, char *err)
@@ -545,6 +625,14 @@ json_gen_str(yajl_gen g, const char *s, size_t n)
                    yajl_gen_status_ok
                ? 0
                : -1;
+}
+
+int
+json_gen_raw(yajl_gen g, const char *json, size_t len)
+{
+    /* yajl_gen_number writes its text unchanged, with the separator the
+     * position needs: the one way into yajl for a prepared value. */
+    return yajl_gen_number(g, json, len) == yajl_gen_status_ok ? 0 : -1;
 }
 
 int

@@ -12,6 +12,7 @@ messages_init(struct messages *h, size_t max_text)
     h->count = 0;
     h->cap = 0;
     buf_init(&h->text, max_text);
+    buf_init(&h->json, max_text);
 }
 
 void
@@ -19,6 +20,7 @@ messages_reset(struct messages *h)
 {
     h->count = 0;
     buf_reset(&h->text);
+    buf_reset(&h->json);
 }
 
 void
@@ -26,6 +28,7 @@ messages_cleanup(struct messages *h)
 {
     free(h->msgs);
     buf_cleanup(&h->text);
+    buf_cleanup(&h->json);
     h->msgs = NULL;
     h->count = h->cap = 0;
 }
@@ -62,6 +65,8 @@ messages_add_extra(struct messages *h, enum message_role role,
     m->extra_off = extra_len ? m->off + len + 1 : m->off + len;
     m->extra_len = extra_len;
     m->extra_kind = extra_len ? kind : MESSAGE_PLAIN;
+    m->json_off = h->json.len;
+    m->json_len = 0;
     /* NUL after each string, so that it can be read as a C string too. */
     if (buf_append(&h->text, content, len) == -1 ||
         buf_append(&h->text, "", 1) == -1 ||
@@ -71,6 +76,17 @@ messages_add_extra(struct messages *h, enum message_role role,
         return -1;
     }
     h->count++;
+    return 0;
+}
+
+int
+messages_attach_json(struct messages *h, const char *json, size_t len)
+{
+    struct message *m = &h->msgs[h->count - 1];
+
+    if (buf_append(&h->json, json, len) == -1)
+        return -1;
+    m->json_len = len;
     return 0;
 }
 
@@ -93,6 +109,7 @@ messages_drop_last(struct messages *h)
         return;
     h->count--;
     h->text.len = h->msgs[h->count].off;
+    h->json.len = h->msgs[h->count].json_off;
 }
 
 void
@@ -129,6 +146,8 @@ messages_gen(yajl_gen g, const struct messages *h, size_t i)
     const char *extra = messages_extra(h, i);
     int calls = m->extra_kind == MESSAGE_CALLS;
 
+    if (m->json_len > 0)
+        return json_gen_raw(g, h->json.data + m->json_off, m->json_len);
     if (m->extra_kind == MESSAGE_EXCHANGE && json_gen_text(g, extra, 1))
         return -1;
     if (yajl_gen_map_open(g) ||

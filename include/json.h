@@ -73,6 +73,13 @@ size_t json_utf8_complete_len(const char *s, size_t n);
  * sequence. Returns 0, or -1 (out is "") when src is not valid UTF-8. */
 int json_utf8_copy(char *out, size_t size, const char *src, size_t n);
 
+/* Decode the JSON string that starts at s, just past its opening quote,
+ * into out (appended). Returns how many bytes of s it took, the closing
+ * quote included, or 0 when there is no well-formed string there: a raw
+ * control character, an unknown or cut escape, a lone surrogate, bytes
+ * that are not UTF-8, no closing quote, or out over its cap. */
+size_t json_string_decode(const char *s, size_t n, struct buf *out);
+
 /* A generator that validates UTF-8 and writes compact JSON; NULL if out of
  * memory. Free with yajl_gen_free(). */
 yajl_gen json_gen_new(void);
@@ -93,6 +100,10 @@ int json_gen_int(yajl_gen g, long long v);
 int json_gen_key_str(yajl_gen g, const char *key, const char *s, size_t n);
 int json_gen_key_cstr(yajl_gen g, const char *key, const char *s);
 int json_gen_key_int(yajl_gen g, const char *key, long long v);
+
+/* Write a JSON value of ours (generated or fully checked, so trusted)
+ * as it is, without parsing it again. Returns 0 or -1. */
+int json_gen_raw(yajl_gen g, const char *json, size_t len);
 
 /* Write a value of yajl's tree as it is, at most depth levels deep (a
  * deeper one is an error, so that no input recurses without bound).

@@ -35,12 +35,16 @@ struct message {
     size_t off, len; /* content in messages.text */
     enum message_extra extra_kind;
     size_t extra_off, extra_len; /* the extra in messages.text */
+    /* The whole message as JSON in OpenAI's shape, in messages.json, when
+     * it came so (json_len 0: messages_gen writes it from the parts). */
+    size_t json_off, json_len;
 };
 
 struct messages {
     struct message *msgs;
     size_t count, cap;
     struct buf text;
+    struct buf json; /* capped like text: what does not fit is not kept */
 };
 
 void messages_init(struct messages *h, size_t max_text);
@@ -57,6 +61,11 @@ int messages_add_extra(struct messages *h, enum message_role role,
                        const char *content, size_t len,
                        enum message_extra kind, const char *extra,
                        size_t extra_len);
+
+/* The message added last is exactly this JSON text, of ours or checked,
+ * in OpenAI's shape: messages_gen() writes it as it is. Returns 0, or -1
+ * when it does not fit (messages_gen() then writes it from its parts). */
+int messages_attach_json(struct messages *h, const char *json, size_t len);
 
 /* Message i's extra, NUL-terminated (its length is msgs[i].extra_len). */
 const char *messages_extra(const struct messages *h, size_t i);

@@ -181,6 +181,97 @@ test_add_json_over_cap(void **state)
     messages_cleanup(&h);
 }
 
+/* What chatdb_gen_item writes, read back: the same parts. An item without
+ * a tool exchange is kept as it is and goes to the model unchanged. The
+ * same item spaced out (so json_pick reads it) gives the same parts. */
+static void
+test_item_as_written_round_trip(void **state)
+{
+    static const struct {
+        enum message_role role;
+        const char *content, *tools;
+        size_t len;
+    } items[] = {
+        {MESSAGE_USER, "hello", "", 5},
+        {MESSAGE_ASSISTANT, "", "", 0},
+        {MESSAGE_USER, "quote \" slash \\ / tab \t nl \n cr \r \x01 \x1f", "",
+         37},
+        {MESSAGE_ASSISTANT, "\xc3\xa9t\xc3\xa9 \xf0\x9f\x98\x80 nul \0 end",
+         "", 22},
+        {MESSAGE_ASSISTANT, "answer", "[{\"role\":\"tool\",\"content\":\"2\"}]",
+         6},
+    };
+    yajl_gen g = json_gen_new(), out = json_gen_new();
+    struct messages h, spaced;
+
+    (void)state;
+    messages_init(&h, 4096);
+    messages_init(&spaced, 4096);
+    for (size_t i = 0; i < NELEM(items); i++) {
+        const unsigned char *json, *sent;
+        size_t len, sent_len;
+        char loose[512];
+        int n;
+
+        assert_int_equal(chatdb_gen_item(g, items[i].role, items[i].content,
+                                         items[i].len, items[i].tools,
+                                         strlen(items[i].tools)),
+                         0);
+        yajl_gen_get_buf(g, &json, &len);
+        assert_int_equal(chatdb_add_item(&h, (const char *)json, len), 0);
+        assert_int_equal(h.msgs[i].role, items[i].role);
+        assert_int_equal(h.msgs[i].len, items[i].len);
+        assert_memory_equal(messages_content(&h, i), items[i].content,
+                            items[i].len);
+        assert_string_equal(messages_extra(&h, i), items[i].tools);
+        /* without tools, exactly the stored text goes to the model (after
+         * the '[' of the messages array) */
+        json_gen_restart(out);
+        assert_int_equal(yajl_gen_array_open(out), yajl_gen_status_ok);
+        assert_int_equal(messages_gen(out, &h, i), 0);
+        yajl_gen_get_buf(out, &sent, &sent_len);
+        if (items[i].tools[0] == '\0')
+            assert_true(sent_len == len + 1 &&
+                        memcmp(sent + 1, json, len) == 0);
+        assert_int_equal(h.msgs[i].json_len,
+                         items[i].tools[0] == '\0' ? len : 0);
+        /* "{ " instead of "{": json_pick's reading, the same parts */
+        n = snprintf(loose, sizeof(loose), "{ %.*s", (int)len - 1,
+                     (const char *)json + 1);
+        assert_int_equal(chatdb_add_item(&spaced, loose, (size_t)n), 0);
+        assert_int_equal(spaced.msgs[i].role, items[i].role);
+        assert_int_equal(spaced.msgs[i].len, items[i].len);
+        assert_memory_equal(messages_content(&spaced, i), items[i].content,
+                            items[i].len);
+        assert_string_equal(messages_extra(&spaced, i), items[i].tools);
+        assert_int_equal(spaced.msgs[i].json_len, 0);
+    }
+    messages_cleanup(&h);
+    messages_cleanup(&spaced);
+    yajl_gen_free(g);
+    yajl_gen_free(out);
+}
+
+/* Dropping messages drops their stored text too. */
+static void
+test_item_json_dropped_with_message(void **state)
+{
+    static const char a[] = "{\"role\":\"user\",\"content\":\"a\"}",
+                      b[] = "{\"role\":\"assistant\",\"content\":\"b\"}";
+    struct messages h;
+
+    (void)state;
+    messages_init(&h, 4096);
+    assert_int_equal(chatdb_add_item(&h, a, sizeof(a) - 1), 0);
+    assert_int_equal(chatdb_add_item(&h, b, sizeof(b) - 1), 0);
+    assert_int_equal(h.json.len, sizeof(a) - 1 + sizeof(b) - 1);
+    messages_drop_last(&h);
+    assert_int_equal(h.json.len, sizeof(a) - 1);
+    assert_int_equal(chatdb_add_item(&h, b, sizeof(b) - 1), 0);
+    assert_memory_equal(h.json.data + h.msgs[1].json_off, b, sizeof(b) - 1);
+    messages_cleanup(&h);
+}
+
 /* Build a history of n messages, user first, of the given lengths. */
 static void
 fill(struct messages *h, const size_t *lens, size_t n)
@@ -1028,6 +1119,8 @@ main(void)
         cmocka_unit_test(test_add_json_role_with_nul_refused),
         cmocka_unit_test(test_add_json_uses_length),
         cmocka_unit_test(test_add_json_over_cap),
+        cmocka_unit_test(test_item_as_written_round_trip),
+        cmocka_unit_test(test_item_json_dropped_with_message),
         cmocka_unit_test(test_trim_start),
         cmocka_unit_test(test_trim_start_properties),
     };

@@ -1233,6 +1233,150 @@ test_gen_shrink(void **state)
     yajl_gen_free(g);
 }
 
+/* ---- json_string_decode ---- */
+
+struct string_case {
+    const char *in; /* after the opening quote */
+    size_t in_len;
+    size_t took;    /* 0: refused */
+    const char *out;
+    size_t out_len;
+};
+
+#define DEC(in, took, out) {in, sizeof(in) - 1, took, out, sizeof(out) - 1}
+#define BAD(in) {in, sizeof(in) - 1, 0, "", 0}
+
+static const struct string_case string_cases[] = {
+    DEC("\"", 1, ""),
+    DEC("plain\"", 6, "plain"),
+    DEC("stops\" at the quote\"", 6, "stops"),
+    DEC("\\\"\\\\\\/\\b\\f\\n\\r\\t\"", 17, "\"\\/\b\f\n\r\t"),
+    DEC("\\u00e9t\\u00E9\"", 14, "\xc3\xa9t\xc3\xa9"),
+    DEC("\\u0000\"", 7, "\0"),
+    DEC("\\u20ac\"", 7, "\xe2\x82\xac"),
+    DEC("\\ud83d\\ude00\"", 13, "\xf0\x9f\x98\x80"),
+    DEC("\\udbff\\udfff\"", 13, "\xf4\x8f\xbf\xbf"),
+    DEC("raw \xc3\xa9 \xf0\x9f\x98\x80\"", 12, "raw \xc3\xa9 \xf0\x9f\x98\x80"),
+    BAD(""),
+    BAD("no closing quote"),
+    BAD("ends in an escape\\"),
+    BAD("\\x\""),
+    BAD("\\u12\""),
+    BAD("\\u12g4\""),
+    BAD("\\ud83d\""),
+    BAD("\\ud83d\\u0041\""),
+    BAD("\\ude00\""),
+    BAD("tab\tinside\""),
+    BAD("newline\ninside\""),
+    BAD("\x01\""),
+    BAD("\xff\""),
+    BAD("\xc0\x80\""),
+    BAD("\xed\xa0\x80\""),
+    BAD("\xe2\x82\""),
+};
+
+static void
+test_string_decode(void **state)
+{
+    (void)state;
+    for (size_t i = 0; i < NELEM(string_cases); i++) {
+        const struct string_case *c = &string_cases[i];
+        struct buf out;
+        size_t took;
+
+        buf_init(&out, 64);
+        took = json_string_decode(c->in, c->in_len, &out);
+        if (took != c->took)
+            fail_msg("case %zu: took %zu bytes, not %zu", i, took, c->took);
+        if (took > 0 && (out.len != c->out_len ||
+                         memcmp(out.data, c->out, out.len) != 0))
+            fail_msg("case %zu: decoded wrong", i);
+        buf_cleanup(&out);
+    }
+}
+
+/* One escape, decoded by json_string_decode and by yajl: the same
+ * verdict and the same bytes. */
+static void
+agree_with_yajl(const char *escape)
+{
+    char in[32], doc[48];
+    int n = snprintf(in, sizeof(in), "a%sz\"", escape);
+    struct buf out;
+    size_t took;
+    yajl_val v;
+
+    snprintf(doc, sizeof(doc), "[\"%s]", in);
+    v = yajl_tree_parse(doc, NULL, 0);
+    buf_init(&out, 64);
+    took = json_string_decode(in, (size_t)n, &out);
+    if ((took > 0) != (v != NULL))
+        fail_msg("\"%s: decoder %s, yajl %s", in, took ? "takes" : "refuses",
+                 v ? "takes" : "refuses");
+    if (v != NULL && (strlen(v->u.array.values[0]->u.string) != out.len ||
+                      memcmp(v->u.array.values[0]->u.string, out.data,
+                             out.len) != 0))
+        fail_msg("\"%s: decoded unlike yajl", in);
+    buf_cleanup(&out);
+    yajl_tree_free(v);
+}
+
+/* Every byte after a backslash, and \u escapes across the BMP. yajl turns
+ * lone surrogates into '?' and \u0000 into a NUL strlen cannot see, which
+ * the table above covers. */
+static void
+test_string_decode_agrees_with_yajl(void **state)
+{
+    char escape[8];
+
+    (void)state;
+    for (unsigned c = 1; c < 256; c++) {
+        if (c == 'u')
+            continue;
+        snprintf(escape, sizeof(escape), "\\%c", (char)c);
+        agree_with_yajl(escape);
+    }
+    for (unsigned u = 1; u < 0x10000; u += 0x57) {
+        if (u >= 0xD800 && u <= 0xDFFF)
+            continue;
+        snprintf(escape, sizeof(escape), "\\u%04x", u);
+        agree_with_yajl(escape);
+    }
+}
+
+/* Over the cap is a refusal, not a cut string. */
+static void
+test_string_decode_cap(void **state)
+{
+    struct buf out;
+
+    (void)state;
+    buf_init(&out, 4);
+    assert_int_equal(json_string_decode("12345\"", 6, &out), 0);
+    buf_reset(&out);
+    assert_int_equal(json_string_decode("1234\"", 5, &out), 5);
+    buf_cleanup(&out);
+}
+
+/* A prepared value goes in as it is, with the separator its place needs. */
+static void
+test_gen_raw(void **state)
+{
+    yajl_gen g = json_gen_new();
+    const unsigned char *doc;
+    size_t len;
+
+    (void)state;
+    assert_int_equal(yajl_gen_array_open(g), yajl_gen_status_ok);
+    assert_int_equal(json_gen_raw(g, "{\"a\":1}", 7), 0);
+    assert_int_equal(json_gen_raw(g, "\"b\\n\"", 5), 0);
+    assert_int_equal(yajl_gen_array_close(g), yajl_gen_status_ok);
+    yajl_gen_get_buf(g, &doc, &len);
+    assert_int_equal(len, 15);
+    assert_memory_equal(doc, "[{\"a\":1},\"b\\n\"]", 15);
+    yajl_gen_free(g);
+}
+
 int
 main(void)
 {
@@ -1270,6 +1414,10 @@ main(void)
         cmocka_unit_test(test_gen_refuses_bad_utf8),
         cmocka_unit_test(test_gen_refuses_overlong_and_surrogates),
         cmocka_unit_test(test_gen_shrink),
+        cmocka_unit_test(test_string_decode),
+        cmocka_unit_test(test_string_decode_agrees_with_yajl),
+        cmocka_unit_test(test_string_decode_cap),
+        cmocka_unit_test(test_gen_raw),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
