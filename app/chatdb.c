@@ -284,6 +284,23 @@ struct turn_keys {
     char tpm[KEY_MAX];
 };
 
+/* The concatenation of parts (NULL-terminated) into out. Session ids and
+ * client names are bounded far below KEY_MAX by their parsers; a longer
+ * key would be cut. Every turn builds a handful: no snprintf here. */
+static void
+key_join(char out[KEY_MAX], const char *const *parts)
+{
+    size_t n = 0;
+
+    for (; *parts != NULL; parts++) {
+        size_t len = strnlen(*parts, KEY_MAX - 1 - n);
+
+        memcpy(out + n, *parts, len);
+        n += len;
+    }
+    out[n] = '\0';
+}
+
 /* The client's rate-limit counters of the current minute. */
 static void
 client_keys(const struct chatdb_turn *t, struct turn_keys *k, long long window)
@@ -298,14 +315,14 @@ client_keys(const struct chatdb_turn *t, struct turn_keys *k, long long window)
 static void
 record_key(const struct chatdb_turn *t, char out[KEY_MAX])
 {
-    if (t->idempotency_key == NULL)
-        snprintf(out, KEY_MAX, "chat:{%s}:idem", t->session_id);
+    const char *sid = t->session_id, *key = t->idempotency_key;
+
+    if (key == NULL)
+        key_join(out, (const char *[]){"chat:{", sid, "}:idem", NULL});
     else if (t->idempotency_by_client)
-        snprintf(out, KEY_MAX, "idem:{%s}:%s", t->client,
-                 t->idempotency_key);
+        key_join(out, (const char *[]){"idem:{", t->client, "}:", key, NULL});
     else
-        snprintf(out, KEY_MAX, "chat:{%s}:idem:%s", t->session_id,
-                 t->idempotency_key);
+        key_join(out, (const char *[]){"chat:{", sid, "}:idem:", key, NULL});
 }
 
 /* A session's keys share the hash tag {id}, a Redis Cluster slot. */
@@ -314,11 +331,12 @@ turn_keys(const struct chatdb_turn *t, struct turn_keys *k, long long window)
 {
     const char *sid = t->session_id;
 
-    client_keys(t, k, window);
-    snprintf(k->history, sizeof(k->history), "chat:{%s}:history", sid);
-    snprintf(k->lock, sizeof(k->lock), "chat:{%s}:lock", sid);
-    snprintf(k->owner, sizeof(k->owner), "chat:{%s}:owner", sid);
+    key_join(k->history, (const char *[]){"chat:{", sid, "}:history", NULL});
+    key_join(k->lock, (const char *[]){"chat:{", sid, "}:lock", NULL});
+    key_join(k->owner, (const char *[]){"chat:{", sid, "}:owner", NULL});
     record_key(t, k->record);
+    if (t->rpm > 0 || t->tpm > 0)
+        client_keys(t, k, window);
     /* A counter that is off is never touched: the lock stands in for it,
      * so that every key of a session's script may share its slot. */
     if (t->rpm == 0)
@@ -561,12 +579,22 @@ arg_str(struct args *c, const char *s)
     arg(c, s, strlen(s));
 }
 
+/* v in decimal, as "%lld" prints it, without printf's cost: a turn passes
+ * about a dozen numbers. */
 static void
 arg_int(struct args *c, long long v)
 {
-    int n = snprintf(c->numbers[c->argc], sizeof(c->numbers[0]), "%lld", v);
+    char *end = c->numbers[c->argc] + sizeof(c->numbers[0]), *p = end;
+    unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v
+                                  : (unsigned long long)v;
 
-    arg(c, c->numbers[c->argc], (size_t)n);
+    do {
+        *--p = (char)('0' + u % 10);
+        u /= 10;
+    } while (u > 0);
+    if (v < 0)
+        *--p = '-';
+    arg(c, p, (size_t)(end - p));
 }
 
 /* A script call with nkeys keys: argv[0..1] are left for the script. */

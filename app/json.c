@@ -46,6 +46,24 @@ fail(struct pick *p, const char *msg)
     return 0; /* yajl: cancel the parse */
 }
 
+/* Does a path segment (n bytes) name array index idx? As "%ld" would
+ * print it: digits, no sign, no leading zero. (Called for every value of
+ * every document parsed: no snprintf here.) */
+static int
+index_matches(const char *seg, size_t n, long idx)
+{
+    long v = 0;
+
+    if (n == 0 || n > 18 || (n > 1 && seg[0] == '0'))
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        if (seg[i] < '0' || seg[i] > '9')
+            return 0;
+        v = v * 10 + (seg[i] - '0');
+    }
+    return v == idx;
+}
+
 /* Does the current position match a dot-separated path? */
 static int
 path_matches(const struct pick *p, const char *path)
@@ -59,10 +77,7 @@ path_matches(const struct pick *p, const char *path)
         size_t seg = strcspn(s, ".");
 
         if (f->is_array) {
-            char idx[24];
-            int n = snprintf(idx, sizeof(idx), "%ld", f->index);
-
-            if ((size_t)n != seg || memcmp(idx, s, seg) != 0)
+            if (!index_matches(s, seg, f->index))
                 return 0;
         } else if (seg != f->key_len ||
                    memcmp(p->keys.data + f->key_off, s, seg) != 0) {

@@ -695,8 +695,10 @@ pipeline(struct store *s, redisContext *ctx, int asking, const struct call *c,
     int rc = -1;
 
     *r = *w = NULL;
-    snprintf(n, sizeof(n), "%lld", s->wait_replicas);
-    snprintf(ms, sizeof(ms), "%lld", s->wait_timeout_ms);
+    if (waits) {
+        snprintf(n, sizeof(n), "%lld", s->wait_replicas);
+        snprintf(ms, sizeof(ms), "%lld", s->wait_timeout_ms);
+    }
     if ((asking && redisAppendCommandArgv(ctx, 1, ask, NULL) != REDIS_OK) ||
         redisAppendCommandArgv(ctx, c->argc, c->argv, c->lens) != REDIS_OK ||
         (waits && redisAppendCommandArgv(ctx, 3, wait, NULL) != REDIS_OK))
