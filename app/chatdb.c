@@ -66,7 +66,12 @@
  * any request does, so that probing ids costs the prober. The first turn
  * with an owner claims the session for as long as its history lives. An
  * idempotency record starts with the hash of its request: a key reused
- * for another request neither replays nor runs. */
+ * for another request neither replays nor runs. Go comes with Redis's
+ * clock (seconds, microseconds); the history is read by an LRANGE sent
+ * right after the script, in the same round trip: through Lua, each of
+ * its items would be copied into a table and back, a third of the
+ * script's time. The lock, taken here, keeps other turns from changing
+ * the history in between. */
 static const char begin_lua[] = LIMITS_LUA OWNER_LUA RECORD_LUA
     "local theirs = foreign(KEYS[6], ARGV[7])\n"
     "local hash = ARGV[9]\n"
@@ -94,10 +99,7 @@ static const char begin_lua[] = LIMITS_LUA OWNER_LUA RECORD_LUA
     "end\n"
     "count(KEYS[4], rpm)\n"
     "local t = redis.call('TIME')\n"
-    "local h = redis.call('LRANGE', KEYS[1], 0, -1)\n"
-    "table.insert(h, 1, tostring(t[1] * 1000 + math.floor(t[2] / 1000)))\n"
-    "table.insert(h, 1, 'go')\n"
-    "return h\n";
+    "return {'go', t[1], t[2]}\n";
 
 /* KEYS: history, lock, idempotency record, tpm counter, owner.
  * ARGV: user item, assistant item, trim start, ttl, token,
@@ -605,12 +607,22 @@ script_args(struct args *c, int nkeys)
     arg_int(c, nkeys);
 }
 
-/* One call as a plain command, or (acked) as a write that waits for
- * [redis] wait_replicas in the same round trip. */
+/* How a script is sent: plain, (acked) as a write that waits for [redis]
+ * wait_replicas, or with a read that follows it in the same round trip. */
+struct sending {
+    int acked;
+    const struct store_read *then;
+    redisReply **then_reply;
+};
+
 static redisReply *
-send_args(struct store *s, struct args *c, int acked, const char *what)
+send_args(struct store *s, struct args *c, const struct sending *how,
+          const char *what)
 {
-    if (acked)
+    if (how->then != NULL)
+        return store_command_then(s, c->argc, c->argv, c->lens, what,
+                                  how->then, how->then_reply);
+    if (how->acked)
         return store_write_argv(s, c->argc, c->argv, c->lens, what);
     return store_command_argv(s, c->argc, c->argv, c->lens, what);
 }
@@ -618,8 +630,8 @@ send_args(struct store *s, struct args *c, int acked, const char *what)
 /* EVALSHA, or EVAL when Redis does not have the script yet (a restart, a
  * flush, a replica just promoted): one round trip in the usual case. */
 static redisReply *
-run_script(struct chatdb *db, enum script sc, struct args *c, int acked,
-           const char *what)
+run_script_as(struct chatdb *db, enum script sc, struct args *c,
+              const struct sending *how, const char *what)
 {
     redisReply *r;
 
@@ -627,14 +639,23 @@ run_script(struct chatdb *db, enum script sc, struct args *c, int acked,
     c->lens[0] = 7;
     c->argv[1] = db->sha[sc];
     c->lens[1] = 40;
-    r = send_args(&db->store, c, acked, what);
+    r = send_args(&db->store, c, how, what);
     if (r != NULL || strstr(db->store.err, "NOSCRIPT") == NULL)
         return r;
     c->argv[0] = "EVAL";
     c->lens[0] = 4;
     c->argv[1] = scripts[sc];
     c->lens[1] = strlen(scripts[sc]);
-    return send_args(&db->store, c, acked, what);
+    return send_args(&db->store, c, how, what);
+}
+
+static redisReply *
+run_script(struct chatdb *db, enum script sc, struct args *c, int acked,
+           const char *what)
+{
+    struct sending how = {.acked = acked};
+
+    return run_script_as(db, sc, c, &how, what);
 }
 
 /* ---- the replies of the scripts */
@@ -779,16 +800,19 @@ stop_outcome(struct chatdb *db, const redisReply *r, struct buf *replay,
 
 static int
 begin_outcome(struct chatdb *db, struct chatdb_turn *t, const redisReply *r,
-              struct messages *h, struct buf *replay,
-              long long *retry_after_s)
+              const redisReply *history, struct messages *h,
+              struct buf *replay, long long *retry_after_s)
 {
     const char *tag = reply_tag(r);
 
-    if (tag != NULL && strcmp(tag, "go") == 0 && r->elements >= 2 &&
-        r->element[1]->type == REDIS_REPLY_STRING) {
-        t->redis_clock_ms = strtoll(r->element[1]->str, NULL, 10);
+    if (tag != NULL && strcmp(tag, "go") == 0 && r->elements == 3 &&
+        r->element[1]->type == REDIS_REPLY_STRING &&
+        r->element[2]->type == REDIS_REPLY_STRING &&
+        history->type == REDIS_REPLY_ARRAY) {
+        t->redis_clock_ms = strtoll(r->element[1]->str, NULL, 10) * 1000 +
+                            strtoll(r->element[2]->str, NULL, 10) / 1000;
         t->local_clock_ms = clock_ms();
-        t->skipped = fill_history(r, 2, h);
+        t->skipped = fill_history(history, 0, h);
         return CHATDB_GO;
     }
     return stop_outcome(db, r, replay, retry_after_s);
@@ -831,8 +855,11 @@ begin_session(struct chatdb *db, struct chatdb_turn *t,
 {
     long long now = (long long)time(NULL);
     struct turn_keys k;
+    const char *lrange[] = {"LRANGE", k.history, "0", "-1"};
+    const struct store_read read_history = {4, lrange, NULL};
+    redisReply *r, *history = NULL;
+    struct sending how = {0, &read_history, &history};
     struct args c;
-    redisReply *r;
     int rc;
 
     turn_keys(st, &k, now / WINDOW_S);
@@ -852,11 +879,12 @@ begin_session(struct chatdb *db, struct chatdb_turn *t,
     arg_str(&c, st->owner);
     arg_int(&c, db->conf->chat.history_ttl_seconds);
     arg_str(&c, st->request_hash);
-    r = run_script(db, BEGIN, &c, 0, "turn begin");
+    r = run_script_as(db, BEGIN, &c, &how, "turn begin");
     if (r == NULL)
         return -1;
-    rc = begin_outcome(db, t, r, h, replay, retry_after_s);
+    rc = begin_outcome(db, t, r, history, h, replay, retry_after_s);
     freeReplyObject(r);
+    freeReplyObject(history);
     return rc;
 }
 
@@ -1007,7 +1035,11 @@ commit_session(struct chatdb *db, const struct chatdb_turn *t,
     arg_int(&c, cf->chat.history_ttl_seconds);
     arg_str(&c, t->token);
     arg_str(&c, t->idempotency_key ? "1" : "0");
-    arg(&c, res->answer, res->answer_len);
+    /* Only a record keeps the answer: without one, it need not travel. */
+    if (t->idempotency_key != NULL)
+        arg(&c, res->answer, res->answer_len);
+    else
+        arg_str(&c, "");
     arg_int(&c, cf->idempotency_ttl_s);
     arg_int(&c, t->tpm > 0 ? res->tokens : 0);
     arg_int(&c, commit_deadline(&db->store, t));

@@ -663,7 +663,22 @@ struct call {
     const size_t *lens;
     const char *what;
     int acked; /* a write followed by WAIT when wait_replicas is set */
+    const struct store_read *then; /* sent right after it, or NULL */
 };
+
+/* The replies of one round trip: the command's, then's, WAIT's. */
+struct replies {
+    redisReply *r, *then, *wait;
+};
+
+static void
+free_replies(struct replies *rep)
+{
+    freeReplyObject(rep->r);
+    freeReplyObject(rep->then);
+    freeReplyObject(rep->wait);
+    rep->r = rep->then = rep->wait = NULL;
+}
 
 /* The next reply of a pipeline, or -1 when the connection failed. */
 static int
@@ -677,76 +692,108 @@ next_reply(redisContext *ctx, redisReply **out)
     return 0;
 }
 
-/* Send c on ctx in one round trip, after ASKING when asking, followed by
- * WAIT for an acked write, then read every reply before any is judged:
- * one left unread would answer the next command. Returns 0 with the
- * command's reply in *r and WAIT's in *w (NULL when none was sent), or -1
- * with s->err set when the connection failed: it is dead then, and the
- * command may have run. */
+/* Append one command, after ASKING when asking. Returns 0 or -1. */
+static int
+append(redisContext *ctx, int asking, int argc, const char **argv,
+       const size_t *lens)
+{
+    const char *ask[] = {"ASKING"};
+
+    return (asking && redisAppendCommandArgv(ctx, 1, ask, NULL) != REDIS_OK) ||
+                   redisAppendCommandArgv(ctx, argc, argv, lens) != REDIS_OK
+               ? -1
+               : 0;
+}
+
+/* Read the reply of a command appended by append(). Returns 0 or -1. */
+static int
+read_reply(redisContext *ctx, int asking, redisReply **out)
+{
+    redisReply *a = NULL;
+    int rc = (asking && next_reply(ctx, &a) == -1) || next_reply(ctx, out);
+
+    freeReplyObject(a);
+    return rc ? -1 : 0;
+}
+
+/* Send c (and c->then) on ctx in one round trip, each after ASKING when
+ * asking, followed by WAIT for an acked write, then read every reply
+ * before any is judged: one left unread would answer the next command.
+ * Returns 0 with the replies in *rep (then and wait NULL when not sent),
+ * or -1 with s->err set when the connection failed: it is dead then, and
+ * the command may have run. */
 static int
 pipeline(struct store *s, redisContext *ctx, int asking, const struct call *c,
-         redisReply **r, redisReply **w)
+         struct replies *rep)
 {
     char n[24], ms[24];
-    const char *ask[] = {"ASKING"};
     const char *wait[] = {"WAIT", n, ms};
+    const struct store_read *t = c->then;
     int waits = c->acked && s->wait_replicas > 0;
-    redisReply *a = NULL;
-    int rc = -1;
 
-    *r = *w = NULL;
+    rep->r = rep->then = rep->wait = NULL;
     if (waits) {
         snprintf(n, sizeof(n), "%lld", s->wait_replicas);
         snprintf(ms, sizeof(ms), "%lld", s->wait_timeout_ms);
     }
-    if ((asking && redisAppendCommandArgv(ctx, 1, ask, NULL) != REDIS_OK) ||
-        redisAppendCommandArgv(ctx, c->argc, c->argv, c->lens) != REDIS_OK ||
-        (waits && redisAppendCommandArgv(ctx, 3, wait, NULL) != REDIS_OK))
+    if (append(ctx, asking, c->argc, c->argv, c->lens) == -1 ||
+        (t && append(ctx, asking, t->argc, t->argv, t->lens) == -1) ||
+        (waits && append(ctx, 0, 3, wait, NULL) == -1)) {
         snprintf(s->err, STORE_ERR_LEN, "out of memory");
-    else if ((asking && next_reply(ctx, &a) == -1) ||
-             next_reply(ctx, r) == -1 || (waits && next_reply(ctx, w) == -1))
+        return -1;
+    }
+    if (read_reply(ctx, asking, &rep->r) == -1 ||
+        (t && read_reply(ctx, asking, &rep->then) == -1) ||
+        (waits && read_reply(ctx, 0, &rep->wait) == -1)) {
         snprintf(s->err, STORE_ERR_LEN, "Redis %s: %s", c->what,
                  ctx->errstr[0] ? ctx->errstr : "connection lost");
-    else
-        rc = 0;
-    freeReplyObject(a);
-    if (rc == -1) {
-        freeReplyObject(*r);
-        freeReplyObject(*w);
-        *r = *w = NULL;
+        free_replies(rep);
+        return -1;
     }
-    return rc;
+    return 0;
 }
 
 /* Whether the replies of a pipeline say the call worked: no error reply,
  * and as many replicas as asked when WAIT was sent. */
 static int
-call_worked(struct store *s, const struct call *c, redisReply *r,
-            redisReply *w)
+call_worked(struct store *s, const struct call *c, const struct replies *rep)
 {
-    return reply_failed(s, r, c->what) == 0 &&
-           (w == NULL ||
-            (reply_failed(s, w, "WAIT") == 0 && replicas_short(s, w) == 0));
+    return reply_failed(s, rep->r, c->what) == 0 &&
+           (rep->then == NULL || reply_failed(s, rep->then, c->what) == 0) &&
+           (rep->wait == NULL ||
+            (reply_failed(s, rep->wait, "WAIT") == 0 &&
+             replicas_short(s, rep->wait) == 0));
+}
+
+/* The call's replies to its caller: the command's, then's in *then. */
+static redisReply *
+hand_over(const struct call *c, struct replies *rep, redisReply **then)
+{
+    redisReply *r = rep->r;
+
+    if (c->then != NULL)
+        *then = rep->then;
+    else
+        freeReplyObject(rep->then);
+    freeReplyObject(rep->wait);
+    return r;
 }
 
 /* A call on the one connection (a server, or the Sentinels' master). */
 static redisReply *
-single_call(struct store *s, const struct call *c)
+single_call(struct store *s, const struct call *c, redisReply **then)
 {
-    redisReply *r, *w;
+    struct replies rep;
 
     if (ensure_connected(s) == -1)
         return NULL;
-    if (pipeline(s, s->ctx, 0, c, &r, &w) == -1) {
+    if (pipeline(s, s->ctx, 0, c, &rep) == -1) {
         drop_connection(s);
         return NULL;
     }
-    if (call_worked(s, c, r, w)) {
-        freeReplyObject(w);
-        return r;
-    }
-    freeReplyObject(r);
-    freeReplyObject(w);
+    if (call_worked(s, c, &rep))
+        return hand_over(c, &rep, then);
+    free_replies(&rep);
     return NULL;
 }
 
@@ -919,9 +966,11 @@ enum outcome {
 
 /* Judge the replies of a try on node. */
 static enum outcome
-judge(struct store *s, int node, const struct call *c, redisReply *r,
-      redisReply *w, struct cluster_redirect *to)
+judge(struct store *s, int node, const struct call *c,
+      const struct replies *rep, struct cluster_redirect *to)
 {
+    const redisReply *r = rep->r;
+
     if (r->type == REDIS_REPLY_ERROR &&
         cluster_redirect_parse(r->str, r->len, to) == 0) {
         if (to->node.host[0] == '\0')
@@ -937,15 +986,16 @@ judge(struct store *s, int node, const struct call *c, redisReply *r,
         s->map_stale = 1;
         return RETRY;
     }
-    return call_worked(s, c, r, w) ? DONE : FAILED;
+    return call_worked(s, c, rep) ? DONE : FAILED;
 }
 
 /* One try: to the ASK target when asked, else to the slot's master. */
 static enum outcome
 try_once(struct store *s, int slot, const struct cluster_redirect *asked,
-         const struct call *c, redisReply **out, struct cluster_redirect *to)
+         const struct call *c, redisReply **out, redisReply **then,
+         struct cluster_redirect *to)
 {
-    redisReply *r, *w;
+    struct replies rep;
     redisContext *ctx;
     enum outcome o;
     int node = asked != NULL ? cluster_map_node(s->map, asked->node.host,
@@ -957,17 +1007,16 @@ try_once(struct store *s, int slot, const struct cluster_redirect *asked,
         s->map_stale = 1;
         return RETRY;
     }
-    if (pipeline(s, ctx, asked != NULL, c, &r, &w) == -1) {
+    if (pipeline(s, ctx, asked != NULL, c, &rep) == -1) {
         drop_node(s, node);
         s->map_stale = 1;
         return FAILED;
     }
-    o = judge(s, node, c, r, w, to);
+    o = judge(s, node, c, &rep, to);
     if (o == DONE)
-        *out = r;
+        *out = hand_over(c, &rep, then);
     else
-        freeReplyObject(r);
-    freeReplyObject(w);
+        free_replies(&rep);
     return o;
 }
 
@@ -999,7 +1048,7 @@ follow_moved(struct store *s, const struct cluster_redirect *to)
 }
 
 static redisReply *
-cluster_call(struct store *s, const struct call *c)
+cluster_call(struct store *s, const struct call *c, redisReply **then)
 {
     double give_up = clock_ms() + (double)s->command_timeout.tv_sec * 1000.0 +
                      (double)s->command_timeout.tv_usec / 1000.0;
@@ -1013,7 +1062,7 @@ cluster_call(struct store *s, const struct call *c)
 
         if (refresh && refresh_map(s) == -1)
             return NULL;
-        o = try_once(s, slot, asking ? &to : NULL, c, &r, &to);
+        o = try_once(s, slot, asking ? &to : NULL, c, &r, then, &to);
         refresh = asking = 0;
         if (o == DONE)
             return r;
@@ -1034,9 +1083,9 @@ cluster_call(struct store *s, const struct call *c)
 /* ---- commands */
 
 static redisReply *
-call(struct store *s, const struct call *c)
+call(struct store *s, const struct call *c, redisReply **then)
 {
-    return s->map != NULL ? cluster_call(s, c) : single_call(s, c);
+    return s->map != NULL ? cluster_call(s, c, then) : single_call(s, c, then);
 }
 
 int
@@ -1059,16 +1108,27 @@ struct redisReply *
 store_command_argv(struct store *s, int argc, const char **argv,
                    const size_t *lens, const char *what)
 {
-    struct call c = {argc, argv, lens, what, 0};
+    struct call c = {argc, argv, lens, what, 0, NULL};
 
-    return call(s, &c);
+    return call(s, &c, NULL);
 }
 
 struct redisReply *
 store_write_argv(struct store *s, int argc, const char **argv,
                  const size_t *lens, const char *what)
 {
-    struct call c = {argc, argv, lens, what, 1};
+    struct call c = {argc, argv, lens, what, 1, NULL};
 
-    return call(s, &c);
+    return call(s, &c, NULL);
+}
+
+struct redisReply *
+store_command_then(struct store *s, int argc, const char **argv,
+                   const size_t *lens, const char *what,
+                   const struct store_read *then, struct redisReply **then_reply)
+{
+    struct call c = {argc, argv, lens, what, 0, then};
+
+    *then_reply = NULL;
+    return call(s, &c, then_reply);
 }

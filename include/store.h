@@ -102,6 +102,24 @@ struct redisReply *store_command_argv(struct store *s, int argc,
                                       const char **argv, const size_t *lens,
                                       const char *what);
 
+/* A read-only command that follows another in the same round trip. */
+struct store_read {
+    int argc;
+    const char **argv;
+    const size_t *lens;
+};
+
+/* Like store_command_argv, with then sent right after the command in the
+ * same round trip, to the same node (its keys must share the command's
+ * slot on a cluster): one wait instead of two. Returns the command's reply
+ * and then's in *then_reply, or NULL (*then_reply NULL too) when either
+ * failed. */
+struct redisReply *store_command_then(struct store *s, int argc,
+                                      const char **argv, const size_t *lens,
+                                      const char *what,
+                                      const struct store_read *then,
+                                      struct redisReply **then_reply);
+
 /* Like store_command_argv, for a write that must survive a failover:
  * when [redis] wait_replicas is set, WAIT follows the command in the same
  * round trip (pipelined, so on a cluster to the master that ran it), and
