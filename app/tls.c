@@ -312,11 +312,12 @@ take_slot(struct peer *p)
 static void
 give_back(struct peer *p)
 {
-    pid_t me = getpid();
+    pid_t me;
     struct holder *h;
 
     if (!p->held)
-        return;
+        return; /* the usual case: no getpid() for nothing */
+    me = getpid();
     h = &p->shared->holders[p->held - 1];
     p->held = 0;
     if (__atomic_load_n(&h->pid, __ATOMIC_ACQUIRE) != me)
