@@ -140,9 +140,10 @@ clean:
 	rm -rf build bin
 
 # chatfcgi beside the shared harness's peers and ceilings (../shared/bench),
-# or alone when it is absent: one table, streaming and memory figures, also
-# appended to tests/bench/results.md. See tests/bench/README.md. Takes about
-# 6 minutes; never part of `make test`.
+# or alone when it is absent: the CPU of a turn by process group, the
+# table with histories at the trim limit and with fresh sessions, streaming
+# and memory figures, also appended to tests/bench/results.md. See
+# tests/bench/README.md. Takes about 12 minutes; never part of `make test`.
 bench: deps
 	@$(MAKE) --no-print-directory all
 	@$(PYTHON) tests/bench/bench.py

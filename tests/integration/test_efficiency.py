@@ -40,21 +40,27 @@ class Monitor:
         self.file = self.sock.makefile("rb")
         assert self.file.readline() == b"+OK\r\n"
 
-    def client_commands(self, quiet=0.5):
-        """{COMMAND: count} of client commands seen until Redis has been
-        quiet for `quiet` seconds."""
+    def client_sequence(self, quiet=0.5):
+        """The names of the client commands seen, in order, until Redis
+        has been quiet for `quiet` seconds."""
         self.sock.settimeout(quiet)
-        seen = {}
+        seen = []
         try:
             for line in self.file:
                 source = line.split(b"[", 1)[1].split(b"]", 1)[0]
                 if b"lua" in source:
                     continue
-                name = line.split(b'"', 2)[1].decode().upper()
-                seen[name] = seen.get(name, 0) + 1
+                seen.append(line.split(b'"', 2)[1].decode().upper())
         except (socket.timeout, OSError):
             pass
         self.sock.close()
+        return seen
+
+    def client_commands(self, quiet=0.5):
+        """{COMMAND: count} of client_sequence()."""
+        seen = {}
+        for name in self.client_sequence(quiet):
+            seen[name] = seen.get(name, 0) + 1
         return seen
 
 
@@ -93,18 +99,19 @@ def private_dirty_kib(pid):
 # ---------------------------------------------------- Redis round trips
 
 def test_one_round_trip_to_load_and_one_to_store(stack, http, model):
-    """Per turn exactly two commands: one EVALSHA that checks limits, takes
-    the turn lock and loads the history (app/chatdb.c chatdb_turn_begin), and
-    one EVALSHA that stores, trims and unlocks (chatdb_turn_commit). The
-    first turn made Redis cache both scripts (EVAL once each), so none of
-    the ten sends one again."""
+    """Per turn exactly three commands in two round trips: one EVALSHA that
+    checks limits and takes the turn lock with the LRANGE of the history
+    right behind it, pipelined (app/chatdb.c begin_session), then one
+    EVALSHA that stores, trims and unlocks (chatdb_turn_commit). The first
+    turn made Redis cache both scripts (EVAL once each), so none of the ten
+    sends one again."""
     sid = turn(http, stack, "hello")["session_id"]  # connections are up
     monitor = Monitor(stack.redis_port)
     for i in range(10):
         turn(http, stack, f"I feel fine, number {i}", sid)
-    sent = monitor.client_commands()
+    sent = monitor.client_sequence()
     print(f"\nRedis commands sent for 10 turns: {sent}")
-    assert sent == {"EVALSHA": 20}, sent
+    assert sent == ["EVALSHA", "LRANGE", "EVALSHA"] * 10, sent
 
 
 def test_get_and_delete_are_one_round_trip_each(stack, http, model):
