@@ -857,7 +857,7 @@ def stream_report(cfg, res, out):
 
 def phase_memory(cfg, harness, healths):
     harness.start_base(0)
-    script = HERE / "post.lua"
+    script = SESSION_LUA
     res = {"pools": [], "rss": None}
     try:
         for w in cfg.mem_pools:

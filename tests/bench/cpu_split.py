@@ -9,7 +9,7 @@ parent's command line (so an nginx worker goes with its master's -c path);
 otherwise to its command name. (As a library, a label may also name pids:
 those processes and their descendants.) wrk's own time comes from wait4(). Prints,
 per group, CPU microseconds per request (user + system) and its share.
-The request count is read from wrk's @@RESULT line (post.lua prints it).
+The request count is read from wrk's @@RESULT line (session.lua and the harness's post.lua print it).
 
 A process is the same one in both snapshots of /proc when its pid and its
 start time (field 22 of /proc/PID/stat) are: its command name may change

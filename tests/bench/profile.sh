@@ -25,6 +25,8 @@ WORKERS=${1:-16} CONC=${2:-16} SECS=${3:-5} DELAY=${4:-0}
 PORT=${BENCH_PORT:-18100}
 OUT=$REPO/build/bench/profile
 export BENCH_RUN_DIR=$REPO/build/bench/profile-harness
+# The same session ids in the warm-up and in every run after it (session.lua).
+export BENCH_SEED=1
 RUN=$REPO/build/bench/run/profile
 URL=http://127.0.0.1:$PORT
 mkdir -p "$OUT" "$BENCH_RUN_DIR"
@@ -56,18 +58,18 @@ pid = int(sys.argv[1]) if len(sys.argv) > 1 else ws[0]["pid"]
 print(pid, next(p["requests"] for p in ws if p["pid"] == pid))' "$@"
 }
 load() {
-    wrk -t2 -c"$CONC" -d"${SECS}s" --timeout 10s -s "$REPO/tests/bench/post.lua" \
+    wrk -t2 -c"$CONC" -d"${SECS}s" --timeout 10s -s "$REPO/tests/bench/session.lua" \
         "$URL/api/chat" -- $(( CONC / 2 > 0 ? CONC / 2 : 1 )) | grep '^@@RESULT'
 }
 
 # warm up every worker's Redis and upstream connections
-wrk -t2 -c"$CONC" -d2s -s "$REPO/tests/bench/post.lua" "$URL/api/chat" -- 8 >/dev/null
+wrk -t2 -c"$CONC" -d2s -s "$REPO/tests/bench/session.lua" "$URL/api/chat" -- 8 >/dev/null
 
 echo "== CPU per request by process during wrk -c$CONC -d${SECS}s"
 /usr/bin/python3 "$REPO/tests/bench/cpu_split.py" \
     --label "$RUN/nginx.conf=nginx (front)" \
     --label "$BENCH_RUN_DIR=fake model (nginx)" \
-    -- wrk -t2 -c"$CONC" -d"${SECS}s" --timeout 10s -s "$REPO/tests/bench/post.lua" \
+    -- wrk -t2 -c"$CONC" -d"${SECS}s" --timeout 10s -s "$REPO/tests/bench/session.lua" \
     "$URL/api/chat" -- $(( CONC / 2 > 0 ? CONC / 2 : 1 )) | grep -v '^ *[0-9.]*%\|Latency\|Req/Sec\|Thread'
 
 read -r PID N0 < <(worker)
