@@ -710,7 +710,8 @@ static int
 read_reply(redisContext *ctx, int asking, redisReply **out)
 {
     redisReply *a = NULL;
-    int rc = (asking && next_reply(ctx, &a) == -1) || next_reply(ctx, out);
+    int rc = (asking && next_reply(ctx, &a) == -1) ||
+             next_reply(ctx, out) == -1;
 
     freeReplyObject(a);
     return rc ? -1 : 0;
@@ -765,18 +766,15 @@ call_worked(struct store *s, const struct call *c, const struct replies *rep)
              replicas_short(s, rep->wait) == 0));
 }
 
-/* The call's replies to its caller: the command's, then's in *then. */
+/* The call's replies to its caller: the command's, and then's in *then
+ * (NULL when the call had no then). */
 static redisReply *
-hand_over(const struct call *c, struct replies *rep, redisReply **then)
+hand_over(struct replies *rep, redisReply **then)
 {
-    redisReply *r = rep->r;
-
-    if (c->then != NULL)
+    if (then != NULL)
         *then = rep->then;
-    else
-        freeReplyObject(rep->then);
     freeReplyObject(rep->wait);
-    return r;
+    return rep->r;
 }
 
 /* A call on the one connection (a server, or the Sentinels' master). */
@@ -792,7 +790,7 @@ single_call(struct store *s, const struct call *c, redisReply **then)
         return NULL;
     }
     if (call_worked(s, c, &rep))
-        return hand_over(c, &rep, then);
+        return hand_over(&rep, then);
     free_replies(&rep);
     return NULL;
 }
@@ -1014,7 +1012,7 @@ try_once(struct store *s, int slot, const struct cluster_redirect *asked,
     }
     o = judge(s, node, c, &rep, to);
     if (o == DONE)
-        *out = hand_over(c, &rep, then);
+        *out = hand_over(&rep, then);
     else
         free_replies(&rep);
     return o;
