@@ -481,31 +481,43 @@ out:
     return ok;
 }
 
+/* chatdb_add_item with text, a scratch buffer of the caller's, so that a
+ * history's items share one. */
+static int
+add_item(struct messages *h, const char *json, size_t len, struct buf *text)
+{
+    enum message_role role;
+    const char *parts;
+    size_t content_len;
+    int as_written;
+
+    buf_reset(text);
+    as_written = read_item_as_written(json, len, &role, text, &content_len);
+    if (!as_written) {
+        buf_reset(text);
+        if (!read_item_parsed(json, len, &role, text, &content_len))
+            return -1;
+    }
+    if ((parts = buf_cstr(text)) == NULL ||
+        messages_add_extra(h, role, parts, content_len, MESSAGE_EXCHANGE,
+                           parts + content_len,
+                           text->len - content_len) == -1)
+        return -1;
+    /* Without a tool exchange the item is the message in OpenAI's shape
+     * already: the request to the model takes it as it is. */
+    if (as_written && text->len == content_len)
+        messages_attach_json(h, json, len);
+    return 0;
+}
+
 int
 chatdb_add_item(struct messages *h, const char *json, size_t len)
 {
-    enum message_role role;
     struct buf text;
-    const char *parts;
-    size_t content_len;
-    int as_written, rc = -1;
+    int rc;
 
     buf_init(&text, len);
-    as_written = read_item_as_written(json, len, &role, &text, &content_len);
-    if (!as_written) {
-        buf_reset(&text);
-        if (!read_item_parsed(json, len, &role, &text, &content_len))
-            goto out;
-    }
-    if ((parts = buf_cstr(&text)) == NULL)
-        goto out;
-    rc = messages_add_extra(h, role, parts, content_len, MESSAGE_EXCHANGE,
-                            parts + content_len, text.len - content_len);
-    /* Without a tool exchange the item is the message in OpenAI's shape
-     * already: the request to the model takes it as it is. */
-    if (rc == 0 && as_written && text.len == content_len)
-        messages_attach_json(h, json, len);
-out:
+    rc = add_item(h, json, len, &text);
     buf_cleanup(&text);
     return rc;
 }
@@ -517,17 +529,21 @@ static size_t
 fill_history(const redisReply *r, size_t from, struct messages *h)
 {
     size_t i = r->elements, skipped;
+    struct buf text;
 
     messages_reset(h);
+    /* No item's parts outgrow the history's own cap. */
+    buf_init(&text, h->text.max);
     /* Newest first, for as long as items are readable and fit the cap: a
      * lowered limit must not make an old session unreadable. */
     for (; i > from; i--) {
         const redisReply *item = r->element[i - 1];
 
         if (item->type != REDIS_REPLY_STRING ||
-            chatdb_add_item(h, item->str, item->len) == -1)
+            add_item(h, item->str, item->len, &text) == -1)
             break;
     }
+    buf_cleanup(&text);
     /* Whole pairs only: a reply whose question did not make it goes too. */
     if (h->count % 2 == 1 && i > from) {
         messages_drop_last(h);
