@@ -895,6 +895,7 @@ begin_session(struct chatdb *db, struct chatdb_turn *t,
     arg_str(&c, st->owner);
     arg_int(&c, db->conf->chat.history_ttl_seconds);
     arg_str(&c, st->request_hash);
+    t->begin_sent_ms = clock_ms();
     r = run_script_as(db, BEGIN, &c, &how, "turn begin");
     if (r == NULL)
         return -1;
@@ -1010,8 +1011,12 @@ commit_deadline(const struct store *s, const struct chatdb_turn *t)
            (long long)(clock_ms() - t->local_clock_ms + timeout);
 }
 
+/* Late says the commit ran past its deadline; the two waits that count
+ * against it tell a slow Redis from a worker that read begin's reply
+ * late (a host short of CPU). sent: when the commit went out. */
 static int
-commit_outcome(struct chatdb *db, const redisReply *r)
+commit_outcome(struct chatdb *db, const struct chatdb_turn *t,
+               const redisReply *r, double sent)
 {
     if (r->type == REDIS_REPLY_STRING && strcmp(r->str, "stored") == 0)
         return 0;
@@ -1019,7 +1024,9 @@ commit_outcome(struct chatdb *db, const redisReply *r)
         return CHATDB_LOST;
     if (r->type == REDIS_REPLY_STRING && strcmp(r->str, "late") == 0)
         snprintf(db->store.err, STORE_ERR_LEN, "Redis ran the store too "
-                 "late; nothing was stored");
+                 "late; nothing was stored (begin's round trip took %.0f "
+                 "ms, the store's %.0f ms)",
+                 t->local_clock_ms - t->begin_sent_ms, clock_ms() - sent);
     else
         unexpected(db);
     return -1;
@@ -1033,6 +1040,7 @@ commit_session(struct chatdb *db, const struct chatdb_turn *t,
     struct turn_keys k;
     struct args c;
     redisReply *r;
+    double sent;
     int rc;
 
     turn_keys(t, &k, (long long)time(NULL) / WINDOW_S);
@@ -1060,10 +1068,11 @@ commit_session(struct chatdb *db, const struct chatdb_turn *t,
     arg_int(&c, t->tpm > 0 ? res->tokens : 0);
     arg_int(&c, commit_deadline(&db->store, t));
     arg_str(&c, t->request_hash);
+    sent = clock_ms();
     r = run_script(db, COMMIT, &c, 1, "turn commit");
     if (r == NULL)
         return -1;
-    rc = commit_outcome(db, r);
+    rc = commit_outcome(db, t, r, sent);
     freeReplyObject(r);
     return rc;
 }

@@ -62,12 +62,13 @@ struct chatdb_turn {
     const char *message;
     size_t message_len;
     long long rpm, tpm;          /* per-minute limits; 0: off */
-    /* Set by chatdb_turn_begin: Redis's clock then, and ours (monotonic);
-     * stored items before the loaded history (unreadable or over the
-     * cap), which the commit trims; the hash of the request ("" without
-     * an idempotency key). */
+    /* Set by chatdb_turn_begin: Redis's clock then, and ours (monotonic)
+     * when begin went out and when its reply was read; stored items
+     * before the loaded history (unreadable or over the cap), which the
+     * commit trims; the hash of the request ("" without an idempotency
+     * key). */
     long long redis_clock_ms;
-    double local_clock_ms;
+    double begin_sent_ms, local_clock_ms;
     size_t skipped;
     char request_hash[CHATDB_HASH_HEX + 1];
 };

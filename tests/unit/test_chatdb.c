@@ -869,6 +869,9 @@ test_commit_after_deadline_stores_nothing(void **state)
     t.redis_clock_ms -= 3600 * 1000; /* as if begin ran an hour ago */
     assert_int_equal(commit(&f, &t, "q", "a", "{}"), -1);
     assert_non_null(strstr(chatdb_error(&f.db), "too late"));
+    /* with the two waits that count against the deadline */
+    assert_non_null(strstr(chatdb_error(&f.db), "begin's round trip took"));
+    assert_non_null(strstr(chatdb_error(&f.db), "ms, the store's"));
     assert_int_equal(raw_int("LLEN %s", "chat:{late}:history"), 0);
     fixture_close(&f);
 }
