@@ -231,6 +231,10 @@ exchange_parse_answer(const char *body, size_t len, struct answer *ans)
         rc = 0;
     }
 out:
+    /* A failed answer keeps no part: the content may have been taken
+     * before its tool calls failed. */
+    if (rc == -1)
+        answer_reset(ans);
     buf_cleanup(&arena);
     return rc;
 }

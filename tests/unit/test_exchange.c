@@ -512,6 +512,10 @@ test_answer_tool_calls_refused(void **state)
         "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"}}]}}]}",
         /* tool_calls not an array, no content */
         "{\"choices\":[{\"message\":{\"content\":null,\"tool_calls\":{}}}]}",
+        /* content, then calls the tree cannot find: "choices" twice
+         * (found by fuzz_answer; the content was left in the reply) */
+        "{\"choices\":[{\"message\":{\"content\":\"Hello\"}}],"
+        "\"choices\":[{\"message\":{\"tool_calls\":[]}}]}",
     };
 
     (void)state;
@@ -522,6 +526,9 @@ test_answer_tool_calls_refused(void **state)
         if (parse(&a, bodies[i]) != -1)
             fail_msg("body %zu accepted", i);
         assert_true(a.message[0] != '\0');
+        /* a refused answer keeps no part of itself */
+        assert_int_equal(a.reply.len, 0);
+        assert_int_equal(a.ncalls, 0);
         answer_cleanup(&a);
     }
 }
