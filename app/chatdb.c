@@ -629,6 +629,7 @@ struct sending {
     int acked;
     const struct store_read *then;
     redisReply **then_reply;
+    double patience_ms; /* an acked write's, beyond command_timeout_ms */
 };
 
 static redisReply *
@@ -639,7 +640,8 @@ send_args(struct store *s, struct args *c, const struct sending *how,
         return store_command_then(s, c->argc, c->argv, c->lens, what,
                                   how->then, how->then_reply);
     if (how->acked)
-        return store_write_argv(s, c->argc, c->argv, c->lens, what);
+        return store_write_argv(s, c->argc, c->argv, c->lens, what,
+                                how->patience_ms);
     return store_command_argv(s, c->argc, c->argv, c->lens, what);
 }
 
@@ -665,11 +667,12 @@ run_script_as(struct chatdb *db, enum script sc, struct args *c,
     return send_args(&db->store, c, how, what);
 }
 
+/* A script sent plainly. */
 static redisReply *
-run_script(struct chatdb *db, enum script sc, struct args *c, int acked,
+run_script(struct chatdb *db, enum script sc, struct args *c,
            const char *what)
 {
-    struct sending how = {.acked = acked};
+    struct sending how = {0};
 
     return run_script_as(db, sc, c, &how, what);
 }
@@ -750,7 +753,7 @@ run_session(struct chatdb *db, const struct chatdb_turn *t,
     arg_int(&c, t->rpm);
     arg_int(&c, WINDOW_S - now % WINDOW_S);
     arg_str(&c, h != NULL ? "load" : "delete");
-    r = run_script(db, SESSION, &c, 0, h != NULL ? "load" : "delete");
+    r = run_script(db, SESSION, &c, h != NULL ? "load" : "delete");
     if (r == NULL)
         return -1;
     tag = reply_tag(r);
@@ -874,7 +877,7 @@ begin_session(struct chatdb *db, struct chatdb_turn *t,
     const char *lrange[] = {"LRANGE", k.history, "0", "-1"};
     const struct store_read read_history = {4, lrange, NULL};
     redisReply *r, *history = NULL;
-    struct sending how = {0, &read_history, &history};
+    struct sending how = {.then = &read_history, .then_reply = &history};
     struct args c;
     int rc;
 
@@ -932,7 +935,7 @@ begin_client(struct chatdb *db, const struct chatdb_turn *t,
     arg_str(&c, t->request_hash);
     arg_str(&c, t->token);
     arg_int(&c, t->lock_ms);
-    r = run_script(db, CLIENT_BEGIN, &c, 0, "turn begin (client)");
+    r = run_script(db, CLIENT_BEGIN, &c, "turn begin (client)");
     if (r == NULL)
         return -1;
     rc = reply_tag(r) != NULL && strcmp(reply_tag(r), "go") == 0
@@ -957,7 +960,7 @@ abort_keys(struct chatdb *db, const char *lock, const char *record,
     arg_str(&c, t->token);
     arg_str(&c, t->idempotency_key ? "1" : "0");
     arg_str(&c, t->request_hash);
-    r = run_script(db, ABORT, &c, 0, "turn abort");
+    r = run_script(db, ABORT, &c, "turn abort");
     freeReplyObject(r);
     return r != NULL ? 0 : -1;
 }
@@ -998,9 +1001,15 @@ chatdb_turn_begin(struct chatdb *db, struct chatdb_turn *t,
     return rc;
 }
 
-/* In Redis's clock: when this worker will have given up on the commit
- * (its command timeout), measured from the clock begin saw, so that the
- * two hosts' clocks need not agree. */
+/* The commit's deadline in Redis's clock, from the clock begin saw, so
+ * that the two hosts' clocks need not agree: command_timeout_ms from now,
+ * counting from when begin went out, as if Redis ran it at once. Redis
+ * ran it at some time in begin's round trip, so the worker waits that
+ * much longer for the commit's reply (commit_patience): whatever Redis
+ * stores by the deadline, it stores before the worker gives up. Counting
+ * from when begin's reply was read instead would take a worker that was
+ * short of CPU then (seconds, thousands of streams on two cores) as a
+ * Redis that ran the commit late. */
 static long long
 commit_deadline(const struct store *s, const struct chatdb_turn *t)
 {
@@ -1008,7 +1017,13 @@ commit_deadline(const struct store *s, const struct chatdb_turn *t)
                      (double)s->command_timeout.tv_usec / 1000.0;
 
     return t->redis_clock_ms +
-           (long long)(clock_ms() - t->local_clock_ms + timeout);
+           (long long)(clock_ms() - t->begin_sent_ms + timeout);
+}
+
+static double
+commit_patience(const struct chatdb_turn *t)
+{
+    return t->local_clock_ms - t->begin_sent_ms;
 }
 
 /* Late says the commit ran past its deadline; the two waits that count
@@ -1039,6 +1054,7 @@ commit_session(struct chatdb *db, const struct chatdb_turn *t,
     const struct conf *cf = db->conf;
     struct turn_keys k;
     struct args c;
+    struct sending how = {.acked = 1};
     redisReply *r;
     double sent;
     int rc;
@@ -1069,7 +1085,8 @@ commit_session(struct chatdb *db, const struct chatdb_turn *t,
     arg_int(&c, commit_deadline(&db->store, t));
     arg_str(&c, t->request_hash);
     sent = clock_ms();
-    r = run_script(db, COMMIT, &c, 1, "turn commit");
+    how.patience_ms = commit_patience(t);
+    r = run_script_as(db, COMMIT, &c, &how, "turn commit");
     if (r == NULL)
         return -1;
     rc = commit_outcome(db, t, r, sent);
@@ -1098,7 +1115,7 @@ commit_client(struct chatdb *db, const struct chatdb_turn *t,
     arg_str(&c, t->request_hash);
     arg(&c, answer != NULL ? answer : "", answer != NULL ? answer_len : 0);
     arg_int(&c, db->conf->idempotency_ttl_s);
-    r = run_script(db, CLIENT_COMMIT, &c, 0, "token count");
+    r = run_script(db, CLIENT_COMMIT, &c, "token count");
     freeReplyObject(r);
     return r != NULL ? 0 : -1;
 }
@@ -1159,7 +1176,7 @@ chatdb_rate_check(struct chatdb *db, const struct chatdb_turn *t,
     arg_int(&c, t->rpm);
     arg_int(&c, t->tpm);
     arg_int(&c, WINDOW_S - now % WINDOW_S);
-    r = run_script(db, RATE, &c, 0, "rate check");
+    r = run_script(db, RATE, &c, "rate check");
     if (r == NULL)
         return -1;
     if (r->type == REDIS_REPLY_STRING) {

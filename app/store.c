@@ -664,7 +664,24 @@ struct call {
     const char *what;
     int acked; /* a write followed by WAIT when wait_replicas is set */
     const struct store_read *then; /* sent right after it, or NULL */
+    double patience_ms; /* beyond command_timeout_ms for its replies */
 };
+
+static double
+tv_ms(struct timeval tv)
+{
+    return (double)tv.tv_sec * 1000.0 + (double)tv.tv_usec / 1000.0;
+}
+
+/* ctx's timeout for c's round trip: command_timeout_ms and c's patience;
+ * with c NULL, back to command_timeout_ms alone. */
+static void
+set_call_timeout(struct store *s, redisContext *ctx, const struct call *c)
+{
+    if (c == NULL || c->patience_ms > 0)
+        redisSetTimeout(ctx, ms_to_tv((long long)(tv_ms(s->command_timeout) +
+                                                  (c ? c->patience_ms : 0))));
+}
 
 /* The replies of one round trip: the command's, then's, WAIT's. */
 struct replies {
@@ -733,6 +750,7 @@ pipeline(struct store *s, redisContext *ctx, int asking, const struct call *c,
     int waits = c->acked && s->wait_replicas > 0;
 
     rep->r = rep->then = rep->wait = NULL;
+    set_call_timeout(s, ctx, c);
     if (waits) {
         snprintf(n, sizeof(n), "%lld", s->wait_replicas);
         snprintf(ms, sizeof(ms), "%lld", s->wait_timeout_ms);
@@ -751,6 +769,8 @@ pipeline(struct store *s, redisContext *ctx, int asking, const struct call *c,
         free_replies(rep);
         return -1;
     }
+    if (c->patience_ms > 0)
+        set_call_timeout(s, ctx, NULL);
     return 0;
 }
 
@@ -1048,8 +1068,7 @@ follow_moved(struct store *s, const struct cluster_redirect *to)
 static redisReply *
 cluster_call(struct store *s, const struct call *c, redisReply **then)
 {
-    double give_up = clock_ms() + (double)s->command_timeout.tv_sec * 1000.0 +
-                     (double)s->command_timeout.tv_usec / 1000.0;
+    double give_up = clock_ms() + tv_ms(s->command_timeout) + c->patience_ms;
     int slot = cluster_command_slot(c->argc, c->argv, c->lens);
     int refresh = s->map_stale, asking = 0, pauses = 0;
     struct cluster_redirect to;
@@ -1106,16 +1125,16 @@ struct redisReply *
 store_command_argv(struct store *s, int argc, const char **argv,
                    const size_t *lens, const char *what)
 {
-    struct call c = {argc, argv, lens, what, 0, NULL};
+    struct call c = {argc, argv, lens, what, 0, NULL, 0};
 
     return call(s, &c, NULL);
 }
 
 struct redisReply *
 store_write_argv(struct store *s, int argc, const char **argv,
-                 const size_t *lens, const char *what)
+                 const size_t *lens, const char *what, double patience_ms)
 {
-    struct call c = {argc, argv, lens, what, 1, NULL};
+    struct call c = {argc, argv, lens, what, 1, NULL, patience_ms};
 
     return call(s, &c, NULL);
 }
@@ -1125,7 +1144,7 @@ store_command_then(struct store *s, int argc, const char **argv,
                    const size_t *lens, const char *what,
                    const struct store_read *then, struct redisReply **then_reply)
 {
-    struct call c = {argc, argv, lens, what, 0, then};
+    struct call c = {argc, argv, lens, what, 0, then, 0};
 
     *then_reply = NULL;
     return call(s, &c, then_reply);

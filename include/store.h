@@ -124,9 +124,10 @@ struct redisReply *store_command_then(struct store *s, int argc,
  * when [redis] wait_replicas is set, WAIT follows the command in the same
  * round trip (pipelined, so on a cluster to the master that ran it), and
  * fewer replicas than asked is a failure, though the write then stays on
- * the master. */
+ * the master. Its replies may take patience_ms longer than
+ * command_timeout_ms (0: no longer). */
 struct redisReply *store_write_argv(struct store *s, int argc,
                                     const char **argv, const size_t *lens,
-                                    const char *what);
+                                    const char *what, double patience_ms);
 
 #endif

@@ -857,6 +857,26 @@ test_rate_limits(void **state)
     fixture_close(&f);
 }
 
+/* A worker that read begin's reply late (short of CPU, while Redis ran
+ * begin at once) still stores its turn: the deadline counts from when
+ * begin went out, and the commit waits the round trip longer. */
+static void
+test_commit_after_late_begin_reply_stores(void **state)
+{
+    struct fixture f;
+    struct chatdb_turn t = turn_of("starved", "slow");
+
+    (void)state;
+    fixture_open(&f, NULL);
+    assert_int_equal(begin(&f, &t, NULL), CHATDB_GO);
+    /* As if Redis ran begin at once and the worker read its reply 5 s
+     * later: the commit below goes out "before" that read. */
+    t.local_clock_ms += 5000;
+    assert_int_equal(commit(&f, &t, "q", "a", "{}"), 0);
+    assert_int_equal(raw_int("LLEN %s", "chat:{starved}:history"), 2);
+    fixture_close(&f);
+}
+
 static void
 test_commit_after_deadline_stores_nothing(void **state)
 {
@@ -1134,6 +1154,7 @@ main(void)
         cmocka_unit_test(test_idempotency_running_then_replay),
         cmocka_unit_test(test_idempotency_bound_to_its_request),
         cmocka_unit_test(test_rate_limits),
+        cmocka_unit_test(test_commit_after_late_begin_reply_stores),
         cmocka_unit_test(test_commit_after_deadline_stores_nothing),
         cmocka_unit_test(test_commit_without_the_lock_stores_nothing),
         cmocka_unit_test(test_delete_during_a_turn),
