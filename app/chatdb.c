@@ -1001,29 +1001,39 @@ chatdb_turn_begin(struct chatdb *db, struct chatdb_turn *t,
     return rc;
 }
 
+/* Below this round trip of begin, the commit waits no longer than
+ * command_timeout_ms: widening a socket's timeout costs four system calls
+ * a turn, and a few milliseconds of the deadline cost nothing. */
+#define PATIENCE_MIN_MS 50.0
+
+/* How much longer than command_timeout_ms the commit waits for its
+ * reply: begin's round trip, when it was long (a worker short of CPU read
+ * the reply seconds after Redis sent it), else nothing. */
+static double
+commit_patience(const struct chatdb_turn *t)
+{
+    double rtt = t->local_clock_ms - t->begin_sent_ms;
+
+    return rtt >= PATIENCE_MIN_MS ? rtt : 0;
+}
+
 /* The commit's deadline in Redis's clock, from the clock begin saw, so
  * that the two hosts' clocks need not agree: command_timeout_ms from now,
- * counting from when begin went out, as if Redis ran it at once. Redis
- * ran it at some time in begin's round trip, so the worker waits that
- * much longer for the commit's reply (commit_patience): whatever Redis
- * stores by the deadline, it stores before the worker gives up. Counting
- * from when begin's reply was read instead would take a worker that was
- * short of CPU then (seconds, thousands of streams on two cores) as a
- * Redis that ran the commit late. */
+ * counting from when begin's reply was read, or, when the commit waits
+ * begin's round trip longer (commit_patience), from when begin went out,
+ * as if Redis ran it at once. Redis ran it at some time in that round
+ * trip, so either way whatever Redis stores by the deadline, it stores
+ * before the worker gives up; counting from the read alone would take a
+ * worker that was short of CPU then (seconds, thousands of streams on two
+ * cores) as a Redis that ran the commit late. */
 static long long
 commit_deadline(const struct store *s, const struct chatdb_turn *t)
 {
     double timeout = (double)s->command_timeout.tv_sec * 1000.0 +
                      (double)s->command_timeout.tv_usec / 1000.0;
+    double from = t->local_clock_ms - commit_patience(t);
 
-    return t->redis_clock_ms +
-           (long long)(clock_ms() - t->begin_sent_ms + timeout);
-}
-
-static double
-commit_patience(const struct chatdb_turn *t)
-{
-    return t->local_clock_ms - t->begin_sent_ms;
+    return t->redis_clock_ms + (long long)(clock_ms() - from + timeout);
 }
 
 /* Late says the commit ran past its deadline; the two waits that count
