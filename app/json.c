@@ -317,9 +317,10 @@ hex4(const char *s, unsigned *out)
 }
 
 /* yajl turns a lone \ud800 into '?' silently; refuse it instead. Returns
- * the offset just after a valid \u escape at s[i] (s[i] == 'u'), or 0. */
+ * the offset just after a valid \u escape at s[i] (s[i] == 'u'), with its
+ * code point in *cp (a pair joined), or 0. */
 static size_t
-unicode_escape_end(const char *s, size_t n, size_t i)
+unicode_escape_end(const char *s, size_t n, size_t i, unsigned *cp)
 {
     unsigned hi, lo;
 
@@ -327,11 +328,13 @@ unicode_escape_end(const char *s, size_t n, size_t i)
         return 0;
     if (hi >= 0xDC00 && hi <= 0xDFFF)
         return 0;
+    *cp = hi;
     if (hi < 0xD800 || hi > 0xDBFF)
         return i + 5;
     if (n - i < 11 || s[i + 5] != '\\' || s[i + 6] != 'u' ||
         hex4(s + i + 7, &lo) == -1 || lo < 0xDC00 || lo > 0xDFFF)
         return 0;
+    *cp = 0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00);
     return i + 11;
 }
 
@@ -347,7 +350,8 @@ escapes_valid(const char *s, size_t n)
         } else if (in_string && s[i] == '\\' && i + 1 < n) {
             i++;
             if (s[i] == 'u') {
-                size_t end = unicode_escape_end(s, n, i);
+                unsigned cp;
+                size_t end = unicode_escape_end(s, n, i, &cp);
 
                 if (end == 0)
                     return 0;
@@ -395,7 +399,7 @@ decode_escape(const char *s, size_t n, size_t i, struct buf *out)
 {
     static const char simple[] = "\"\"\\\\//b\bf\fn\nr\rt\t";
     size_t end;
-    unsigned hi, lo;
+    unsigned cp;
 
     if (i >= n)
         return 0;
@@ -405,15 +409,8 @@ decode_escape(const char *s, size_t n, size_t i, struct buf *out)
                 return buf_append(out, &simple[k + 1], 1) == 0 ? i + 1 : 0;
         return 0;
     }
-    end = unicode_escape_end(s, n, i);
-    if (end == 0)
-        return 0;
-    hex4(s + i + 1, &hi);
-    if (end == i + 11) {
-        hex4(s + i + 7, &lo);
-        hi = 0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00);
-    }
-    return append_utf8(out, hi) == 0 ? end : 0;
+    end = unicode_escape_end(s, n, i, &cp);
+    return end != 0 && append_utf8(out, cp) == 0 ? end : 0;
 }
 
 size_t
