@@ -412,6 +412,11 @@ on_ssl_ctx(CURL *e, void *ssl_ctx, void *arg)
     (void)e;
     h->started = 1; /* curl sets TLS up once TCP is connected */
     SSL_CTX_set1_cert_store(ctx, p->store);
+    /* curl turns TLS 1.2 tickets off, leaving only session ids, which a
+     * provider without a server-side cache (nginx's default) or behind
+     * a load balancer never resumes: every worker paid a full handshake.
+     * A ticket is what lets a session made by one worker serve all. */
+    SSL_CTX_clear_options(ctx, SSL_OP_NO_TICKET);
     SSL_CTX_set_ex_data(ctx, tls.peer_index, p);
     SSL_CTX_set_ex_data(ctx, tls.handshake_index, h);
     SSL_CTX_set_info_callback(ctx, on_info);

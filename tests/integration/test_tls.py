@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import deploy_servers as ds
 from helpers import LocalModel, assert_json_error, new_session, post_chat
 from pki import make_pki, start_tls_model
 
@@ -32,6 +33,28 @@ def tls_model(pki, free_ports):
     yield url
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def tls12_model(pki, tls_model, free_ports, tmp_path_factory):
+    """The same model behind nginx with Debian 12's defaults for TLS: it
+    speaks TLS 1.2 at most (nginx 1.22) and keeps no session cache, so it
+    resumes only a session that carries a ticket."""
+    port = free_ports(1)[0]
+    site = f"""server {{
+    listen 127.0.0.1:{port} ssl;
+    ssl_certificate {pki / "server.crt"};
+    ssl_certificate_key {pki / "server.key"};
+    ssl_protocols TLSv1.2;
+    location / {{ proxy_pass {tls_model}; proxy_buffering off; }}
+}}
+"""
+    procs = ds.Procs()
+    try:
+        ds.start_nginx(procs, tmp_path_factory.mktemp("tls12"), port, site)
+        yield f"https://127.0.0.1:{port}"
+    finally:
+        procs.stop_all()
 
 
 @pytest.fixture
@@ -136,6 +159,23 @@ def test_one_full_handshake_and_the_other_workers_resume_it(
     answers = concurrent_turns(http, st, WORKERS)
     assert [r.status_code for r in answers] == [200] * WORKERS
     assert handshakes(model) == {"full": 1, "resumed": WORKERS - 1}
+    assert metric(http, st, "chatfcgi_tls_handshakes_total",
+                  provider="upstream1", kind="full") == 1
+    assert metric(http, st, "chatfcgi_tls_handshakes_total",
+                  provider="upstream1", kind="resumed") == WORKERS - 1
+
+
+def test_a_tls12_provider_without_a_session_cache_is_resumed_by_ticket(
+        http, stack_factory, tls12_model, pki, model):
+    """Curl asks for no TLS 1.2 ticket, and a session id alone resumes
+    nothing where the provider keeps no cache: each of the 4 workers
+    would make a full handshake. With tickets, one does."""
+    st = tls_stack(stack_factory, tls12_model,
+                   CHATFCGI_UPSTREAM_CA_FILE=pki / "ca.crt",
+                   CHATFCGI_UPSTREAM_TLS_HANDSHAKES=1)
+    model.set(delay_ms=300)
+    answers = concurrent_turns(http, st, WORKERS)
+    assert [r.status_code for r in answers] == [200] * WORKERS
     assert metric(http, st, "chatfcgi_tls_handshakes_total",
                   provider="upstream1", kind="full") == 1
     assert metric(http, st, "chatfcgi_tls_handshakes_total",
