@@ -146,7 +146,7 @@ class ChatfcgiTarget:
     its defaults otherwise (listen_backlog follows the pool)."""
 
     def __init__(self, cfg, upstream, n):
-        self.n = n
+        self.n, self.upstream = n, upstream
         env = {"CHATFCGI_UPSTREAM_URL": cfg.upstream_url(upstream)}
         if upstream == "tls":
             env["CHATFCGI_UPSTREAM_CA_FILE"] = str(cfg.ca)
@@ -167,6 +167,15 @@ class ChatfcgiTarget:
     def cooldown(self):
         k = self.cooldowns() - self.cooldowns0
         return f"yes ({k})" if k else "no"
+
+    def handshakes(self):
+        """The pool's TLS handshakes with the provider, full and resumed
+        (None over plain HTTP)."""
+        if self.upstream != "tls":
+            return None
+        by = self.chat.counters("chatfcgi_tls_handshakes_total")
+        kind = {k.split('kind="')[1].rstrip('"'): v for k, v in by.items()}
+        return f"full {kind.get('full', 0)}, resumed {kind.get('resumed', 0)}"
 
     def pss(self):
         return pss_mib([self.chat.master_pid()])
@@ -193,6 +202,9 @@ class PeerTarget:
 
     def cooldown(self):
         return "-"
+
+    def handshakes(self):
+        return None
 
     def pss(self):
         try:
@@ -288,7 +300,8 @@ def measure(cfg, target, n):
             "errors": f"{res['non200']}+{res['broken']}+{res['sockerr']}",
             "first_errors": res["first_errors"],
             "kib": kib, "other_procs": other,
-            "pss": pss, "cooldown": target.cooldown()}
+            "pss": pss, "cooldown": target.cooldown(),
+            "handshakes": target.handshakes()}
 
 
 def sec(ms):
@@ -349,6 +362,8 @@ def table(cfg, rows, out):
                    f"{num(r['p50_s'], 2):>6} {num(r['p99_s'], 2):>6} "
                    f"{r['errors']:>11} {num(r['kib'], 1):>10} "
                    f"{num(r['pss'], 1):>12} {r['cooldown']:>8}")
+        if r["handshakes"]:
+            out.append(f"    TLS handshakes of the pool: {r['handshakes']}")
         for e in r["first_errors"]:
             out.append(f"    error: {e}")
         if (r["other_procs"] or 0) > OTHER_PROCS_MAX:
