@@ -630,6 +630,14 @@ wrong_server(const char *error)
            strncmp(error, "MASTERDOWN", 10) == 0;
 }
 
+/* Redis takes a connection past its maxclients only to send this and
+ * close it. */
+static int
+too_many_clients(const char *error)
+{
+    return strncmp(error, "ERR max number of clients reached", 33) == 0;
+}
+
 /* An error reply leaves the connection usable, unless it says this is the
  * wrong server: dropping it then makes the next command ask the Sentinels
  * again. Either way the command failed. */
@@ -638,6 +646,14 @@ reply_failed(struct store *s, redisReply *r, const char *what)
 {
     if (r->type != REDIS_REPLY_ERROR)
         return 0;
+    if (too_many_clients(r->str)) {
+        snprintf(s->err, STORE_ERR_LEN, "Redis refused the connection: "
+                 "max number of clients reached (every worker keeps one: "
+                 "raise Redis's maxclients above the pool's size)");
+        log_error("store", "%s", s->err);
+        drop_connection(s);
+        return -1;
+    }
     snprintf(s->err, STORE_ERR_LEN, "Redis %s: %s", what, r->str);
     if (wrong_server(r->str))
         drop_connection(s);

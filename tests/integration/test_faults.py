@@ -354,6 +354,48 @@ def test_redis_restarted_while_idle_gives_no_spurious_errors(
     assert statuses == [200] * len(statuses), statuses
 
 
+class RedisAdmin:
+    """One connection to the stack's Redis sending inline commands: the
+    client that keeps the only place when maxclients is 1."""
+
+    def __init__(self, port):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.replies = self.sock.makefile("rb")
+
+    def send(self, command):
+        self.sock.sendall(command.encode() + b"\r\n")
+        reply = self.replies.readline()
+        assert reply[:1] in (b"+", b":"), reply
+        return reply
+
+    def close(self):
+        self.replies.close()
+        self.sock.close()
+
+
+def test_redis_past_maxclients_is_503_and_the_log_says_why(
+        stack, http, model):
+    """The pool starts while Redis has no room for it (maxclients, taken
+    here by one other client): Redis takes each worker's connection only
+    to send an error and close it. The turn is 503, the log names the
+    setting to raise, and once there is room the workers connect again."""
+    admin = RedisAdmin(stack.redis_port)
+    try:
+        admin.send("CONFIG SET maxclients 1")
+        stack.stop_service("chatfcgi")
+        stack.start_service("chatfcgi")
+        r, _ = post_turn(http, stack, "one too many")
+        assert_json_error(r, 503, "unavailable")
+    finally:
+        admin.send("CONFIG SET maxclients 10000")
+        admin.close()
+    log = stack.log_path("chatfcgi").read_text()
+    assert "max number of clients reached" in log and "maxclients" in log
+    for _ in range(4):
+        r, _ = post_turn(http, stack, "room again")
+        assert r.status_code == 200, r.text
+
+
 def stop_redis(stack):
     pid = stack.pid("redis")
     assert pid
