@@ -112,18 +112,26 @@ WEB_USER = "www-data"
 NGINX_STREAMS = 10000
 NGINX_CONNECTIONS = 2 * NGINX_STREAMS + 480
 NGINX_FILES = 2 * NGINX_CONNECTIONS
+# Workers nginx may take to share the connections under a low hard limit
+# on open files; past this, the stack holds fewer streams.
+NGINX_PROCESSES_MAX = 8
 
 
 def nginx_sizing():
-    """(worker_connections, worker_rlimit_nofile): as sized, or what the
-    hard limit on open files allows: raising it takes CAP_SYS_RESOURCE,
-    which even root may lack (in a container), and nginx would log an
-    alert at every start."""
-    files = NGINX_FILES
+    """(worker_processes, worker_connections, worker_rlimit_nofile): one
+    worker as sized, or, when the hard limit on open files is lower,
+    enough workers under it (NGINX_PROCESSES_MAX at most) to share the
+    connections, each with a quarter more than its share. Raising the limit takes CAP_SYS_RESOURCE, which
+    even root may lack (in a container), and nginx would log an alert at
+    every start."""
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    if hard != resource.RLIM_INFINITY:
-        files = min(files, hard)
-    return max(256, min(NGINX_CONNECTIONS, files // 2)), files
+    if hard == resource.RLIM_INFINITY or hard >= NGINX_FILES:
+        return 1, NGINX_CONNECTIONS, NGINX_FILES
+    most = max(256, hard // 2)
+    processes = min(NGINX_PROCESSES_MAX,
+                    -(-NGINX_CONNECTIONS * 5 // (4 * most)))
+    share = -(-NGINX_CONNECTIONS * 5 // (4 * processes))
+    return processes, min(most, share), hard
 
 ENV_HELP = """\
 environment (all optional):
@@ -677,8 +685,10 @@ class Stack:
 
     def _nginx_conf(self):
         user_line = f"user {WEB_USER} {WEB_USER};" if os.geteuid() == 0 else ""
-        connections, files = nginx_sizing()
+        processes, connections, files = nginx_sizing()
         return _render(NGINX_TEMPLATE, {
+            "WORKER_PROCESSES": str(processes),
+            "REUSEPORT": " reuseport" if processes > 1 else "",
             "WORKER_CONNECTIONS": str(connections),
             "WORKER_RLIMIT_NOFILE": str(files),
             "USER_LINE": user_line, "PORT": str(self.port),

@@ -250,10 +250,15 @@ def test_nginx_sized_for_held_streams(tmp_path):
     as the hard limit on open files allows, and queues a burst of clients
     instead of refusing them."""
     conf = stack_mod.Stack(tmp_path, 18000)._nginx_conf()
-    connections, files = stack_mod.nginx_sizing()
+    processes, connections, files = stack_mod.nginx_sizing()
+    assert f"worker_processes {processes};" in conf
     assert f"worker_connections {connections};" in conf
     assert f"worker_rlimit_nofile {files};" in conf
-    assert "listen 127.0.0.1:18000 backlog=4096;" in conf
+    reuseport = " reuseport" if processes > 1 else ""
+    assert f"listen 127.0.0.1:18000 backlog=4096{reuseport};" in conf
+    if processes < stack_mod.NGINX_PROCESSES_MAX:
+        assert processes * connections >= 20480
+    assert connections * 2 <= files
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard == resource.RLIM_INFINITY or hard >= 2 * 20480:
-        assert connections == 20480
+        assert (processes, connections) == (1, 20480)
