@@ -402,6 +402,11 @@ def header(cfg, host, took):
 
 # ------------------------------------------------------------ main
 
+# Redis clients besides chatfcgi's workers: its control worker, the
+# harness's redis-cli, a peer's pool.
+REDIS_CLIENTS_SPARE = 1024
+
+
 def preflight(cfg, harness):
     if not cfg.shared:
         die(f"{cfg.bench_dir} not found: the held-stream bench needs the "
@@ -418,12 +423,26 @@ def preflight(cfg, harness):
     stream_client.raise_nofile(max(cfg.ns) + 64)
 
 
+def redis_maxclients(cfg, n):
+    """Each of chatfcgi's N workers keeps a Redis connection: the harness
+    starts Redis with maxclients 10000, which 10,000 workers exceed (the
+    connection past it is closed at once). Raised, never lowered."""
+    r = subprocess.run(["redis-cli", "-p", str(cfg.redis_port), "config",
+                        "get", "maxclients"], capture_output=True, text=True)
+    have = int(r.stdout.split()[1]) if r.returncode == 0 else 0
+    if have < n:
+        subprocess.run(["redis-cli", "-p", str(cfg.redis_port), "config",
+                        "set", "maxclients", str(n)], check=True,
+                       capture_output=True)
+
+
 def start_base(cfg, harness):
     """Redis and the slow fake model; a worker of the model per 8192 of its
     connections (its worker_connections), which chatfcgi's N workers hold
     one each."""
     workers = -(-(max(cfg.ns) + 1024) // 8192)
     harness.ctl("start", "redis")
+    redis_maxclients(cfg, max(cfg.ns) + REDIS_CLIENTS_SPARE)
     harness.ctl("start", "upstream", FIRST_TOKEN_MS,
                 extra={"CHUNK_GAP_MS": str(CHUNK_GAP_MS),
                        "UPSTREAM_WORKERS": str(workers)})
