@@ -252,8 +252,11 @@ def hold(cfg, target, n):
            str(cfg.timeout_s), "--ticks", "--ready", "--json"]
     progress(f"{target.name}: {n} streams held, {cfg.rounds} rounds "
              f"(about {cfg.rounds * ANSWER_S:.0f} s)")
+    # In a session of its own, as clients on other hosts would be: the
+    # scheduler then shares the CPU between it and Redis (which runs in
+    # this script's session) as groups (autogroup), not task by task.
     p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         text=True)
+                         text=True, start_new_session=True)
     held, before, pss, res = [], None, None, None  # held: (KiB, procs)
     try:
         for line in p.stdout:
