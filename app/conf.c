@@ -88,7 +88,7 @@ static const struct conf_key keys[] = {
     STR("redis", "url", "redis://127.0.0.1:6379/0", redis.url),
     INT("redis", "connect_timeout_ms", 1, MS_MAX, "1000",
         redis.connect_timeout_ms),
-    INT("redis", "command_timeout_ms", 1, MS_MAX, "2000",
+    INT("redis", "command_timeout_ms", 1, MS_MAX, "5000",
         redis.command_timeout_ms),
     STR("redis", "sentinels", "", redis.sentinels),
     STR("redis", "master_name", "mymaster", redis.master_name),

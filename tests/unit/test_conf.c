@@ -69,7 +69,7 @@ test_defaults(void **state)
 
     assert_string_equal(c.redis.url, "redis://127.0.0.1:6379/0");
     assert_int_equal(c.redis.connect_timeout_ms, 1000);
-    assert_int_equal(c.redis.command_timeout_ms, 2000);
+    assert_int_equal(c.redis.command_timeout_ms, 5000);
 
     assert_string_equal(c.upstream.url, "https://api.openai.com/v1");
     assert_string_equal(c.upstream.api_key, "");
