@@ -123,7 +123,8 @@ static const struct conf_key keys[] = {
     INT("upstream", "cooldown_s", 0, 86400, "30", upstream.cooldown_s),
     STR("upstream", "ca_file", "", upstream.ca_file),
     STR("upstream", "ca_path", "", upstream.ca_path),
-    INT("upstream", "tls_handshakes", 1, 1000, "4", upstream.tls_handshakes),
+    INT("upstream", "tls_handshakes", 1, CONF_TLS_HANDSHAKES_MAX, "4",
+        upstream.tls_handshakes),
 
     INT("chat", "max_body_bytes", 64, 16LL << 20, "65536",
         chat.max_body_bytes),

@@ -37,7 +37,7 @@ struct shared_peer {
     uint32_t lock; /* guards len and der */
     uint32_t len;  /* of der; 0: no session yet */
     unsigned char der[SESSION_MAX];
-    struct holder holders[TLS_HANDSHAKES_MAX];
+    struct holder holders[CONF_TLS_HANDSHAKES_MAX];
     uint64_t full, resumed;
 };
 
@@ -380,9 +380,12 @@ on_info(const SSL *ssl, int where, int ret)
         if (p->shared == NULL)
             return;
         p->warm = 1;
-        __atomic_add_fetch(SSL_session_reused(ssl) ? &p->shared->resumed
-                                                   : &p->shared->full,
-                           1, __ATOMIC_RELAXED);
+        if (SSL_session_reused(ssl)) {
+            __atomic_add_fetch(&p->shared->resumed, 1, __ATOMIC_RELAXED);
+            give_back(p); /* a session was out before it: none to wait for */
+            return;
+        }
+        __atomic_add_fetch(&p->shared->full, 1, __ATOMIC_RELAXED);
         expire_soon(p);
     }
 }

@@ -16,6 +16,9 @@
 enum conf_pool { CONF_POOL_STATIC, CONF_POOL_DYNAMIC, CONF_POOL_SINGLE };
 
 #define CONF_PROVIDERS_MAX 8
+/* Most tls_handshakes: the pool's shared slots for full handshakes with
+ * one provider (tls.c). */
+#define CONF_TLS_HANDSHAKES_MAX 64
 #define CONF_DIGEST_LEN 32 /* SHA-256 */
 #define CONF_PROVIDER_NAME_MAX 32
 

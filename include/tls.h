@@ -29,8 +29,6 @@
 /* The peer of tool calls: [upstream]'s trust, no shared session. */
 #define TLS_TOOLS CONF_PROVIDERS_MAX
 
-/* Most tls_handshakes a provider may have in flight at once. */
-#define TLS_HANDSHAKES_MAX 64
 
 /* In the master, before the workers fork (again after a reload's exec):
  * the CA stores of [upstream], each provider, and the shared memory of

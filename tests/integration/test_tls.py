@@ -140,6 +140,20 @@ def test_a_ca_that_cannot_be_loaded_is_a_configuration_error(pki, key,
     assert file in res.stderr
 
 
+@pytest.mark.parametrize("value, ok", [("64", True), ("65", False)])
+def test_tls_handshakes_is_bounded_by_the_pools_shared_slots(value, ok):
+    """The pool's slots for full handshakes are 64 per provider: a larger
+    tls_handshakes is refused, not run past their end (it was taken up to
+    1000, and the slots read past the provider's shared memory)."""
+    env = {"PATH": "/usr/bin:/bin", "CHATFCGI_UPSTREAM_TLS_HANDSHAKES": value}
+    res = subprocess.run([str(REPO / "bin/chatfcgi"), "-t", "-c",
+                          str(REPO / "conf/chatfcgi.conf")], env=env,
+                         capture_output=True, text=True)
+    assert (res.returncode == 0) == ok, res
+    if not ok:
+        assert "TLS_HANDSHAKES: not an integer from 1 to 64" in res.stderr
+
+
 def concurrent_turns(http, st, n):
     with concurrent.futures.ThreadPoolExecutor(n) as pool:
         return list(pool.map(lambda i: post_chat(http, st, f"turn {i}",
