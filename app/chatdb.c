@@ -61,7 +61,10 @@
 /* KEYS: history, lock, idempotency record, rpm counter, tpm counter,
  *       owner.
  * ARGV: token, lock ms, rpm, tpm, retry-after, has idempotency key,
- *       owner ('': none), history ttl, request hash.
+ *       owner ('': none), history ttl, request hash, deadline (0: none).
+ * Past the deadline (Redis's clock) the caller has given up and answered
+ * an error: a begin that a stalled Redis runs then must take no lock, or
+ * the session would refuse every turn (409) for lock ms.
  * Another owner's session is not found, and counts in the rate limit as
  * any request does, so that probing ids costs the prober. The first turn
  * with an owner claims the session for as long as its history lives. An
@@ -73,6 +76,12 @@
  * script's time. The lock, taken here, keeps other turns from changing
  * the history in between. */
 static const char begin_lua[] = LIMITS_LUA OWNER_LUA RECORD_LUA
+    "local t = redis.call('TIME')\n"
+    "local deadline = tonumber(ARGV[10])\n"
+    "if deadline > 0 and t[1] * 1000 + math.floor(t[2] / 1000) > deadline\n"
+    "then\n"
+    "  return {'late', t[1], t[2]}\n"
+    "end\n"
     "local theirs = foreign(KEYS[6], ARGV[7])\n"
     "local hash = ARGV[9]\n"
     "if ARGV[6] == '1' and not theirs then\n"
@@ -98,7 +107,6 @@ static const char begin_lua[] = LIMITS_LUA OWNER_LUA RECORD_LUA
     "  redis.call('SET', KEYS[6], ARGV[7], 'NX', 'EX', ARGV[8])\n"
     "end\n"
     "count(KEYS[4], rpm)\n"
-    "local t = redis.call('TIME')\n"
     "return {'go', t[1], t[2]}\n";
 
 /* KEYS: history, lock, idempotency record, tpm counter, owner.
@@ -268,10 +276,46 @@ chatdb_error(const struct chatdb *db)
     return db->store.err;
 }
 
+/* Redis's clock in ms, from the two strings TIME gives. */
+static long long
+redis_ms(const redisReply *secs, const redisReply *usecs)
+{
+    return strtoll(secs->str, NULL, 10) * 1000 +
+           strtoll(usecs->str, NULL, 10) / 1000;
+}
+
+/* Redis's clock was at_ms when it ran a command we sent at sent_ms. */
+static void
+clock_seen(struct chatdb *db, long long at_ms, double sent_ms)
+{
+    db->clock_redis_ms = at_ms;
+    db->clock_sent_ms = sent_ms;
+    db->clock_connection = db->store.connections;
+}
+
+/* Whether r is {secs, usecs} from index `from` on, as TIME gives them. */
+static int
+has_clock(const redisReply *r, size_t from)
+{
+    return r->type == REDIS_REPLY_ARRAY && r->elements == from + 2 &&
+           r->element[from]->type == REDIS_REPLY_STRING &&
+           r->element[from + 1]->type == REDIS_REPLY_STRING;
+}
+
 int
 chatdb_ping(struct chatdb *db)
 {
-    return store_ping(&db->store);
+    const char *time_argv[] = {"TIME"};
+    double sent = clock_ms();
+    redisReply *r = store_command_argv(&db->store, 1, time_argv, NULL,
+                                       "TIME");
+
+    if (r == NULL)
+        return -1;
+    if (has_clock(r, 0))
+        clock_seen(db, redis_ms(r->element[0], r->element[1]), sent);
+    freeReplyObject(r);
+    return 0;
 }
 
 /* ---- the keys */
@@ -823,16 +867,22 @@ begin_outcome(struct chatdb *db, struct chatdb_turn *t, const redisReply *r,
               struct buf *replay, long long *retry_after_s)
 {
     const char *tag = reply_tag(r);
+    int go = tag != NULL && strcmp(tag, "go") == 0;
 
-    if (tag != NULL && strcmp(tag, "go") == 0 && r->elements == 3 &&
-        r->element[1]->type == REDIS_REPLY_STRING &&
-        r->element[2]->type == REDIS_REPLY_STRING &&
-        history->type == REDIS_REPLY_ARRAY) {
-        t->redis_clock_ms = strtoll(r->element[1]->str, NULL, 10) * 1000 +
-                            strtoll(r->element[2]->str, NULL, 10) / 1000;
+    if ((go || (tag != NULL && strcmp(tag, "late") == 0)) && has_clock(r, 1))
+        clock_seen(db, redis_ms(r->element[1], r->element[2]),
+                   t->begin_sent_ms);
+    if (go && has_clock(r, 1) && history->type == REDIS_REPLY_ARRAY) {
+        t->redis_clock_ms = db->clock_redis_ms;
         t->local_clock_ms = clock_ms();
         t->skipped = fill_history(history, 0, h);
         return CHATDB_GO;
+    }
+    if (tag != NULL && strcmp(tag, "late") == 0) {
+        snprintf(db->store.err, STORE_ERR_LEN, "Redis ran the turn's begin "
+                 "too late (its round trip took %.0f ms); it left the "
+                 "session as it was", clock_ms() - t->begin_sent_ms);
+        return -1;
     }
     return stop_outcome(db, r, replay, retry_after_s);
 }
@@ -863,6 +913,30 @@ hash_request(struct chatdb *db, struct chatdb_turn *t)
     }
     to_hex(md, n, t->request_hash);
     return 0;
+}
+
+static double
+command_timeout_ms(const struct store *s)
+{
+    return (double)s->command_timeout.tv_sec * 1000.0 +
+           (double)s->command_timeout.tv_usec / 1000.0;
+}
+
+/* The begin's deadline in Redis's clock: command_timeout_ms from now,
+ * reckoned from the last reply that gave the clock, counted from when
+ * that command went out, so that the estimate runs ahead by its round
+ * trip, never behind: no begin the worker still waits for is refused.
+ * 0 (none) without a clock from this connection (a new one may be
+ * another server), and on a cluster, whose masters' clocks may differ. */
+static long long
+begin_deadline(const struct chatdb *db)
+{
+    if (store_cluster(&db->store) || db->clock_connection == 0 ||
+        db->clock_connection != db->store.connections)
+        return 0;
+    return db->clock_redis_ms +
+           (long long)(clock_ms() - db->clock_sent_ms +
+                       command_timeout_ms(&db->store));
 }
 
 /* The session's part of a turn begin, as st shows it; the outcome goes
@@ -898,6 +972,7 @@ begin_session(struct chatdb *db, struct chatdb_turn *t,
     arg_str(&c, st->owner);
     arg_int(&c, db->conf->chat.history_ttl_seconds);
     arg_str(&c, st->request_hash);
+    arg_int(&c, begin_deadline(db));
     t->begin_sent_ms = clock_ms();
     r = run_script_as(db, BEGIN, &c, &how, "turn begin");
     if (r == NULL)
@@ -1029,11 +1104,10 @@ commit_patience(const struct chatdb_turn *t)
 static long long
 commit_deadline(const struct store *s, const struct chatdb_turn *t)
 {
-    double timeout = (double)s->command_timeout.tv_sec * 1000.0 +
-                     (double)s->command_timeout.tv_usec / 1000.0;
     double from = t->local_clock_ms - commit_patience(t);
 
-    return t->redis_clock_ms + (long long)(clock_ms() - from + timeout);
+    return t->redis_clock_ms +
+           (long long)(clock_ms() - from + command_timeout_ms(s));
 }
 
 /* Late says the commit ran past its deadline; the two waits that count

@@ -577,6 +577,7 @@ connect_failed(struct store *s, double now)
 static void
 connect_worked(struct store *s)
 {
+    s->connections++;
     if (s->failures > 0)
         log_info("store", "connected to Redis again after %u failed "
                  "attempts", s->failures);

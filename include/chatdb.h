@@ -33,6 +33,13 @@ struct chatdb {
     struct store store;
     const struct conf *conf;
     char sha[CHATDB_SCRIPTS][41]; /* each script's SHA-1, for EVALSHA */
+    /* Redis's clock as the last reply that carried it gave it, and ours
+     * (monotonic) when that command went out, on the store's connection
+     * number clock_connection (0: none yet): what a turn begin's deadline
+     * is reckoned from. */
+    long long clock_redis_ms;
+    double clock_sent_ms;
+    unsigned clock_connection;
 };
 
 /* Prepare (no connection yet). Returns 0, or -1 with chatdb_error set. */
@@ -42,7 +49,8 @@ void chatdb_cleanup(struct chatdb *db);
 /* Why the last call failed. */
 const char *chatdb_error(const struct chatdb *db);
 
-/* Each returns 0, or -1 with chatdb_error set. */
+/* Each returns 0, or -1 with chatdb_error set. The ping reads Redis's
+ * clock (TIME), for the deadline of the next turn begin. */
 int chatdb_ping(struct chatdb *db);
 
 /* One turn's bookkeeping (GET and DELETE use the session, client, owner

@@ -51,6 +51,7 @@ struct store {
     struct timeval connect_timeout, command_timeout;
     double retry_at_ms;  /* no reconnect attempt before this time */
     unsigned failures;   /* consecutive failed connects, for the backoff */
+    unsigned connections; /* made so far: a new one may be another server */
     /* Asked in order, the one that answered last first. */
     struct store_node sentinels[STORE_SENTINELS_MAX];
     int nsentinels;      /* 0: addr names the server itself */

@@ -416,6 +416,10 @@ def test_redis_stalled_before_the_turn_is_503_in_time(stack, http, model):
     assert model.stats()["requests"] == 0
     wait_for(lambda: healthz_status(http, stack) == 200, 5)
     assert history(http, stack, sid) == before
+    # Redis ran the queued begin once it went on, past its deadline: it
+    # took no lock, so the session is not busy for lock_ms.
+    r, _ = post_turn(http, stack, "and now?", sid)
+    assert r.status_code == 200, r.text
 
 
 def test_redis_stalled_while_storing_stores_nothing(stack, http, model):
