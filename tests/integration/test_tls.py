@@ -160,23 +160,29 @@ def concurrent_turns(http, st, n):
                                                  timeout=20), range(n)))
 
 
-def test_one_full_handshake_and_the_other_workers_resume_it(
-        http, stack_factory, tls_model, pki, model):
-    """A cold pool of 4 takes 4 turns at once, each on its own worker (the
-    model answers after 300 ms, so none is free for another): with
-    tls_handshakes = 1, one worker makes the full handshake and the three
-    others wait for its session and resume it."""
-    st = tls_stack(stack_factory, tls_model,
+def cold_burst_on_one_slot(http, stack_factory, url, pki, model):
+    """A cold pool of 4 with tls_handshakes = 1 takes 4 turns at once, each
+    on its own worker (the model answers after 300 ms, so none is free for
+    another). Returns the pool's handshakes: (full, resumed)."""
+    st = tls_stack(stack_factory, url,
                    CHATFCGI_UPSTREAM_CA_FILE=pki / "ca.crt",
                    CHATFCGI_UPSTREAM_TLS_HANDSHAKES=1)
     model.set(delay_ms=300)
     answers = concurrent_turns(http, st, WORKERS)
     assert [r.status_code for r in answers] == [200] * WORKERS
+    return tuple(metric(http, st, "chatfcgi_tls_handshakes_total",
+                        provider="upstream1", kind=kind)
+                 for kind in ("full", "resumed"))
+
+
+def test_one_full_handshake_and_the_other_workers_resume_it(
+        http, stack_factory, tls_model, pki, model):
+    """One worker makes the full handshake; the three others wait for its
+    session and resume it."""
+    counts = cold_burst_on_one_slot(http, stack_factory, tls_model, pki,
+                                    model)
     assert handshakes(model) == {"full": 1, "resumed": WORKERS - 1}
-    assert metric(http, st, "chatfcgi_tls_handshakes_total",
-                  provider="upstream1", kind="full") == 1
-    assert metric(http, st, "chatfcgi_tls_handshakes_total",
-                  provider="upstream1", kind="resumed") == WORKERS - 1
+    assert counts == (1, WORKERS - 1)
 
 
 def test_a_tls12_provider_without_a_session_cache_is_resumed_by_ticket(
@@ -184,16 +190,8 @@ def test_a_tls12_provider_without_a_session_cache_is_resumed_by_ticket(
     """Curl asks for no TLS 1.2 ticket, and a session id alone resumes
     nothing where the provider keeps no cache: each of the 4 workers
     would make a full handshake. With tickets, one does."""
-    st = tls_stack(stack_factory, tls12_model,
-                   CHATFCGI_UPSTREAM_CA_FILE=pki / "ca.crt",
-                   CHATFCGI_UPSTREAM_TLS_HANDSHAKES=1)
-    model.set(delay_ms=300)
-    answers = concurrent_turns(http, st, WORKERS)
-    assert [r.status_code for r in answers] == [200] * WORKERS
-    assert metric(http, st, "chatfcgi_tls_handshakes_total",
-                  provider="upstream1", kind="full") == 1
-    assert metric(http, st, "chatfcgi_tls_handshakes_total",
-                  provider="upstream1", kind="resumed") == WORKERS - 1
+    assert cold_burst_on_one_slot(http, stack_factory, tls12_model, pki,
+                                  model) == (1, WORKERS - 1)
 
 
 def test_without_a_bound_workers_still_resume_once_a_session_is_out(
