@@ -446,6 +446,7 @@ reap(struct master *m)
 {
     double now = clock_ms();
     int status, slot;
+    struct scoreboard_slot *s;
     pid_t pid;
 
     while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
@@ -460,8 +461,10 @@ reap(struct master *m)
         } else {
             scoreboard_add(&m->pool->worker_recycles, 1);
         }
-        memset(scoreboard_slot(m->pool, (uint32_t)slot), 0,
-               sizeof(struct scoreboard_slot));
+        s = scoreboard_slot(m->pool, (uint32_t)slot);
+        if (scoreboard_in_request(s))
+            scoreboard_take_one(&m->pool->active_chat);
+        memset(s, 0, sizeof(*s));
         slot_freed(m, (uint32_t)slot);
     }
     if (m->backoff_ms > 0 && m->ndeaths > 0 &&

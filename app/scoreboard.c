@@ -134,6 +134,26 @@ scoreboard_add(uint64_t *counter, uint64_t n)
     __atomic_fetch_add(counter, n, __ATOMIC_RELAXED);
 }
 
+void
+scoreboard_take_one(uint64_t *counter)
+{
+    uint64_t seen = __atomic_load_n(counter, __ATOMIC_RELAXED);
+
+    while (seen > 0 &&
+           !__atomic_compare_exchange_n(counter, &seen, seen - 1, 1,
+                                        __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+        ;
+}
+
+int
+scoreboard_in_request(const struct scoreboard_slot *s)
+{
+    int state = __atomic_load_n(&s->state, __ATOMIC_RELAXED);
+
+    return s->role == SCOREBOARD_CHAT && state >= SCOREBOARD_READING &&
+           state < SCOREBOARD_STATES;
+}
+
 uint64_t
 scoreboard_read(const uint64_t *counter)
 {
@@ -149,13 +169,10 @@ scoreboard_set_state(struct scoreboard_slot *s, enum scoreboard_state state)
 static void
 raise_max_active(struct scoreboard *p)
 {
-    unsigned n[SCOREBOARD_STATES];
-    uint64_t active = 0, seen;
+    uint64_t active = __atomic_add_fetch(&p->active_chat, 1,
+                                         __ATOMIC_RELAXED);
+    uint64_t seen = scoreboard_read(&p->max_active);
 
-    scoreboard_count_states(p, SCOREBOARD_CHAT, n);
-    for (int i = SCOREBOARD_READING; i < SCOREBOARD_STATES; i++)
-        active += n[i];
-    seen = scoreboard_read(&p->max_active);
     while (active > seen &&
            !__atomic_compare_exchange_n(&p->max_active, &seen, active, 1,
                                         __ATOMIC_RELAXED, __ATOMIC_RELAXED))
@@ -172,7 +189,8 @@ scoreboard_request_begin(struct scoreboard *p, struct scoreboard_slot *s,
     s->request_at_ms = clock_wall_ms();
     scoreboard_set_state(s, SCOREBOARD_READING);
     scoreboard_add(&p->accepted, 1);
-    raise_max_active(p);
+    if (s->role == SCOREBOARD_CHAT)
+        raise_max_active(p);
 }
 
 static void
@@ -200,7 +218,12 @@ scoreboard_request_end(struct scoreboard *p, struct scoreboard_slot *s,
         observe(&p->upstream, upstream_ms);
     s->requests++;
     s->request_at_ms = 0;
+    /* Idle first: a worker that dies in between stays counted (one too
+     * many), where the other order would let the master take it off
+     * twice. */
     scoreboard_set_state(s, SCOREBOARD_IDLE);
+    if (s->role == SCOREBOARD_CHAT)
+        scoreboard_take_one(&p->active_chat);
 }
 
 void

@@ -133,6 +133,11 @@ struct scoreboard {
     struct scoreboard_histogram tool_latency; /* of the calls made */
     struct scoreboard_slot more_slots[SCOREBOARD_SLOTS_MAX -
                                       SCOREBOARD_SLOTS_FIRST];
+    /* Chat workers between request begin and end, for max_active: kept
+     * as they come and go, since counting the slots at every request
+     * cost a pool of 10,000 a walk over 10,000 slots per request. A
+     * worker that dies in a request is taken off by the master. */
+    uint64_t active_chat;
 };
 
 /* Slot i (< SCOREBOARD_SLOTS_MAX) of either array. Like strchr(), it
@@ -190,6 +195,11 @@ void scoreboard_name_providers(struct scoreboard *p, const char *const *names,
 
 /* Atomic add to one pool counter. */
 void scoreboard_add(uint64_t *counter, uint64_t n);
+/* One less, unless already 0 (a request a worker of an older build
+ * began, which did not count it). */
+void scoreboard_take_one(uint64_t *counter);
+/* Whether a slot's worker is in a request (counted in active_chat). */
+int scoreboard_in_request(const struct scoreboard_slot *s);
 uint64_t scoreboard_read(const uint64_t *counter);
 
 /* Index into by_status for an HTTP status. */

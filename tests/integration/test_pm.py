@@ -323,6 +323,13 @@ def test_kill_busy_worker_fails_only_its_request(stack, http, model):
         m0["chatfcgi_worker_deaths_total"] + 1
     assert "killed by signal 9" in log_text(stack)
 
+    # The dead worker's request is off the count of active workers: four
+    # turns at once on the four chat workers make the most ever active 4,
+    # not 5.
+    par = Parallel(4, turn).start()
+    assert all(v.status_code == 200 for v, _, _ in par.join(15))
+    assert status(http, stack)["max_active_processes"] == 4
+
 
 # ------------------------------------------------- 2. reload under load
 
