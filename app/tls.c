@@ -58,6 +58,7 @@ static struct {
     struct peer peers[NPEERS];
     struct shared_peer *shared; /* CONF_PROVIDERS_MAX of them */
     int (*curl_new_session)(SSL *, SSL_SESSION *);
+    unsigned long handshakes_here;
 } tls;
 
 /* ---------------------------------------------------------------- stores */
@@ -377,6 +378,7 @@ on_info(const SSL *ssl, int where, int ret)
             resume_published(p, (SSL *)ssl);
     } else if ((where & SSL_CB_HANDSHAKE_DONE) && !h->done) {
         h->done = 1;
+        tls.handshakes_here++;
         if (p->shared == NULL)
             return;
         p->warm = 1;
@@ -538,6 +540,12 @@ tls_release(size_t i)
 {
     if (tls.ready && tls.peers[i].shared != NULL)
         give_back(&tls.peers[i]);
+}
+
+unsigned long
+tls_handshakes_here(void)
+{
+    return tls.handshakes_here;
 }
 
 void

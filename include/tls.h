@@ -63,6 +63,11 @@ int tls_admit(size_t p);
 /* After a call to provider p ended: give back a slot it still holds. */
 void tls_release(size_t p);
 
+/* The TLS handshakes this process has completed so far (with anyone):
+ * one leaves the heap with what it built and dropped (about 30 KiB that
+ * malloc_trim gives back). */
+unsigned long tls_handshakes_here(void);
+
 /* The pool's handshakes with provider p so far. */
 struct tls_counts {
     uint64_t full;
