@@ -232,3 +232,22 @@ def test_a_handshake_that_times_out_opens_no_cooldown(
     model.set()
     time.sleep(1.1)  # the model's handshake threads are done sleeping
     assert post_chat(http, st, "and now?").status_code == 200
+
+
+def test_a_handshake_that_times_out_is_tried_again(
+        http, stack_factory, tls_model, pki, model):
+    """A handshake cut short sent the provider nothing, and in a burst the
+    next one is likely in time: with retries = 1 (the default) the turn
+    makes a second connection before it gives up."""
+    st = tls_stack(stack_factory, tls_model,
+                   CHATFCGI_UPSTREAM_CA_FILE=pki / "ca.crt",
+                   CHATFCGI_UPSTREAM_CONNECT_TIMEOUT_MS=500,
+                   CHATFCGI_UPSTREAM_RETRY_BASE_MS=50)
+    model.set(handshake_delay_ms=1500)
+    assert_json_error(post_chat(http, st, "are you there?"), 504,
+                      "upstream_timeout")
+    assert model.stats()["connections"] == 2
+    assert metric(http, st, "chatfcgi_provider_cooling_down",
+                  provider="upstream1") == 0
+    model.set()
+    time.sleep(1.6)  # the model's handshake threads are done sleeping
