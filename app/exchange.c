@@ -510,7 +510,7 @@ exchange_reset(struct exchange *a, const char *model)
     curl_slist_free_all(a->headers);
     a->headers = NULL;
     a->response_too_large = a->stream_complete = a->stream_failed = 0;
-    a->handshake_timeout = 0;
+    a->connect_timeout = 0;
     a->stopped = 0;
     a->got_bytes = a->got_content = a->streaming = a->hedge = 0;
     a->errbuf[0] = '\0';
@@ -559,6 +559,18 @@ exchange_fail(struct exchange *a, CURLM *multi, enum answer_status status,
     snprintf(a->ans.message, sizeof(a->ans.message), "%s", why);
 }
 
+/* Whether the transfer ended before its request went out: curl dates
+ * the moment it is about to send (pretransfer) once connected. */
+static int
+sent_nothing(CURL *e)
+{
+    curl_off_t pretransfer_us = 0;
+
+    return curl_easy_getinfo(e, CURLINFO_PRETRANSFER_TIME_T,
+                             &pretransfer_us) == CURLE_OK &&
+           pretransfer_us == 0;
+}
+
 static void
 judge_curl_error(struct exchange *a, CURLcode rc)
 {
@@ -568,9 +580,7 @@ judge_curl_error(struct exchange *a, CURLcode rc)
     switch (rc) {
     case CURLE_OPERATION_TIMEDOUT:
         ans->status = ANSWER_TIMEOUT;
-        /* curl's own words when TCP connected too late to begin TLS. */
-        a->handshake_timeout = (a->tls.started && !a->tls.done) ||
-                               strcmp(a->errbuf, "SSL connection timeout") == 0;
+        a->connect_timeout = sent_nothing(a->easy);
         break;
     case CURLE_COULDNT_CONNECT:
     case CURLE_COULDNT_RESOLVE_HOST:

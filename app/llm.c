@@ -306,15 +306,15 @@ start_next(struct llm *l, struct plan *p, int hedge)
 
 /* After a failed attempt: another provider now, the next round after a
  * backoff, or the end. Never another try once content reached the
- * client. A handshake cut short by its timeout sent the provider nothing
- * and is most likely this host short of CPU in a burst: it is tried
- * again as an unreachable provider is (measured: 3 to 46 of 12,000
- * answers at 4,000 TLS streams failed so, with the burst over by the
- * retry). */
+ * client. A connection cut short by the connect timeout (TCP or TLS) sent
+ * the provider nothing and is most likely this host short of CPU in a
+ * burst: it is tried again as an unreachable provider is (measured: 3 to
+ * 46 of 12,000 answers at 4,000 TLS streams failed so, with the burst
+ * over by the retry). */
 static void
 after_failure(struct llm *l, struct plan *p, struct exchange *a)
 {
-    if (a->handshake_timeout)
+    if (a->connect_timeout)
         plan_note_local_failure(p, a->provider, a->ans.status);
     else
         plan_note_failure(p, a->provider, a->ans.status, a->ans.message);
@@ -322,7 +322,7 @@ after_failure(struct llm *l, struct plan *p, struct exchange *a)
         p->done = 1;
         return;
     }
-    plan_failed(p, a->handshake_timeout ? ANSWER_UNREACHABLE : a->ans.status,
+    plan_failed(p, a->connect_timeout ? ANSWER_UNREACHABLE : a->ans.status,
                 a->ans.http_status, exchange_retry_after_s(a));
     if (p->done || active_attempts(l) > 0 || p->retry_at_ms > 0)
         return; /* the other attempt may still win */

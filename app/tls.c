@@ -415,7 +415,6 @@ on_ssl_ctx(CURL *e, void *ssl_ctx, void *arg)
     struct peer *p = &tls.peers[h->peer];
 
     (void)e;
-    h->started = 1; /* curl sets TLS up once TCP is connected */
     SSL_CTX_set1_cert_store(ctx, p->store);
     /* curl turns TLS 1.2 tickets off, leaving only session ids, which a
      * provider without a server-side cache (nginx's default) or behind
@@ -512,7 +511,7 @@ tls_cleanup(void)
 void
 tls_use(CURL *e, struct tls_handshake *h)
 {
-    h->started = h->done = 0;
+    h->done = 0;
     if (!tls.ready || tls.peers[h->peer].store == NULL)
         return;
     /* curl loads no CA file of its own, and caches no store across

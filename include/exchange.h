@@ -51,10 +51,11 @@ struct exchange {
     int stream_complete; /* [DONE] or a finish_reason arrived */
     int stream_failed;   /* the stream broke: ans says why */
     int stopped;         /* on_content stopped it: not the provider's doing */
-    /* It timed out connected but within the TLS handshake, which a host
-     * short of CPU (a burst) makes as likely as the provider: a failure,
-     * but not one that counts toward the provider's cooldown. */
-    int handshake_timeout;
+    /* It timed out before the request went out (TCP connect or TLS
+     * handshake), which a host short of CPU (a burst) makes as likely as
+     * the provider: a failure, but not one that counts toward the
+     * provider's cooldown, and one worth another try (nothing was sent). */
+    int connect_timeout;
     struct tls_handshake tls;
     struct answer ans;
     struct curl_slist *headers;

@@ -44,7 +44,6 @@ int tls_check(const struct conf *c, char err[CONF_ERR_LEN]);
 /* The TLS handshake of one transfer's new connection, as far as it got. */
 struct tls_handshake {
     size_t peer; /* a provider's index, or TLS_TOOLS */
-    int started; /* the TCP connection was made: TLS is being set up */
     int done;
 };
 

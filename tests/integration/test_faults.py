@@ -291,14 +291,20 @@ def test_upstream_connect_timeout_is_504(stack_factory, http,
     st = stack_factory({
         "CHATFCGI_UPSTREAM_URL":
             f"http://127.0.0.1:{unaccepting_listener}/v1",
-        "CHATFCGI_UPSTREAM_CONNECT_TIMEOUT_MS": str(CONNECT_TIMEOUT_MS)})
+        "CHATFCGI_UPSTREAM_CONNECT_TIMEOUT_MS": str(CONNECT_TIMEOUT_MS),
+        "CHATFCGI_UPSTREAM_COOLDOWN_FAILURES": "1"})
     sid = fresh_id("connect-timeout")
     r, elapsed = post_turn(http, st, "hello", sid)
-    # conf/chatfcgi.conf: "Past either timeout the turn fails with 504".
+    # conf/chatfcgi.conf: "Past either timeout the turn fails with 504",
+    # after one more try (retries = 1): the connection sent nothing.
     assert_json_error(r, 504, "upstream_timeout")
-    assert CONNECT_TIMEOUT_MS / 1000 - 0.05 <= elapsed \
-        <= CONNECT_TIMEOUT_MS / 1000 + 1, elapsed
+    assert 2 * CONNECT_TIMEOUT_MS / 1000 - 0.05 <= elapsed \
+        <= 2 * CONNECT_TIMEOUT_MS / 1000 + 1, elapsed
     assert history(http, st, sid)[0] == 404
+    # Not the provider's own failure: a host short of CPU times out so.
+    metrics = http.get(f"{st.url}/api/metrics", timeout=5).text
+    assert 'chatfcgi_provider_cooling_down{provider="upstream1"} 0' \
+        in metrics
 
 
 # ------------------------------------------------------------------ Redis
