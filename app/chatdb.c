@@ -928,11 +928,17 @@ command_timeout_ms(const struct store *s)
  * trip, never behind: no begin the worker still waits for is refused.
  * 0 (none) without a clock from this connection (a new one may be
  * another server), and on a cluster, whose masters' clocks may differ. */
+static int
+clock_current(const struct chatdb *db)
+{
+    return db->clock_connection != 0 &&
+           db->clock_connection == db->store.connections;
+}
+
 static long long
 begin_deadline(const struct chatdb *db)
 {
-    if (store_cluster(&db->store) || db->clock_connection == 0 ||
-        db->clock_connection != db->store.connections)
+    if (store_cluster(&db->store) || !clock_current(db))
         return 0;
     return db->clock_redis_ms +
            (long long)(clock_ms() - db->clock_sent_ms +
@@ -955,6 +961,12 @@ begin_session(struct chatdb *db, struct chatdb_turn *t,
     struct args c;
     int rc;
 
+    /* No begin without a deadline where one applies: a new connection
+     * (after a timeout, when a stalled Redis matters most) asks for the
+     * clock first. */
+    if (!store_cluster(&db->store) && !clock_current(db) &&
+        chatdb_ping(db) == -1)
+        return -1;
     turn_keys(st, &k, now / WINDOW_S);
     script_args(&c, 6);
     arg_str(&c, k.history);

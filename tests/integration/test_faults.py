@@ -409,9 +409,18 @@ def stop_redis(stack):
     return pid
 
 
-def test_redis_stalled_before_the_turn_is_503_in_time(stack, http, model):
+@pytest.mark.parametrize("new_connection", [False, True])
+def test_redis_stalled_before_the_turn_is_503_in_time(stack, http, model,
+                                                      new_connection):
+    """new_connection: Redis closed the workers' connections first, so the
+    turn is the first on a new one, which has no clock of Redis's yet to
+    date its begin's deadline from."""
     sid, before = session_with_history(http, stack, model)
     model.reset()
+    if new_connection:
+        admin = RedisAdmin(stack.redis_port)
+        admin.send("CLIENT KILL TYPE normal SKIPME yes")
+        admin.close()
     pid = stop_redis(stack)
     try:
         r, elapsed = post_turn(http, stack, "Redis is stalled", sid)
