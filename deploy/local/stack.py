@@ -68,7 +68,7 @@ timeout_ms = 2000
 # not know, so they never reach its environment.
 LAUNCHER_ONLY = ("CHATFCGI_PORT", "CHATFCGI_RUN_DIR", "CHATFCGI_MODEL_PORT",
                  "CHATFCGI_REDIS_PORT", "CHATFCGI_BIN",
-                 "CHATFCGI_NGINX_ACCESS_LOG")
+                 "CHATFCGI_NGINX_ACCESS_LOG", "CHATFCGI_NGINX_STREAMS")
 
 # What /proc/<pid>/cmdline must contain before a pid file is trusted: a pid
 # may have been reused since the file was written.
@@ -106,31 +106,32 @@ UNSAFE_PATH = re.compile(r"[\s\"'`;{}$#\\@]")
 
 WEB_USER = "www-data"
 
-# The local nginx is sized for this many streams held at once: two
-# connections each (client and FastCGI), and two descriptors per
-# connection (see nginx.conf.in).
+# The local nginx is sized for this many streams held at once (unless
+# CHATFCGI_NGINX_STREAMS says otherwise): two connections each (client and
+# FastCGI) and 480 more, two descriptors per connection (see
+# nginx.conf.in).
 NGINX_STREAMS = 10000
-NGINX_CONNECTIONS = 2 * NGINX_STREAMS + 480
-NGINX_FILES = 2 * NGINX_CONNECTIONS
 # Workers nginx may take to share the connections under a low hard limit
 # on open files; past this, the stack holds fewer streams.
 NGINX_PROCESSES_MAX = 8
 
 
-def nginx_sizing():
-    """(worker_processes, worker_connections, worker_rlimit_nofile): one
-    worker as sized, or, when the hard limit on open files is lower,
+def nginx_sizing(streams=NGINX_STREAMS):
+    """(worker_processes, worker_connections, worker_rlimit_nofile) for
+    streams held at once: one worker, or, when the hard limit on open
+    files is lower,
     enough workers under it (NGINX_PROCESSES_MAX at most) to share the
     connections, each with a quarter more than its share. Raising the limit takes CAP_SYS_RESOURCE, which
     even root may lack (in a container), and nginx would log an alert at
     every start."""
+    connections = 2 * streams + 480
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    if hard == resource.RLIM_INFINITY or hard >= NGINX_FILES:
-        return 1, NGINX_CONNECTIONS, NGINX_FILES
+    if hard == resource.RLIM_INFINITY or hard >= 2 * connections:
+        return 1, connections, 2 * connections
     most = max(256, hard // 2)
     processes = min(NGINX_PROCESSES_MAX,
-                    -(-NGINX_CONNECTIONS * 5 // (4 * most)))
-    share = -(-NGINX_CONNECTIONS * 5 // (4 * processes))
+                    -(-connections * 5 // (4 * most)))
+    share = -(-connections * 5 // (4 * processes))
     return processes, min(most, share), hard
 
 ENV_HELP = """\
@@ -151,6 +152,7 @@ environment (all optional):
   CHATFCGI_BIN           chatfcgi binary (default bin/chatfcgi; e.g.
                          bin/chatfcgi-asan)
   CHATFCGI_NGINX_ACCESS_LOG  off: no nginx access log
+  CHATFCGI_NGINX_STREAMS     streams nginx is sized to hold (default 10000)
   CHATFCGI_INCLUDE       drop-in config files or globs (passed to chatfcgi);
                          unset with the bundled model: its demo tools
                          get_time and calculate
@@ -685,7 +687,8 @@ class Stack:
 
     def _nginx_conf(self):
         user_line = f"user {WEB_USER} {WEB_USER};" if os.geteuid() == 0 else ""
-        processes, connections, files = nginx_sizing()
+        processes, connections, files = nginx_sizing(int(
+            self.child_env.get("CHATFCGI_NGINX_STREAMS", NGINX_STREAMS)))
         return _render(NGINX_TEMPLATE, {
             "WORKER_PROCESSES": str(processes),
             "REUSEPORT": " reuseport" if processes > 1 else "",

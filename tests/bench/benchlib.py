@@ -289,6 +289,10 @@ class Chatfcgi:
             # Like the peers and the ceilings, which log nothing per request.
             "CHATFCGI_ACCESS_LOG": "off",
             "CHATFCGI_NGINX_ACCESS_LOG": "off",
+            # One nginx worker, as the peers' fronts have: sized for
+            # 10,000 streams under this host's open-files limit, the local
+            # nginx would take three (held.py asks for that).
+            "CHATFCGI_NGINX_STREAMS": "1000",
         }
         env.update(extra_env or {})
         self.env = env

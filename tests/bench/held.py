@@ -50,7 +50,7 @@ from pathlib import Path
 from benchlib import (REPO, BaseCfg, BenchError, Chatfcgi, SharedHarness,
                       check_ready, die, env_int, env_list, finish_report,
                       git_rev, health_report, host_line, problem,
-                      progress, pss_mib)
+                      progress, pss_mib, stack_mod)
 import stream_client
 
 HERE = Path(__file__).resolve().parent
@@ -147,7 +147,8 @@ class ChatfcgiTarget:
 
     def __init__(self, cfg, upstream, n):
         self.n, self.upstream = n, upstream
-        env = {"CHATFCGI_UPSTREAM_URL": cfg.upstream_url(upstream)}
+        env = {"CHATFCGI_UPSTREAM_URL": cfg.upstream_url(upstream),
+               "CHATFCGI_NGINX_STREAMS": str(stack_mod.NGINX_STREAMS)}
         if upstream == "tls":
             env["CHATFCGI_UPSTREAM_CA_FILE"] = str(cfg.ca)
         self.chat = Chatfcgi(cfg, f"held-{upstream}-{n}", n, env)

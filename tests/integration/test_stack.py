@@ -262,3 +262,13 @@ def test_nginx_sized_for_held_streams(tmp_path):
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard == resource.RLIM_INFINITY or hard >= 2 * 20480:
         assert (processes, connections) == (1, 20480)
+
+
+def test_nginx_sized_for_fewer_streams_on_request(tmp_path):
+    """CHATFCGI_NGINX_STREAMS: 1,000 streams fit one worker under any hard
+    limit this suite runs with (the benchmark's fronts have one)."""
+    conf = stack_mod.Stack(tmp_path, 18000,
+                           env={"CHATFCGI_NGINX_STREAMS": "1000"})._nginx_conf()
+    assert "worker_processes 1;" in conf
+    assert "worker_connections 2480;" in conf
+    assert "listen 127.0.0.1:18000 backlog=4096;" in conf
