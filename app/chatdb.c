@@ -868,8 +868,9 @@ begin_outcome(struct chatdb *db, struct chatdb_turn *t, const redisReply *r,
 {
     const char *tag = reply_tag(r);
     int go = tag != NULL && strcmp(tag, "go") == 0;
+    int late = tag != NULL && strcmp(tag, "late") == 0;
 
-    if ((go || (tag != NULL && strcmp(tag, "late") == 0)) && has_clock(r, 1))
+    if ((go || late) && has_clock(r, 1))
         clock_seen(db, redis_ms(r->element[1], r->element[2]),
                    t->begin_sent_ms);
     if (go && has_clock(r, 1) && history->type == REDIS_REPLY_ARRAY) {
@@ -878,7 +879,7 @@ begin_outcome(struct chatdb *db, struct chatdb_turn *t, const redisReply *r,
         t->skipped = fill_history(history, 0, h);
         return CHATDB_GO;
     }
-    if (tag != NULL && strcmp(tag, "late") == 0) {
+    if (late) {
         snprintf(db->store.err, STORE_ERR_LEN, "Redis ran the turn's begin "
                  "too late (its round trip took %.0f ms); it left the "
                  "session as it was", clock_ms() - t->begin_sent_ms);
@@ -922,12 +923,8 @@ command_timeout_ms(const struct store *s)
            (double)s->command_timeout.tv_usec / 1000.0;
 }
 
-/* The begin's deadline in Redis's clock: command_timeout_ms from now,
- * reckoned from the last reply that gave the clock, counted from when
- * that command went out, so that the estimate runs ahead by its round
- * trip, never behind: no begin the worker still waits for is refused.
- * 0 (none) without a clock from this connection (a new one may be
- * another server), and on a cluster, whose masters' clocks may differ. */
+/* Whether Redis's clock came from this connection: a new one may be
+ * another server. */
 static int
 clock_current(const struct chatdb *db)
 {
@@ -935,6 +932,12 @@ clock_current(const struct chatdb *db)
            db->clock_connection == db->store.connections;
 }
 
+/* The begin's deadline in Redis's clock: command_timeout_ms from now,
+ * reckoned from the last reply that gave the clock, counted from when
+ * that command went out, so that the estimate runs ahead by its round
+ * trip, never behind: no begin the worker still waits for is refused.
+ * 0 (none) without a clock from this connection, and on a cluster,
+ * whose masters' clocks may differ. */
 static long long
 begin_deadline(const struct chatdb *db)
 {

@@ -1128,16 +1128,6 @@ store_cluster(const struct store *s)
     return s->map != NULL;
 }
 
-int
-store_ping(struct store *s)
-{
-    const char *ping[] = {"PING"};
-    redisReply *r = store_command_argv(s, 1, ping, NULL, "PING");
-
-    freeReplyObject(r);
-    return r != NULL ? 0 : -1;
-}
-
 struct redisReply *
 store_command_argv(struct store *s, int argc, const char **argv,
                    const size_t *lens, const char *what)

@@ -88,9 +88,6 @@ void store_cleanup(struct store *s);
  * all its keys must share a hash tag. */
 int store_cluster(const struct store *s);
 
-/* Returns 0, or -1 with s->err set. */
-int store_ping(struct store *s);
-
 /* Run one command given as argv (binary-safe). Returns the reply, which
  * the caller frees with freeReplyObject(), or NULL with s->err set (an
  * error reply counts as a failure). On a cluster the command goes to the
