@@ -916,13 +916,6 @@ hash_request(struct chatdb *db, struct chatdb_turn *t)
     return 0;
 }
 
-static double
-command_timeout_ms(const struct store *s)
-{
-    return (double)s->command_timeout.tv_sec * 1000.0 +
-           (double)s->command_timeout.tv_usec / 1000.0;
-}
-
 /* Whether Redis's clock came from this connection: a new one may be
  * another server. */
 static int
@@ -945,7 +938,7 @@ begin_deadline(const struct chatdb *db)
         return 0;
     return db->clock_redis_ms +
            (long long)(clock_ms() - db->clock_sent_ms +
-                       command_timeout_ms(&db->store));
+                       store_command_timeout_ms(&db->store));
 }
 
 /* The session's part of a turn begin, as st shows it; the outcome goes
@@ -1122,7 +1115,7 @@ commit_deadline(const struct store *s, const struct chatdb_turn *t)
     double from = t->local_clock_ms - commit_patience(t);
 
     return t->redis_clock_ms +
-           (long long)(clock_ms() - from + command_timeout_ms(s));
+           (long long)(clock_ms() - from + store_command_timeout_ms(s));
 }
 
 /* Late says the commit ran past its deadline; the two waits that count

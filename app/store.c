@@ -1128,6 +1128,12 @@ store_cluster(const struct store *s)
     return s->map != NULL;
 }
 
+double
+store_command_timeout_ms(const struct store *s)
+{
+    return tv_ms(s->command_timeout);
+}
+
 struct redisReply *
 store_command_argv(struct store *s, int argc, const char **argv,
                    const size_t *lens, const char *what)

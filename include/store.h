@@ -88,6 +88,9 @@ void store_cleanup(struct store *s);
  * all its keys must share a hash tag. */
 int store_cluster(const struct store *s);
 
+/* command_timeout_ms, as applied. */
+double store_command_timeout_ms(const struct store *s);
+
 /* Run one command given as argv (binary-safe). Returns the reply, which
  * the caller frees with freeReplyObject(), or NULL with s->err set (an
  * error reply counts as a failure). On a cluster the command goes to the
