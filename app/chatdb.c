@@ -869,11 +869,12 @@ begin_outcome(struct chatdb *db, struct chatdb_turn *t, const redisReply *r,
     const char *tag = reply_tag(r);
     int go = tag != NULL && strcmp(tag, "go") == 0;
     int late = tag != NULL && strcmp(tag, "late") == 0;
+    int clocked = (go || late) && has_clock(r, 1);
 
-    if ((go || late) && has_clock(r, 1))
+    if (clocked)
         clock_seen(db, redis_ms(r->element[1], r->element[2]),
                    t->begin_sent_ms);
-    if (go && has_clock(r, 1) && history->type == REDIS_REPLY_ARRAY) {
+    if (go && clocked && history->type == REDIS_REPLY_ARRAY) {
         t->redis_clock_ms = db->clock_redis_ms;
         t->local_clock_ms = clock_ms();
         t->skipped = fill_history(history, 0, h);
@@ -929,16 +930,23 @@ clock_current(const struct chatdb *db)
  * reckoned from the last reply that gave the clock, counted from when
  * that command went out, so that the estimate runs ahead by its round
  * trip, never behind: no begin the worker still waits for is refused.
- * 0 (none) without a clock from this connection, and on a cluster,
- * whose masters' clocks may differ. */
-static long long
-begin_deadline(const struct chatdb *db)
+ * A new connection (after a timeout, when a stalled Redis matters most)
+ * asks for the clock first. 0 (none) on a cluster, whose masters' clocks
+ * may differ. Returns 0, or -1 with the error when Redis did not answer
+ * that TIME. */
+static int
+begin_deadline(struct chatdb *db, long long *deadline)
 {
-    if (store_cluster(&db->store) || !clock_current(db))
+    *deadline = 0;
+    if (store_cluster(&db->store))
         return 0;
-    return db->clock_redis_ms +
-           (long long)(clock_ms() - db->clock_sent_ms +
-                       store_command_timeout_ms(&db->store));
+    if (!clock_current(db) && chatdb_ping(db) == -1)
+        return -1;
+    if (clock_current(db))
+        *deadline = db->clock_redis_ms +
+                    (long long)(clock_ms() - db->clock_sent_ms +
+                                store_command_timeout_ms(&db->store));
+    return 0;
 }
 
 /* The session's part of a turn begin, as st shows it; the outcome goes
@@ -955,13 +963,10 @@ begin_session(struct chatdb *db, struct chatdb_turn *t,
     redisReply *r, *history = NULL;
     struct sending how = {.then = &read_history, .then_reply = &history};
     struct args c;
+    long long deadline;
     int rc;
 
-    /* No begin without a deadline where one applies: a new connection
-     * (after a timeout, when a stalled Redis matters most) asks for the
-     * clock first. */
-    if (!store_cluster(&db->store) && !clock_current(db) &&
-        chatdb_ping(db) == -1)
+    if (begin_deadline(db, &deadline) == -1)
         return -1;
     turn_keys(st, &k, now / WINDOW_S);
     script_args(&c, 6);
@@ -980,7 +985,7 @@ begin_session(struct chatdb *db, struct chatdb_turn *t,
     arg_str(&c, st->owner);
     arg_int(&c, db->conf->chat.history_ttl_seconds);
     arg_str(&c, st->request_hash);
-    arg_int(&c, begin_deadline(db));
+    arg_int(&c, deadline);
     t->begin_sent_ms = clock_ms();
     r = run_script_as(db, BEGIN, &c, &how, "turn begin");
     if (r == NULL)

@@ -29,7 +29,6 @@
 /* The peer of tool calls: [upstream]'s trust, no shared session. */
 #define TLS_TOOLS CONF_PROVIDERS_MAX
 
-
 /* In the master, before the workers fork (again after a reload's exec):
  * the CA stores of [upstream], each provider, and the shared memory of
  * sessions. Returns 0, or -1 with err set (a CA file that cannot be
