@@ -301,6 +301,8 @@ def measure(cfg, target, n):
     return {"req_s": rate, "ideal": n / ANSWER_S,
             "p50_s": sec(res["answer_p50_ms"]),
             "p99_s": sec(res["answer_p99_ms"]),
+            "p99_s_by_round": [sec(ms) for ms in
+                               res["answer_p99_ms_by_round"]],
             "errors": f"{res['non200']}+{res['broken']}+{res['sockerr']}",
             "first_errors": res["first_errors"],
             "kib": kib, "other_procs": other,
@@ -366,6 +368,9 @@ def table(cfg, rows, out):
                    f"{num(r['p50_s'], 2):>6} {num(r['p99_s'], 2):>6} "
                    f"{r['errors']:>11} {num(r['kib'], 1):>10} "
                    f"{num(r['pss'], 1):>12} {r['cooldown']:>8}")
+        if len(r["p99_s_by_round"]) > 1:
+            out.append("    p99_s by round: " + " / ".join(
+                num(s, 2) for s in r["p99_s_by_round"]))
         if r["handshakes"]:
             out.append(f"    TLS handshakes of the pool: {r['handshakes']}")
         for e in r["first_errors"]:
@@ -377,7 +382,9 @@ def table(cfg, rows, out):
     out.append("")
     out.append(f"req/s = answers that ended well / (burst to last byte); "
                f"ideal = N / {ANSWER_S} s; p50/p99 = answer time, connect to "
-               f"last byte; errors = non-200 + broken streams + socket "
+               f"last byte (by round: each client's k-th answer; the "
+               f"first meets a cold pool, every worker's first call); "
+               f"errors = non-200 + broken streams + socket "
                f"errors; KiB/stream = drop of MemAvailable (host-wide) while "
                f"all N were held / N; pool PSS = the app's processes and "
                f"descendants; cooldown = chatfcgi put the provider in "

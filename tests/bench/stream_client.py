@@ -31,7 +31,9 @@ otherwise it is an error of one kind: non200 (another status), broken (a
 
   @@STREAM n=N ok=K errors=E p50_ms=A p90_ms=B p99_ms=C max_ms=D
 
-(first delta), or with --json one JSON object with every field and sample.
+(first delta), or with --json one JSON object with every field and sample,
+and the answer time's p99 of each round (a connection's k-th stream is in
+round k: the first round is the one that meets a cold server).
 --ticks prints, once a second, "@@TICK t=S active=A started=B ended=C" (A:
 streams in progress) for a driver that samples memory while they are held
 (make bench-held); --ready prints "@@READY" and waits for a line on stdin
@@ -97,6 +99,7 @@ class Conn:
             addr, host_header, path, kind
         self.first_marker, self.end_marker, self.error_marker = MARKERS[kind]
         self.session = os.urandom(16).hex()  # one session per connection
+        self.streams = 0  # begun on this connection: the current one's round
         self.sock = None
         self.connecting = False
         self.reset()
@@ -163,6 +166,7 @@ class Conn:
     def begin(self, now):
         """Start the next stream: connect if needed, queue the request."""
         self.reset()
+        self.streams += 1
         self.t_start = now
         if self.sock is None:
             self.connect()
@@ -301,6 +305,7 @@ class Client:
         self.sel = selectors.DefaultSelector()
         self.started = self.ended = 0
         self.first_ms, self.answer_ms = [], []
+        self.answer_ms_by_round = []  # [round - 1]: that round's answers
         self.errors = {"non200": 0, "broken": 0, "sockerr": 0}
         self.first_errors = []
 
@@ -334,6 +339,9 @@ class Client:
         if err is None:
             self.first_ms.append((c.t_first - c.t_sent) * 1000.0)
             self.answer_ms.append((now - c.t_start) * 1000.0)
+            while len(self.answer_ms_by_round) < c.streams:
+                self.answer_ms_by_round.append([])
+            self.answer_ms_by_round[c.streams - 1].append(self.answer_ms[-1])
         else:
             self.errors[err.kind] += 1
             if len(self.first_errors) < 3:
@@ -411,6 +419,8 @@ class Client:
                 "p99_ms": percentile(f, 99), "max_ms": f[-1] if f else None,
                 "answer_p50_ms": percentile(a, 50),
                 "answer_p99_ms": percentile(a, 99),
+                "answer_p99_ms_by_round": [percentile(sorted(r), 99) for r
+                                           in self.answer_ms_by_round],
                 "samples_ms": self.first_ms, "answer_ms": self.answer_ms}
 
 
