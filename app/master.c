@@ -24,6 +24,7 @@
 #include "log.h"
 #include "pool.h"
 #include "scoreboard.h"
+#include "tls.h"
 #include "worker.h"
 
 #define TICK_MS 1000.0
@@ -1278,6 +1279,7 @@ master_run(const struct conf *c, const char *conf_path, char *const argv[])
              m.ls.origin, m.ls.status_fd >= 0 ? " and a status socket" : "",
              c->pm == CONF_POOL_DYNAMIC ? "dynamic" : "static", m.chat_target);
     make_room(&m);
+    tls_prime(c);
     spawn_due(&m);
     supervise(&m, &set);
     listener_close(&m.ls, c->listen, c->status_listen);

@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <openssl/err.h>
+#include <poll.h>
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
 #include <sched.h>
@@ -24,6 +25,10 @@
  * making full handshakes of their own. */
 #define TICKET_GRACE_MS 250
 #define LOCK_TRIES 100
+/* The master's handshake with a provider gives up after the provider's
+ * connect_timeout_ms, or this, whichever is less: a provider down at
+ * start delays the pool by no more. */
+#define PRIME_MAX_MS 2000
 #define NPEERS (CONF_PROVIDERS_MAX + 1)
 
 /* A worker doing a full handshake with the provider. */
@@ -34,8 +39,9 @@ struct holder {
 
 /* Per provider, in memory shared by the pool. */
 struct shared_peer {
-    uint32_t lock; /* guards len and der */
+    uint32_t lock; /* guards len, der and generation */
     uint32_t len;  /* of der; 0: no session yet */
+    uint32_t generation; /* sessions published so far */
     unsigned char der[SESSION_MAX];
     struct holder holders[CONF_TLS_HANDSHAKES_MAX];
     uint64_t full, resumed;
@@ -48,6 +54,10 @@ struct peer {
     int https;
     int warm; /* a handshake completed here: curl keeps its session */
     int held; /* 1 + the slot this process holds; 0: none */
+    /* The master's session, which the workers inherit already decoded:
+     * theirs to resume while it is the one published (primed_generation). */
+    SSL_SESSION *primed;
+    uint32_t primed_generation;
 };
 
 static struct {
@@ -59,6 +69,7 @@ static struct {
     struct shared_peer *shared; /* CONF_PROVIDERS_MAX of them */
     int (*curl_new_session)(SSL *, SSL_SESSION *);
     unsigned long handshakes_here;
+    int priming; /* the master's handshakes: keep their sessions */
 } tls;
 
 /* ---------------------------------------------------------------- stores */
@@ -244,18 +255,22 @@ unlock(uint32_t *l)
     __atomic_store_n(l, 0, __ATOMIC_RELEASE);
 }
 
-static void
+/* Returns the session's generation, or 0 when it was not published. */
+static uint32_t
 publish(struct shared_peer *s, SSL_SESSION *sess)
 {
     unsigned char der[SESSION_MAX], *w = der;
     int len = i2d_SSL_SESSION(sess, NULL);
+    uint32_t generation;
 
     if (len <= 0 || len > SESSION_MAX || !SSL_SESSION_is_resumable(sess) ||
         i2d_SSL_SESSION(sess, &w) != len || !lock(&s->lock))
-        return;
+        return 0;
     memcpy(s->der, der, (size_t)len);
     __atomic_store_n(&s->len, (uint32_t)len, __ATOMIC_RELEASE);
+    generation = __atomic_add_fetch(&s->generation, 1, __ATOMIC_RELEASE);
     unlock(&s->lock);
+    return generation;
 }
 
 /* The published session, or NULL. */
@@ -348,7 +363,9 @@ ex_data(const SSL *ssl, int index)
 }
 
 /* A handshake starts: without a session of curl's own, resume the pool's.
- * OpenSSL reads the session as it writes the ClientHello, after this. */
+ * OpenSSL reads the session as it writes the ClientHello, after this.
+ * The master's is taken as it is: decoding a session costs a worker the
+ * parse of the provider's certificate chain. */
 static void
 resume_published(struct peer *p, SSL *ssl)
 {
@@ -356,6 +373,12 @@ resume_published(struct peer *p, SSL *ssl)
 
     if (SSL_get_session(ssl) != NULL)
         return;
+    if (p->primed != NULL &&
+        __atomic_load_n(&p->shared->generation, __ATOMIC_ACQUIRE) ==
+            p->primed_generation) {
+        SSL_set_session(ssl, p->primed);
+        return;
+    }
     sess = take_published(p->shared);
     if (sess == NULL)
         return;
@@ -400,8 +423,15 @@ on_new_session(SSL *ssl, SSL_SESSION *sess)
     struct peer *p = ex_data(ssl, tls.peer_index);
 
     if (p != NULL && p->shared != NULL) {
-        publish(p->shared, sess);
+        uint32_t generation = publish(p->shared, sess);
+
         give_back(p);
+        if (tls.priming && generation != 0) {
+            SSL_SESSION_free(p->primed);
+            SSL_SESSION_up_ref(sess);
+            p->primed = sess;
+            p->primed_generation = generation;
+        }
     }
     return tls.curl_new_session ? tls.curl_new_session(ssl, sess) : 0;
 }
@@ -498,11 +528,85 @@ tls_init(const struct conf *c, char err[CONF_ERR_LEN])
     return 0;
 }
 
+/* A TLS 1.3 provider sends its session after the handshake, where curl
+ * with CONNECT_ONLY reads nothing: read once it is there (OpenSSL takes
+ * the session in, and finds no data), or give up after TICKET_GRACE_MS. */
+static void
+await_session(CURL *e)
+{
+    curl_socket_t fd;
+    struct pollfd ready;
+    char byte;
+    size_t n;
+
+    if (curl_easy_getinfo(e, CURLINFO_ACTIVESOCKET, &fd) != CURLE_OK ||
+        fd == CURL_SOCKET_BAD)
+        return;
+    ready = (struct pollfd){.fd = fd, .events = POLLIN};
+    if (poll(&ready, 1, TICKET_GRACE_MS) == 1)
+        curl_easy_recv(e, &byte, sizeof(byte), &n);
+}
+
+static void
+prime(const struct conf_provider *cp, size_t i)
+{
+    struct tls_handshake h = {.peer = i};
+    char why[CURL_ERROR_SIZE] = "";
+    long timeout_ms = cp->connect_timeout_ms < PRIME_MAX_MS
+                          ? (long)cp->connect_timeout_ms
+                          : PRIME_MAX_MS;
+    CURL *e = curl_easy_init();
+    CURLcode rc;
+
+    if (e == NULL)
+        return;
+    curl_easy_setopt(e, CURLOPT_URL, cp->url);
+    curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "https");
+    curl_easy_setopt(e, CURLOPT_CONNECT_ONLY, 1L);
+    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, timeout_ms);
+    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(e, CURLOPT_ERRORBUFFER, why);
+    tls_use(e, &h);
+    rc = curl_easy_perform(e);
+    if (rc == CURLE_OK && tls.peers[i].primed == NULL)
+        await_session(e);
+    curl_easy_cleanup(e);
+    if (rc != CURLE_OK)
+        log_warnx("tls", "no session made with provider %s at start (%s): "
+                  "a worker's first call makes the handshake", cp->name,
+                  why[0] != '\0' ? why : curl_easy_strerror(rc));
+    else if (tls.peers[i].primed == NULL)
+        log_info("tls", "provider %s gave no session to resume: each "
+                 "worker makes its own handshake", cp->name);
+    else
+        log_info("tls", "session made with provider %s at start: the "
+                 "workers' first calls resume it", cp->name);
+}
+
+void
+tls_prime(const struct conf *c)
+{
+    if (!tls.ready)
+        return;
+    tls.priming = 1;
+    for (size_t i = 0; i < c->nproviders; i++)
+        if (tls.peers[i].https)
+            prime(&c->providers[i], i);
+    tls.priming = 0;
+    /* Each worker starts with no connection of its own, and so with no
+     * handshake: the bound on full handshakes applies to it. */
+    for (size_t i = 0; i < c->nproviders; i++)
+        tls.peers[i].warm = 0;
+    tls.handshakes_here = 0;
+}
+
 void
 tls_cleanup(void)
 {
-    for (size_t i = 0; i < NPEERS; i++)
+    for (size_t i = 0; i < NPEERS; i++) {
         X509_STORE_free(tls.peers[i].store);
+        SSL_SESSION_free(tls.peers[i].primed);
+    }
     if (tls.shared != NULL)
         munmap(tls.shared, CONF_PROVIDERS_MAX * sizeof(struct shared_peer));
     memset(&tls, 0, sizeof(tls));

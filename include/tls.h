@@ -6,10 +6,10 @@
  *   ca_file/ca_path) into one X509_STORE per distinct setting; every
  *   worker's connections use it, shared copy-on-write, instead of each
  *   process parsing the bundle again (tens of ms of CPU and about a MiB).
- * - Sessions: the worker whose handshake with a provider made a TLS
- *   session publishes it in shared memory; every other worker resumes it,
- *   so a worker's first call is an abbreviated handshake (no certificate
- *   chain to verify).
+ * - Sessions: the master makes a handshake with each provider at start
+ *   (tls_prime), and whichever process gets a TLS session later publishes
+ *   it in shared memory; every worker resumes it, so a worker's first
+ *   call is an abbreviated handshake (no certificate chain to verify).
  * - Bursts: full handshakes to one provider are bounded across the pool
  *   (tls_handshakes); a worker that would need one waits, its time not
  *   counted against the provider, until a slot or a session frees it.
@@ -35,6 +35,16 @@
  * loaded). A later call replaces what an earlier one set up. */
 int tls_init(const struct conf *c, char err[CONF_ERR_LEN]);
 void tls_cleanup(void);
+
+/* In the master, after tls_init and before the workers fork: one
+ * handshake with each HTTPS provider (CONNECT_ONLY: no request), bounded
+ * by its connect_timeout_ms and at most 2 s. Its session is published for
+ * the pool and kept decoded, so every worker's first call resumes it
+ * without parsing the provider's certificates; and what OpenSSL builds for
+ * a handshake is built here once, shared copy-on-write, not in each
+ * worker. A provider that cannot be reached is logged, and the first
+ * worker to call it makes the full handshake, as without this. */
+void tls_prime(const struct conf *c);
 
 /* What chatfcgi -t and a reload check: every ca_file and ca_path can be
  * loaded. Returns 0, or -1 with err set. */

@@ -1,7 +1,9 @@
 """An HTTPS model provider behind a private CA, through nginx: ca_file and
-ca_path, per provider too; the pool's TLS set up once (one full handshake,
-the other workers resume its session); the bound on full handshakes; a
-handshake that times out is not held against the provider.
+ca_path, per provider too; the pool's TLS set up once (the master makes
+the one full handshake at start, every worker resumes its session; with
+the provider down at start, the first worker makes it and the others
+wait for its session); the bound on full handshakes; a handshake that
+times out is not held against the provider.
 
 The provider is the local model serving HTTPS (--tls-cert), its
 certificate signed by a CA made here with the openssl command."""
@@ -160,52 +162,93 @@ def concurrent_turns(http, st, n):
                                                  timeout=20), range(n)))
 
 
-def cold_burst_on_one_slot(http, stack_factory, url, pki, model):
-    """A cold pool of 4 with tls_handshakes = 1 takes 4 turns at once, each
-    on its own worker (the model answers after 300 ms, so none is free for
-    another). Returns the pool's handshakes: (full, resumed)."""
-    st = tls_stack(stack_factory, url,
-                   CHATFCGI_UPSTREAM_CA_FILE=pki / "ca.crt",
-                   CHATFCGI_UPSTREAM_TLS_HANDSHAKES=1)
-    model.set(delay_ms=300)
-    answers = concurrent_turns(http, st, WORKERS)
-    assert [r.status_code for r in answers] == [200] * WORKERS
+def pool_handshakes(http, st):
+    """The pool's handshakes with the provider, from its metrics: (full,
+    resumed)."""
     return tuple(metric(http, st, "chatfcgi_tls_handshakes_total",
                         provider="upstream1", kind=kind)
                  for kind in ("full", "resumed"))
 
 
-def test_one_full_handshake_and_the_other_workers_resume_it(
+def cold_burst(http, st, model):
+    """4 turns at once on a cold pool of 4, each on its own worker (the
+    model answers after 300 ms, so none is free for another). Returns the
+    pool's handshakes."""
+    model.set(delay_ms=300)
+    answers = concurrent_turns(http, st, WORKERS)
+    assert [r.status_code for r in answers] == [200] * WORKERS
+    return pool_handshakes(http, st)
+
+
+def one_slot_stack(stack_factory, url, pki, **env):
+    return tls_stack(stack_factory, url,
+                     CHATFCGI_UPSTREAM_CA_FILE=pki / "ca.crt",
+                     CHATFCGI_UPSTREAM_TLS_HANDSHAKES=1, **env)
+
+
+def started_with_the_provider_down(stack_factory, url, pki, model, **env):
+    """A stack whose master could make no handshake at start: the model
+    takes 1.5 s to begin each, the connect timeout is 0.5 s. The model is
+    itself again when this returns."""
+    model.set(handshake_delay_ms=1500)
+    st = tls_stack(stack_factory, url,
+                   CHATFCGI_UPSTREAM_CA_FILE=pki / "ca.crt",
+                   CHATFCGI_UPSTREAM_CONNECT_TIMEOUT_MS=500, **env)
+    model.set()
+    time.sleep(1.1)  # the model's handshake thread is done sleeping
+    log = st.log_path("chatfcgi").read_text()
+    assert "no session made with provider upstream1 at start" in log, \
+        log[-2000:]
+    return st
+
+
+def test_the_master_makes_the_one_full_handshake_every_worker_resumes(
         http, stack_factory, tls_model, pki, model):
-    """One worker makes the full handshake; the three others wait for its
-    session and resume it."""
-    counts = cold_burst_on_one_slot(http, stack_factory, tls_model, pki,
-                                    model)
-    assert handshakes(model) == {"full": 1, "resumed": WORKERS - 1}
-    assert counts == (1, WORKERS - 1)
+    """The master makes a handshake with the provider at start (and sends
+    no request); each of the 4 workers' first calls resumes its session,
+    none waits for a slot."""
+    st = one_slot_stack(stack_factory, tls_model, pki)
+    assert pool_handshakes(http, st) == (1, 0)
+    assert handshakes(model) == {"full": 1, "resumed": 0}
+    assert model.stats()["requests"] == 0
+    assert "session made with provider upstream1 at start" in \
+        st.log_path("chatfcgi").read_text()
+    assert cold_burst(http, st, model) == (1, WORKERS)
+    assert handshakes(model) == {"full": 1, "resumed": WORKERS}
+
+
+def test_with_the_provider_down_at_start_one_worker_makes_the_handshake(
+        http, stack_factory, tls_model, pki, model):
+    """No session from the start: with tls_handshakes = 1, one worker
+    makes the full handshake; the three others wait for its session and
+    resume it."""
+    st = started_with_the_provider_down(
+        stack_factory, tls_model, pki, model,
+        CHATFCGI_UPSTREAM_TLS_HANDSHAKES=1)
+    assert pool_handshakes(http, st) == (0, 0)
+    assert cold_burst(http, st, model) == (1, WORKERS - 1)
 
 
 def test_a_tls12_provider_without_a_session_cache_is_resumed_by_ticket(
         http, stack_factory, tls12_model, pki, model):
     """Curl asks for no TLS 1.2 ticket, and a session id alone resumes
-    nothing where the provider keeps no cache: each of the 4 workers
-    would make a full handshake. With tickets, one does."""
-    assert cold_burst_on_one_slot(http, stack_factory, tls12_model, pki,
-                                  model) == (1, WORKERS - 1)
+    nothing where the provider keeps no cache: the master's handshake
+    would serve no one, and each of the 4 workers would make a full
+    handshake of its own. With tickets, the master's is the only one."""
+    st = one_slot_stack(stack_factory, tls12_model, pki)
+    assert cold_burst(http, st, model) == (1, WORKERS)
 
 
 def test_without_a_bound_workers_still_resume_once_a_session_is_out(
         http, stack_factory, tls_model, pki, model):
-    """The default bound (4): at most 4 full handshakes for a pool of 4,
-    and a turn on a fresh worker after that resumes."""
-    st = tls_stack(stack_factory, tls_model,
-                   CHATFCGI_UPSTREAM_CA_FILE=pki / "ca.crt")
-    model.set(delay_ms=300)
-    assert [r.status_code for r in concurrent_turns(http, st, WORKERS)] == \
-        [200] * WORKERS
-    counts = handshakes(model)
-    assert counts["full"] + counts["resumed"] == WORKERS
-    assert counts["full"] >= 1
+    """The default bound (4), with the provider down at start: at most 4
+    full handshakes for a pool of 4, and a turn on a fresh worker after
+    that resumes."""
+    st = started_with_the_provider_down(stack_factory, tls_model, pki,
+                                        model)
+    full, resumed = cold_burst(http, st, model)
+    assert full + resumed == WORKERS
+    assert full >= 1
 
 
 def test_a_handshake_that_times_out_opens_no_cooldown(
@@ -220,11 +263,12 @@ def test_a_handshake_that_times_out_opens_no_cooldown(
                    CHATFCGI_UPSTREAM_CONNECT_TIMEOUT_MS=500,
                    CHATFCGI_UPSTREAM_RETRIES=0,
                    CHATFCGI_UPSTREAM_COOLDOWN_FAILURES=1)
+    at_start = model.stats()["connections"]  # the master's handshake
     model.set(handshake_delay_ms=1500)
     for _ in range(3):
         assert_json_error(post_chat(http, st, "are you there?"), 504,
                           "upstream_timeout")
-    assert model.stats()["connections"] == 3
+    assert model.stats()["connections"] - at_start == 3
     assert metric(http, st, "chatfcgi_provider_cooling_down",
                   provider="upstream1") == 0
     assert metric(http, st, "chatfcgi_provider_errors_total",
@@ -243,10 +287,11 @@ def test_a_handshake_that_times_out_is_tried_again(
                    CHATFCGI_UPSTREAM_CA_FILE=pki / "ca.crt",
                    CHATFCGI_UPSTREAM_CONNECT_TIMEOUT_MS=500,
                    CHATFCGI_UPSTREAM_RETRY_BASE_MS=50)
+    at_start = model.stats()["connections"]  # the master's handshake
     model.set(handshake_delay_ms=1500)
     assert_json_error(post_chat(http, st, "are you there?"), 504,
                       "upstream_timeout")
-    assert model.stats()["connections"] == 2
+    assert model.stats()["connections"] - at_start == 2
     assert metric(http, st, "chatfcgi_provider_cooling_down",
                   provider="upstream1") == 0
     model.set()
