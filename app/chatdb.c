@@ -284,12 +284,12 @@ redis_ms(const redisReply *secs, const redisReply *usecs)
            strtoll(usecs->str, NULL, 10) / 1000;
 }
 
-/* Redis's clock was at_ms when it ran a command we sent at sent_ms. */
+/* Redis's clock was at_ms when it ran a command whose reply is here now. */
 static void
-clock_seen(struct chatdb *db, long long at_ms, double sent_ms)
+clock_seen(struct chatdb *db, long long at_ms)
 {
     db->clock_redis_ms = at_ms;
-    db->clock_sent_ms = sent_ms;
+    db->clock_seen_ms = clock_ms();
     db->clock_connection = db->store.connections;
 }
 
@@ -306,14 +306,13 @@ int
 chatdb_ping(struct chatdb *db)
 {
     const char *time_argv[] = {"TIME"};
-    double sent = clock_ms();
     redisReply *r = store_command_argv(&db->store, 1, time_argv, NULL,
                                        "TIME");
 
     if (r == NULL)
         return -1;
     if (has_clock(r, 0))
-        clock_seen(db, redis_ms(r->element[0], r->element[1]), sent);
+        clock_seen(db, redis_ms(r->element[0], r->element[1]));
     freeReplyObject(r);
     return 0;
 }
@@ -872,8 +871,7 @@ begin_outcome(struct chatdb *db, struct chatdb_turn *t, const redisReply *r,
     int clocked = (go || late) && has_clock(r, 1);
 
     if (clocked)
-        clock_seen(db, redis_ms(r->element[1], r->element[2]),
-                   t->begin_sent_ms);
+        clock_seen(db, redis_ms(r->element[1], r->element[2]));
     if (go && clocked && history->type == REDIS_REPLY_ARRAY) {
         t->redis_clock_ms = db->clock_redis_ms;
         t->local_clock_ms = clock_ms();
@@ -926,17 +924,24 @@ clock_current(const struct chatdb *db)
            db->clock_connection == db->store.connections;
 }
 
-/* The begin's deadline in Redis's clock: command_timeout_ms from now,
- * reckoned from the last reply that gave the clock, counted from when
- * that command went out, so that the estimate runs ahead by its round
- * trip, never behind: no begin the worker still waits for is refused.
- * A new connection (after a timeout, when a stalled Redis matters most)
- * asks for the clock first. 0 (none) on a cluster, whose masters' clocks
- * may differ. Returns 0, or -1 with the error when Redis did not answer
- * that TIME. */
+/* The begin's deadline in Redis's clock: the worker gives up on it
+ * command_timeout_ms from now, and a begin Redis runs after that takes a
+ * lock nobody releases, so the session refuses its next turns (409) for
+ * lock_ms. Now in Redis's clock is reckoned from the last reply that gave
+ * it, counted from when that reply came in: the estimate runs behind by
+ * the reply's way back, never ahead (counted from when the command went
+ * out, it ran ahead by the command's whole wait in a stalled Redis, and
+ * let such begins through). The last fifth of the timeout is left for
+ * the reply to come back: a begin Redis runs in it is refused, and the
+ * turn is a 503 with nothing held. A new connection (after a timeout,
+ * when a stalled Redis matters most) asks for the clock first. 0 (none)
+ * on a cluster, whose masters' clocks may differ. Returns 0, or -1 with
+ * the error when Redis did not answer that TIME. */
 static int
 begin_deadline(struct chatdb *db, long long *deadline)
 {
+    long long timeout_ms = store_command_timeout_ms(&db->store);
+
     *deadline = 0;
     if (store_cluster(&db->store))
         return 0;
@@ -944,8 +949,8 @@ begin_deadline(struct chatdb *db, long long *deadline)
         return -1;
     if (clock_current(db))
         *deadline = db->clock_redis_ms +
-                    (long long)(clock_ms() - db->clock_sent_ms +
-                                store_command_timeout_ms(&db->store));
+                    (long long)(clock_ms() - db->clock_seen_ms) +
+                    timeout_ms - timeout_ms / 5;
     return 0;
 }
 

@@ -34,11 +34,11 @@ struct chatdb {
     const struct conf *conf;
     char sha[CHATDB_SCRIPTS][41]; /* each script's SHA-1, for EVALSHA */
     /* Redis's clock as the last reply that carried it gave it, and ours
-     * (monotonic) when that command went out, on the store's connection
+     * (monotonic) when that reply came in, on the store's connection
      * number clock_connection (0: none yet): what a turn begin's deadline
      * is reckoned from. */
     long long clock_redis_ms;
-    double clock_sent_ms;
+    double clock_seen_ms;
     unsigned clock_connection;
 };
 

@@ -437,6 +437,47 @@ def test_redis_stalled_before_the_turn_is_503_in_time(stack, http, model,
     assert r.status_code == 200, r.text
 
 
+def turn_while_redis_stalled(http, st, session_id, stall_s):
+    """A turn sent while Redis is stopped, which goes on stall_s later.
+    Returns the turn's response once both are done."""
+    result = {}
+    client = new_session()
+
+    def turn():
+        result["r"], _ = post_turn(client, st, "while stalled", session_id)
+
+    pid = stop_redis(st)
+    t = threading.Thread(target=turn)
+    try:
+        t.start()
+        time.sleep(stall_s)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    t.join(15)
+    return result["r"]
+
+
+def test_a_begin_run_after_the_worker_gave_up_takes_no_lock(stack_factory,
+                                                            http):
+    """One worker. A first stall that Redis ends within the command
+    timeout: the begin's reply comes 0.35 s after it went out, so Redis's
+    clock, reckoned from when the command was sent, runs 0.35 s ahead.
+    A second stall of 0.7 s: the worker gives up at 0.5 s (503), then
+    Redis runs the queued begin. Its deadline must not be late by that
+    0.35 s: the lock it would take would refuse the session's next turns
+    (409) for lock_ms."""
+    st = stack_factory({**STACK_ENV, "CHATFCGI_WORKERS": "1"})
+    sid = fresh_id("ahead")
+    assert post_turn(http, st, "hello", sid)[0].status_code == 200
+    r = turn_while_redis_stalled(http, st, fresh_id("skew"), 0.35)
+    assert r.status_code == 200, r.text
+    r = turn_while_redis_stalled(http, st, sid, 0.7)
+    assert_json_error(r, 503, "unavailable")
+    wait_for(lambda: healthz_status(http, st) == 200, 5)
+    r, _ = post_turn(http, st, "and now?", sid)
+    assert r.status_code == 200, r.text
+
+
 def test_redis_stalled_while_storing_stores_nothing(stack, http, model):
     """Redis stops answering while the model thinks: the store step times
     out and the client gets 503. When Redis resumes it must not apply that
