@@ -993,6 +993,7 @@ begin_session(struct chatdb *db, struct chatdb_turn *t,
     arg_int(&c, deadline);
     t->begin_sent_ms = clock_ms();
     r = run_script_as(db, BEGIN, &c, &how, "turn begin");
+    t->begin_may_have_run = r == NULL && db->store.may_have_run;
     if (r == NULL)
         return -1;
     rc = begin_outcome(db, t, r, history, h, replay, retry_after_s);
@@ -1078,6 +1079,7 @@ chatdb_turn_begin(struct chatdb *db, struct chatdb_turn *t,
     int rc;
 
     t->request_hash[0] = '\0';
+    t->begin_may_have_run = 0;
     if (t->idempotency_key != NULL && hash_request(db, t) == -1)
         return -1;
     if (!client_apart(db))

@@ -783,6 +783,7 @@ pipeline(struct store *s, redisContext *ctx, int asking, const struct call *c,
         (waits && read_reply(ctx, 0, &rep->wait) == -1)) {
         snprintf(s->err, STORE_ERR_LEN, "Redis %s: %s", c->what,
                  ctx->errstr[0] ? ctx->errstr : "connection lost");
+        s->may_have_run = 1;
         free_replies(rep);
         return -1;
     }
@@ -1119,6 +1120,7 @@ cluster_call(struct store *s, const struct call *c, redisReply **then)
 static redisReply *
 call(struct store *s, const struct call *c, redisReply **then)
 {
+    s->may_have_run = 0;
     return s->map != NULL ? cluster_call(s, c, then) : single_call(s, c, then);
 }
 

@@ -64,6 +64,9 @@ struct store {
     struct cluster_map *map;
     struct redisContext *conns[CLUSTER_NODES_MAX];
     int map_stale; /* ask for the map before the next command */
+    /* The last call failed after its command was handed to a connection
+     * (a timeout, a connection lost): Redis may have run it. */
+    int may_have_run;
     char err[STORE_ERR_LEN];
 };
 

@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import threading
 import time
 
@@ -474,6 +475,105 @@ def test_a_begin_run_after_the_worker_gave_up_takes_no_lock(stack_factory,
     r = turn_while_redis_stalled(http, st, sid, 0.7)
     assert_json_error(r, 503, "unavailable")
     wait_for(lambda: healthz_status(http, st) == 200, 5)
+    r, _ = post_turn(http, st, "and now?", sid)
+    assert r.status_code == 200, r.text
+
+
+class LateReplies:
+    """A TCP proxy in front of a Redis that can hold back the replies on
+    the connections open when told: Redis runs the commands at once, and
+    their answers come late. Connections made after that are not held."""
+
+    def __init__(self, target_port):
+        self.target = ("127.0.0.1", target_port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.open = []  # each connection's {"delay": s, "socks": [...]}
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def hold(self, seconds):
+        for conn in self.open:
+            conn["delay"] = seconds
+
+    def close(self):
+        self.listener.close()
+        for conn in self.open:
+            for sock in conn["socks"]:
+                sock.close()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            conn = {"delay": 0, "socks": [client, server]}
+            self.open.append(conn)
+            for src, dst, state in ((client, server, None),
+                                    (server, client, conn)):
+                threading.Thread(target=self._pump, args=(src, dst, state),
+                                 daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst, state):
+        try:
+            while data := src.recv(65536):
+                if state and state["delay"]:
+                    time.sleep(state["delay"])
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def late_replies(free_ports, tmp_path):
+    """A Redis of its own behind a LateReplies proxy."""
+    port = free_ports(1)[0]
+    redis = subprocess.Popen(
+        ["/usr/bin/redis-server", "--port", str(port), "--bind", "127.0.0.1",
+         "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proxy = None
+    try:
+        assert wait_for(lambda: can_connect(port), 5), "Redis did not start"
+        proxy = LateReplies(port)
+        yield proxy
+    finally:
+        if proxy:
+            proxy.close()
+        redis.terminate()
+        redis.wait(timeout=10)
+
+
+def can_connect(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_a_begin_whose_reply_came_too_late_leaves_no_lock(stack_factory,
+                                                          http, late_replies):
+    """Redis runs a turn's begin at once, but its reply comes after the
+    command timeout: the worker answers 503 not knowing whether the lock
+    was taken. It was; the worker releases it (its token) on a new
+    connection before it answers, so the session's next turn runs instead
+    of getting 409 for lock_ms."""
+    st = stack_factory({**STACK_ENV, "CHATFCGI_REDIS_URL":
+                        f"redis://127.0.0.1:{late_replies.port}/0"})
+    sid = fresh_id("late-reply")
+    assert post_turn(http, st, "hello", sid)[0].status_code == 200
+    late_replies.hold(REDIS_TIMEOUT_MS / 1000 + 0.3)
+    r, _ = post_turn(http, st, "answered late", sid)
+    assert_json_error(r, 503, "unavailable")
+    late_replies.hold(0)
     r, _ = post_turn(http, st, "and now?", sid)
     assert r.status_code == 200, r.text
 
