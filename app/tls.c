@@ -5,9 +5,9 @@
 #include <errno.h>
 #include <limits.h>
 #include <openssl/err.h>
-#include <poll.h>
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
+#include <poll.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
@@ -547,6 +547,9 @@ await_session(CURL *e)
         curl_easy_recv(e, &byte, sizeof(byte), &n);
 }
 
+/* The master's handshake with provider i (no request), whose session
+ * on_new_session publishes and keeps (tls.priming); the log says how it
+ * went. */
 static void
 prime(const struct conf_provider *cp, size_t i)
 {
