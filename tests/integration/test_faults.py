@@ -460,19 +460,20 @@ def turn_while_redis_stalled(http, st, session_id, stall_s):
 
 def test_a_begin_run_after_the_worker_gave_up_takes_no_lock(stack_factory,
                                                             http):
-    """One worker. A first stall that Redis ends within the command
-    timeout: the begin's reply comes 0.35 s after it went out, so Redis's
-    clock, reckoned from when the command was sent, runs 0.35 s ahead.
-    A second stall of 0.7 s: the worker gives up at 0.5 s (503), then
+    """One worker. A first stall that Redis ends well within the command
+    timeout (0.5 s; the begin's deadline leaves its last fifth to the
+    reply): the begin's reply comes 0.25 s after it went out, so Redis's
+    clock, reckoned from when the command was sent, runs 0.25 s ahead.
+    A second stall of 0.65 s: the worker gives up at 0.5 s (503), then
     Redis runs the queued begin. Its deadline must not be late by that
-    0.35 s: the lock it would take would refuse the session's next turns
+    0.25 s: the lock it would take would refuse the session's next turns
     (409) for lock_ms."""
     st = stack_factory({**STACK_ENV, "CHATFCGI_WORKERS": "1"})
     sid = fresh_id("ahead")
     assert post_turn(http, st, "hello", sid)[0].status_code == 200
-    r = turn_while_redis_stalled(http, st, fresh_id("skew"), 0.35)
+    r = turn_while_redis_stalled(http, st, fresh_id("skew"), 0.25)
     assert r.status_code == 200, r.text
-    r = turn_while_redis_stalled(http, st, sid, 0.7)
+    r = turn_while_redis_stalled(http, st, sid, 0.65)
     assert_json_error(r, 503, "unavailable")
     wait_for(lambda: healthz_status(http, st) == 200, 5)
     r, _ = post_turn(http, st, "and now?", sid)
