@@ -573,18 +573,6 @@ session_outcome(struct chat *ch, int rc, long long retry_s)
     return -1;
 }
 
-/* After a failure: release the session's lock (and a pending idempotency
- * record) so that a retry may run at once. */
-static void
-abort_turn(struct chat *ch, const struct chat_turn *t)
-{
-    redis_begin(ch);
-    if (redis_end(ch, chatdb_turn_abort(&ch->db, &t->turn)) == -1)
-        log_warnx("chat", "cannot release the turn lock (%s); it expires "
-                  "in %lld s", chatdb_error(&ch->db),
-                  ch->conf->request_timeout_s);
-}
-
 /* Step 2, in one round trip: an idempotent replay, rate limits, the
  * session's turn lock, and its history. Answers the request itself unless
  * the turn may go on. */
@@ -615,14 +603,19 @@ begin_turn(struct chat *ch, struct chat_turn *t)
                         "session_id or message)");
         return -1;
     }
-    if (session_outcome(ch, rc, retry) == 0)
-        return 0;
-    /* A begin whose reply never came may have taken the lock (an
-     * overloaded Redis ran it, its reply late): release it, while the 503
-     * waits in the response buffer, or the client's next turn is 409. */
-    if (t->turn.begin_may_have_run)
-        abort_turn(ch, t);
-    return -1;
+    return session_outcome(ch, rc, retry);
+}
+
+/* After a failure: release the session's lock (and a pending idempotency
+ * record) so that a retry may run at once. */
+static void
+abort_turn(struct chat *ch, const struct chat_turn *t)
+{
+    redis_begin(ch);
+    if (redis_end(ch, chatdb_turn_abort(&ch->db, &t->turn)) == -1)
+        log_warnx("chat", "cannot release the turn lock (%s); it expires "
+                  "in %lld s", chatdb_error(&ch->db),
+                  ch->conf->request_timeout_s);
 }
 
 /* A piece of a streamed reply, as `event: delta`. */

@@ -293,6 +293,14 @@ clock_seen(struct chatdb *db, long long at_ms)
     db->clock_connection = db->store.connections;
 }
 
+/* Redis's clock now, from at_ms it gave in a reply we read at seen_ms
+ * (monotonic): behind by that reply's way back. */
+static long long
+redis_now_ms(long long at_ms, double seen_ms)
+{
+    return at_ms + (long long)(clock_ms() - seen_ms);
+}
+
 /* Whether r is {secs, usecs} from index `from` on, as TIME gives them. */
 static int
 has_clock(const redisReply *r, size_t from)
@@ -874,7 +882,7 @@ begin_outcome(struct chatdb *db, struct chatdb_turn *t, const redisReply *r,
         clock_seen(db, redis_ms(r->element[1], r->element[2]));
     if (go && clocked && history->type == REDIS_REPLY_ARRAY) {
         t->redis_clock_ms = db->clock_redis_ms;
-        t->local_clock_ms = clock_ms();
+        t->local_clock_ms = db->clock_seen_ms;
         t->skipped = fill_history(history, 0, h);
         return CHATDB_GO;
     }
@@ -948,10 +956,47 @@ begin_deadline(struct chatdb *db, long long *deadline)
     if (!clock_current(db) && chatdb_ping(db) == -1)
         return -1;
     if (clock_current(db))
-        *deadline = db->clock_redis_ms +
-                    (long long)(clock_ms() - db->clock_seen_ms) +
+        *deadline = redis_now_ms(db->clock_redis_ms, db->clock_seen_ms) +
                     timeout_ms - timeout_ms / 5;
     return 0;
+}
+
+/* Release a turn's lock (the record's key when lock is NULL: one no
+ * token matches) and its pending record after a failure. */
+static int
+abort_keys(struct chatdb *db, const char *lock, const char *record,
+           const struct chatdb_turn *t)
+{
+    struct args c;
+    redisReply *r;
+
+    script_args(&c, 2);
+    arg_str(&c, lock != NULL ? lock : record);
+    arg_str(&c, record);
+    arg_str(&c, t->token);
+    arg_str(&c, t->idempotency_key ? "1" : "0");
+    arg_str(&c, t->request_hash);
+    r = run_script(db, ABORT, &c, "turn abort");
+    freeReplyObject(r);
+    return r != NULL ? 0 : -1;
+}
+
+/* After a begin whose reply never came (a timeout, a connection lost):
+ * Redis may have run it, in time, with its reply late, and taken the lock,
+ * which would refuse the session's next turns (409) for lock_ms. Release
+ * it (by the turn's token, on a new connection) before the caller answers;
+ * the error stays the begin's. */
+static void
+release_unanswered(struct chatdb *db, const struct turn_keys *k,
+                   const struct chatdb_turn *st)
+{
+    char why[STORE_ERR_LEN];
+
+    memcpy(why, db->store.err, sizeof(why));
+    if (abort_keys(db, k->lock, k->record, st) == -1)
+        log_warnx("chatdb", "cannot release the turn lock (%s); it expires "
+                  "in %lld s", db->store.err, st->lock_ms / 1000);
+    memcpy(db->store.err, why, sizeof(why));
 }
 
 /* The session's part of a turn begin, as st shows it; the outcome goes
@@ -993,7 +1038,8 @@ begin_session(struct chatdb *db, struct chatdb_turn *t,
     arg_int(&c, deadline);
     t->begin_sent_ms = clock_ms();
     r = run_script_as(db, BEGIN, &c, &how, "turn begin");
-    t->begin_may_have_run = r == NULL && db->store.may_have_run;
+    if (r == NULL && db->store.may_have_run)
+        release_unanswered(db, &k, st);
     if (r == NULL)
         return -1;
     rc = begin_outcome(db, t, r, history, h, replay, retry_after_s);
@@ -1039,26 +1085,6 @@ begin_client(struct chatdb *db, const struct chatdb_turn *t,
     return rc;
 }
 
-/* Release a turn's lock (the record's key when lock is NULL: one no
- * token matches) and its pending record after a failure. */
-static int
-abort_keys(struct chatdb *db, const char *lock, const char *record,
-           const struct chatdb_turn *t)
-{
-    struct args c;
-    redisReply *r;
-
-    script_args(&c, 2);
-    arg_str(&c, lock != NULL ? lock : record);
-    arg_str(&c, record);
-    arg_str(&c, t->token);
-    arg_str(&c, t->idempotency_key ? "1" : "0");
-    arg_str(&c, t->request_hash);
-    r = run_script(db, ABORT, &c, "turn abort");
-    freeReplyObject(r);
-    return r != NULL ? 0 : -1;
-}
-
 /* On Redis Cluster, the pending record of a request that named no
  * session, alone in its slot. */
 static int
@@ -1079,7 +1105,6 @@ chatdb_turn_begin(struct chatdb *db, struct chatdb_turn *t,
     int rc;
 
     t->request_hash[0] = '\0';
-    t->begin_may_have_run = 0;
     if (t->idempotency_key != NULL && hash_request(db, t) == -1)
         return -1;
     if (!client_apart(db))
@@ -1124,10 +1149,9 @@ commit_patience(const struct chatdb_turn *t)
 static long long
 commit_deadline(const struct store *s, const struct chatdb_turn *t)
 {
-    double from = t->local_clock_ms - commit_patience(t);
-
-    return t->redis_clock_ms +
-           (long long)(clock_ms() - from + store_command_timeout_ms(s));
+    return redis_now_ms(t->redis_clock_ms,
+                        t->local_clock_ms - commit_patience(t)) +
+           (long long)store_command_timeout_ms(s);
 }
 
 /* Late says the commit ran past its deadline; the two waits that count

@@ -78,11 +78,6 @@ struct chatdb_turn {
     long long redis_clock_ms;
     double begin_sent_ms, local_clock_ms;
     size_t skipped;
-    /* The begin failed after it went out (its reply timed out, its
-     * connection was lost): Redis may have run it and taken the lock,
-     * which the caller must release (chatdb_turn_abort) before it
-     * answers, or the session's next turns are refused until lock_ms. */
-    int begin_may_have_run;
     char request_hash[CHATDB_HASH_HEX + 1];
 };
 
