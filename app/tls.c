@@ -592,14 +592,15 @@ tls_prime(const struct conf *c)
     if (!tls.ready)
         return;
     tls.priming = 1;
-    for (size_t i = 0; i < c->nproviders; i++)
-        if (tls.peers[i].https)
-            prime(&c->providers[i], i);
-    tls.priming = 0;
-    /* Each worker starts with no connection of its own, and so with no
-     * handshake: the bound on full handshakes applies to it. */
-    for (size_t i = 0; i < c->nproviders; i++)
+    for (size_t i = 0; i < c->nproviders; i++) {
+        if (!tls.peers[i].https)
+            continue;
+        prime(&c->providers[i], i);
+        /* Each worker starts with no connection of its own, and so with
+         * no handshake: the bound on full handshakes applies to it. */
         tls.peers[i].warm = 0;
+    }
+    tls.priming = 0;
     tls.handshakes_here = 0;
 }
 

@@ -19,6 +19,7 @@ import time
 
 import pytest
 
+import deploy_servers as ds
 from helpers import assert_json_error, new_session, post_chat
 from polling import wait_for
 
@@ -542,7 +543,7 @@ def late_replies(free_ports, tmp_path):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     proxy = None
     try:
-        assert wait_for(lambda: can_connect(port), 5), "Redis did not start"
+        assert wait_for(lambda: ds.tcp_open(port), 5), "Redis did not start"
         proxy = LateReplies(port)
         yield proxy
     finally:
@@ -550,14 +551,6 @@ def late_replies(free_ports, tmp_path):
             proxy.close()
         redis.terminate()
         redis.wait(timeout=10)
-
-
-def can_connect(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 def test_a_begin_whose_reply_came_too_late_leaves_no_lock(stack_factory,
