@@ -1253,7 +1253,7 @@ start(struct master *m)
         open_scoreboard(m, scoreboard_fd) == -1 ||
         write_pid_file(m->conf->pid_file) == -1)
         return -1;
-    worker_prepare_listener(m->ls.chat_fd);
+    worker_prepare_listener(m->ls.chat_fd, m->conf);
     return 0;
 }
 
@@ -1304,7 +1304,7 @@ master_run_single(const struct conf *c)
     inherited = listener_inherit(&m.ls, &scoreboard_fd, &m.generation);
     if (inherited == -1 || (!inherited && acquire_listeners(&m, 0, 0) == -1))
         return 1;
-    worker_prepare_listener(m.ls.chat_fd);
+    worker_prepare_listener(m.ls.chat_fd, c);
     ws.pool = scoreboard_open(-1, &scoreboard_fd);
     if (m.ls.chat_fd == -1 || ws.pool == NULL)
         return 1;

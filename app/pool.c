@@ -48,3 +48,14 @@ pool_shrink(const struct pool_counts *n, const struct pool_limits *l)
 {
     return n->idle > l->max_spare ? n->idle - l->max_spare : 0;
 }
+
+unsigned
+pool_idle_wake_ms(unsigned waiting)
+{
+    enum { FLOOR_MS = 1000, CEILING_MS = 60000 };
+    unsigned long ms = (unsigned long)waiting * 1000 / POOL_WAKES_PER_S;
+
+    if (ms < FLOOR_MS)
+        return FLOOR_MS;
+    return ms > CEILING_MS ? CEILING_MS : (unsigned)ms;
+}

@@ -10,7 +10,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
 #include <yajl/yajl_gen.h>
@@ -25,13 +27,14 @@
 #include "json.h"
 #include "log.h"
 #include "metrics.h"
+#include "pool.h"
 #include "route.h"
 #include "tls.h"
 #include "v1.h"
 
 #define PATH_SCRATCH 2048
-#define IDLE_WAKE_MS 1000    /* look at signals and the master this often */
 #define CONTROL_TICK_MS 50   /* how often the control worker checks the queue */
+#define SPILL_WAIT_MS 50     /* the longest the control worker waits in accept() */
 #define ACCEPT_RETRY_MS 100  /* after an accept() error other than those */
 
 /* Everything a worker keeps, set up after fork. */
@@ -56,6 +59,7 @@ struct worker {
 
 static volatile sig_atomic_t stop_requested;
 static volatile sig_atomic_t reopen_requested;
+static volatile sig_atomic_t master_gone;
 /* Closed as soon as a stop is asked for (close() is async-signal-safe):
  * the shared listening socket must not outlive the master's own copy in
  * a worker busy with a long stream, or waiting connections stay queued. */
@@ -78,6 +82,15 @@ on_stop(int sig)
     close_once(&listen_fd_to_close);
 }
 
+/* The kernel's word that the master died (PR_SET_PDEATHSIG): stop as on
+ * SIGTERM, as nobody is left to replace this worker or stop it. */
+static void
+on_master_gone(int sig)
+{
+    master_gone = 1;
+    on_stop(sig);
+}
+
 static void
 on_reopen(int sig)
 {
@@ -85,28 +98,55 @@ on_reopen(int sig)
     reopen_requested = 1;
 }
 
+/* Only to end a wait (no SA_RESTART): see accept_within(). */
+static void
+on_alarm(int sig)
+{
+    (void)sig;
+}
+
+static void
+catch_signal(int sig, void (*handler)(int))
+{
+    struct sigaction sa = {.sa_handler = handler};
+
+    sigemptyset(&sa.sa_mask);
+    sigaction(sig, &sa, NULL);
+}
+
 /* SIGTERM/SIGQUIT: finish the request in hand, then exit. SIGINT keeps its
  * default (fast stop: die now). No SA_RESTART, so that waits end at once. */
 static void
 install_signals(void)
 {
-    struct sigaction stop = {.sa_handler = on_stop};
-    struct sigaction reopen = {.sa_handler = on_reopen};
-    struct sigaction ignore = {.sa_handler = SIG_IGN};
     sigset_t none;
 
-    sigemptyset(&stop.sa_mask);
-    sigemptyset(&reopen.sa_mask);
-    sigemptyset(&ignore.sa_mask);
-    sigaction(SIGTERM, &stop, NULL);
-    sigaction(SIGQUIT, &stop, NULL);
-    sigaction(SIGUSR1, &reopen, NULL);
-    sigaction(SIGPIPE, &ignore, NULL); /* a gone client is an EPIPE */
-    sigaction(SIGHUP, &ignore, NULL);  /* reload is the master's job */
+    catch_signal(SIGTERM, on_stop);
+    catch_signal(SIGQUIT, on_stop);
+    catch_signal(SIGUSR2, on_master_gone);
+    catch_signal(SIGUSR1, on_reopen);
+    catch_signal(SIGALRM, on_alarm);
+    catch_signal(SIGPIPE, SIG_IGN); /* a gone client is an EPIPE */
+    catch_signal(SIGHUP, SIG_IGN);  /* reload is the master's job */
     signal(SIGINT, SIG_DFL);
     signal(SIGCHLD, SIG_DFL);
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
+}
+
+/* The kernel signals the worker when the master dies, so that an idle
+ * worker need not wake to look. Set here, after the switch of user (which
+ * clears it); a master that died before is seen by getppid(). */
+static void
+watch_master(pid_t master_pid)
+{
+    if (master_pid == 0)
+        return;
+    if (prctl(PR_SET_PDEATHSIG, SIGUSR2) == -1)
+        fatal("worker", "cannot ask to be told of the master's exit: %s",
+              strerror(errno));
+    if (getppid() != master_pid)
+        raise(SIGUSR2);
 }
 
 static int
@@ -136,7 +176,8 @@ worker_setup(struct worker *w, const struct worker_setup *ws)
     w->slot = scoreboard_slot(ws->pool, (uint32_t)ws->slot);
     if (FCGX_Init() != 0 ||
         FCGX_InitRequest(&w->fcgi, fd, FCGI_FAIL_ACCEPT_ON_INTR) != 0 ||
-        FCGX_InitRequest(&w->spill, ws->chat_fd, 0) != 0)
+        FCGX_InitRequest(&w->spill, ws->chat_fd,
+                         FCGI_FAIL_ACCEPT_ON_INTR) != 0)
         fatal("worker", "cannot initialise libfcgi");
     w->gen = json_gen_new();
     if (w->gen == NULL)
@@ -373,11 +414,27 @@ serve_shed(struct worker *w)
                     w->conf->queue_timeout_ms);
 }
 
-void
-worker_prepare_listener(int fd)
+/* At most this many chat workers wait in accept() at once: a dynamic pool
+ * retires the idle ones over max_spare_workers on every tick. */
+static unsigned
+workers_waiting_at_most(const struct conf *c)
 {
-    struct timeval idle = {.tv_sec = IDLE_WAKE_MS / 1000,
-                           .tv_usec = IDLE_WAKE_MS % 1000 * 1000};
+    switch (c->pm) {
+    case CONF_POOL_DYNAMIC:
+        return (unsigned)c->max_spare_workers;
+    case CONF_POOL_SINGLE:
+        return 1;
+    default:
+        return (unsigned)c->workers;
+    }
+}
+
+void
+worker_prepare_listener(int fd, const struct conf *c)
+{
+    unsigned wake_ms = pool_idle_wake_ms(workers_waiting_at_most(c));
+    struct timeval idle = {.tv_sec = wake_ms / 1000,
+                           .tv_usec = wake_ms % 1000 * 1000};
 
     fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
     if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &idle, sizeof(idle)) == -1)
@@ -385,18 +442,23 @@ worker_prepare_listener(int fd)
                  "socket: %s", strerror(errno));
 }
 
-/* Housekeeping between requests: logs to reopen, an orphaned worker. */
 static void
-between_requests(struct worker *w)
+reopen_logs_if_asked(void)
 {
     if (reopen_requested) {
         reopen_requested = 0;
         log_reopen();
     }
-    if (w->setup->master_pid != 0 && getppid() != w->setup->master_pid) {
+}
+
+/* Housekeeping between requests: logs to reopen, an orphaned worker (whose
+ * stop is already asked for: the loop ends next). */
+static void
+between_requests(void)
+{
+    reopen_logs_if_asked();
+    if (master_gone)
         log_error("worker", "the master is gone; exiting");
-        stop_requested = 1;
-    }
 }
 
 static int
@@ -440,15 +502,17 @@ chat_loop(struct worker *w)
     int rc;
 
     for (;;) {
-        between_requests(w);
+        between_requests();
         if (stop_requested)
             break;
-        /* Fails after a quiet IDLE_WAKE_MS or a signal: look around. */
+        /* Fails after a quiet while (worker_prepare_listener) or a signal:
+         * look around. */
         rc = FCGX_Accept_r(&w->fcgi);
         if (rc < 0) {
             accept_failed(rc);
             continue;
         }
+        reopen_logs_if_asked(); /* asked just before the accept() */
         serve_one(w, &w->fcgi, serve_routed);
         finish_request(w, &w->fcgi);
         if (recycle_due(w))
@@ -456,11 +520,27 @@ chat_loop(struct worker *w)
     }
 }
 
+/* accept() on the chat socket, where the connection poll() saw may be
+ * taken by a chat worker first: the socket blocks, and its own timeout is
+ * long in a big pool (pool_idle_wake_ms), so a one-shot timer ends the
+ * wait (the request is set to fail on EINTR). */
+static int
+accept_within(FCGX_Request *r, long ms)
+{
+    struct itimerval once = {.it_value = {.tv_sec = ms / 1000,
+                                          .tv_usec = ms % 1000 * 1000}};
+    struct itimerval off = {0};
+    int rc;
+
+    setitimer(ITIMER_REAL, &once, NULL);
+    rc = FCGX_Accept_r(r);
+    setitimer(ITIMER_REAL, &off, NULL);
+    return rc;
+}
+
 /* With every chat worker busy for queue_timeout_ms while connections wait,
  * take the oldest waiting one and answer 503 now rather than when the web
- * server's own timeout fires. The socket blocks: should a chat worker that
- * just became free take the connection between the poll() and the accept(),
- * the accept() waits for the next connection, or IDLE_WAKE_MS at most. */
+ * server's own timeout fires. */
 static void
 shed_waiting_requests(struct worker *w)
 {
@@ -482,7 +562,7 @@ shed_waiting_requests(struct worker *w)
     if (w->queue_since_ms == 0)
         w->queue_since_ms = now;
     if (now - w->queue_since_ms < (double)w->conf->queue_timeout_ms ||
-        FCGX_Accept_r(&w->spill) < 0)
+        accept_within(&w->spill, SPILL_WAIT_MS) < 0)
         return;
     serve_one(w, &w->spill, serve_shed);
     FCGX_Finish_r(&w->spill); /* body never read: keep libfcgi's linger */
@@ -495,7 +575,7 @@ control_loop(struct worker *w)
 
     scoreboard_set_state(w->slot, SCOREBOARD_IDLE);
     for (;;) {
-        between_requests(w);
+        between_requests();
         if (stop_requested)
             break;
         if (poll(&own, 1, CONTROL_TICK_MS) == 1 &&
@@ -519,6 +599,7 @@ worker_main(const struct worker_setup *ws)
     /* Single mode has no master to stop listening for it: keep it. */
     listen_fd_to_close = ws->master_pid != 0 ? ws->chat_fd : -1;
     install_signals();
+    watch_master(ws->master_pid);
     worker_setup(&w, ws);
     scoreboard_set_state(w.slot, SCOREBOARD_IDLE);
     if (ws->role == SCOREBOARD_CONTROL)

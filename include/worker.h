@@ -43,10 +43,12 @@ int worker_check_conf(const struct conf *c, char *err, size_t size);
  * costs the same with 8 workers or 500. (An epoll with EPOLLEXCLUSIVE per
  * worker kept every busy worker's entry on the queue, to be visited and
  * marked ready by each connect(), and each of them raced for the socket on
- * its return.) SO_RCVTIMEO ends a quiet accept() after IDLE_WAKE_MS for
- * the housekeeping between requests; it also bounds the wait of a
- * connection whose wake-up went to a worker that a signal was stopping.
- * Called by the master on the socket it shares with the workers. */
-void worker_prepare_listener(int fd);
+ * its return.) A signal ends the wait, and the kernel sends one when the
+ * master dies (PR_SET_PDEATHSIG). SO_RCVTIMEO ends a quiet accept() after
+ * pool_idle_wake_ms() for the pool c describes: that bounds the wait of a
+ * connection whose wake-up went to a worker that a signal was stopping,
+ * and of a log reopening asked for just before the accept(). Called by the
+ * master on the socket it shares with the workers. */
+void worker_prepare_listener(int fd, const struct conf *c);
 
 #endif

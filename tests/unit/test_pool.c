@@ -1,7 +1,8 @@
 /*
  * Unit tests of pool: when a starting pool is whole or ready anyway, and
  * how a dynamic pool grows in doubling rounds from its floor to a burst,
- * never beyond its most, and shrinks to its spares.
+ * never beyond its most, and shrinks to its spares; how often its idle
+ * workers wake.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -149,6 +150,22 @@ test_shrink(void **state)
     assert_int_equal(pool_shrink(&n, &shipped), 0);
 }
 
+/* The pool wakes about POOL_WAKES_PER_S times a second in all: 1 s for
+ * small pools, longer for big ones, never past 60 s. */
+static void
+test_idle_wake(void **state)
+{
+    (void)state;
+    assert_int_equal(pool_idle_wake_ms(1), 1000);
+    assert_int_equal(pool_idle_wake_ms(8), 1000);
+    assert_int_equal(pool_idle_wake_ms(100), 1000);
+    assert_int_equal(pool_idle_wake_ms(250), 2500);
+    assert_int_equal(pool_idle_wake_ms(4000), 40000);
+    assert_int_equal(pool_idle_wake_ms(6000), 60000);
+    assert_int_equal(pool_idle_wake_ms(10000), 60000);
+    assert_int_equal(pool_idle_wake_ms(0xffffffffu), 60000);
+}
+
 int
 main(void)
 {
@@ -161,6 +178,7 @@ main(void)
         cmocka_unit_test(test_rate_has_a_ceiling),
         cmocka_unit_test(test_min_spare_above_the_rate),
         cmocka_unit_test(test_shrink),
+        cmocka_unit_test(test_idle_wake),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
