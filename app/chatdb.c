@@ -681,6 +681,7 @@ struct sending {
     const struct store_read *then;
     redisReply **then_reply;
     double patience_ms; /* an acked write's, beyond command_timeout_ms */
+    const struct store_read *if_lost; /* with then: store_command_then */
 };
 
 static redisReply *
@@ -689,11 +690,21 @@ send_args(struct store *s, struct args *c, const struct sending *how,
 {
     if (how->then != NULL)
         return store_command_then(s, c->argc, c->argv, c->lens, what,
-                                  how->then, how->then_reply);
+                                  how->then, how->then_reply, how->if_lost);
     if (how->acked)
         return store_write_argv(s, c->argc, c->argv, c->lens, what,
                                 how->patience_ms);
     return store_command_argv(s, c->argc, c->argv, c->lens, what);
+}
+
+/* argv[0..1] of a script sent with its body, which any Redis runs. */
+static void
+as_eval(struct args *c, enum script sc)
+{
+    c->argv[0] = "EVAL";
+    c->lens[0] = 4;
+    c->argv[1] = scripts[sc];
+    c->lens[1] = strlen(scripts[sc]);
 }
 
 /* EVALSHA, or EVAL when Redis does not have the script yet (a restart, a
@@ -711,10 +722,7 @@ run_script_as(struct chatdb *db, enum script sc, struct args *c,
     r = send_args(&db->store, c, how, what);
     if (r != NULL || strstr(db->store.err, "NOSCRIPT") == NULL)
         return r;
-    c->argv[0] = "EVAL";
-    c->lens[0] = 4;
-    c->argv[1] = scripts[sc];
-    c->lens[1] = strlen(scripts[sc]);
+    as_eval(c, sc);
     return send_args(&db->store, c, how, what);
 }
 
@@ -961,8 +969,21 @@ begin_deadline(struct chatdb *db, long long *deadline)
     return 0;
 }
 
-/* Release a turn's lock (the record's key when lock is NULL: one no
- * token matches) and its pending record after a failure. */
+/* The abort script's arguments: release a turn's lock (the record's key
+ * when lock is NULL: one no token matches) and its pending record. */
+static void
+abort_args(struct args *c, const char *lock, const char *record,
+           const struct chatdb_turn *t)
+{
+    script_args(c, 2);
+    arg_str(c, lock != NULL ? lock : record);
+    arg_str(c, record);
+    arg_str(c, t->token);
+    arg_str(c, t->idempotency_key ? "1" : "0");
+    arg_str(c, t->request_hash);
+}
+
+/* Release a turn's lock and its pending record after a failure. */
 static int
 abort_keys(struct chatdb *db, const char *lock, const char *record,
            const struct chatdb_turn *t)
@@ -970,12 +991,7 @@ abort_keys(struct chatdb *db, const char *lock, const char *record,
     struct args c;
     redisReply *r;
 
-    script_args(&c, 2);
-    arg_str(&c, lock != NULL ? lock : record);
-    arg_str(&c, record);
-    arg_str(&c, t->token);
-    arg_str(&c, t->idempotency_key ? "1" : "0");
-    arg_str(&c, t->request_hash);
+    abort_args(&c, lock, record, t);
     r = run_script(db, ABORT, &c, "turn abort");
     freeReplyObject(r);
     return r != NULL ? 0 : -1;
@@ -983,15 +999,19 @@ abort_keys(struct chatdb *db, const char *lock, const char *record,
 
 /* After a begin whose reply never came (a timeout, a connection lost):
  * Redis may have run it, in time, with its reply late, and taken the lock,
- * which would refuse the session's next turns (409) for lock_ms. Release
- * it (by the turn's token, on a new connection) before the caller answers;
- * the error stays the begin's. */
+ * which would refuse the session's next turns (409) for lock_ms. The abort
+ * sent after the begin on its own connection (begin_session) releases it
+ * even when Redis is too slow to answer anything; when it could not go out
+ * (the connection is gone), release it on a new connection before the
+ * caller answers. The error stays the begin's. */
 static void
 release_unanswered(struct chatdb *db, const struct turn_keys *k,
                    const struct chatdb_turn *st)
 {
     char why[STORE_ERR_LEN];
 
+    if (db->store.if_lost_sent)
+        return;
     memcpy(why, db->store.err, sizeof(why));
     if (abort_keys(db, k->lock, k->record, st) == -1)
         log_warnx("chatdb", "cannot release the turn lock (%s); it expires "
@@ -1011,14 +1031,19 @@ begin_session(struct chatdb *db, struct chatdb_turn *t,
     const char *lrange[] = {"LRANGE", k.history, "0", "-1"};
     const struct store_read read_history = {4, lrange, NULL};
     redisReply *r, *history = NULL;
-    struct sending how = {.then = &read_history, .then_reply = &history};
-    struct args c;
+    struct args c, abort;
+    struct store_read release;
+    struct sending how = {.then = &read_history, .then_reply = &history,
+                          .if_lost = &release};
     long long deadline;
     int rc;
 
     if (begin_deadline(db, &deadline) == -1)
         return -1;
     turn_keys(st, &k, now / WINDOW_S);
+    abort_args(&abort, k.lock, k.record, st);
+    as_eval(&abort, ABORT); /* no second try on NOSCRIPT */
+    release = (struct store_read){abort.argc, abort.argv, abort.lens};
     script_args(&c, 6);
     arg_str(&c, k.history);
     arg_str(&c, k.lock);

@@ -4,10 +4,12 @@
 #include <ctype.h>
 #include <errno.h>
 #include <hiredis/hiredis.h>
+#include <hiredis/sds.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 
 #include "clock.h"
 #include "conf.h"
@@ -682,6 +684,7 @@ struct call {
     int acked; /* a write followed by WAIT when wait_replicas is set */
     const struct store_read *then; /* sent right after it, or NULL */
     double patience_ms; /* beyond command_timeout_ms for its replies */
+    const struct store_read *if_lost; /* see store_command_then */
 };
 
 static double
@@ -739,6 +742,39 @@ append(redisContext *ctx, int asking, int argc, const char **argv,
                : 0;
 }
 
+/* Redis closed ctx's connection, or it failed: what is sent on it now is
+ * lost. (A reply that came late leaves it open.) */
+static int
+peer_gone(redisContext *ctx)
+{
+    struct pollfd p = {.fd = ctx->fd, .events = POLLRDHUP};
+
+    return ctx->err == REDIS_ERR_EOF ||
+           (poll(&p, 1, 0) == 1 && (p.revents & (POLLRDHUP | POLLHUP |
+                                                 POLLERR)));
+}
+
+/* After a pipeline whose replies did not come in time: append last (after
+ * ASKING when asking) to what ctx has not sent yet, and hand all of it to
+ * the kernel at once, without waiting: Redis then runs last right after
+ * the pipeline's commands. Returns 0, or -1 when the connection is gone or
+ * did not take all of it (full: a partial command Redis drops at the
+ * close). */
+static int
+send_last_words(redisContext *ctx, int asking, const struct store_read *last)
+{
+    size_t len;
+
+    if (peer_gone(ctx) ||
+        append(ctx, asking, last->argc, last->argv, last->lens) == -1)
+        return -1;
+    len = sdslen(ctx->obuf);
+    return send(ctx->fd, ctx->obuf, len, MSG_DONTWAIT | MSG_NOSIGNAL) ==
+                   (ssize_t)len
+               ? 0
+               : -1;
+}
+
 /* Read the reply of a command appended by append(). Returns 0 or -1. */
 static int
 read_reply(redisContext *ctx, int asking, redisReply **out)
@@ -784,6 +820,8 @@ pipeline(struct store *s, redisContext *ctx, int asking, const struct call *c,
         snprintf(s->err, STORE_ERR_LEN, "Redis %s: %s", c->what,
                  ctx->errstr[0] ? ctx->errstr : "connection lost");
         s->may_have_run = 1;
+        s->if_lost_sent = c->if_lost != NULL &&
+                          send_last_words(ctx, asking, c->if_lost) == 0;
         free_replies(rep);
         return -1;
     }
@@ -1120,7 +1158,7 @@ cluster_call(struct store *s, const struct call *c, redisReply **then)
 static redisReply *
 call(struct store *s, const struct call *c, redisReply **then)
 {
-    s->may_have_run = 0;
+    s->may_have_run = s->if_lost_sent = 0;
     return s->map != NULL ? cluster_call(s, c, then) : single_call(s, c, then);
 }
 
@@ -1140,7 +1178,7 @@ struct redisReply *
 store_command_argv(struct store *s, int argc, const char **argv,
                    const size_t *lens, const char *what)
 {
-    struct call c = {argc, argv, lens, what, 0, NULL, 0};
+    struct call c = {argc, argv, lens, what, 0, NULL, 0, NULL};
 
     return call(s, &c, NULL);
 }
@@ -1149,7 +1187,7 @@ struct redisReply *
 store_write_argv(struct store *s, int argc, const char **argv,
                  const size_t *lens, const char *what, double patience_ms)
 {
-    struct call c = {argc, argv, lens, what, 1, NULL, patience_ms};
+    struct call c = {argc, argv, lens, what, 1, NULL, patience_ms, NULL};
 
     return call(s, &c, NULL);
 }
@@ -1157,9 +1195,10 @@ store_write_argv(struct store *s, int argc, const char **argv,
 struct redisReply *
 store_command_then(struct store *s, int argc, const char **argv,
                    const size_t *lens, const char *what,
-                   const struct store_read *then, struct redisReply **then_reply)
+                   const struct store_read *then, struct redisReply **then_reply,
+                   const struct store_read *if_lost)
 {
-    struct call c = {argc, argv, lens, what, 0, then, 0};
+    struct call c = {argc, argv, lens, what, 0, then, 0, if_lost};
 
     *then_reply = NULL;
     return call(s, &c, then_reply);

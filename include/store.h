@@ -67,6 +67,7 @@ struct store {
     /* The last call failed after its command was handed to a connection
      * (a timeout, a connection lost): Redis may have run it. */
     int may_have_run;
+    int if_lost_sent; /* and its if_lost went out (store_command_then) */
     char err[STORE_ERR_LEN];
 };
 
@@ -117,12 +118,17 @@ struct store_read {
  * same round trip, to the same node (its keys must share the command's
  * slot on a cluster): one wait instead of two. Returns the command's reply
  * and then's in *then_reply, or NULL (*then_reply NULL too) when either
- * failed. */
+ * failed. When the replies do not come (a timeout: Redis may have run the
+ * command), if_lost (or NULL) is sent on the same connection before it is
+ * dropped, without waiting for a reply: Redis runs it right after the
+ * command, if it ran that at all, however slow it is to answer.
+ * if_lost_sent says whether it went out. */
 struct redisReply *store_command_then(struct store *s, int argc,
                                       const char **argv, const size_t *lens,
                                       const char *what,
                                       const struct store_read *then,
-                                      struct redisReply **then_reply);
+                                      struct redisReply **then_reply,
+                                      const struct store_read *if_lost);
 
 /* Like store_command_argv, for a write that must survive a failover:
  * when [redis] wait_replicas is set, WAIT follows the command in the same

@@ -483,19 +483,26 @@ def test_a_begin_run_after_the_worker_gave_up_takes_no_lock(stack_factory,
 
 class LateReplies:
     """A TCP proxy in front of a Redis that can hold back the replies on
-    the connections open when told: Redis runs the commands at once, and
-    their answers come late. Connections made after that are not held."""
+    the connections open when told, and on those made after when told so
+    too: Redis runs the commands at once, and their answers come late. Or
+    it can cut the connection of the next reply, dropping the reply."""
 
     def __init__(self, target_port):
         self.target = ("127.0.0.1", target_port)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.open = []  # each connection's {"delay": s, "socks": [...]}
+        self.new_delay = 0
+        self.cut_next = False
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def hold(self, seconds):
+    def hold(self, seconds, new_connections=False):
+        self.new_delay = seconds if new_connections else 0
         for conn in self.open:
             conn["delay"] = seconds
+
+    def cut(self):
+        self.cut_next = True
 
     def close(self):
         self.listener.close()
@@ -510,17 +517,19 @@ class LateReplies:
             except OSError:
                 return
             server = socket.create_connection(self.target)
-            conn = {"delay": 0, "socks": [client, server]}
+            conn = {"delay": self.new_delay, "socks": [client, server]}
             self.open.append(conn)
             for src, dst, state in ((client, server, None),
                                     (server, client, conn)):
                 threading.Thread(target=self._pump, args=(src, dst, state),
                                  daemon=True).start()
 
-    @staticmethod
-    def _pump(src, dst, state):
+    def _pump(self, src, dst, state):
         try:
             while data := src.recv(65536):
+                if state and self.cut_next:
+                    self.cut_next = False
+                    break
                 if state and state["delay"]:
                     time.sleep(state["delay"])
                 dst.sendall(data)
@@ -570,6 +579,42 @@ def test_a_begin_whose_reply_came_too_late_leaves_no_lock(stack_factory,
     late_replies.hold(0)
     r, _ = post_turn(http, st, "and now?", sid)
     assert r.status_code == 200, r.text
+
+
+def test_a_begin_whose_connection_was_cut_leaves_no_lock(stack_factory,
+                                                         http, late_replies):
+    """Redis runs a turn's begin, and its connection is cut before the
+    reply: the release cannot go on that connection (it would be lost), so
+    the worker makes a new one for it, and the session's next turn runs."""
+    st = stack_factory({**STACK_ENV, "CHATFCGI_REDIS_URL":
+                        f"redis://127.0.0.1:{late_replies.port}/0"})
+    sid = fresh_id("cut-reply")
+    assert post_turn(http, st, "hello", sid)[0].status_code == 200
+    late_replies.cut()
+    r, _ = post_turn(http, st, "never answered", sid)
+    assert_json_error(r, 503, "unavailable")
+    r, _ = post_turn(http, st, "and now?", sid)
+    assert r.status_code == 200, r.text
+
+
+def test_a_begin_answered_late_by_a_slow_redis_leaves_no_lock(
+        stack_factory, http, late_replies):
+    """As above, with Redis slow to answer every connection, new ones too,
+    as an overloaded Redis is: a release that waits for its own reply times
+    out as well and leaves the lock (it did: "cannot release the turn
+    lock", then 409). The worker sends the release right behind the begin,
+    on the begin's connection and without waiting: Redis runs it next."""
+    st = stack_factory({**STACK_ENV, "CHATFCGI_REDIS_URL":
+                        f"redis://127.0.0.1:{late_replies.port}/0"})
+    sid = fresh_id("slow-redis")
+    assert post_turn(http, st, "hello", sid)[0].status_code == 200
+    late_replies.hold(REDIS_TIMEOUT_MS / 1000 + 0.3, new_connections=True)
+    r, _ = post_turn(http, st, "answered late", sid)
+    assert_json_error(r, 503, "unavailable")
+    late_replies.hold(0)
+    r, _ = post_turn(http, st, "and now?", sid)
+    assert r.status_code == 200, r.text
+    assert "cannot release the turn lock" not in error_log(st)
 
 
 def test_redis_stalled_while_storing_stores_nothing(stack, http, model):
