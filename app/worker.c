@@ -16,6 +16,9 @@
 #include <time.h>
 #include <unistd.h>
 #include <yajl/yajl_gen.h>
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/lsan_interface.h>
+#endif
 
 #include "buf.h"
 #include "chat.h"
@@ -587,6 +590,20 @@ control_loop(struct worker *w)
     }
 }
 
+/* _exit(), not exit(): what the libraries' exit handlers free (OpenSSL's
+ * tables, most of them built by the master and shared copy-on-write) would
+ * be copied page by page only to be thrown away. Measured: a stop of 4,000
+ * idle workers took 3.2 s with exit(), 1.1-1.3 s without. The logs are
+ * plain write()s, with nothing buffered to flush. */
+static void __attribute__((noreturn))
+exit_without_handlers(void)
+{
+#if defined(__SANITIZE_ADDRESS__)
+    __lsan_do_leak_check(); /* which exit() runs and _exit() skips */
+#endif
+    _exit(0);
+}
+
 void
 worker_main(const struct worker_setup *ws)
 {
@@ -607,5 +624,5 @@ worker_main(const struct worker_setup *ws)
     else
         chat_loop(&w);
     worker_cleanup(&w);
-    exit(0);
+    exit_without_handlers();
 }
