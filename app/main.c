@@ -52,8 +52,8 @@ read_pid(const char *pid_file)
     return pid;
 }
 
-/* Whether a process runs the chatfcgi binary: a stale pid file may name
- * any process by now. */
+/* Whether a process runs a chatfcgi binary (chatfcgi, or a build of it
+ * such as chatfcgi-asan): a stale pid file may name any process by now. */
 static int
 is_chatfcgi(long pid)
 {
@@ -70,7 +70,8 @@ is_chatfcgi(long pid)
     fclose(f);
     argv0[n] = '\0';
     base = strrchr(argv0, '/');
-    return strcmp(base ? base + 1 : argv0, "chatfcgi") == 0;
+    base = base ? base + 1 : argv0;
+    return strcmp(base, "chatfcgi") == 0 || strncmp(base, "chatfcgi-", 9) == 0;
 }
 
 /* -t with a master running: its sockets stay as they are across a reload.
