@@ -480,7 +480,9 @@ recycle_due(const struct worker *w)
  * the listening socket shut down by a master that is stopping (EINVAL; its
  * stop signal follows at once), or descriptors or memory running short.
  * Trying again at once would spin on the CPU, thousands of workers at a
- * time in a big pool: wait a little, or until the signal comes. */
+ * time in a big pool: wait a little, or until the signal comes. A stop
+ * that came between the loop's look and the accept() closed the socket
+ * under it (EBADF): nothing to say, the loop ends next. */
 static void
 accept_failed(int rc)
 {
@@ -488,7 +490,8 @@ accept_failed(int rc)
     struct timespec pause = {.tv_sec = 0,
                              .tv_nsec = ACCEPT_RETRY_MS * 1000000L};
 
-    if (rc == -EAGAIN || rc == -EWOULDBLOCK || rc == -EINTR)
+    if (rc == -EAGAIN || rc == -EWOULDBLOCK || rc == -EINTR ||
+        stop_requested)
         return;
     if (rc != -EINVAL && !said) {
         said = 1;
