@@ -1031,7 +1031,7 @@ begin_session(struct chatdb *db, struct chatdb_turn *t,
     const char *lrange[] = {"LRANGE", k.history, "0", "-1"};
     const struct store_read read_history = {4, lrange, NULL};
     redisReply *r, *history = NULL;
-    struct args c, abort;
+    struct args c, abort_call;
     struct store_read release;
     struct sending how = {.then = &read_history, .then_reply = &history,
                           .if_lost = &release};
@@ -1041,9 +1041,10 @@ begin_session(struct chatdb *db, struct chatdb_turn *t,
     if (begin_deadline(db, &deadline) == -1)
         return -1;
     turn_keys(st, &k, now / WINDOW_S);
-    abort_args(&abort, k.lock, k.record, st);
-    as_eval(&abort, ABORT); /* no second try on NOSCRIPT */
-    release = (struct store_read){abort.argc, abort.argv, abort.lens};
+    abort_args(&abort_call, k.lock, k.record, st);
+    as_eval(&abort_call, ABORT); /* no second try on NOSCRIPT */
+    release = (struct store_read){abort_call.argc, abort_call.argv,
+                                  abort_call.lens};
     script_args(&c, 6);
     arg_str(&c, k.history);
     arg_str(&c, k.lock);

@@ -63,6 +63,7 @@ struct worker {
 static volatile sig_atomic_t stop_requested;
 static volatile sig_atomic_t reopen_requested;
 static volatile sig_atomic_t master_gone;
+static pid_t watched_master; /* 0: none (single mode) */
 /* Closed as soon as a stop is asked for (close() is async-signal-safe):
  * the shared listening socket must not outlive the master's own copy in
  * a worker busy with a long stream, or waiting connections stay queued. */
@@ -86,10 +87,13 @@ on_stop(int sig)
 }
 
 /* The kernel's word that the master died (PR_SET_PDEATHSIG): stop as on
- * SIGTERM, as nobody is left to replace this worker or stop it. */
+ * SIGTERM, as nobody is left to replace this worker or stop it. The same
+ * signal from anyone else, with the master alive, is ignored. */
 static void
 on_master_gone(int sig)
 {
+    if (getppid() == watched_master)
+        return;
     master_gone = 1;
     on_stop(sig);
 }
@@ -145,6 +149,7 @@ watch_master(pid_t master_pid)
 {
     if (master_pid == 0)
         return;
+    watched_master = master_pid;
     if (prctl(PR_SET_PDEATHSIG, SIGUSR2) == -1)
         fatal("worker", "cannot ask to be told of the master's exit: %s",
               strerror(errno));

@@ -826,6 +826,11 @@ def test_workers_exit_when_the_master_dies(stack_factory, http):
         proc = st.procs["chatfcgi"]
         kids = wait_for(lambda: new_children(proc.pid, 3), 3)
         assert kids
+        # The kernel's signal, sent by someone else: the master lives.
+        os.kill(kids[0], signal.SIGUSR2)
+        time.sleep(0.3)
+        assert stack_mod.pid_alive(kids[0])
+        assert "the master is gone" not in log_text(st)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(5)
         t = time.monotonic()
