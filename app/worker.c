@@ -88,11 +88,12 @@ on_stop(int sig)
 
 /* The kernel's word that the master died (PR_SET_PDEATHSIG): stop as on
  * SIGTERM, as nobody is left to replace this worker or stop it. The same
- * signal from anyone else, with the master alive, is ignored. */
+ * signal from anyone else, with the master alive or in single mode (no
+ * master), is ignored. */
 static void
 on_master_gone(int sig)
 {
-    if (getppid() == watched_master)
+    if (watched_master == 0 || getppid() == watched_master)
         return;
     master_gone = 1;
     on_stop(sig);

@@ -1153,11 +1153,14 @@ def test_pm_single_under_spawn_fcgi(stack):
             assert wait_for(lambda: sock.exists() and
                             "pm single" in log.read_text(), 5), \
                 log.read_text()
+            os.kill(proc.pid, signal.SIGUSR2)  # no master here to lose
+            time.sleep(0.2)
             code, _, body = fcgi_chat(sock, "hello over fd 0")
             assert code == 200, body
             assert json.loads(body)["reply"]
             text = log.read_text()
             assert "fd 0" in text, text
+            assert "the master is gone" not in text, text
             assert children(proc.pid) == []  # no fork in pm single
             if IS_ROOT:
                 ids = proc_ids(proc.pid)
