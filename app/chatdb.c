@@ -1001,17 +1001,15 @@ abort_keys(struct chatdb *db, const char *lock, const char *record,
  * Redis may have run it, in time, with its reply late, and taken the lock,
  * which would refuse the session's next turns (409) for lock_ms. The abort
  * sent after the begin on its own connection (begin_session) releases it
- * even when Redis is too slow to answer anything; when it could not go out
- * (the connection is gone), release it on a new connection before the
- * caller answers. The error stays the begin's. */
+ * even when Redis is too slow to answer anything; when that could not go
+ * out (the connection is gone: may_have_run), release it on a new
+ * connection before the caller answers. The error stays the begin's. */
 static void
 release_unanswered(struct chatdb *db, const struct turn_keys *k,
                    const struct chatdb_turn *st)
 {
     char why[STORE_ERR_LEN];
 
-    if (db->store.if_lost_sent)
-        return;
     memcpy(why, db->store.err, sizeof(why));
     if (abort_keys(db, k->lock, k->record, st) == -1)
         log_warnx("chatdb", "cannot release the turn lock (%s); it expires "

@@ -819,9 +819,8 @@ pipeline(struct store *s, redisContext *ctx, int asking, const struct call *c,
         (waits && read_reply(ctx, 0, &rep->wait) == -1)) {
         snprintf(s->err, STORE_ERR_LEN, "Redis %s: %s", c->what,
                  ctx->errstr[0] ? ctx->errstr : "connection lost");
-        s->may_have_run = 1;
-        s->if_lost_sent = c->if_lost != NULL &&
-                          send_last_words(ctx, asking, c->if_lost) == 0;
+        s->may_have_run = c->if_lost == NULL ||
+                          send_last_words(ctx, asking, c->if_lost) == -1;
         free_replies(rep);
         return -1;
     }
@@ -1158,7 +1157,7 @@ cluster_call(struct store *s, const struct call *c, redisReply **then)
 static redisReply *
 call(struct store *s, const struct call *c, redisReply **then)
 {
-    s->may_have_run = s->if_lost_sent = 0;
+    s->may_have_run = 0;
     return s->map != NULL ? cluster_call(s, c, then) : single_call(s, c, then);
 }
 

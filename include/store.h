@@ -65,9 +65,9 @@ struct store {
     struct redisContext *conns[CLUSTER_NODES_MAX];
     int map_stale; /* ask for the map before the next command */
     /* The last call failed after its command was handed to a connection
-     * (a timeout, a connection lost): Redis may have run it. */
+     * (a timeout, a connection lost): Redis may have run it, and nothing
+     * went after it to undo it (no if_lost: store_command_then). */
     int may_have_run;
-    int if_lost_sent; /* and its if_lost went out (store_command_then) */
     char err[STORE_ERR_LEN];
 };
 
@@ -121,8 +121,8 @@ struct store_read {
  * failed. When the replies do not come (a timeout: Redis may have run the
  * command), if_lost (or NULL) is sent on the same connection before it is
  * dropped, without waiting for a reply: Redis runs it right after the
- * command, if it ran that at all, however slow it is to answer.
- * if_lost_sent says whether it went out. */
+ * command, if it ran that at all, however slow it is to answer; when it
+ * could not go out, may_have_run is set as for any other call. */
 struct redisReply *store_command_then(struct store *s, int argc,
                                       const char **argv, const size_t *lens,
                                       const char *what,

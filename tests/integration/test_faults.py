@@ -562,17 +562,24 @@ def late_replies(free_ports, tmp_path):
         redis.wait(timeout=10)
 
 
+def session_behind(stack_factory, http, late_replies, name):
+    """A stack on the Redis behind late_replies, and a session of one turn
+    on it."""
+    st = stack_factory({**STACK_ENV, "CHATFCGI_REDIS_URL":
+                        f"redis://127.0.0.1:{late_replies.port}/0"})
+    sid = fresh_id(name)
+    assert post_turn(http, st, "hello", sid)[0].status_code == 200
+    return st, sid
+
+
 def test_a_begin_whose_reply_came_too_late_leaves_no_lock(stack_factory,
                                                           http, late_replies):
     """Redis runs a turn's begin at once, but its reply comes after the
     command timeout: the worker answers 503 not knowing whether the lock
-    was taken. It was; the worker releases it (its token) on a new
-    connection before it answers, so the session's next turn runs instead
-    of getting 409 for lock_ms."""
-    st = stack_factory({**STACK_ENV, "CHATFCGI_REDIS_URL":
-                        f"redis://127.0.0.1:{late_replies.port}/0"})
-    sid = fresh_id("late-reply")
-    assert post_turn(http, st, "hello", sid)[0].status_code == 200
+    was taken. It was; the worker releases it (its token) before it
+    answers, so the session's next turn runs instead of getting 409 for
+    lock_ms."""
+    st, sid = session_behind(stack_factory, http, late_replies, "late-reply")
     late_replies.hold(REDIS_TIMEOUT_MS / 1000 + 0.3)
     r, _ = post_turn(http, st, "answered late", sid)
     assert_json_error(r, 503, "unavailable")
@@ -586,10 +593,7 @@ def test_a_begin_whose_connection_was_cut_leaves_no_lock(stack_factory,
     """Redis runs a turn's begin, and its connection is cut before the
     reply: the release cannot go on that connection (it would be lost), so
     the worker makes a new one for it, and the session's next turn runs."""
-    st = stack_factory({**STACK_ENV, "CHATFCGI_REDIS_URL":
-                        f"redis://127.0.0.1:{late_replies.port}/0"})
-    sid = fresh_id("cut-reply")
-    assert post_turn(http, st, "hello", sid)[0].status_code == 200
+    st, sid = session_behind(stack_factory, http, late_replies, "cut-reply")
     late_replies.cut()
     r, _ = post_turn(http, st, "never answered", sid)
     assert_json_error(r, 503, "unavailable")
@@ -604,10 +608,7 @@ def test_a_begin_answered_late_by_a_slow_redis_leaves_no_lock(
     out as well and leaves the lock (it did: "cannot release the turn
     lock", then 409). The worker sends the release right behind the begin,
     on the begin's connection and without waiting: Redis runs it next."""
-    st = stack_factory({**STACK_ENV, "CHATFCGI_REDIS_URL":
-                        f"redis://127.0.0.1:{late_replies.port}/0"})
-    sid = fresh_id("slow-redis")
-    assert post_turn(http, st, "hello", sid)[0].status_code == 200
+    st, sid = session_behind(stack_factory, http, late_replies, "slow-redis")
     late_replies.hold(REDIS_TIMEOUT_MS / 1000 + 0.3, new_connections=True)
     r, _ = post_turn(http, st, "answered late", sid)
     assert_json_error(r, 503, "unavailable")
